@@ -1,0 +1,34 @@
+# privrec: `make demo` runs a generated day through the nightly DAG; `make test` runs the suite.
+SHELL := /bin/bash
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export PRIVREC_LAKE ?= $(CURDIR)/lake
+DEMO_DATE ?= 2026-01-15
+
+.PHONY: setup demo test bench airflow lint clean-lake
+
+$(STAMP): pyproject.toml constraints.txt scripts/setup.sh
+	@bash scripts/setup.sh
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	@$(BIN)/privrec keys init
+	@$(BIN)/privrec generate --date $(DEMO_DATE) --events 200000 --bad-rate 0.002
+	@$(BIN)/privrec run --date $(DEMO_DATE)
+
+test: $(STAMP)
+	@$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	@$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
+
+airflow: $(STAMP)
+	@$(BIN)/privrec airflow
+
+lint: $(STAMP)
+	@$(BIN)/ruff check privrec_pipeline jobs dags tests benchmarks
+
+clean-lake:
+	rm -rf "$(PRIVREC_LAKE)"

@@ -1,0 +1,37 @@
+"""Spark job: collect one day of landing logs into bronze + quarantine (+ manifest).
+
+    spark-submit jobs/collect.py --date 2026-01-15 [--lake URI] [--allow-empty]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import base_parser, resolve_lake  # noqa: E402
+
+from privrec_pipeline.ingest import run_collect  # noqa: E402
+from privrec_pipeline.secrets import load_keyring  # noqa: E402
+from privrec_pipeline.spark.session import get_spark  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--allow-empty", action="store_true",
+                        help="accept a missing or empty landing partition (a day without traffic)")
+    args = parser.parse_args(argv)
+    keys = load_keyring()
+    spark = get_spark(f"privrec-collect-{args.date}", args.master)
+    manifest = run_collect(spark, resolve_lake(args.lake), args.date, keys,
+                           run_id=args.run_id, allow_empty=args.allow_empty)
+    print(json.dumps({"step": "collect", "date": manifest.date, "landing": manifest.landing_records,
+                      "bronze": manifest.bronze_records, "quarantined": manifest.quarantined_total,
+                      "duplicates": manifest.duplicates}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

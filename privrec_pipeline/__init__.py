@@ -1,0 +1,2 @@
+"""privrec: privacy-preserving recommendation training pipeline."""
+__version__ = "0.1.0"

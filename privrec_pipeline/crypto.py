@@ -1,0 +1,114 @@
+"""Keyed primitives composed from Spark built-ins, so they run in the JVM (no Python UDF).
+
+HMAC-SHA256 (RFC 2104, FIPS 198-1):
+    HMAC(K, m) = H((K0 xor opad) || H((K0 xor ipad) || m))
+with K0 = K zero-padded to the 64-byte SHA-256 block (keys longer than a block are hashed
+first), ipad = 0x36 repeated, opad = 0x5c repeated. The padded keys are computed once in
+Python (``hmac_pads``) and enter the plan as *data* of a one-row DataFrame (``key_frame``),
+never as literals, so plans and logs cannot show them.
+
+AES-256-GCM (NIST SP 800-38D) via Spark's ``aes_encrypt``. The 96-bit IV is a synthetic IV:
+the first 12 bytes of HMAC(K_iv, context || 0x00 || plaintext), with K_iv derived from the
+encryption key. A repeated IV therefore only occurs for the same plaintext in the same
+context (the deterministic-AEAD construction of RFC 5297, "SIV"), which keeps a rerun's
+output identical while never reusing an IV across different plaintexts. The column name is
+bound as additional authenticated data, so a ciphertext cannot be moved to another column.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from typing import TYPE_CHECKING
+
+from privrec_pipeline.secrets import KeyRing
+
+if TYPE_CHECKING:
+    from pyspark.sql import Column, DataFrame, SparkSession
+
+SHA256_BLOCK = 64
+IV_KEY_LABEL = b"privrec/aes-gcm-synthetic-iv/v1"
+
+
+def hmac_pads(key: bytes) -> tuple[bytes, bytes]:
+    """(K0 xor ipad, K0 xor opad) of RFC 2104 for SHA-256."""
+    if len(key) > SHA256_BLOCK:
+        key = hashlib.sha256(key).digest()
+    k0 = key.ljust(SHA256_BLOCK, b"\x00")
+    return bytes(b ^ 0x36 for b in k0), bytes(b ^ 0x5C for b in k0)
+
+
+def pseudonym_message(namespace: str, value: str) -> bytes:
+    """The HMAC input for a pseudonym: namespaces keep user and session pseudonyms apart."""
+    return f"{namespace}:{value}".encode("utf-8")
+
+
+def reference_pseudonym(key: bytes, namespace: str, value: str) -> str:
+    """Python's hmac, the reference the JVM composition is tested against."""
+    return hmac.new(key, pseudonym_message(namespace, value), hashlib.sha256).hexdigest()
+
+
+def iv_key(encryption_key: bytes) -> bytes:
+    return hmac.new(encryption_key, IV_KEY_LABEL, hashlib.sha256).digest()
+
+
+def key_frame(spark: "SparkSession", keys: KeyRing) -> "DataFrame":
+    """One row per encryption key version with every derived key as a binary column.
+
+    Columns: enc_version, enc_key, iv_ipad, iv_opad (per version) and the current
+    pseudonym key's pad_ipad, pad_opad, pseudonym_version. Join it (broadcast) to the data:
+    encryption uses the row of ``keys.encryption.version``, decryption joins on version.
+    """
+    from pyspark.sql.types import BinaryType, StringType, StructField, StructType
+
+    p_ipad, p_opad = hmac_pads(keys.pseudonym.material)
+    versions = dict(keys.encryption_versions) or {keys.encryption.version: keys.encryption}
+    rows = []
+    for version, key in sorted(versions.items()):
+        i_ipad, i_opad = hmac_pads(iv_key(key.material))
+        rows.append((version, key.material, i_ipad, i_opad, p_ipad, p_opad, keys.pseudonym.version))
+    schema = StructType([
+        StructField("enc_version", StringType(), False),
+        StructField("enc_key", BinaryType(), False),
+        StructField("iv_ipad", BinaryType(), False),
+        StructField("iv_opad", BinaryType(), False),
+        StructField("pad_ipad", BinaryType(), False),
+        StructField("pad_opad", BinaryType(), False),
+        StructField("pseudonym_version", StringType(), False),
+    ])
+    return spark.createDataFrame(rows, schema)
+
+
+def hmac_sha256(ipad: "Column", opad: "Column", message: "Column") -> "Column":
+    """HMAC-SHA256 as a 32-byte binary column (RFC 2104), ``message`` binary."""
+    from pyspark.sql import functions as F
+
+    inner = F.unhex(F.sha2(F.concat(ipad, message), 256))
+    return F.unhex(F.sha2(F.concat(opad, inner), 256))
+
+
+def pseudonym(ipad: "Column", opad: "Column", namespace: str, value: "Column") -> "Column":
+    """64 lowercase hex chars of HMAC(K, namespace ':' value); null stays null."""
+    from pyspark.sql import functions as F
+
+    message = F.encode(F.concat(F.lit(f"{namespace}:"), value.cast("string")), "UTF-8")
+    return F.lower(F.hex(hmac_sha256(ipad, opad, message)))
+
+
+def encrypt(plaintext: "Column", context: str, key: "Column", iv_ipad: "Column", iv_opad: "Column",
+            context_suffix: "Column | None" = None) -> "Column":
+    """AES-256-GCM ciphertext (IV || ciphertext || tag) with a synthetic IV; null stays null."""
+    from pyspark.sql import functions as F
+
+    ctx = F.lit(context) if context_suffix is None else F.concat(F.lit(context + "|"), context_suffix)
+    data = plaintext.cast("binary")
+    iv = F.substring(hmac_sha256(iv_ipad, iv_opad, F.concat(F.encode(ctx, "UTF-8"), F.unhex(F.lit("00")), data)), 1, 12)
+    return F.when(plaintext.isNull(), F.lit(None)).otherwise(
+        F.aes_encrypt(data, key, F.lit("GCM"), F.lit("DEFAULT"), iv, F.lit(context))
+    )
+
+
+def decrypt_to_string(ciphertext: "Column", context: str, key: "Column") -> "Column":
+    from pyspark.sql import functions as F
+
+    return F.aes_decrypt(ciphertext, key, F.lit("GCM"), F.lit("DEFAULT"), F.lit(context)).cast("string")

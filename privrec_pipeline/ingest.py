@@ -1,0 +1,170 @@
+"""The collect and pseudonymize steps: extract -> transform -> load for one data interval.
+
+Each step reads only its interval's partition, writes to hidden staging folders, checks its
+record accounting, then swaps the partitions in and writes its manifest last. A rerun on the
+same input produces the same partition contents (deterministic ordering, stable file names,
+synthetic IVs).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from privrec_pipeline import lake as lk
+from privrec_pipeline.crypto import key_frame
+from privrec_pipeline.errors import LandingPartitionError, PrivrecError
+from privrec_pipeline.manifest import CollectManifest, PseudonymizeManifest
+from privrec_pipeline.schema import QUARANTINE_REASONS
+from privrec_pipeline.secrets import KeyRing
+from privrec_pipeline.spark.lakefs import LakeFS
+from privrec_pipeline.transforms import collect as tc
+from privrec_pipeline.transforms.pseudonymize import to_silver
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
+
+LANDING_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".ndjson", ".ndjson.gz")
+RECORDS_PER_FILE = 1_000_000
+
+
+@dataclass(frozen=True)
+class DataInterval:
+    """One day in UTC: [start, end). Runs are keyed on it, never on the wall clock."""
+
+    day: dt.date
+
+    @property
+    def start(self) -> dt.datetime:
+        return dt.datetime.combine(self.day, dt.time(), tzinfo=dt.timezone.utc)
+
+    @property
+    def end(self) -> dt.datetime:
+        return self.start + dt.timedelta(days=1)
+
+
+def _write_sorted(df: "DataFrame", uri: str, records: int, sort_cols: list[str]) -> None:
+    """Write parquet in a deterministic layout: hash-partitioned and sorted by key."""
+    files = max(1, math.ceil(records / RECORDS_PER_FILE))
+    df.repartition(files, *sort_cols).sortWithinPartitions(*sort_cols).write.mode("overwrite").parquet(uri)
+
+
+def run_collect(spark: "SparkSession", lake: str, day: dt.date, keys: KeyRing, *,
+                run_id: str = "manual", allow_empty: bool = False) -> CollectManifest:
+    """landing/dt=D -> bronze/dt=D + quarantine/dt=D + _manifests/collect/dt=D.json."""
+    from pyspark.sql import functions as F
+
+    fs = LakeFS(spark)
+    interval = DataInterval(day)
+    landing = lk.partition_uri(lake, "landing", day)
+    if not fs.exists(landing):
+        if not allow_empty:
+            raise LandingPartitionError(
+                f"landing partition for {day} not found: {landing} (nothing arrived for this day? "
+                "use --allow-empty for a day without traffic)"
+            )
+        files = []
+    else:
+        files = [f for f in fs.list_files(landing) if f.uri.endswith(LANDING_SUFFIXES)]
+    if not files and not allow_empty:
+        raise LandingPartitionError(
+            f"landing partition for {day} has no data files ({', '.join(LANDING_SUFFIXES)}): {landing} "
+            "(use --allow-empty for a day without traffic)"
+        )
+
+    text_schema = "value string"
+    if files:
+        lines = spark.read.text([f.uri for f in files])
+    else:
+        lines = spark.createDataFrame([], text_schema)
+    lines = lines.select("value", F.input_file_name().alias("source_file"))
+    classified = tc.classify_landing(lines, interval.start, interval.end).persist()
+    landing_records = classified.count()
+    if landing_records == 0 and not allow_empty:
+        raise LandingPartitionError(
+            f"landing partition for {day} is empty (0 records in {len(files)} files): {landing} "
+            "(use --allow-empty for a day without traffic)"
+        )
+
+    keys_df = key_frame(spark, keys)
+    version = keys.encryption.version
+    valid = classified.where(F.col("reason").isNull())
+    rejected = classified.where(F.col("reason").isNotNull())
+    bronze_uri = lk.partition_uri(lake, "bronze", day)
+    quarantine_uri = lk.partition_uri(lake, "quarantine", day)
+    bronze_stage, quarantine_stage = fs.staging_uri(bronze_uri), fs.staging_uri(quarantine_uri)
+    try:
+        valid_records = valid.count()
+        _write_sorted(tc.to_bronze(tc.dedupe_events(valid), keys_df, version), bronze_stage,
+                      valid_records, ["event_id"])
+        _write_sorted(tc.to_quarantine(rejected, keys_df, version), quarantine_stage,
+                      landing_records - valid_records, ["source_file", "reason", "raw_record_enc"])
+        duplicates = int(tc.duplicate_count(valid).first()["duplicates"])
+        # Counts come back from what was written, not from the plan that wrote it.
+        bronze_records = spark.read.parquet(bronze_stage).count()
+        by_reason = {r["reason"]: int(r["count"]) for r in
+                     spark.read.parquet(quarantine_stage).groupBy("reason").count().collect()}
+        manifest = CollectManifest(
+            date=day.isoformat(), interval_start=interval.start.isoformat(),
+            interval_end=interval.end.isoformat(), run_id=run_id, landing_uri=landing,
+            landing_files=[{"uri": f.uri, "bytes": f.size} for f in files],
+            landing_records=landing_records, bronze_records=bronze_records,
+            quarantined={r: by_reason.get(r, 0) for r in QUARANTINE_REASONS},
+            duplicates=duplicates, encryption_key_version=version,
+            bronze_uri=bronze_uri, quarantine_uri=quarantine_uri, allow_empty=allow_empty,
+        )
+        manifest.check_balance()
+        fs.commit_partition(bronze_stage, bronze_uri)
+        fs.commit_partition(quarantine_stage, quarantine_uri)
+    except BaseException:
+        fs.delete(bronze_stage)
+        fs.delete(quarantine_stage)
+        raise
+    finally:
+        classified.unpersist()
+    fs.write_text_atomic(lk.manifest_uri(lake, "collect", day), manifest.to_json())
+    return manifest
+
+
+def read_manifest(spark: "SparkSession", lake: str, step: str, day: dt.date) -> dict:
+    fs = LakeFS(spark)
+    uri = lk.manifest_uri(lake, step, day)
+    if not fs.exists(uri):
+        raise PrivrecError(f"no {step} manifest for {day} ({uri}): run the {step} step for this date first")
+    return json.loads(fs.read_text(uri))
+
+
+def run_pseudonymize(spark: "SparkSession", lake: str, day: dt.date, keys: KeyRing, *,
+                     run_id: str = "manual") -> PseudonymizeManifest:
+    """bronze/dt=D -> silver/dt=D + _manifests/pseudonymize/dt=D.json."""
+    fs = LakeFS(spark)
+    collected = read_manifest(spark, lake, "collect", day)
+    bronze_uri = lk.partition_uri(lake, "bronze", day)
+    silver_uri = lk.partition_uri(lake, "silver", day)
+    bronze = spark.read.parquet(bronze_uri)
+    bronze_records = int(collected["bronze_records"])
+    missing = {v for (v,) in bronze.select("enc_key_version").distinct().collect()} - set(
+        keys.encryption_versions or {keys.encryption.version: None})
+    if missing:
+        raise PrivrecError(f"bronze {day} was encrypted with key version(s) {sorted(missing)} "
+                           "that the configured key ring does not hold")
+    stage = fs.staging_uri(silver_uri)
+    try:
+        silver = to_silver(bronze, key_frame(spark, keys))
+        _write_sorted(silver, stage, bronze_records, ["event_id"])
+        written = spark.read.parquet(stage)
+        manifest = PseudonymizeManifest(
+            date=day.isoformat(), run_id=run_id, bronze_records=bronze_records,
+            silver_records=written.count(), pseudonym_key_version=keys.pseudonym.version,
+            silver_uri=silver_uri, columns=written.columns,
+        )
+        manifest.check_balance()
+        fs.commit_partition(stage, silver_uri)
+    except BaseException:
+        fs.delete(stage)
+        raise
+    fs.write_text_atomic(lk.manifest_uri(lake, "pseudonymize", day), manifest.to_json())
+    return manifest

@@ -1,0 +1,37 @@
+"""SparkSession construction shared by the jobs and the tests.
+
+The master is not decided here: spark-submit (through Airflow's ``spark_default``
+connection) sets it; tests pass ``local[2]``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+SPARK_DEFAULTS: dict[str, str] = {
+    # Data decisions use UTC: the data interval and event times are compared in UTC.
+    "spark.sql.session.timeZone": "UTC",
+    "spark.ui.showConsoleProgress": "false",
+    # Small default: adaptive execution coalesces further; big clusters override by --conf.
+    "spark.sql.shuffle.partitions": "8",
+    "spark.sql.parquet.compression.codec": "zstd",
+    # Plans never show literal values that look like secrets (defence in depth: keys are
+    # passed as data, never as literals, see privrec_pipeline.spark.keys).
+    "spark.sql.redaction.string.regex": "(?i)[0-9a-f]{64,}",
+}
+
+
+def get_spark(app_name: str, master: str | None = None) -> "SparkSession":
+    from pyspark.sql import SparkSession
+
+    builder = SparkSession.builder.appName(app_name)
+    if master:
+        builder = builder.master(master)
+    for key, value in SPARK_DEFAULTS.items():
+        builder = builder.config(key, value)
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel("WARN")
+    return spark

@@ -1,0 +1,93 @@
+"""pseudonymize: bronze -> silver. Keyed pseudonyms, generalized quasi-identifiers, scrubbed text.
+
+Silver holds no email, ip, user_agent or raw id (privacy contract point 2):
+- event_id, user_id, session_id -> HMAC-SHA256 pseudonyms (64 hex) under the current key,
+  with ``pseudonym_key_version`` so a key rotation is visible in the data;
+- user_agent -> ``device_class`` (mobile, tablet, desktop, bot, unknown);
+- ip -> ``ip_family`` (ipv4, ipv6, unknown): no address bits, no region (a coarse region
+  needs a GeoIP database; none ships with privrec);
+- search_query -> emails, card numbers and phone numbers replaced by placeholders, then cut
+  to ``MAX_QUERY_CHARS``.
+Everything runs as Spark built-ins in the JVM.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from privrec_pipeline import crypto
+
+if TYPE_CHECKING:
+    from pyspark.sql import Column, DataFrame
+
+MAX_QUERY_CHARS = 256
+# Patterns shared with the PII scans of the tests and the validation step.
+EMAIL_PATTERN = r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9.\-]+\.[A-Za-z]{2,}"
+# 13-19 digits, optionally grouped by spaces or dashes (payment card numbers, ISO/IEC 7812).
+CARD_PATTERN = r"\b\d(?:[ \-]?\d){12,18}\b"
+# 7 or more digits with optional +, spaces, dots, dashes or parentheses between them.
+PHONE_PATTERN = r"\+?\(?\d(?:[\s().\-]*\d){6,}"
+IPV4_PATTERN = r"\b(?:\d{1,3}\.){3}\d{1,3}\b"
+SILVER_COLUMNS = (
+    "event_id", "event_time", "event_type", "user_pseudonym", "session_pseudonym", "item_id",
+    "category", "price", "quantity", "rating", "device_class", "ip_family", "search_query",
+    "pseudonym_key_version",
+)
+
+
+def scrub_text(text: "Column") -> "Column":
+    """Replace emails, card numbers and phone numbers; order matters (cards before phones)."""
+    from pyspark.sql import functions as F
+
+    out = F.regexp_replace(text, EMAIL_PATTERN, "[email]")
+    out = F.regexp_replace(out, CARD_PATTERN, "[card]")
+    out = F.regexp_replace(out, PHONE_PATTERN, "[phone]")
+    out = F.regexp_replace(out, IPV4_PATTERN, "[ip]")
+    return F.substring(out, 1, MAX_QUERY_CHARS)
+
+
+def device_class(user_agent: "Column") -> "Column":
+    from pyspark.sql import functions as F
+
+    ua = F.lower(user_agent)
+    return (F.when(user_agent.isNull(), F.lit("unknown"))
+            .when(ua.rlike("bot|crawler|spider|slurp"), F.lit("bot"))
+            .when(ua.rlike("ipad|tablet"), F.lit("tablet"))
+            .when(ua.rlike("mobile|iphone|android"), F.lit("mobile"))
+            .when(ua.rlike("windows|macintosh|x11|linux|cros"), F.lit("desktop"))
+            .otherwise(F.lit("unknown")))
+
+
+def ip_family(ip: "Column") -> "Column":
+    from pyspark.sql import functions as F
+
+    return (F.when(ip.rlike(r"^(\d{1,3}\.){3}\d{1,3}$"), F.lit("ipv4"))
+            .when(ip.rlike(r"^[0-9A-Fa-f:.]+$") & ip.contains(":"), F.lit("ipv6"))
+            .otherwise(F.lit("unknown")))
+
+
+def to_silver(bronze: "DataFrame", keys: "DataFrame") -> "DataFrame":
+    """Bronze rows (any encryption key version) -> silver rows."""
+    from pyspark.sql import functions as F
+
+    # Join on the version each bronze row was encrypted with: key rotation keeps old
+    # bronze readable. The pseudonym key is the current one (same on every key row).
+    joined = bronze.join(F.broadcast(keys), bronze["enc_key_version"] == keys["enc_version"], "inner")
+    ipad, opad, key = F.col("pad_ipad"), F.col("pad_opad"), F.col("enc_key")
+    decrypted = joined.select(
+        "*",
+        crypto.decrypt_to_string(F.col("user_agent_enc"), "user_agent", key).alias("_ua"),
+        crypto.decrypt_to_string(F.col("ip_enc"), "ip", key).alias("_ip"),
+        crypto.decrypt_to_string(F.col("search_query_enc"), "search_query", key).alias("_q"),
+    )
+    return decrypted.select(
+        crypto.pseudonym(ipad, opad, "event", F.col("event_id")).alias("event_id"),
+        "event_time", "event_type",
+        crypto.pseudonym(ipad, opad, "user", F.col("user_id")).alias("user_pseudonym"),
+        crypto.pseudonym(ipad, opad, "session", F.col("session_id")).alias("session_pseudonym"),
+        "item_id", "category", "price", "quantity", "rating",
+        device_class(F.col("_ua")).alias("device_class"),
+        ip_family(F.col("_ip")).alias("ip_family"),
+        scrub_text(F.col("_q")).alias("search_query"),
+        F.col("pseudonym_version").alias("pseudonym_key_version"),
+    )

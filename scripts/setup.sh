@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Creates .venv with pinned dependencies (constraints.txt). Re-running reuses the venv.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY="${PYTHON:-}"
+if [ -z "$PY" ]; then
+  for cand in python3.11 python3; do
+    if command -v "$cand" >/dev/null 2>&1 && "$cand" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+      PY="$cand"; break
+    fi
+  done
+fi
+if [ -z "$PY" ]; then
+  echo "privrec needs Python 3.11 (python3.11 not found). Install it, e.g. 'apt-get install python3.11 python3.11-venv' or pyenv, or set PYTHON=/path/to/python3.11." >&2
+  exit 1
+fi
+
+# Spark 4 needs Java 17 or newer.
+if ! command -v java >/dev/null 2>&1; then
+  echo "privrec needs Java 17+ for Spark, and 'java' is not on PATH." >&2
+  echo "Install it, e.g. 'apt-get install openjdk-17-jre-headless' (Debian/Ubuntu) or 'brew install openjdk@17' (macOS), or set JAVA_HOME." >&2
+  exit 1
+fi
+jv=$(java -version 2>&1 | sed -n 's/.*version "\([0-9][0-9]*\).*/\1/p' | head -1)
+if [ -z "$jv" ] || [ "$jv" -lt 17 ]; then
+  echo "privrec needs Java 17+ for Spark; found: $(java -version 2>&1 | head -1)." >&2
+  echo "Install it, e.g. 'apt-get install openjdk-17-jre-headless', and put it first on PATH or set JAVA_HOME." >&2
+  exit 1
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  echo "Creating .venv with $PY"
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --upgrade "pip>=24"
+echo "Installing pinned dependencies (constraints.txt); the first run takes a few minutes"
+.venv/bin/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+# A UDF smoke check catches the pyspark/pyspark-client mismatch at install time.
+.venv/bin/python - <<'PY'
+import pyspark, importlib.metadata as md
+client = md.version("pyspark-client")
+if pyspark.__version__ != md.version("pyspark") or client != md.version("pyspark"):
+    raise SystemExit(f"pyspark {md.version('pyspark')} and pyspark-client {client} differ; reinstall with constraints.txt")
+PY
+touch .venv/.installed
+echo "Environment ready: .venv"
