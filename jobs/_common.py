@@ -20,3 +20,12 @@ def base_parser(description: str) -> argparse.ArgumentParser:
 
 def resolve_lake(value: str | None) -> str:
     return value or lake_root()
+
+
+def parse_bool(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, not {value!r}")

@@ -1,6 +1,6 @@
 """Spark job: collect one day of landing logs into bronze + quarantine (+ manifest).
 
-    spark-submit jobs/collect.py --date 2026-01-15 [--lake URI] [--allow-empty]
+    spark-submit jobs/collect.py --date 2026-01-15 [--lake URI] [--allow-empty [true|false]]
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import base_parser, resolve_lake  # noqa: E402
+from _common import base_parser, parse_bool, resolve_lake  # noqa: E402
 
 from privrec_pipeline.ingest import run_collect  # noqa: E402
 from privrec_pipeline.secrets import load_keyring  # noqa: E402
@@ -20,7 +20,7 @@ from privrec_pipeline.spark.session import get_spark  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
     parser = base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--allow-empty", action="store_true",
+    parser.add_argument("--allow-empty", nargs="?", const="true", default="false", type=parse_bool,
                         help="accept a missing or empty landing partition (a day without traffic)")
     args = parser.parse_args(argv)
     keys = load_keyring()
