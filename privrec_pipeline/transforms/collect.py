@@ -99,6 +99,9 @@ def classify_landing(lines: "DataFrame", start: dt.datetime, end: dt.datetime) -
     from pyspark.sql import functions as F
 
     text_fields = [f.name for f in RAW_FIELDS if _SPARK_TYPE[f.kind] == "string"]
+    # JSON numbers and booleans arrive in string-typed fields as their text; for the fields
+    # where valid data never looks like that, such text sends the line to the precise path.
+    strict_text = ("event_time", "event_type", "category")
     # Stages are separate projections so each parse runs once per line.
     parsed = lines.select(
         "value", "source_file",
@@ -109,7 +112,9 @@ def classify_landing(lines: "DataFrame", start: dt.datetime, end: dt.datetime) -
     flat = parsed.select(
         "value", "source_file", "_utf8", "_bytes",
         (F.col("_j").isNull() | F.col("_j._corrupt").isNotNull()
-         | F.exists(F.array(*[F.col(f"_j.{n}") for n in text_fields]), lambda x: x.rlike(r"^[\[{]")))
+         | F.exists(F.array(*[F.col(f"_j.{n}") for n in text_fields]), lambda x: x.rlike(r"^[\[{]"))
+         | F.exists(F.array(*[F.col(f"_j.{n}") for n in strict_text]),
+                    lambda x: x.rlike(r"^(-?[0-9][0-9.eE+\-]*|true|false)$")))
         .alias("_suspect"),
         *[F.col(f"_j.{f.name}").alias(f.name) for f in RAW_FIELDS],
     )

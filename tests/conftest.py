@@ -1,0 +1,81 @@
+"""Shared fixtures: one session-scoped SparkSession, throwaway keys, tiny lakes."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from privrec_pipeline.secrets import KeyRing, new_key_document, parse_key_document
+
+DAY = dt.date(2026, 1, 15)
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def spark():
+    from privrec_pipeline.spark.session import get_spark
+
+    os.environ.setdefault("PYSPARK_PYTHON", os.sys.executable)
+    session = get_spark("privrec-tests", "local[2]")
+    session.conf.set("spark.sql.shuffle.partitions", "2")
+    yield session
+    session.stop()
+
+
+@pytest.fixture(scope="session")
+def key_document() -> str:
+    return json.dumps(new_key_document())
+
+
+@pytest.fixture(scope="session")
+def keyring(key_document: str) -> KeyRing:
+    return parse_key_document(key_document, "test keys")
+
+
+@pytest.fixture()
+def lake(tmp_path: Path) -> str:
+    return str(tmp_path / "lake")
+
+
+def write_landing(lake: str, day: dt.date, lines: list[bytes], name: str = "events-000.jsonl") -> Path:
+    """Write raw landing lines (bytes, exactly as given) into the day's landing partition."""
+    from privrec_pipeline.lake import landing_partition
+
+    part = landing_partition(lake, day)
+    part.mkdir(parents=True, exist_ok=True)
+    path = part / name
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+def good_event(i: int, **overrides) -> dict:
+    """A valid landing record of DAY; overrides replace or (with None) remove fields."""
+    rec = {
+        "event_id": f"evt-{i:06d}",
+        "event_time": f"{DAY}T10:{i % 60:02d}:00Z",
+        "event_type": "view",
+        "user_id": f"usr_{i % 7:04d}",
+        "session_id": f"ses_{i % 11:04d}",
+        "item_id": f"itm_{i % 13:04d}",
+        "category": "books",
+        "price": 12.5,
+        "quantity": 1,
+        "email": f"person{i % 7}@example.com",
+        "ip": f"10.0.{i % 7}.1",
+        "user_agent": "Mozilla/5.0 (iPhone; CPU iPhone OS 17_4 like Mac OS X) Mobile/15E148",
+        "search_query": f"red shoes call +1 555-123-{1000 + i % 7} or person{i % 7}@example.com",
+    }
+    for key, value in overrides.items():
+        if value is None:
+            rec.pop(key, None)
+        else:
+            rec[key] = value
+    return rec
+
+
+def line(rec) -> bytes:
+    return json.dumps(rec, ensure_ascii=False).encode("utf-8")
