@@ -25,8 +25,9 @@ MAX_QUERY_CHARS = 256
 EMAIL_PATTERN = r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9.\-]+\.[A-Za-z]{2,}"
 # 13-19 digits, optionally grouped by spaces or dashes (payment card numbers, ISO/IEC 7812).
 CARD_PATTERN = r"\b\d(?:[ \-]?\d){12,18}\b"
-# 7 or more digits with optional +, spaces, dots, dashes or parentheses between them.
-PHONE_PATTERN = r"\+?\(?\d(?:[\s().\-]*\d){6,}"
+# 7 or more digits with optional +, spaces, dots, dashes or parentheses between them, not
+# inside a longer word (so hex digests and product codes are not phones).
+PHONE_PATTERN = r"(?<![0-9A-Za-z])\+?\(?\d(?:[\s().\-]*\d){6,}(?![0-9A-Za-z])"
 IPV4_PATTERN = r"\b(?:\d{1,3}\.){3}\d{1,3}\b"
 SILVER_COLUMNS = (
     "event_id", "event_time", "event_type", "user_pseudonym", "session_pseudonym", "item_id",
@@ -36,13 +37,14 @@ SILVER_COLUMNS = (
 
 
 def scrub_text(text: "Column") -> "Column":
-    """Replace emails, card numbers and phone numbers; order matters (cards before phones)."""
+    """Replace emails, card numbers, IPv4 addresses and phone numbers (in that order: cards
+    and addresses are also digit runs, so they go before the phone pattern)."""
     from pyspark.sql import functions as F
 
     out = F.regexp_replace(text, EMAIL_PATTERN, "[email]")
     out = F.regexp_replace(out, CARD_PATTERN, "[card]")
-    out = F.regexp_replace(out, PHONE_PATTERN, "[phone]")
     out = F.regexp_replace(out, IPV4_PATTERN, "[ip]")
+    out = F.regexp_replace(out, PHONE_PATTERN, "[phone]")
     return F.substring(out, 1, MAX_QUERY_CHARS)
 
 

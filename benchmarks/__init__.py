@@ -1,0 +1,1 @@
+"""privrec benchmarks: ``make bench`` (``python -m benchmarks.run``); results in BENCHMARKS.md."""

@@ -1,0 +1,439 @@
+"""Ingest benchmark: collect + pseudonymize against a bare Spark JSON -> Parquet copy.
+
+One run on one generated landing day (``privrec generate`` equivalent, timed for
+information). Every Spark step is a separate ``spark-submit --master local[2]
+--driver-memory 4g`` process with its own cold JVM, as the nightly DAG runs them:
+
+- ``cold_start``: an application that only creates the SparkSession and stops (JVM start);
+- ``bare_copy``: ``spark.read.json(landing).write.mode("overwrite").parquet(...)``;
+- ``collect`` / ``pseudonymize``: ``jobs/collect.py`` / ``jobs/pseudonymize.py``.
+
+Wall time is the whole spark-submit. Peak memory is the highest sum of RSS over the
+process tree (spark-submit, JVM, Python driver and workers), sampled every 0.2 s; pages
+shared between processes count once per process, so it is an upper bound. The issue's
+target: (collect + pseudonymize) <= 2.0 x bare copy.
+
+This file is also the Spark application of the two reference steps:
+``spark-submit benchmarks/ingest.py noop`` and ``spark-submit benchmarks/ingest.py copy SRC DST``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+NAME = "ingest"
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
+DEFAULT_DATE = dt.date(2026, 1, 15)
+TARGET_RATIO = 2.0
+# The DAG's settings (dags/privrec_nightly.py) on a 2-core local master.
+SUBMIT_ARGS = ("--master", "local[2]", "--driver-memory", "4g", "--conf", "spark.ui.enabled=false")
+SAMPLE_SECONDS = 0.2
+SECTION_START, SECTION_END = "<!-- bench:ingest:start -->", "<!-- bench:ingest:end -->"
+_NOTABLE = re.compile(r"\b(WARN|ERROR|FATAL)\b|OutOfMemory|GC overhead|[Ss]pill|Killed|Traceback")
+_LOG_TIME = re.compile(r"^\d{2}/\d{2}/\d{2} \d{2}:\d{2}:\d{2}\s+")
+_HEX = re.compile(r"[0-9a-fA-F]{32,}")  # never copy anything key-like out of a log
+MIB = 2**20
+
+
+def add_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--events", type=int, default=2_000_000,
+                       help="landing records to generate (default: 2,000,000)")
+    group.add_argument("--bad-rate", type=float, default=0.001,
+                       help="share of malformed records and duplicates (default: 0.001)")
+    group.add_argument("--date", type=dt.date.fromisoformat, default=DEFAULT_DATE,
+                       help=f"landing day to generate and process (default: {DEFAULT_DATE})")
+    group.add_argument("--event-log", action="store_true",
+                       help="write Spark event logs and report time per Spark SQL query "
+                            "(diagnostics; not production settings)")
+
+
+@dataclass
+class Step:
+    """One measured spark-submit."""
+
+    name: str
+    command: list[str]
+    wall_s: float
+    returncode: int
+    peak_rss_mib: float  # sum over the process tree
+    peak_process_mib: float  # largest single process (normally the JVM)
+    log: str
+    output: dict[str, Any] = field(default_factory=dict)  # the step's JSON line on stdout
+    notable: dict[str, int] = field(default_factory=dict)  # distinct WARN/ERROR lines, counts
+    queries: list[dict[str, Any]] = field(default_factory=list)  # per SQL query (--event-log)
+
+
+def _tree_rss(root: Any) -> tuple[int, int]:
+    """(sum, max) of RSS over ``root`` (a psutil.Process) and its descendants, in bytes."""
+    import psutil
+
+    try:
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0, 0
+    sizes = []
+    for proc in procs:
+        try:
+            sizes.append(proc.memory_info().rss)
+        except psutil.Error:
+            pass
+    return sum(sizes), max(sizes, default=0)
+
+
+def _notable_lines(log: Path, limit: int = 20) -> dict[str, int]:
+    """Distinct warning/error lines of a Spark log (timestamps dropped, hex masked)."""
+    seen: dict[str, int] = {}
+    for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
+        if _NOTABLE.search(line):
+            key = _HEX.sub("<hex>", _LOG_TIME.sub("", line.strip()))[:240]
+            if key in seen or len(seen) < limit:
+                seen[key] = seen.get(key, 0) + 1
+    return seen
+
+
+def _last_json(text: str) -> dict[str, Any]:
+    for line in reversed(text.splitlines()):
+        try:
+            value = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            return value
+    return {}
+
+
+def _event_log_queries(folder: Path) -> list[dict[str, Any]]:
+    """Per SQL query (in order) of the Spark event log in ``folder``: wall seconds, summed task
+    seconds, GC, spill and shuffle; stages outside any query are grouped as ``(no query)``."""
+    queries: dict[str, dict[str, Any]] = {}
+    stage_query: dict[int, str] = {}
+
+    def query(qid: str, description: str = "(no query)") -> dict[str, Any]:
+        return queries.setdefault(qid, {
+            "query": qid, "description": description, "seconds": 0.0, "stages": 0, "tasks": 0,
+            "task_seconds": 0.0, "gc_seconds": 0.0, "spilled_mib": 0.0, "shuffle_write_mib": 0.0,
+            "failed_stages": 0})
+
+    files = [p for p in folder.rglob("*") if p.is_file() and not p.name.startswith((".", "appstatus"))]
+    for path in sorted(files):  # Spark 4 writes rolling logs: eventlog_v2_<app>/events_<n>_<app>
+        with path.open(encoding="utf-8") as fh:
+            for line in fh:
+                head = line[:120]
+                if "SQLExecutionStart" in head or "SQLExecutionEnd" in head:
+                    event = json.loads(line)
+                    q = query(str(event["executionId"]), event.get("description", ""))
+                    q["seconds"] += event["time"] / 1000 * (1 if "End" in head else -1)
+                elif '"SparkListenerStageSubmitted"' in head:
+                    event = json.loads(line)
+                    stage_query[event["Stage Info"]["Stage ID"]] = (
+                        (event.get("Properties") or {}).get("spark.sql.execution.id", "-"))
+                elif '"SparkListenerStageCompleted"' in head:
+                    info = json.loads(line)["Stage Info"]
+                    acc = {a.get("Name"): a.get("Value") for a in info.get("Accumulables", [])}
+                    q = query(stage_query.get(info["Stage ID"], "-"))
+                    q["stages"] += 1
+                    q["tasks"] += info["Number of Tasks"]
+                    q["failed_stages"] += "Failure Reason" in info
+                    for key, metric, scale in (
+                        ("task_seconds", "executorRunTime", 1000), ("gc_seconds", "jvmGCTime", 1000),
+                        ("spilled_mib", "diskBytesSpilled", MIB),
+                        ("shuffle_write_mib", "shuffle.write.bytesWritten", MIB)):
+                        q[key] += float(acc.get(f"internal.metrics.{metric}", 0) or 0) / scale
+    rows = list(queries.values())
+    for q in rows:
+        for key in ("seconds", "task_seconds", "gc_seconds", "spilled_mib", "shuffle_write_mib"):
+            q[key] = round(q[key], 1)
+    return rows
+
+
+def run_step(name: str, app: list[str], env: dict[str, str], out: Path, event_log: bool) -> Step:
+    """spark-submit ``app`` once; wall time, peak RSS of the process tree, log summary."""
+    import psutil
+
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    submit = shutil.which("spark-submit", path=env["PATH"]) or "spark-submit"
+    command = [submit, *SUBMIT_ARGS]
+    events_dir = out / "spark-events" / name
+    if event_log:
+        shutil.rmtree(events_dir, ignore_errors=True)
+        events_dir.mkdir(parents=True)
+        command += ["--conf", "spark.eventLog.enabled=true", "--conf", "spark.eventLog.compress=false",
+                    "--conf", f"spark.eventLog.dir=file://{events_dir}"]
+    command += app
+    log, stdout = logs / f"{name}.log", logs / f"{name}.out"
+    peak = peak_one = 0
+    with stdout.open("wb") as out_fh, log.open("wb") as err_fh:
+        start = time.perf_counter()
+        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out_fh, stderr=err_fh)
+        tree = psutil.Process(proc.pid)
+        while True:
+            total, one = _tree_rss(tree)
+            peak, peak_one = max(peak, total), max(peak_one, one)
+            try:
+                returncode = proc.wait(timeout=SAMPLE_SECONDS)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        wall = time.perf_counter() - start
+    return Step(
+        name=name, command=[Path(command[0]).name, *command[1:]], wall_s=round(wall, 2),
+        returncode=returncode, peak_rss_mib=round(peak / MIB), peak_process_mib=round(peak_one / MIB),
+        log=str(log), output=_last_json(stdout.read_text(encoding="utf-8", errors="replace")),
+        notable=_notable_lines(log), queries=_event_log_queries(events_dir) if event_log else [],
+    )
+
+
+def spark_env(out: Path, lake: str) -> dict[str, str]:
+    """The environment of the jobs: venv on PATH, venv Python for PySpark, a bench key file."""
+    from privrec_pipeline.secrets import ENV_KEY_FILE, ENV_KEYS_JSON, init_key_file
+
+    key_file, _ = init_key_file(out / "keys.json")  # mode 0600; keys are never printed
+    venv_bin = Path(sys.executable).parent
+    env = {k: v for k, v in os.environ.items() if k != ENV_KEYS_JSON}  # the file must win
+    env.update({
+        "PATH": f"{venv_bin}{os.pathsep}{env.get('PATH', '')}",
+        "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable,
+        ENV_KEY_FILE: str(key_file), "PRIVREC_LAKE": lake,
+    })
+    return env
+
+
+def generate(args: argparse.Namespace, lake: str) -> dict[str, Any]:
+    """Generate the landing day in-process (``privrec generate`` defaults otherwise)."""
+    import resource
+
+    from privrec_pipeline.sources.synthetic import GeneratorConfig, generate_day
+
+    cfg = GeneratorConfig(date=args.date, events=args.events, bad_rate=args.bad_rate)
+    start = time.perf_counter()
+    report = generate_day(cfg, lake)
+    seconds = time.perf_counter() - start
+    files = [Path(report.path) / name for name in report.files]
+    return {
+        "seconds": round(seconds, 2), "records": report.records, "files": len(files),
+        "bytes": sum(f.stat().st_size for f in files), "path": report.path,
+        "bad_records": sum(report.bad_records.values()), "duplicates": report.duplicates,
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+    }
+
+
+def machine() -> dict[str, Any]:
+    import psutil
+
+    cpu = next((line.split(":", 1)[1].strip() for line in
+                Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), "?")
+    try:
+        banner = subprocess.run(["java", "-version"], check=False, capture_output=True, text=True).stderr
+    except OSError:
+        banner = ""
+    found = re.search(r'version "([^"]+)"', banner)
+    java = found.group(1) if found else "?"
+    return {
+        "nproc": os.cpu_count(), "cpu": cpu, "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "load_avg_start": [round(x, 2) for x in os.getloadavg()], "python": platform.python_version(),
+        "spark": version("pyspark"), "java": java,
+    }
+
+
+def summarize(events: int, steps: dict[str, Step]) -> dict[str, Any]:
+    """Throughput and the ratios against the bare copy (raw and without JVM start)."""
+    cold, copy = steps["cold_start"].wall_s, steps["bare_copy"].wall_s
+    collect, pseudo = steps["collect"].wall_s, steps["pseudonymize"].wall_s
+    ingest = collect + pseudo
+    warm_copy = copy - cold
+    return {
+        "ingest_s": round(ingest, 2),
+        "events_per_s": round(events / ingest),
+        "collect_events_per_s": round(events / collect),
+        "pseudonymize_events_per_s": round(events / pseudo),
+        "ratio": round(ingest / copy, 2),
+        "ratio_without_cold_start": round((ingest - 2 * cold) / warm_copy, 2) if warm_copy > 0 else None,
+        "target_ratio": TARGET_RATIO,
+        "meets_target": ingest / copy <= TARGET_RATIO,
+    }
+
+
+def _rows(result: dict[str, Any]) -> list[tuple[str, ...]]:
+    """Table rows: step, wall s, wall minus cold start s, events/s, peak RSS tree / largest MiB."""
+    steps, events = result["steps"], result["events"]
+    cold = steps["cold_start"]["wall_s"]
+    gen = result["generation"]
+    rows = [("generate (in-process, info)", f"{gen['seconds']:.1f}", "", f"{events / gen['seconds']:,.0f}",
+             f"{gen['peak_rss_mib']:,}")]
+    for name, step in steps.items():
+        warm = "" if name == "cold_start" else f"{step['wall_s'] - cold:.1f}"
+        rate = f"{events / step['wall_s']:,.0f}" if name != "cold_start" else ""
+        rows.append((name, f"{step['wall_s']:.1f}", warm, rate,
+                     f"{step['peak_rss_mib']:,} / {step['peak_process_mib']:,}"))
+    s = result["summary"]
+    rows.append(("collect + pseudonymize", f"{s['ingest_s']:.1f}",
+                 f"{s['ingest_s'] - 2 * cold:.1f}", f"{s['events_per_s']:,}", ""))
+    return rows
+
+
+HEADERS = ("step", "wall s", "minus cold start s", "events/s", "peak RSS MiB (tree / largest)")
+
+
+def _ratio_line(s: dict[str, Any]) -> str:
+    verdict = "met" if s["meets_target"] else "NOT met"
+    return (f"(collect + pseudonymize) / bare copy = {s['ratio']:.2f}x (target <= {TARGET_RATIO}: {verdict}); "
+            f"without the cold-start cost in each step: {s['ratio_without_cold_start']}x")
+
+
+def markdown(result: dict[str, Any]) -> str:
+    m, gen = result["machine"], result["generation"]
+    lines = [
+        SECTION_START,
+        "## Ingest: collect + pseudonymize vs a bare Spark JSON -> Parquet copy",
+        "",
+        f"- Date: {result['date']}",
+        (f"- Machine: {m['nproc']} CPUs ({m['cpu']}), {m['ram_gib']} GiB RAM; load average at "
+         f"start {m['load_avg_start']}, at end {result['load_avg_end']}; Spark {m['spark']}, "
+         f"Java {m['java']}, Python {m['python']}"),
+        f"- Command: `{result['command']}`",
+        (f"- Input: {gen['records']:,} landing records ({gen['bad_records']:,} malformed, "
+         f"{gen['duplicates']:,} duplicates) in {gen['files']} gzip JSONL files, "
+         f"{gen['bytes'] / MIB:,.1f} MiB"),
+        f"- Each Spark step: `spark-submit {' '.join(SUBMIT_ARGS)} ...`, a separate cold JVM",
+        "",
+        "| " + " | ".join(HEADERS) + " |",
+        "|" + "|".join(["---"] + ["---:"] * (len(HEADERS) - 1)) + "|",
+        *["| " + " | ".join(row) + " |" for row in _rows(result)],
+        "",
+        f"**{_ratio_line(result['summary'])}**",
+        "",
+        ("cold_start = spark-submit of an application that only creates the SparkSession and "
+         "stops; \"minus cold start\" subtracts it from each step. bare_copy includes Spark's "
+         "JSON schema inference (one more full read of the input, as `spark.read.json` does by "
+         "default). Peak RSS is sampled every 0.2 s and summed over the process tree (shared "
+         f"pages counted per process). Raw numbers: `{result['json']}`."),
+    ]
+    if result["event_log"]:
+        lines += ["", "Spark SQL queries (from the event logs; `--event-log` adds event logging):", ""]
+        for name in ("collect", "pseudonymize"):
+            lines += [f"- {name}: " + "; ".join(
+                f"{q['description']} {q['seconds']} s (tasks {q['task_seconds']} s)"
+                for q in result["steps"][name]["queries"])]
+    return "\n".join([*lines, SECTION_END])
+
+
+def update_markdown(section: str, path: Path = BENCHMARKS_MD) -> None:
+    """Replace the ingest section of BENCHMARKS.md, or append it (creating the file)."""
+    text = path.read_text(encoding="utf-8") if path.exists() else (
+        "# Benchmarks\n\nRun with `make bench` (`python -m benchmarks.run`; `--only NAME` for one "
+        "benchmark, `--help` for options). Timings are wall-clock on the machine named in each "
+        "section; raw results go to `bench-out/` (git-ignored).\n")
+    if SECTION_START in text and SECTION_END in text:
+        head, rest = text.split(SECTION_START, 1)
+        text = head + section + rest.split(SECTION_END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.write_text(text, encoding="utf-8")
+
+
+def print_result(console: Console, result: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"ingest benchmark: {result['events']:,} events", title_justify="left")
+    for i, header in enumerate(HEADERS):
+        table.add_column(header, justify="left" if i == 0 else "right")
+    for row in _rows(result):
+        table.add_row(*row)
+    console.print(table)
+    console.print(_ratio_line(result["summary"]))
+    for name in ("collect", "pseudonymize"):
+        step = result["steps"][name]
+        console.print(f"[bold]{name}[/]: output {step['output']}; log {step['log']}")
+        for line, count in step["notable"].items():
+            console.print(f"  {count:>4} x {line}", markup=False, highlight=False)
+        for q in step["queries"]:
+            console.print(f"  query {q['query']:>3} {q['seconds']:7.1f} s  tasks {q['task_seconds']:7.1f} s "
+                          f"gc {q['gc_seconds']:5.1f} s  spill {q['spilled_mib']} MiB  "
+                          f"shuffle {q['shuffle_write_mib']} MiB  {q['description']}",
+                          markup=False, highlight=False)
+
+
+def run(args: argparse.Namespace, console: Console, command: str) -> int:
+    from privrec_pipeline import lake as lk
+
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    lake = str(out / "lake")
+    result: dict[str, Any] = {"benchmark": NAME, "date": dt.datetime.now(dt.UTC).isoformat(
+        timespec="seconds"), "command": command, "events": args.events, "bad_rate": args.bad_rate,
+        "day": args.date.isoformat(), "event_log": args.event_log, "machine": machine()}
+    console.print(f"generating {args.events:,} events for {args.date} into {lake} ...")
+    result["generation"] = generate(args, lake)
+    env = spark_env(out, lake)
+    day, me = args.date.isoformat(), str(Path(__file__).resolve())
+    job_args = ["--date", day, "--lake", lake, "--run-id", "bench"]
+    apps = {
+        "cold_start": [me, "noop"],
+        "bare_copy": [me, "copy", lk.partition_uri(lake, "landing", args.date), str(out / "bare-copy")],
+        "collect": [str(ROOT / "jobs" / "collect.py"), *job_args],
+        "pseudonymize": [str(ROOT / "jobs" / "pseudonymize.py"), *job_args],
+    }
+    steps: dict[str, Step] = {}
+    for name, app in apps.items():
+        console.print(f"{name}: spark-submit ...")
+        steps[name] = step = run_step(name, app, env, out, args.event_log)
+        console.print(f"  {step.wall_s:.1f} s, peak {step.peak_rss_mib:,} MiB, exit {step.returncode}")
+        if step.returncode != 0:
+            break
+    result["steps"] = {name: asdict(step) for name, step in steps.items()}
+    result["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
+    json_path = out / "bench-ingest.json"
+    result["json"] = str(json_path.relative_to(ROOT) if json_path.is_relative_to(ROOT) else json_path)
+    failed = [s for s in steps.values() if s.returncode != 0]
+    if failed:
+        json_path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        step = failed[0]
+        console.print(f"[red]{step.name} failed (exit {step.returncode}); log: {step.log}[/]")
+        console.print("\n".join(Path(step.log).read_text(errors="replace").splitlines()[-30:]),
+                      markup=False, highlight=False)
+        return 1
+    result["summary"] = summarize(args.events, steps)
+    json_path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print_result(console, result)
+    if not args.no_markdown:
+        update_markdown(markdown(result))
+    console.print(f"results: {json_path}" + ("" if args.no_markdown else f" and {BENCHMARKS_MD}"))
+    return 0
+
+
+def spark_main(argv: list[str]) -> int:
+    """The reference Spark application (run by spark-submit): ``noop`` or ``copy SRC DST``."""
+    from privrec_pipeline.spark.session import get_spark
+
+    mode, *paths = argv
+    if mode not in ("noop", "copy") or len(paths) != (2 if mode == "copy" else 0):
+        raise SystemExit("usage: ingest.py noop | ingest.py copy SRC DST")
+    spark = get_spark(f"privrec-bench-{mode}")  # privrec's session defaults (zstd, UTC, ...)
+    try:
+        if mode == "copy":
+            spark.read.json(paths[0]).write.mode("overwrite").parquet(paths[1])
+    finally:
+        spark.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(spark_main(sys.argv[1:]))

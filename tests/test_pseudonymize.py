@@ -1,0 +1,119 @@
+"""pseudonymize: silver holds keyed pseudonyms and generalized fields, and no PII."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from conftest import DAY
+from privrec_pipeline import crypto
+from privrec_pipeline import lake as lk
+from privrec_pipeline.errors import PrivrecError
+from privrec_pipeline.ingest import run_collect, run_pseudonymize
+from privrec_pipeline.sources.synthetic import GeneratorConfig, generate_day
+from privrec_pipeline.transforms.pseudonymize import (
+    CARD_PATTERN,
+    EMAIL_PATTERN,
+    IPV4_PATTERN,
+    PHONE_PATTERN,
+)
+
+pytestmark = pytest.mark.spark
+PII_PATTERNS = {"email": EMAIL_PATTERN, "phone": PHONE_PATTERN, "card": CARD_PATTERN, "ipv4": IPV4_PATTERN}
+
+
+@pytest.fixture()
+def silver_day(spark, lake, keyring):
+    report = generate_day(GeneratorConfig(date=DAY, events=4000, users=300, items=150, seed=11, bad_rate=0.02), lake)
+    run_collect(spark, lake, DAY, keyring)
+    manifest = run_pseudonymize(spark, lake, DAY, keyring)
+    return report, manifest
+
+
+def _landing_records(lake: str) -> list[dict]:
+    import gzip
+
+    out = []
+    for path in sorted(lk.landing_partition(lake, DAY).glob("*.jsonl.gz")):
+        for raw in gzip.decompress(path.read_bytes()).splitlines():
+            try:
+                rec = json.loads(raw)
+            except (ValueError, UnicodeDecodeError):
+                continue
+            if isinstance(rec, dict):
+                out.append(rec)
+    return out
+
+
+def test_silver_string_columns_hold_no_pii_and_no_raw_ids(spark, lake, silver_day):
+    silver = spark.read.parquet(lk.partition_uri(lake, "silver", DAY))
+    string_cols = [f.name for f in silver.schema.fields if f.dataType.simpleString() == "string"]
+    values = [v for row in silver.select(*string_cols).collect() for v in row if v is not None]
+    assert values, "silver is empty"
+    landing = _landing_records(lake)
+    raw_ids = {str(r[k]) for r in landing for k in ("user_id", "session_id", "event_id") if isinstance(r.get(k), (str, int))}
+    assert any("[email]" in v or "[phone]" in v for v in values), "fixture should exercise scrubbing"
+    for v in values:
+        for name, pattern in PII_PATTERNS.items():
+            assert not re.search(pattern, v), f"{name} pattern found in silver: {v!r}"
+        assert v not in raw_ids
+    joined = "\n".join(values)
+    for raw in raw_ids:
+        assert raw not in joined
+    assert {"email", "ip", "user_agent", "user_id", "session_id"}.isdisjoint(silver.columns)
+
+
+def test_pseudonyms_are_keyed_hmac_with_version(spark, lake, keyring, silver_day):
+    silver = spark.read.parquet(lk.partition_uri(lake, "silver", DAY))
+    landing = _landing_records(lake)
+    expected_users = {crypto.reference_pseudonym(keyring.pseudonym.material, "user", str(r["user_id"]))
+                      for r in landing if isinstance(r.get("user_id"), str)}
+    got = {r.user_pseudonym for r in silver.select("user_pseudonym").distinct().collect()}
+    assert got <= expected_users and len(got) > 50
+    assert all(re.fullmatch(r"[0-9a-f]{64}", p) for p in got)
+    assert {r.pseudonym_key_version for r in silver.select("pseudonym_key_version").distinct().collect()} == {"v1"}
+
+
+def test_generalized_fields(spark, lake, silver_day):
+    silver = spark.read.parquet(lk.partition_uri(lake, "silver", DAY))
+    devices = {r.device_class for r in silver.select("device_class").distinct().collect()}
+    assert devices <= {"mobile", "tablet", "desktop", "bot", "unknown"} and {"mobile", "desktop"} <= devices
+    assert {r.ip_family for r in silver.select("ip_family").distinct().collect()} <= {"ipv4", "ipv6", "unknown"}
+
+
+def test_silver_count_matches_bronze(silver_day):
+    _, manifest = silver_day
+    assert manifest.silver_records == manifest.bronze_records > 0
+
+
+def test_keys_never_in_any_output(lake, keyring, silver_day):
+    secrets = [s.encode() for s in keyring.secret_strings()] + [keyring.pseudonym.material, keyring.encryption.material]
+    for path in Path(lake).rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            assert not any(s in data for s in secrets), f"key material in {path}"
+
+
+def test_pseudonymize_requires_collect(spark, lake, keyring):
+    with pytest.raises(PrivrecError, match="run the collect step"):
+        run_pseudonymize(spark, lake, DAY, keyring)
+
+
+def test_scrub_text_unit(spark):
+    from pyspark.sql import functions as F
+
+    from privrec_pipeline.transforms.pseudonymize import scrub_text
+
+    cases = {
+        "mail me at jane.doe+x@mail.example.org now": "mail me at [email] now",
+        "call +1 (555) 123-4567": "call [phone]",
+        "card 4111 1111 1111 1111 ok": "card [card] ok",
+        "from 192.168.1.20": "from [ip]",
+        "size 42 shoes": "size 42 shoes",
+    }
+    df = spark.createDataFrame([(k,) for k in cases], "q string")
+    got = {r.q: r.s for r in df.select("q", scrub_text(F.col("q")).alias("s")).collect()}
+    assert got == cases
