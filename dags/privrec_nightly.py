@@ -80,4 +80,4 @@ def privrec_nightly() -> None:
     collect >> pseudonymize
 
 
-privrec_nightly()
+nightly = privrec_nightly()
