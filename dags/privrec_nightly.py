@@ -48,7 +48,8 @@ COMMON_ARGS = ["--date", "{{ ds }}", "--run-id", "{{ run_id }}"]
     doc_md=__doc__,
     default_args={
         "owner": "privrec",
-        "retries": 2,
+        # Scheduled runs retry; `privrec run` (a one-shot local run) sets 0 to fail fast.
+        "retries": int(os.environ.get("PRIVREC_TASK_RETRIES", "2")),
         "retry_delay": timedelta(minutes=5),
         "retry_exponential_backoff": True,
     },

@@ -98,7 +98,12 @@ def run(
     allow_empty: bool = typer.Option(False, "--allow-empty", help="Accept a day without landing data."),
 ) -> None:
     """Run the nightly DAG for one day on the embedded default and print a summary."""
-    from privrec_pipeline.orchestration.local import airflow_env, dags_test, ensure_metadata_db
+    from privrec_pipeline.orchestration.local import (
+        airflow_env,
+        dags_test,
+        ensure_metadata_db,
+        failure_reasons,
+    )
     from privrec_pipeline.reporting import print_run_summary
 
     day = _day(date)
@@ -112,8 +117,9 @@ def run(
     with console.status(f"running privrec_nightly for {day} (airflow dags test)"):
         code = dags_test("privrec_nightly", day.isoformat(), env, log, conf={"allow_empty": allow_empty})
     if code != 0:
-        tail = log.read_text(encoding="utf-8", errors="replace").splitlines()[-25:]
-        console.print("\n".join(tail), markup=False, highlight=False)
+        reasons = failure_reasons(log.read_text(encoding="utf-8", errors="replace"))
+        for reason in reasons:
+            console.print(f"  {reason}", markup=False, highlight=False)
         _fail(f"privrec_nightly failed for {day} (exit {code}); full log: {log}")
     print_run_summary(console, env["PRIVREC_LAKE"], day, log)
 

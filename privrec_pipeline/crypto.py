@@ -11,8 +11,9 @@ AES-256-GCM (NIST SP 800-38D) via Spark's ``aes_encrypt``. The 96-bit IV is a sy
 the first 12 bytes of HMAC(K_iv, context || 0x00 || plaintext), with K_iv derived from the
 encryption key. A repeated IV therefore only occurs for the same plaintext in the same
 context (the deterministic-AEAD construction of RFC 5297, "SIV"), which keeps a rerun's
-output identical while never reusing an IV across different plaintexts. The column name is
-bound as additional authenticated data, so a ciphertext cannot be moved to another column.
+output identical while never reusing an IV across different plaintexts. The context (column
+name and row key, e.g. ``email|<event_id>``) is bound as additional authenticated data, so a
+ciphertext cannot be moved to another column or row undetected.
 """
 
 from __future__ import annotations
@@ -100,15 +101,24 @@ def encrypt(plaintext: "Column", context: str, key: "Column", iv_ipad: "Column",
     """AES-256-GCM ciphertext (IV || ciphertext || tag) with a synthetic IV; null stays null."""
     from pyspark.sql import functions as F
 
-    ctx = F.lit(context) if context_suffix is None else F.concat(F.lit(context + "|"), context_suffix)
+    ctx = aad(context, context_suffix)
     data = plaintext.cast("binary")
     iv = F.substring(hmac_sha256(iv_ipad, iv_opad, F.concat(F.encode(ctx, "UTF-8"), F.unhex(F.lit("00")), data)), 1, 12)
     return F.when(plaintext.isNull(), F.lit(None)).otherwise(
-        F.aes_encrypt(data, key, F.lit("GCM"), F.lit("DEFAULT"), iv, F.lit(context))
+        F.aes_encrypt(data, key, F.lit("GCM"), F.lit("DEFAULT"), iv, ctx)
     )
 
 
-def decrypt_to_string(ciphertext: "Column", context: str, key: "Column") -> "Column":
+def aad(context: str, context_suffix: "Column | None" = None) -> "Column":
+    """Additional authenticated data: the column name and, per row, e.g. the event id, so a
+    ciphertext cannot be moved to another column or another row undetected."""
     from pyspark.sql import functions as F
 
-    return F.aes_decrypt(ciphertext, key, F.lit("GCM"), F.lit("DEFAULT"), F.lit(context)).cast("string")
+    return F.lit(context) if context_suffix is None else F.concat(F.lit(context + "|"), context_suffix)
+
+
+def decrypt_to_string(ciphertext: "Column", context: str, key: "Column",
+                      context_suffix: "Column | None" = None) -> "Column":
+    from pyspark.sql import functions as F
+
+    return F.aes_decrypt(ciphertext, key, F.lit("GCM"), F.lit("DEFAULT"), aad(context, context_suffix)).cast("string")

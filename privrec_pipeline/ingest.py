@@ -46,10 +46,20 @@ class DataInterval:
         return self.start + dt.timedelta(days=1)
 
 
-def _write_sorted(df: "DataFrame", uri: str, records: int, sort_cols: list[str]) -> None:
-    """Write parquet in a deterministic layout: hash-partitioned and sorted by key."""
-    files = max(1, math.ceil(records / RECORDS_PER_FILE))
-    df.repartition(files, *sort_cols).sortWithinPartitions(*sort_cols).write.mode("overwrite").parquet(uri)
+def _file_count(records: int) -> int:
+    return max(1, math.ceil(records / RECORDS_PER_FILE))
+
+
+def _write_sorted(df: "DataFrame", uri: str, records: int, sort_cols: list[str], *,
+                  partitioned: bool = False) -> None:
+    """Write parquet in a deterministic layout: hash-partitioned and sorted by key.
+
+    ``partitioned``: ``df`` is already hash-partitioned on ``sort_cols[0]`` into
+    ``_file_count(records)`` parts (saves a shuffle).
+    """
+    if not partitioned:
+        df = df.repartition(_file_count(records), *sort_cols)
+    df.sortWithinPartitions(*sort_cols).write.mode("overwrite").parquet(uri)
 
 
 def run_collect(spark: "SparkSession", lake: str, day: dt.date, keys: KeyRing, *,
@@ -98,8 +108,10 @@ def run_collect(spark: "SparkSession", lake: str, day: dt.date, keys: KeyRing, *
     bronze_stage, quarantine_stage = fs.staging_uri(bronze_uri), fs.staging_uri(quarantine_uri)
     try:
         valid_records = valid.count()
-        _write_sorted(tc.to_bronze(tc.dedupe_events(valid), keys_df, version), bronze_stage,
-                      valid_records, ["event_id"])
+        # Partition by event_id once: deduplication and the sorted write share the shuffle.
+        by_event = valid.repartition(_file_count(valid_records), "event_id")
+        _write_sorted(tc.to_bronze(tc.dedupe_events(by_event), keys_df, version), bronze_stage,
+                      valid_records, ["event_id"], partitioned=True)
         _write_sorted(tc.to_quarantine(rejected, keys_df, version), quarantine_stage,
                       landing_records - valid_records, ["source_file", "reason", "raw_record_enc"])
         duplicates = int(tc.duplicate_count(valid).first()["duplicates"])

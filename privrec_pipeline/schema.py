@@ -25,7 +25,8 @@ class FieldKind(StrEnum):
     """What JSON value a landing field accepts."""
 
     ID = "id"  # a JSON string or integer (numeric ids are common, e.g. MovieLens)
-    TEXT = "text"  # a JSON string
+    CODE = "code"  # a JSON string from a small vocabulary (event type, category)
+    TEXT = "text"  # free text: a JSON string, or a number or boolean taken as its text
     NUMBER = "number"  # a JSON number
     INTEGER = "integer"  # a JSON integer
     TIMESTAMP = "timestamp"  # an ISO-8601 string with an explicit zone (Z or +hh:mm)
@@ -43,11 +44,11 @@ class RawField:
 RAW_FIELDS: tuple[RawField, ...] = (
     RawField("event_id", FieldKind.ID, required=True, max_chars=128),
     RawField("event_time", FieldKind.TIMESTAMP, required=True, max_chars=64),
-    RawField("event_type", FieldKind.TEXT, required=True, max_chars=32),
+    RawField("event_type", FieldKind.CODE, required=True, max_chars=32),
     RawField("user_id", FieldKind.ID, required=True, max_chars=128),
     RawField("session_id", FieldKind.ID, max_chars=128),
     RawField("item_id", FieldKind.ID, required=True, max_chars=128),
-    RawField("category", FieldKind.TEXT, max_chars=128),
+    RawField("category", FieldKind.CODE, max_chars=128),
     RawField("price", FieldKind.NUMBER),
     RawField("quantity", FieldKind.INTEGER),
     RawField("rating", FieldKind.NUMBER),

@@ -22,8 +22,9 @@ def spark():
     os.environ.setdefault("PYSPARK_PYTHON", os.sys.executable)
     session = get_spark("privrec-tests", "local[2]")
     session.conf.set("spark.sql.shuffle.partitions", "2")
-    yield session
-    session.stop()
+    # Not stopped here: the JVM goes with the process, and py4j would log its shutdown to
+    # streams pytest has already closed.
+    return session
 
 
 @pytest.fixture(scope="session")
@@ -79,3 +80,14 @@ def good_event(i: int, **overrides) -> dict:
 
 def line(rec) -> bytes:
     return json.dumps(rec, ensure_ascii=False).encode("utf-8")
+
+
+def partition_snapshot(path: Path) -> dict[str, object]:
+    """File names and row contents of a parquet partition, to compare reruns.
+
+    Contents, not bytes: parquet-mr writes the footer's per-column encodings from a hash set
+    whose order varies between JVMs, so equal data can differ in a few footer bytes.
+    """
+    import pyarrow.parquet as pq
+
+    return {p.name: pq.read_table(p).to_pylist() for p in sorted(path.glob("*.parquet"))}

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
-from pathlib import Path
 
 import pytest
 
-from conftest import DAY, good_event, line, write_landing
+from conftest import DAY, good_event, line, partition_snapshot, write_landing
 from privrec_pipeline import lake as lk
 from privrec_pipeline.errors import LandingPartitionError, ManifestMismatchError
 from privrec_pipeline.ingest import run_collect
@@ -102,7 +100,7 @@ def test_bronze_holds_direct_identifiers_only_encrypted(spark, lake, collected, 
     assert "@example.com" not in text and "10.0." not in text
     row = bronze.where("event_id = 'evt-000003'").first()
     blob = bytes(row.email_enc)
-    assert AESGCM(keyring.encryption.material).decrypt(blob[:12], blob[12:], b"email") == b"person3@example.com"
+    assert AESGCM(keyring.encryption.material).decrypt(blob[:12], blob[12:], b"email|evt-000003") == b"person3@example.com"
 
 
 def test_numeric_ids_and_edge_cases_are_accepted(spark, lake, collected):
@@ -121,21 +119,17 @@ def test_quarantine_keeps_raw_line_encrypted_with_source_file(spark, lake, colle
     rows = q.collect()
     assert all(r.source_file.endswith("events-000.jsonl") for r in rows)
     aead = AESGCM(keyring.encryption.material)
-    raws = {aead.decrypt(bytes(r.raw_record_enc)[:12], bytes(r.raw_record_enc)[12:], b"raw_record") for r in rows}
+    raws = {aead.decrypt(bytes(r.raw_record_enc)[:12], bytes(r.raw_record_enc)[12:],
+                         f"raw_record|{r.source_file}".encode()) for r in rows}
     assert {raw for _, _, raw in CASES} == raws
     assert "@example.com" not in " ".join(str(v) for r in rows for v in r)
 
 
-def _tree_digest(path: Path) -> dict[str, str]:
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(path.rglob("*")) if p.is_file()}
-
-
 def test_rerun_gives_identical_outputs(spark, lake, keyring, collected):
     zones = [lk.local_path(lk.partition_uri(lake, z, DAY)) for z in ("bronze", "quarantine")]
-    before = [_tree_digest(z) for z in zones]
+    before = [partition_snapshot(z) for z in zones]
     again = run_collect(spark, lake, DAY, keyring, run_id="rerun")
-    assert [_tree_digest(z) for z in zones] == before
+    assert [partition_snapshot(z) for z in zones] == before
     assert again.bronze_records == collected.bronze_records
     leftovers = [p.name for z in zones for p in z.parent.iterdir() if p.name.startswith("_")]
     assert leftovers == []  # no staging or replaced folders remain

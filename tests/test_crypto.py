@@ -53,7 +53,7 @@ def test_aes_gcm_ciphertext_decrypts_with_cryptography(spark, keyring):
     values = [v for v in _values(50) if v]
     df = spark.createDataFrame([(v, f"e{i}") for i, v in enumerate(values)], "v string, eid string")
     out = df.crossJoin(crypto.key_frame(spark, keyring)).select(
-        "v", crypto.encrypt(F.col("v"), "email", F.col("enc_key"), F.col("iv_ipad"), F.col("iv_opad"),
+        "v", "eid", crypto.encrypt(F.col("v"), "email", F.col("enc_key"), F.col("iv_ipad"), F.col("iv_opad"),
                             context_suffix=F.col("eid")).alias("c"),
     ).collect()
     aead = AESGCM(keyring.encryption.material)
@@ -62,9 +62,11 @@ def test_aes_gcm_ciphertext_decrypts_with_cryptography(spark, keyring):
         blob = bytes(row.c)
         iv, body = blob[:12], blob[12:]
         ivs.add(iv)
-        assert aead.decrypt(iv, body, b"email").decode("utf-8") == row.v
+        assert aead.decrypt(iv, body, f"email|{row.eid}".encode()).decode("utf-8") == row.v
         with pytest.raises(Exception):
-            aead.decrypt(iv, body, b"ip")  # the column name is authenticated
+            aead.decrypt(iv, body, f"ip|{row.eid}".encode())  # the column is authenticated
+        with pytest.raises(Exception):
+            aead.decrypt(iv, body, f"email|{row.eid}x".encode())  # and so is the row
     assert len(ivs) == len(out)  # distinct plaintexts never share an IV
 
 

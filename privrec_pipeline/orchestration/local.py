@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -53,7 +54,28 @@ def ensure_metadata_db(env: dict[str, str], log: Path) -> None:
 def dags_test(dag_id: str, day: str, env: dict[str, str], log: Path, conf: dict | None = None) -> int:
     """Run a whole DAG for one logical date in-process (``airflow dags test``); output to ``log``."""
     cmd = ["airflow", "dags", "test", dag_id, day]
+    env = {**env, "PRIVREC_TASK_RETRIES": env.get("PRIVREC_TASK_RETRIES", "0")}
     if conf:
         cmd += ["--conf", json.dumps(conf)]
     with log.open("ab") as fh:
         return subprocess.run(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT).returncode
+
+
+_ERROR_LINE = re.compile(r"(privrec_pipeline\.errors\.\w+|\b\w+(?:Error|Exception)): (.+)")
+_LOG_SUFFIX = re.compile(r"\s+\[[\w.]+\] loc=\S+$")  # structlog's "[logger] loc=file:line"
+
+
+def failure_reasons(log_text: str, limit: int = 3) -> list[str]:
+    """The distinct error messages of a failed run, most specific first (privrec's own
+    errors, then any other exception line), so the user sees why without reading the log."""
+    own, other = [], []
+    for raw in log_text.splitlines():
+        match = _ERROR_LINE.search(raw)
+        if not match:
+            continue
+        detail = _LOG_SUFFIX.sub("", match.group(2)).strip()
+        message = f"{match.group(1).rsplit('.', 1)[-1]}: {detail}"
+        bucket = own if match.group(1).startswith("privrec_pipeline") else other
+        if message not in bucket:
+            bucket.append(message)
+    return (own or other)[:limit]

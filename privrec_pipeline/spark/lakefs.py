@@ -92,15 +92,26 @@ class LakeFS:
             raise OSError(f"rename {tmp.toString()} -> {uri} failed")
 
     def staging_uri(self, target: str) -> str:
-        """A hidden sibling of ``target`` to write into before ``commit_partition``."""
+        """A hidden sibling of ``target`` to write into before ``commit_partition``.
+
+        Leftovers of an earlier attempt at the same partition that was killed (staging or
+        replaced folders) are removed first: one partition has one writer at a time.
+        """
         parent, name = target.rstrip("/").rsplit("/", 1)
+        fs, parent_path = self._path(parent)
+        if fs.exists(parent_path):
+            for status in fs.listStatus(parent_path):
+                leftover = status.getPath().getName()
+                if leftover.startswith((f"_staging-{name}-", f"_replaced-{name}-")):
+                    fs.delete(status.getPath(), True)
         return f"{parent}/_staging-{name}-{uuid.uuid4().hex[:12]}"
 
     def commit_partition(self, staging: str, target: str) -> None:
         """Replace ``target`` by ``staging``: rename old aside, rename new in, delete old.
 
         Data files are renamed to stable names (``part-00000.<ext>``) so a rerun on the
-        same input produces the same file names and bytes.
+        same input produces the same file names with the same rows (bytes may differ in the
+        parquet footer, whose encoding lists parquet-mr writes in hash-set order).
         """
         fs, staging_path = self._path(staging)
         for status in fs.listStatus(staging_path):

@@ -14,24 +14,26 @@ if TYPE_CHECKING:
 SPARK_DEFAULTS: dict[str, str] = {
     # Data decisions use UTC: the data interval and event times are compared in UTC.
     "spark.sql.session.timeZone": "UTC",
-    "spark.ui.showConsoleProgress": "false",
     # Small default: adaptive execution coalesces further; big clusters override by --conf.
     "spark.sql.shuffle.partitions": "8",
     "spark.sql.parquet.compression.codec": "zstd",
     # Plans never show literal values that look like secrets (defence in depth: keys are
-    # passed as data, never as literals, see privrec_pipeline.spark.keys).
+    # passed as data, never as literals, see privrec_pipeline.crypto.key_frame).
     "spark.sql.redaction.string.regex": "(?i)[0-9a-f]{64,}",
 }
+"""Session settings privrec relies on; a value given to spark-submit (--conf) wins."""
 
 
 def get_spark(app_name: str, master: str | None = None) -> "SparkSession":
     from pyspark.sql import SparkSession
 
-    builder = SparkSession.builder.appName(app_name)
+    builder = SparkSession.builder.appName(app_name).config("spark.ui.showConsoleProgress", "false")
     if master:
         builder = builder.master(master)
-    for key, value in SPARK_DEFAULTS.items():
-        builder = builder.config(key, value)
     spark = builder.getOrCreate()
+    given = spark.sparkContext.getConf()
+    for key, value in SPARK_DEFAULTS.items():
+        if not given.contains(key):
+            spark.conf.set(key, value)
     spark.sparkContext.setLogLevel("WARN")
     return spark

@@ -2,8 +2,9 @@
 
 Parsing happens in the JVM with an explicit schema; records the parser rejects are re-parsed
 as VARIANT so every field's JSON type is checked exactly: a price of ``"abc"`` or ``true``
-is a wrong type, not a silently cast value. Text fields accept JSON scalars as their text
-(numeric ids are common); an object or array in a text field is a wrong type. Checks run in the order of ``QuarantineReason``;
+is a wrong type, not a silently cast value. Ids accept strings and integers (numeric ids
+are common), free text also numbers and booleans (as their text); codes and timestamps only
+strings; an object or array is a wrong type everywhere. Both paths apply the same rules. Checks run in the order of ``QuarantineReason``;
 the first that fails names the record's reason and ``detail`` names the field.
 
 Event-time policy: a record belongs to the data interval [start, end) of its run, compared in
@@ -33,13 +34,15 @@ if TYPE_CHECKING:
 _INTEGER_TYPES = ("TINYINT", "SMALLINT", "INT", "BIGINT")
 _ACCEPTED_TYPES: dict[FieldKind, tuple[str, ...]] = {
     FieldKind.ID: ("STRING", *_INTEGER_TYPES),
-    FieldKind.TEXT: ("STRING",),
+    FieldKind.CODE: ("STRING",),
+    FieldKind.TEXT: ("STRING", "BOOLEAN", "FLOAT", "DOUBLE", *_INTEGER_TYPES),
     FieldKind.TIMESTAMP: ("STRING",),
     FieldKind.NUMBER: ("FLOAT", "DOUBLE", *_INTEGER_TYPES),
     FieldKind.INTEGER: _INTEGER_TYPES,
 }
 _SPARK_TYPE: dict[FieldKind, str] = {
     FieldKind.ID: "string",
+    FieldKind.CODE: "string",
     FieldKind.TEXT: "string",
     FieldKind.TIMESTAMP: "string",
     FieldKind.NUMBER: "double",
@@ -59,7 +62,7 @@ def _type_ok(type_name: "Column", kind: FieldKind) -> "Column":
 
     accepted = _ACCEPTED_TYPES[kind]
     ok = type_name.isin(*accepted)
-    if kind is FieldKind.NUMBER:  # JSON numbers with a fraction parse as DECIMAL(p,s)
+    if kind in (FieldKind.NUMBER, FieldKind.TEXT):  # JSON numbers with a fraction parse as DECIMAL(p,s)
         ok = ok | type_name.startswith("DECIMAL")
     return ok
 
@@ -100,8 +103,10 @@ def classify_landing(lines: "DataFrame", start: dt.datetime, end: dt.datetime) -
 
     text_fields = [f.name for f in RAW_FIELDS if _SPARK_TYPE[f.kind] == "string"]
     # JSON numbers and booleans arrive in string-typed fields as their text; for the fields
-    # where valid data never looks like that, such text sends the line to the precise path.
-    strict_text = ("event_time", "event_type", "category")
+    # that accept only strings, such text sends the line to the precise path.
+    strict_text = [f.name for f in RAW_FIELDS if f.kind in (FieldKind.CODE, FieldKind.TIMESTAMP)]
+    # Ids accept integers but not fractions or booleans, which arrive looking like these.
+    id_fields = [f.name for f in RAW_FIELDS if f.kind is FieldKind.ID]
     # Stages are separate projections so each parse runs once per line.
     parsed = lines.select(
         "value", "source_file",
@@ -114,7 +119,9 @@ def classify_landing(lines: "DataFrame", start: dt.datetime, end: dt.datetime) -
         (F.col("_j").isNull() | F.col("_j._corrupt").isNotNull()
          | F.exists(F.array(*[F.col(f"_j.{n}") for n in text_fields]), lambda x: x.rlike(r"^[\[{]"))
          | F.exists(F.array(*[F.col(f"_j.{n}") for n in strict_text]),
-                    lambda x: x.rlike(r"^(-?[0-9][0-9.eE+\-]*|true|false)$")))
+                    lambda x: x.rlike(r"^(-?[0-9][0-9.eE+\-]*|true|false)$"))
+         | F.exists(F.array(*[F.col(f"_j.{n}") for n in id_fields]),
+                    lambda x: x.rlike(r"^(-?[0-9]+[.eE][0-9.eE+\-]*|true|false)$")))
         .alias("_suspect"),
         *[F.col(f"_j.{f.name}").alias(f.name) for f in RAW_FIELDS],
     )

@@ -78,9 +78,8 @@ def to_silver(bronze: "DataFrame", keys: "DataFrame") -> "DataFrame":
     ipad, opad, key = F.col("pad_ipad"), F.col("pad_opad"), F.col("enc_key")
     decrypted = joined.select(
         "*",
-        crypto.decrypt_to_string(F.col("user_agent_enc"), "user_agent", key).alias("_ua"),
-        crypto.decrypt_to_string(F.col("ip_enc"), "ip", key).alias("_ip"),
-        crypto.decrypt_to_string(F.col("search_query_enc"), "search_query", key).alias("_q"),
+        *[crypto.decrypt_to_string(F.col(f"{name}_enc"), name, key, F.col("event_id")).alias(alias)
+          for name, alias in (("user_agent", "_ua"), ("ip", "_ip"), ("search_query", "_q"))],
     )
     return decrypted.select(
         crypto.pseudonym(ipad, opad, "event", F.col("event_id")).alias("event_id"),

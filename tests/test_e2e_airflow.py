@@ -1,0 +1,83 @@
+"""End to end: ``privrec run`` = ``airflow dags test privrec_nightly D`` on the embedded
+default (SQLite metadata, spark-submit local), keys from the Airflow connection
+``privrec_keys``. A second run of the same day changes no output."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import DAY, partition_snapshot
+from privrec_pipeline import lake as lk
+from privrec_pipeline.sources.synthetic import GeneratorConfig, generate_day
+
+pytestmark = pytest.mark.airflow
+PRIVREC = str(Path(sys.executable).parent / "privrec")
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory, key_document):
+    root = tmp_path_factory.mktemp("e2e")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "PRIVREC"))}
+    env.update({
+        "PRIVREC_HOME": str(root / "airflow"),
+        "PRIVREC_LAKE": str(root / "lake"),
+        "PRIVREC_KEY_FILE": str(root / "no-such-key-file.json"),  # keys only via the connection
+        "AIRFLOW_CONN_PRIVREC_KEYS": json.dumps({"conn_type": "generic", "password": key_document}),
+        "PRIVREC_SPARK_DRIVER_MEMORY": "1g",
+    })
+    generate_day(GeneratorConfig(date=DAY, events=3000, users=200, items=100, seed=5, bad_rate=0.02),
+                 env["PRIVREC_LAKE"])
+    first = subprocess.run([PRIVREC, "run", "--date", DAY.isoformat()], env=env, capture_output=True,
+                           text=True, timeout=900)
+    return root, env, first
+
+
+def test_run_succeeds_and_prints_summary(embedded):
+    _, _, first = embedded
+    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
+    for expected in ("landing records", "3,000", "quarantined", "silver records", "silver:"):
+        assert expected in first.stdout
+
+
+def test_manifests_and_partitions_written(embedded):
+    root, _, _ = embedded
+    lake = str(root / "lake")
+    collect = json.loads(lk.local_path(lk.manifest_uri(lake, "collect", DAY)).read_text())
+    pseudo = json.loads(lk.local_path(lk.manifest_uri(lake, "pseudonymize", DAY)).read_text())
+    assert collect["landing_records"] == 3000 and collect["balanced"]
+    assert pseudo["silver_records"] == collect["bronze_records"] > 2800
+    assert collect["run_id"].startswith("manual__")  # the Airflow run id reached the job
+
+
+def test_keys_never_in_logs_metadata_or_outputs(embedded, keyring):
+    root, _, first = embedded
+    secrets = [s.encode() for s in keyring.secret_strings()]
+    assert not any(s.decode() in first.stdout + first.stderr for s in secrets)
+    for path in root.rglob("*"):
+        if path.is_file():  # run logs, task logs, the SQLite metadata DB (XCom, rendered fields), lake
+            data = path.read_bytes()
+            assert not any(s in data for s in secrets), f"key material in {path}"
+
+
+def test_rerun_changes_no_output(embedded):
+    root, env, _ = embedded
+    zones = [lk.local_path(lk.partition_uri(str(root / "lake"), z, DAY)) for z in ("bronze", "quarantine", "silver")]
+    before = [partition_snapshot(z) for z in zones]
+    again = subprocess.run([PRIVREC, "run", "--date", DAY.isoformat()], env=env, capture_output=True,
+                           text=True, timeout=900)
+    assert again.returncode == 0, again.stdout[-3000:]
+    assert [partition_snapshot(z) for z in zones] == before
+
+
+def test_missing_day_fails_with_a_clear_message(embedded):
+    _, env, _ = embedded
+    out = subprocess.run([PRIVREC, "run", "--date", "2026-02-01"], env=env, capture_output=True, text=True,
+                         timeout=900)
+    assert out.returncode != 0
+    assert "landing partition for 2026-02-01 not found" in out.stdout
