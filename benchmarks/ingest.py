@@ -235,14 +235,19 @@ def generate(args: argparse.Namespace, lake: str) -> dict[str, Any]:
     }
 
 
-def source_digest() -> str:
-    """Short SHA-256 of the pipeline's sources (privrec_pipeline/, jobs/): which code ran."""
+def source_hashes() -> dict[str, str]:
+    """SHA-256 per source file of privrec_pipeline/ and jobs/: which code a run measured."""
     import hashlib
 
-    digest = hashlib.sha256()
-    for path in sorted([*(ROOT / "privrec_pipeline").rglob("*.py"), *(ROOT / "jobs").glob("*.py")]):
-        digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes() + b"\0")
-    return digest.hexdigest()[:12]
+    files = [*(ROOT / "privrec_pipeline").rglob("*.py"), *(ROOT / "jobs").glob("*.py")]
+    return {str(f.relative_to(ROOT)): hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(files)}
+
+
+def source_digest(hashes: dict[str, str]) -> str:
+    """One short digest of ``source_hashes()``."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def machine() -> dict[str, Any]:
@@ -320,7 +325,8 @@ def markdown(result: dict[str, Any]) -> str:
          f"Java {m['java']}, Python {m['python']}"),
         f"- Command: `{result['command']}`",
         (f"- Code: sources of privrec_pipeline/ and jobs/ sha256 `{result['source_sha256']}`"
-         + (" (CHANGED during the run: not comparable)" if result["source_changed_during_run"] else "")),
+         + (f"; changed during the run: {', '.join(result['source_changed_during_run'])}"
+            if result["source_changed_during_run"] else "")),
         (f"- Input: {gen['records']:,} landing records ({gen['bad_records']:,} malformed, "
          f"{gen['duplicates']:,} duplicates) in {gen['files']} gzip JSONL files, "
          f"{gen['bytes'] / MIB:,.1f} MiB"),
@@ -389,10 +395,11 @@ def run(args: argparse.Namespace, console: Console, command: str) -> int:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     lake = str(out / "lake")
+    hashes = source_hashes()  # compared after the run: edits mid-run make steps incomparable
     result: dict[str, Any] = {"benchmark": NAME, "date": dt.datetime.now(dt.UTC).isoformat(
         timespec="seconds"), "command": command, "events": args.events, "bad_rate": args.bad_rate,
         "day": args.date.isoformat(), "event_log": args.event_log, "machine": machine(),
-        "source_sha256": source_digest()}
+        "source_sha256": source_digest(hashes)}
     console.print(f"generating {args.events:,} events for {args.date} into {lake} ...")
     result["generation"] = generate(args, lake)
     env = spark_env(out, lake)
@@ -413,10 +420,12 @@ def run(args: argparse.Namespace, console: Console, command: str) -> int:
             break
     result["steps"] = {name: asdict(step) for name, step in steps.items()}
     result["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
-    result["source_changed_during_run"] = source_digest() != result["source_sha256"]
+    after = source_hashes()
+    result["source_changed_during_run"] = sorted(
+        f for f in hashes.keys() | after.keys() if hashes.get(f) != after.get(f))
     if result["source_changed_during_run"]:
-        console.print("[yellow]privrec_pipeline/ or jobs/ changed during the run: the steps may "
-                      "have run different code; rerun for comparable numbers[/]")
+        console.print("[yellow]sources changed during the run (steps may have run different code): "
+                      f"{', '.join(result['source_changed_during_run'])}[/]")
     json_path = out / "bench-ingest.json"
     result["json"] = str(json_path.relative_to(ROOT) if json_path.is_relative_to(ROOT) else json_path)
     failed = [s for s in steps.values() if s.returncode != 0]

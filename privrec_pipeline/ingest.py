@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -28,7 +27,6 @@ if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
 LANDING_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".ndjson", ".ndjson.gz")
-RECORDS_PER_FILE = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -46,20 +44,11 @@ class DataInterval:
         return self.start + dt.timedelta(days=1)
 
 
-def _file_count(records: int) -> int:
-    return max(1, math.ceil(records / RECORDS_PER_FILE))
-
-
-def _write_sorted(df: "DataFrame", uri: str, records: int, sort_cols: list[str], *,
-                  partitioned: bool = False) -> None:
-    """Write parquet in a deterministic layout: hash-partitioned and sorted by key.
-
-    ``partitioned``: ``df`` is already hash-partitioned on ``sort_cols[0]`` into
-    ``_file_count(records)`` parts (saves a shuffle).
-    """
-    if not partitioned:
-        df = df.repartition(_file_count(records), *sort_cols)
-    df.sortWithinPartitions(*sort_cols).write.mode("overwrite").parquet(uri)
+def _write(df: "DataFrame", uri: str) -> None:
+    """Write parquet without a shuffle: rows keep the deterministic order of the input
+    (files are read in sorted order, one partition per split), so a rerun writes the same
+    files with the same rows."""
+    df.write.mode("overwrite").parquet(uri)
 
 
 def run_collect(spark: "SparkSession", lake: str, day: dt.date, keys: KeyRing, *,
@@ -107,14 +96,12 @@ def run_collect(spark: "SparkSession", lake: str, day: dt.date, keys: KeyRing, *
     quarantine_uri = lk.partition_uri(lake, "quarantine", day)
     bronze_stage, quarantine_stage = fs.staging_uri(bronze_uri), fs.staging_uri(quarantine_uri)
     try:
-        valid_records = valid.count()
-        # Partition by event_id once: deduplication and the sorted write share the shuffle.
-        by_event = valid.repartition(_file_count(valid_records), "event_id")
-        _write_sorted(tc.to_bronze(tc.dedupe_events(by_event), keys_df, version), bronze_stage,
-                      valid_records, ["event_id"], partitioned=True)
-        _write_sorted(tc.to_quarantine(rejected, keys_df, version), quarantine_stage,
-                      landing_records - valid_records, ["source_file", "reason", "raw_record_enc"])
-        duplicates = int(tc.duplicate_count(valid).first()["duplicates"])
+        dup_ids = tc.duplicate_ids(valid).persist()
+        _write(tc.to_bronze(tc.dedupe_events(valid, dup_ids), keys_df, version), bronze_stage)
+        _write(tc.to_quarantine(rejected, keys_df, version), quarantine_stage)
+        # Computed from the duplicate ids, independently of the dedupe that wrote bronze.
+        duplicates = int(dup_ids.agg(F.coalesce(F.sum(F.col("count") - 1), F.lit(0))).first()[0])
+        dup_ids.unpersist()
         # Counts come back from what was written, not from the plan that wrote it.
         bronze_records = spark.read.parquet(bronze_stage).count()
         by_reason = {r["reason"]: int(r["count"]) for r in
@@ -165,8 +152,7 @@ def run_pseudonymize(spark: "SparkSession", lake: str, day: dt.date, keys: KeyRi
                            "that the configured key ring does not hold")
     stage = fs.staging_uri(silver_uri)
     try:
-        silver = to_silver(bronze, key_frame(spark, keys))
-        _write_sorted(silver, stage, bronze_records, ["event_id"])
+        _write(to_silver(bronze, key_frame(spark, keys)), stage)
         written = spark.read.parquet(stage)
         manifest = PseudonymizeManifest(
             date=day.isoformat(), run_id=run_id, bronze_records=bronze_records,

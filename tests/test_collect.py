@@ -50,6 +50,7 @@ ACCEPTED_EDGES = [
     line(good_event(200, user_id=12345, item_id=77)),
     line(good_event(201, event_time=f"{DAY}T01:00:00+01:00")),  # 00:00 UTC: first instant
     line(good_event(202, search_query="[sale] {shoes}")),
+    line(good_event(205, event_id="1234e5678", email=None, search_query=None) | {"ip": None}),  # suspect id, nulls
     line({**good_event(203), "extra_field": {"nested": True}}),
     line(good_event(204, event_type="rating", rating=4.5, price=None, quantity=None)),
 ]
@@ -99,8 +100,9 @@ def test_bronze_holds_direct_identifiers_only_encrypted(spark, lake, collected, 
     text = " ".join(str(v) for row in bronze.collect() for v in row)
     assert "@example.com" not in text and "10.0." not in text
     row = bronze.where("event_id = 'evt-000003'").first()
-    blob = bytes(row.email_enc)
-    assert AESGCM(keyring.encryption.material).decrypt(blob[:12], blob[12:], b"email|evt-000003") == b"person3@example.com"
+    blob = bytes(row.identifiers_enc)
+    plain = AESGCM(keyring.encryption.material).decrypt(blob[:12], blob[12:], b"identifiers|evt-000003")
+    assert json.loads(plain) == {k: good_event(3)[k] for k in ("email", "ip", "user_agent", "search_query")}
 
 
 def test_numeric_ids_and_edge_cases_are_accepted(spark, lake, collected):

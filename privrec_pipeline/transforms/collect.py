@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from privrec_pipeline import crypto
 from privrec_pipeline.schema import (
+    DIRECT_IDENTIFIERS,
     EVENT_TYPES,
     MAX_RECORD_BYTES,
     RAW_FIELDS,
@@ -51,6 +52,7 @@ _SPARK_TYPE: dict[FieldKind, str] = {
 # ISO-8601 date-time with an explicit zone; Spark's parser then checks the calendar.
 ISO_WITH_ZONE = r"^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(:\d{2}(\.\d{1,9})?)?(Z|[+-]\d{2}:?\d{2})$"
 
+IDENTIFIERS_CONTEXT = "identifiers"  # AAD label of the bronze identifiers ciphertext
 BRONZE_EVENT_COLUMNS = (
     "event_id", "event_time", "event_type", "user_id", "session_id", "item_id",
     "category", "price", "quantity", "rating",
@@ -61,7 +63,7 @@ def _type_ok(type_name: "Column", kind: FieldKind) -> "Column":
     from pyspark.sql import functions as F
 
     accepted = _ACCEPTED_TYPES[kind]
-    ok = type_name.isin(*accepted)
+    ok = type_name.isin("VOID", *accepted)  # JSON null: the field is absent
     if kind in (FieldKind.NUMBER, FieldKind.TEXT):  # JSON numbers with a fraction parse as DECIMAL(p,s)
         ok = ok | type_name.startswith("DECIMAL")
     return ok
@@ -177,44 +179,49 @@ def classify_landing(lines: "DataFrame", start: dt.datetime, end: dt.datetime) -
     ).withColumn("value", F.when(F.col("reason").isNotNull(), F.col("value")))
 
 
-def dedupe_events(valid: "DataFrame") -> "DataFrame":
-    """One record per event_id; the kept one is the first by (event_time, source_file, then
-    every field), so the choice does not depend on partitioning and a rerun keeps the same
-    one (records equal in all of these are identical in bronze)."""
+def duplicate_ids(valid: "DataFrame") -> "DataFrame":
+    """event_ids that occur more than once, with their count (a narrow aggregation: on
+    real logs duplicates are rare, so only these ids need the costlier dedupe)."""
+    return valid.groupBy("event_id").count().where("count > 1")
+
+
+def dedupe_events(valid: "DataFrame", dup_ids: "DataFrame") -> "DataFrame":
+    """One record per event_id. Records with a unique id pass through untouched (and keep
+    their input order); among duplicates the kept one is the first by (event_time,
+    source_file, then every field), so the choice does not depend on partitioning and a
+    rerun keeps the same one (records equal in all of these are identical in bronze)."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
+    ids = dup_ids.select("event_id")
+    unique = valid.join(ids, "event_id", "left_anti")
     order = ["event_time", "source_file", *[f.name for f in RAW_FIELDS if f.name not in ("event_id", "event_time")]]
     w = Window.partitionBy("event_id").orderBy(*order)
-    return valid.withColumn("_rank", F.row_number().over(w)).where("_rank = 1").drop("_rank")
-
-
-def duplicate_count(valid: "DataFrame") -> "DataFrame":
-    """Records beyond the first per event_id, computed independently of ``dedupe_events``
-    so the manifest's balance check can catch a bug in either."""
-    from pyspark.sql import functions as F
-
-    return (valid.groupBy("event_id").count()
-            .agg(F.coalesce(F.sum(F.col("count") - 1), F.lit(0)).alias("duplicates")))
+    first = (valid.join(ids, "event_id", "left_semi")
+             .withColumn("_rank", F.row_number().over(w)).where("_rank = 1").drop("_rank"))
+    return unique.unionByName(first)
 
 
 def to_bronze(deduped: "DataFrame", keys: "DataFrame", key_version: str) -> "DataFrame":
-    """Bronze rows: typed event fields, direct identifiers only as AES-GCM ciphertext."""
+    """Bronze rows: typed event fields; the direct identifiers only as one AES-GCM
+    ciphertext (``identifiers_enc``, a JSON object of email, ip, user_agent, search_query):
+    one cipher operation per row instead of one per field."""
     from pyspark.sql import functions as F
 
-    from privrec_pipeline.schema import DIRECT_IDENTIFIERS
-
     k = F.broadcast(keys.where(F.col("enc_version") == key_version))
-    joined = deduped.crossJoin(k)
-    encrypted = [
-        crypto.encrypt(F.col(name), name, F.col("enc_key"), F.col("iv_ipad"), F.col("iv_opad"),
-                       context_suffix=F.col("event_id")).alias(f"{name}_enc")
-        for name in DIRECT_IDENTIFIERS
-    ]
-    return joined.select(
-        *BRONZE_EVENT_COLUMNS, *encrypted,
+    identifiers = F.to_json(F.struct(*[F.col(n) for n in DIRECT_IDENTIFIERS]))
+    return deduped.crossJoin(k).select(
+        *BRONZE_EVENT_COLUMNS,
+        crypto.encrypt(identifiers, IDENTIFIERS_CONTEXT, F.col("enc_key"), F.col("iv_ipad"), F.col("iv_opad"),
+                       context_suffix=F.col("event_id")).alias("identifiers_enc"),
         F.col("enc_version").alias("enc_key_version"), "source_file",
     )
+
+
+def identifiers_schema() -> "StructType":
+    from pyspark.sql.types import StringType, StructField, StructType
+
+    return StructType([StructField(n, StringType()) for n in DIRECT_IDENTIFIERS])
 
 
 def to_quarantine(rejected: "DataFrame", keys: "DataFrame", key_version: str) -> "DataFrame":

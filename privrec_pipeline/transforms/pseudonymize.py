@@ -76,10 +76,12 @@ def to_silver(bronze: "DataFrame", keys: "DataFrame") -> "DataFrame":
     # bronze readable. The pseudonym key is the current one (same on every key row).
     joined = bronze.join(F.broadcast(keys), bronze["enc_key_version"] == keys["enc_version"], "inner")
     ipad, opad, key = F.col("pad_ipad"), F.col("pad_opad"), F.col("enc_key")
-    decrypted = joined.select(
-        "*",
-        *[crypto.decrypt_to_string(F.col(f"{name}_enc"), name, key, F.col("event_id")).alias(alias)
-          for name, alias in (("user_agent", "_ua"), ("ip", "_ip"), ("search_query", "_q"))],
+    from privrec_pipeline.transforms.collect import IDENTIFIERS_CONTEXT, identifiers_schema
+
+    plain = crypto.decrypt_to_string(F.col("identifiers_enc"), IDENTIFIERS_CONTEXT, key, F.col("event_id"))
+    decrypted = joined.select("*", F.from_json(plain, identifiers_schema()).alias("_ids")).select(
+        "*", F.col("_ids.user_agent").alias("_ua"), F.col("_ids.ip").alias("_ip"),
+        F.col("_ids.search_query").alias("_q"),
     )
     return decrypted.select(
         crypto.pseudonym(ipad, opad, "event", F.col("event_id")).alias("event_id"),
