@@ -2,7 +2,8 @@
 
 One run on one generated landing day (``privrec generate`` equivalent, timed for
 information). Every Spark step is a separate ``spark-submit --master local[2]
---driver-memory 4g`` process with its own cold JVM, as the nightly DAG runs them:
+--driver-memory 4g`` process (UI off, as in the DAG) with its own cold JVM, as the nightly
+DAG runs them:
 
 - ``cold_start``: an application that only creates the SparkSession and stops (JVM start);
 - ``bare_copy``: ``spark.read.json(landing).write.mode("overwrite").parquet(...)``;
@@ -10,7 +11,8 @@ information). Every Spark step is a separate ``spark-submit --master local[2]
 
 Wall time is the whole spark-submit. Peak memory is the highest sum of RSS over the
 process tree (spark-submit, JVM, Python driver and workers), sampled every 0.2 s; pages
-shared between processes count once per process, so it is an upper bound. The issue's
+shared between processes count once per process, so it is an upper bound (children are
+counted from their second sample on, so shell-outs that live for a moment are not). The issue's
 target: (collect + pseudonymize) <= 2.0 x bare copy.
 
 This file is also the Spark application of the two reference steps:
@@ -74,27 +76,37 @@ class Step:
     returncode: int
     peak_rss_mib: float  # sum over the process tree
     peak_process_mib: float  # largest single process (normally the JVM)
+    peak_parts: list[str]  # the processes summed at the peak, "name MiB"
     log: str
     output: dict[str, Any] = field(default_factory=dict)  # the step's JSON line on stdout
     notable: dict[str, int] = field(default_factory=dict)  # distinct WARN/ERROR lines, counts
     queries: list[dict[str, Any]] = field(default_factory=list)  # per SQL query (--event-log)
 
 
-def _tree_rss(root: Any) -> tuple[int, int]:
-    """(sum, max) of RSS over ``root`` (a psutil.Process) and its descendants, in bytes."""
+def _tree_rss(root: Any, seen: set[tuple[int, float]]) -> tuple[int, list[tuple[str, int]]]:
+    """RSS sum in bytes over ``root`` (a psutil.Process) and its descendants, and the parts.
+
+    A child counts only from its second sample on: short-lived shell-outs (Hadoop's local
+    file system forks for permissions) briefly show the JVM's whole RSS before ``exec``
+    and would double the peak. ``seen`` holds (pid, start time) of the children sampled so far.
+    """
     import psutil
 
     try:
         procs = [root, *root.children(recursive=True)]
     except psutil.Error:
-        return 0, 0
-    sizes = []
+        return 0, []
+    parts, current = [], set()
     for proc in procs:
         try:
-            sizes.append(proc.memory_info().rss)
+            key, rss, name = (proc.pid, proc.create_time()), proc.memory_info().rss, proc.name()
         except psutil.Error:
-            pass
-    return sum(sizes), max(sizes, default=0)
+            continue
+        current.add(key)
+        if proc is root or key in seen:
+            parts.append((name, rss))
+    seen |= current
+    return sum(rss for _, rss in parts), parts
 
 
 def _notable_lines(log: Path, limit: int = 20) -> dict[str, int]:
@@ -179,14 +191,16 @@ def run_step(name: str, app: list[str], env: dict[str, str], out: Path, event_lo
                     "--conf", f"spark.eventLog.dir=file://{events_dir}"]
     command += app
     log, stdout = logs / f"{name}.log", logs / f"{name}.out"
-    peak = peak_one = 0
+    peak, peak_one, peak_parts, seen = 0, 0, [], set()
     with stdout.open("wb") as out_fh, log.open("wb") as err_fh:
         start = time.perf_counter()
         proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out_fh, stderr=err_fh)
         tree = psutil.Process(proc.pid)
         while True:
-            total, one = _tree_rss(tree)
-            peak, peak_one = max(peak, total), max(peak_one, one)
+            total, parts = _tree_rss(tree, seen)
+            if total > peak:
+                peak, peak_parts = total, [f"{name} {rss // MIB}" for name, rss in parts]
+            peak_one = max([peak_one, *(rss for _, rss in parts)])
             try:
                 returncode = proc.wait(timeout=SAMPLE_SECONDS)
                 break
@@ -196,6 +210,7 @@ def run_step(name: str, app: list[str], env: dict[str, str], out: Path, event_lo
     return Step(
         name=name, command=[Path(command[0]).name, *command[1:]], wall_s=round(wall, 2),
         returncode=returncode, peak_rss_mib=round(peak / MIB), peak_process_mib=round(peak_one / MIB),
+        peak_parts=peak_parts,
         log=str(log), output=_last_json(stdout.read_text(encoding="utf-8", errors="replace")),
         notable=_notable_lines(log), queries=_event_log_queries(events_dir) if event_log else [],
     )
@@ -342,7 +357,8 @@ def markdown(result: dict[str, Any]) -> str:
          "stops; \"minus cold start\" subtracts it from each step. bare_copy includes Spark's "
          "JSON schema inference (one more full read of the input, as `spark.read.json` does by "
          "default). Peak RSS is sampled every 0.2 s and summed over the process tree (shared "
-         f"pages counted per process). Raw numbers: `{result['json']}`."),
+         "pages counted per process; a child from its second sample on, so momentary "
+         f"shell-outs are left out). Raw numbers: `{result['json']}`."),
     ]
     if result["event_log"]:
         lines += ["", "Spark SQL queries (from the event logs; `--event-log` adds event logging):", ""]

@@ -11,11 +11,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import base_parser, parse_bool, resolve_lake  # noqa: E402
-
-from privrec_pipeline.ingest import run_collect  # noqa: E402
-from privrec_pipeline.secrets import load_keyring  # noqa: E402
-from privrec_pipeline.spark.session import get_spark  # noqa: E402
+from _common import base_parser, parse_bool, resolve_lake
+from privrec_pipeline.ingest import run_collect
+from privrec_pipeline.secrets import load_keyring
+from privrec_pipeline.spark.session import get_spark
 
 
 def main(argv: list[str] | None = None) -> int:

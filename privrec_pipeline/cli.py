@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from privrec_pipeline.config import lake_root, privrec_home
 from privrec_pipeline.errors import PrivrecError
@@ -47,7 +44,7 @@ def generate(
     items: int = typer.Option(2_000, "--items", help="Number of catalog items."),
     seed: int = typer.Option(0, "--seed", help="Seed of the user population and the day."),
     bad_rate: float = typer.Option(0.0, "--bad-rate", help="Share of malformed records (every kind) and duplicates."),
-    lake: Optional[str] = LakeOption,
+    lake: str | None = LakeOption,
 ) -> None:
     """Write one day of synthetic e-commerce logs into the landing zone."""
     from privrec_pipeline.sources.synthetic import GeneratorConfig, generate_day
@@ -67,7 +64,7 @@ def generate(
 @import_app.command("movielens")
 def import_movielens_cmd(
     path: Path = typer.Argument(..., help="ratings.csv (ml-latest) or u.data (ml-100k), or their folder."),
-    lake: Optional[str] = LakeOption,
+    lake: str | None = LakeOption,
 ) -> None:
     """Turn MovieLens ratings into landing partitions, one per UTC day."""
     from privrec_pipeline.sources.movielens import import_movielens
@@ -81,7 +78,7 @@ def import_movielens_cmd(
 
 
 @keys_app.command("init")
-def keys_init(path: Optional[Path] = typer.Option(None, "--path", help="Key file (default: $PRIVREC_KEY_FILE or ~/.config/privrec/keys.json).")) -> None:
+def keys_init(path: Path | None = typer.Option(None, "--path", help="Key file (default: $PRIVREC_KEY_FILE or ~/.config/privrec/keys.json).")) -> None:
     """Create the local key file (mode 0600) unless it exists. Keys are never printed."""
     from privrec_pipeline.secrets import ENV_KEYS_JSON, init_key_file
 
@@ -142,7 +139,7 @@ def airflow() -> None:
 
 @app.command()
 def status(date: str = typer.Option(..., "--date", help="UTC day, YYYY-MM-DD."),
-           lake: Optional[str] = LakeOption) -> None:
+           lake: str | None = LakeOption) -> None:
     """Show the manifests of one day (records in, quarantined by reason, silver rows, paths)."""
     from privrec_pipeline.reporting import print_run_summary
 

@@ -41,7 +41,7 @@ def hmac_pads(key: bytes) -> tuple[bytes, bytes]:
 
 def pseudonym_message(namespace: str, value: str) -> bytes:
     """The HMAC input for a pseudonym: namespaces keep user and session pseudonyms apart."""
-    return f"{namespace}:{value}".encode("utf-8")
+    return f"{namespace}:{value}".encode()
 
 
 def reference_pseudonym(key: bytes, namespace: str, value: str) -> str:

@@ -37,7 +37,7 @@ class DataInterval:
 
     @property
     def start(self) -> dt.datetime:
-        return dt.datetime.combine(self.day, dt.time(), tzinfo=dt.timezone.utc)
+        return dt.datetime.combine(self.day, dt.time(), tzinfo=dt.UTC)
 
     @property
     def end(self) -> dt.datetime:

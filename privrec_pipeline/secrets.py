@@ -22,9 +22,10 @@ import json
 import os
 import secrets as _random
 import stat
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from privrec_pipeline.errors import SecretsError
 

@@ -222,10 +222,10 @@ def test_unknown_file_is_rejected(tmp_path: Path) -> None:
 def test_ratings_csv_without_header_is_rejected(tmp_path: Path) -> None:
     path = tmp_path / "ratings.csv"
     path.write_text(GOOD, encoding="utf-8")
-    with pytest.raises(InputFormatError, match="line 1: expected a ratings.csv"):
+    with pytest.raises(InputFormatError, match=r"line 1: expected a ratings\.csv"):
         import_movielens(path, str(tmp_path / "lake"))
 
 
 def test_folder_without_ratings_is_rejected(tmp_path: Path) -> None:
-    with pytest.raises(InputFormatError, match="neither ratings.csv nor u.data"):
+    with pytest.raises(InputFormatError, match=r"neither ratings\.csv nor u\.data"):
         import_movielens(tmp_path, str(tmp_path / "lake"))

@@ -311,7 +311,7 @@ def _bad_record(kind: str, good: dict, cfg: GeneratorConfig, i: int) -> bytes:
 
 def generate_day(cfg: GeneratorConfig, lake: str) -> GenerationReport:
     """Write one day of logs to ``landing/interactions/dt=D/`` atomically and return a report."""
-    n_bad = int(round(cfg.events * cfg.bad_rate))
+    n_bad = round(cfg.events * cfg.bad_rate)
     n_dups = n_bad // (len(BAD_KINDS) + 1)
     n_valid = cfg.events - n_bad
     events, users, item_ids, item_cat, item_price, rng = _events_frame(cfg, n_valid)

@@ -15,6 +15,8 @@ UTC; a record whose event_time falls outside is quarantined as
 from __future__ import annotations
 
 import datetime as dt
+import operator
+from functools import reduce
 from typing import TYPE_CHECKING
 
 from privrec_pipeline import crypto
@@ -53,6 +55,8 @@ _SPARK_TYPE: dict[FieldKind, str] = {
 ISO_WITH_ZONE = r"^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(:\d{2}(\.\d{1,9})?)?(Z|[+-]\d{2}:?\d{2})$"
 
 IDENTIFIERS_CONTEXT = "identifiers"  # AAD label of the bronze identifiers ciphertext
+# A JSON number with a fraction or exponent (as the parser renders it into a string field).
+JSON_FRACTION = r"^-?[0-9]+(\.[0-9]+([eE][+-]?[0-9]+)?|[eE][+-]?[0-9]+)$"
 BRONZE_EVENT_COLUMNS = (
     "event_id", "event_time", "event_type", "user_id", "session_id", "item_id",
     "category", "price", "quantity", "rating",
@@ -60,7 +64,6 @@ BRONZE_EVENT_COLUMNS = (
 
 
 def _type_ok(type_name: "Column", kind: FieldKind) -> "Column":
-    from pyspark.sql import functions as F
 
     accepted = _ACCEPTED_TYPES[kind]
     ok = type_name.isin("VOID", *accepted)  # JSON null: the field is absent
@@ -104,11 +107,19 @@ def classify_landing(lines: "DataFrame", start: dt.datetime, end: dt.datetime) -
     from pyspark.sql import functions as F
 
     text_fields = [f.name for f in RAW_FIELDS if _SPARK_TYPE[f.kind] == "string"]
-    # JSON numbers and booleans arrive in string-typed fields as their text; for the fields
-    # that accept only strings, such text sends the line to the precise path.
-    strict_text = [f.name for f in RAW_FIELDS if f.kind in (FieldKind.CODE, FieldKind.TIMESTAMP)]
-    # Ids accept integers but not fractions or booleans, which arrive looking like these.
+    # JSON numbers and booleans arrive in string-typed fields as their text. Cheap tests
+    # (first character, a contained dot or exponent) send such lines to the precise path:
+    # codes never start like a number; ids may be integers but not fractions or booleans.
+    # (event_time needs none: a number there fails the ISO check as bad_timestamp.)
+    codes = [f.name for f in RAW_FIELDS if f.kind is FieldKind.CODE]
     id_fields = [f.name for f in RAW_FIELDS if f.kind is FieldKind.ID]
+
+    def numeric_start(c: "Column") -> "Column":
+        return F.substring(c, 1, 1).isin(*"-0123456789")
+
+    def boolean(c: "Column") -> "Column":
+        return c.isin("true", "false")
+
     # Stages are separate projections so each parse runs once per line.
     parsed = lines.select(
         "value", "source_file",
@@ -118,12 +129,13 @@ def classify_landing(lines: "DataFrame", start: dt.datetime, end: dt.datetime) -
     )
     flat = parsed.select(
         "value", "source_file", "_utf8", "_bytes",
-        (F.col("_j").isNull() | F.col("_j._corrupt").isNotNull()
-         | F.exists(F.array(*[F.col(f"_j.{n}") for n in text_fields]), lambda x: x.rlike(r"^[\[{]"))
-         | F.exists(F.array(*[F.col(f"_j.{n}") for n in strict_text]),
-                    lambda x: x.rlike(r"^(-?[0-9][0-9.eE+\-]*|true|false)$"))
-         | F.exists(F.array(*[F.col(f"_j.{n}") for n in id_fields]),
-                    lambda x: x.rlike(r"^(-?[0-9]+[.eE][0-9.eE+\-]*|true|false)$")))
+        reduce(operator.or_, [
+            F.col("_j").isNull(), F.col("_j._corrupt").isNotNull(),
+            *[F.substring(f"_j.{n}", 1, 1).isin("{", "[") for n in text_fields],
+            *[numeric_start(F.col(f"_j.{n}")) | boolean(F.col(f"_j.{n}")) for n in codes],
+            *[(numeric_start(F.col(f"_j.{n}")) & F.col(f"_j.{n}").rlike(JSON_FRACTION)) | boolean(F.col(f"_j.{n}"))
+              for n in id_fields],
+        ])
         .alias("_suspect"),
         *[F.col(f"_j.{f.name}").alias(f.name) for f in RAW_FIELDS],
     )
