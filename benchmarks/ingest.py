@@ -81,6 +81,8 @@ class Step:
     output: dict[str, Any] = field(default_factory=dict)  # the step's JSON line on stdout
     notable: dict[str, int] = field(default_factory=dict)  # distinct WARN/ERROR lines, counts
     queries: list[dict[str, Any]] = field(default_factory=list)  # per SQL query (--event-log)
+    source_sha256: str = ""  # privrec_pipeline/ + jobs/ when the step started
+    source_changed: list[str] = field(default_factory=list)  # files edited while it ran
 
 
 def _tree_rss(root: Any, seen: set[tuple[int, float]]) -> tuple[int, list[tuple[str, int]]]:
@@ -265,6 +267,10 @@ def source_digest(hashes: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def _changed(before: dict[str, str], after: dict[str, str]) -> list[str]:
+    return sorted(f for f in before.keys() | after.keys() if before.get(f) != after.get(f))
+
+
 def machine() -> dict[str, Any]:
     import psutil
 
@@ -328,6 +334,16 @@ def _ratio_line(s: dict[str, Any]) -> str:
             f"without the cold-start cost in each step: {s['ratio_without_cold_start']}x")
 
 
+def _code_line(result: dict[str, Any]) -> str:
+    """The source digest the jobs ran, and any edits made while one of them was running."""
+    jobs = {name: result["steps"][name] for name in ("collect", "pseudonymize")}
+    digests = {step["source_sha256"] for step in jobs.values()}
+    line = (f"sha256 `{digests.pop()}`" if len(digests) == 1 else ", ".join(
+        f"{name} `{step['source_sha256']}`" for name, step in jobs.items()))
+    edited = sorted({f for step in jobs.values() for f in step["source_changed"]})
+    return line + (f"; EDITED while a job ran: {', '.join(edited)}" if edited else "")
+
+
 def markdown(result: dict[str, Any]) -> str:
     m, gen = result["machine"], result["generation"]
     lines = [
@@ -339,9 +355,7 @@ def markdown(result: dict[str, Any]) -> str:
          f"start {m['load_avg_start']}, at end {result['load_avg_end']}; Spark {m['spark']}, "
          f"Java {m['java']}, Python {m['python']}"),
         f"- Command: `{result['command']}`",
-        (f"- Code: sources of privrec_pipeline/ and jobs/ sha256 `{result['source_sha256']}`"
-         + (f"; changed during the run: {', '.join(result['source_changed_during_run'])}"
-            if result["source_changed_during_run"] else "")),
+        f"- Code: privrec_pipeline/ and jobs/ at the start of each job: {_code_line(result)}",
         (f"- Input: {gen['records']:,} landing records ({gen['bad_records']:,} malformed, "
          f"{gen['duplicates']:,} duplicates) in {gen['files']} gzip JSONL files, "
          f"{gen['bytes'] / MIB:,.1f} MiB"),
@@ -374,7 +388,9 @@ def update_markdown(section: str, path: Path = BENCHMARKS_MD) -> None:
     text = path.read_text(encoding="utf-8") if path.exists() else (
         "# Benchmarks\n\nRun with `make bench` (`python -m benchmarks.run`; `--only NAME` for one "
         "benchmark, `--help` for options). Timings are wall-clock on the machine named in each "
-        "section; raw results go to `bench-out/` (git-ignored).\n")
+        "section; raw results go to `bench-out/` (git-ignored). On a shared 2-core machine a "
+        "step's time varies by up to 2x between runs of the same code (see the load averages), "
+        "so compare ratios taken within one run.\n")
     if SECTION_START in text and SECTION_END in text:
         head, rest = text.split(SECTION_START, 1)
         text = head + section + rest.split(SECTION_END, 1)[1]
@@ -411,11 +427,9 @@ def run(args: argparse.Namespace, console: Console, command: str) -> int:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     lake = str(out / "lake")
-    hashes = source_hashes()  # compared after the run: edits mid-run make steps incomparable
     result: dict[str, Any] = {"benchmark": NAME, "date": dt.datetime.now(dt.UTC).isoformat(
         timespec="seconds"), "command": command, "events": args.events, "bad_rate": args.bad_rate,
-        "day": args.date.isoformat(), "event_log": args.event_log, "machine": machine(),
-        "source_sha256": source_digest(hashes)}
+        "day": args.date.isoformat(), "event_log": args.event_log, "machine": machine()}
     console.print(f"generating {args.events:,} events for {args.date} into {lake} ...")
     result["generation"] = generate(args, lake)
     env = spark_env(out, lake)
@@ -430,18 +444,16 @@ def run(args: argparse.Namespace, console: Console, command: str) -> int:
     steps: dict[str, Step] = {}
     for name, app in apps.items():
         console.print(f"{name}: spark-submit ...")
+        before = source_hashes()  # edits while a job runs make its numbers incomparable
         steps[name] = step = run_step(name, app, env, out, args.event_log)
+        step.source_sha256, step.source_changed = source_digest(before), _changed(before, source_hashes())
+        if step.source_changed:
+            console.print(f"[yellow]  sources edited while {name} ran: {', '.join(step.source_changed)}[/]")
         console.print(f"  {step.wall_s:.1f} s, peak {step.peak_rss_mib:,} MiB, exit {step.returncode}")
         if step.returncode != 0:
             break
     result["steps"] = {name: asdict(step) for name, step in steps.items()}
     result["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
-    after = source_hashes()
-    result["source_changed_during_run"] = sorted(
-        f for f in hashes.keys() | after.keys() if hashes.get(f) != after.get(f))
-    if result["source_changed_during_run"]:
-        console.print("[yellow]sources changed during the run (steps may have run different code): "
-                      f"{', '.join(result['source_changed_during_run'])}[/]")
     json_path = out / "bench-ingest.json"
     result["json"] = str(json_path.relative_to(ROOT) if json_path.is_relative_to(ROOT) else json_path)
     failed = [s for s in steps.values() if s.returncode != 0]
