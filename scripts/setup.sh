@@ -33,9 +33,14 @@ if [ ! -x .venv/bin/python ]; then
   echo "Creating .venv with $PY"
   "$PY" -m venv .venv
 fi
-.venv/bin/python -m pip install --quiet --upgrade "pip>=24"
-echo "Installing pinned dependencies (constraints.txt); the first run takes a few minutes"
-.venv/bin/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+log=.venv/install.log
+echo "Installing pinned dependencies (constraints.txt); the first run takes a few minutes (log: $log)"
+if ! { .venv/bin/python -m pip install --quiet --upgrade "pip>=24" &&
+       .venv/bin/python -m pip install --quiet -c constraints.txt -e '.[dev]'; } >"$log" 2>&1; then
+  grep -v "^WARNING: Location" "$log" | tail -40 >&2
+  echo "Dependency installation failed; full log: $log" >&2
+  exit 1
+fi
 # A UDF smoke check catches the pyspark/pyspark-client mismatch at install time.
 .venv/bin/python - <<'PY'
 import pyspark, importlib.metadata as md
