@@ -48,16 +48,26 @@ def scrub_text(text: "Column") -> "Column":
     return F.substring(out, 1, MAX_QUERY_CHARS)
 
 
+DEVICE_MARKERS: tuple[tuple[str, tuple[str, ...]], ...] = (  # first match wins
+    ("bot", ("bot", "crawler", "spider", "slurp")),
+    ("tablet", ("ipad", "tablet")),
+    ("mobile", ("mobile", "iphone", "android")),
+    ("desktop", ("windows", "macintosh", "x11", "linux", "cros")),
+)
+
+
 def device_class(user_agent: "Column") -> "Column":
+    """mobile, tablet, desktop, bot or unknown, by substring markers of the lower-cased agent
+    (plain substring tests: several times cheaper than regular expressions per row)."""
+    from functools import reduce
+
     from pyspark.sql import functions as F
 
     ua = F.lower(user_agent)
-    return (F.when(user_agent.isNull(), F.lit("unknown"))
-            .when(ua.rlike("bot|crawler|spider|slurp"), F.lit("bot"))
-            .when(ua.rlike("ipad|tablet"), F.lit("tablet"))
-            .when(ua.rlike("mobile|iphone|android"), F.lit("mobile"))
-            .when(ua.rlike("windows|macintosh|x11|linux|cros"), F.lit("desktop"))
-            .otherwise(F.lit("unknown")))
+    out = F.when(user_agent.isNull(), F.lit("unknown"))
+    for label, markers in DEVICE_MARKERS:
+        out = out.when(reduce(lambda a, b: a | b, [ua.contains(m) for m in markers]), F.lit(label))
+    return out.otherwise(F.lit("unknown"))
 
 
 def ip_family(ip: "Column") -> "Column":
