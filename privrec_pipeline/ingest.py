@@ -26,6 +26,7 @@ from privrec_pipeline.transforms.pseudonymize import to_silver
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
+BROADCAST_MAX_IDS = 2_000_000  # duplicated event ids up to this many are broadcast (~100 MB)
 LANDING_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".ndjson", ".ndjson.gz")
 
 
@@ -97,7 +98,8 @@ def run_collect(spark: "SparkSession", lake: str, day: dt.date, keys: KeyRing, *
     bronze_stage, quarantine_stage = fs.staging_uri(bronze_uri), fs.staging_uri(quarantine_uri)
     try:
         dup_ids = tc.duplicate_ids(valid).persist()
-        _write(tc.to_bronze(tc.dedupe_events(valid, dup_ids), keys_df, version), bronze_stage)
+        small = dup_ids.count() <= BROADCAST_MAX_IDS
+        _write(tc.to_bronze(tc.dedupe_events(valid, dup_ids, broadcast=small), keys_df, version), bronze_stage)
         _write(tc.to_quarantine(rejected, keys_df, version), quarantine_stage)
         # Computed from the duplicate ids, independently of the dedupe that wrote bronze.
         duplicates = int(dup_ids.agg(F.coalesce(F.sum(F.col("count") - 1), F.lit(0))).first()[0])

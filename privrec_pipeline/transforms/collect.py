@@ -197,7 +197,7 @@ def duplicate_ids(valid: "DataFrame") -> "DataFrame":
     return valid.groupBy("event_id").count().where("count > 1")
 
 
-def dedupe_events(valid: "DataFrame", dup_ids: "DataFrame") -> "DataFrame":
+def dedupe_events(valid: "DataFrame", dup_ids: "DataFrame", *, broadcast: bool = True) -> "DataFrame":
     """One record per event_id. Records with a unique id pass through untouched (and keep
     their input order); among duplicates the kept one is the first by (event_time,
     source_file, then every field), so the choice does not depend on partitioning and a
@@ -205,7 +205,11 @@ def dedupe_events(valid: "DataFrame", dup_ids: "DataFrame") -> "DataFrame":
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
+    # Broadcasting the (normally few) duplicated ids keeps the unique records in place: no
+    # shuffle of the day's rows. Callers pass broadcast=False when there are too many.
     ids = dup_ids.select("event_id")
+    if broadcast:
+        ids = F.broadcast(ids)
     unique = valid.join(ids, "event_id", "left_anti")
     order = ["event_time", "source_file", *[f.name for f in RAW_FIELDS if f.name not in ("event_id", "event_time")]]
     w = Window.partitionBy("event_id").orderBy(*order)
