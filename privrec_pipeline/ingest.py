@@ -147,11 +147,6 @@ def run_pseudonymize(spark: "SparkSession", lake: str, day: dt.date, keys: KeyRi
     silver_uri = lk.partition_uri(lake, "silver", day)
     bronze = spark.read.parquet(bronze_uri)
     bronze_records = int(collected["bronze_records"])
-    missing = {v for (v,) in bronze.select("enc_key_version").distinct().collect()} - set(
-        keys.encryption_versions or {keys.encryption.version: None})
-    if missing:
-        raise PrivrecError(f"bronze {day} was encrypted with key version(s) {sorted(missing)} "
-                           "that the configured key ring does not hold")
     stage = fs.staging_uri(silver_uri)
     try:
         _write(to_silver(bronze, key_frame(spark, keys)), stage)

@@ -14,7 +14,7 @@ from privrec_pipeline import lake as lk
 from privrec_pipeline.errors import PrivrecError
 from privrec_pipeline.ingest import run_collect, run_pseudonymize
 from privrec_pipeline.sources.synthetic import GeneratorConfig, generate_day
-from privrec_pipeline.transforms.pseudonymize import (
+from privrec_pipeline.transforms.generalize import (
     CARD_PATTERN,
     EMAIL_PATTERN,
     IPV4_PATTERN,
@@ -105,7 +105,7 @@ def test_pseudonymize_requires_collect(spark, lake, keyring):
 def test_scrub_text_unit(spark):
     from pyspark.sql import functions as F
 
-    from privrec_pipeline.transforms.pseudonymize import scrub_text
+    from privrec_pipeline.transforms.generalize import scrub_text
 
     cases = {
         "mail me at jane.doe+x@mail.example.org now": "mail me at [email] now",

@@ -28,6 +28,7 @@ from privrec_pipeline.schema import (
     FieldKind,
     QuarantineReason,
 )
+from privrec_pipeline.transforms import generalize
 
 if TYPE_CHECKING:
     from pyspark.sql import Column, DataFrame
@@ -220,8 +221,9 @@ def dedupe_events(valid: "DataFrame", dup_ids: "DataFrame", *, broadcast: bool =
 
 def to_bronze(deduped: "DataFrame", keys: "DataFrame", key_version: str) -> "DataFrame":
     """Bronze rows: typed event fields; the direct identifiers only as one AES-GCM
-    ciphertext (``identifiers_enc``, a JSON object of email, ip, user_agent, search_query):
-    one cipher operation per row instead of one per field."""
+    ciphertext (``identifiers_enc``, a JSON object of email, ip, user_agent, search_query:
+    one cipher operation per row instead of one per field, kept for audit and erasure),
+    and their generalized forms (device class, IP family, scrubbed search text)."""
     from pyspark.sql import functions as F
 
     k = F.broadcast(keys.where(F.col("enc_version") == key_version))
@@ -231,13 +233,11 @@ def to_bronze(deduped: "DataFrame", keys: "DataFrame", key_version: str) -> "Dat
         crypto.encrypt(identifiers, IDENTIFIERS_CONTEXT, F.col("enc_key"), F.col("iv_ipad"), F.col("iv_opad"),
                        context_suffix=F.col("event_id")).alias("identifiers_enc"),
         F.col("enc_version").alias("enc_key_version"), "source_file",
+        # Generalized while the plaintext is in hand; downstream never needs to decrypt.
+        generalize.device_class(F.col("user_agent")).alias("device_class"),
+        generalize.ip_family(F.col("ip")).alias("ip_family"),
+        generalize.scrub_text(F.col("search_query")).alias("search_query_scrubbed"),
     )
-
-
-def identifiers_schema() -> "StructType":
-    from pyspark.sql.types import StringType, StructField, StructType
-
-    return StructType([StructField(n, StringType()) for n in DIRECT_IDENTIFIERS])
 
 
 def to_quarantine(rejected: "DataFrame", keys: "DataFrame", key_version: str) -> "DataFrame":
