@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -12,6 +13,8 @@ import pytest
 from privrec_pipeline.secrets import KeyRing, new_key_document, parse_key_document
 
 DAY = dt.date(2026, 1, 15)
+# py4j logs its connection teardown at interpreter exit, after pytest closed the streams.
+logging.getLogger("py4j").setLevel(logging.WARNING)
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 

@@ -1,0 +1,83 @@
+"""The Spark operator's key injection and the local runner's error reporting."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from privrec_pipeline.orchestration.local import airflow_env, failure_reasons
+
+LOG = """\
+2026-11-25T22:20:11Z [info     ] Traceback (most recent call last): [airflow.task.hooks.x] loc=spark_submit.py:965
+2026-11-25T22:20:11Z [info     ] privrec_pipeline.errors.LandingPartitionError: landing partition for 2026-02-01 not found: /lake/landing/interactions/dt=2026-02-01 [airflow.task.hooks.airflow.providers.apache.spark.hooks.spark_submit.SparkSubmitHook] loc=spark_submit.py:965
+privrec_pipeline.errors.LandingPartitionError: landing partition for 2026-02-01 not found: /lake/landing/interactions/dt=2026-02-01
+airflow.exceptions.AirflowException: Cannot execute: spark-submit ... Error code is: 1.
+"""
+
+
+def test_failure_reasons_prefer_privrec_errors_and_strip_log_decoration():
+    assert failure_reasons(LOG) == [
+        "LandingPartitionError: landing partition for 2026-02-01 not found: /lake/landing/interactions/dt=2026-02-01"
+    ]
+
+
+def test_failure_reasons_fall_back_to_other_exceptions():
+    assert failure_reasons("ValueError: bad thing\nok line\n") == ["ValueError: bad thing"]
+
+
+def test_embedded_env_keeps_user_settings(monkeypatch, tmp_path):
+    monkeypatch.setenv("AIRFLOW_CONN_SPARK_DEFAULT", '{"conn_type": "spark", "host": "spark://m:7077"}')
+    monkeypatch.setenv("PRIVREC_LAKE", str(tmp_path))
+    env = airflow_env()
+    assert env["AIRFLOW_CONN_SPARK_DEFAULT"].endswith('"spark://m:7077"}')
+    assert env["PRIVREC_LAKE"] == str(tmp_path)
+    assert env["PATH"].split(os.pathsep)[0].endswith("bin")  # spark-submit of the venv first
+
+
+@pytest.fixture()
+def operator(monkeypatch):
+    from privrec_pipeline.orchestration.spark_operator import PrivrecSparkSubmitOperator
+
+    captured = {}
+
+    def fake_execute(self, context):
+        captured["env_vars"] = self.env_vars
+
+    monkeypatch.setattr("airflow.providers.apache.spark.operators.spark_submit.SparkSubmitOperator.execute",
+                        fake_execute)
+    op = PrivrecSparkSubmitOperator(task_id="t", application="x.py", conn_id="spark_default")
+    return op, captured
+
+
+def _connections(monkeypatch, master: str, keys: str | None) -> None:
+    monkeypatch.setenv("AIRFLOW_CONN_SPARK_DEFAULT", json.dumps({"conn_type": "spark", "host": master}))
+    if keys is None:
+        monkeypatch.delenv("AIRFLOW_CONN_PRIVREC_KEYS", raising=False)
+    else:
+        monkeypatch.setenv("AIRFLOW_CONN_PRIVREC_KEYS", json.dumps({"conn_type": "generic", "password": keys}))
+
+
+def test_keys_injected_only_as_their_own_variable_for_local_masters(monkeypatch, operator, key_document):
+    op, captured = operator
+    _connections(monkeypatch, "local[*]", key_document)
+    op.execute({})
+    assert captured["env_vars"] == {"PRIVREC_KEYS_JSON": key_document}  # not the whole environment
+
+
+def test_cluster_master_with_key_connection_is_refused(monkeypatch, operator, key_document):
+    from airflow.exceptions import AirflowException
+
+    op, captured = operator
+    _connections(monkeypatch, "yarn", key_document)
+    with pytest.raises(AirflowException, match="mounted"):
+        op.execute({})
+    assert "env_vars" not in captured
+
+
+def test_without_key_connection_nothing_is_injected(monkeypatch, operator):
+    op, captured = operator
+    _connections(monkeypatch, "yarn", None)
+    op.execute({})
+    assert not captured["env_vars"]
