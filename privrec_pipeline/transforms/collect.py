@@ -146,16 +146,18 @@ def classify_landing(lines: "DataFrame", start: dt.datetime, end: dt.datetime) -
     typed_checks = precise.select(
         "*",
         F.schema_of_variant("_v").alias("_top"),
-        _first_field([
-            (f.name, F.col("_v").isNotNull() & ~_type_ok(
-                F.schema_of_variant(F.try_variant_get("_v", f"$.{f.name}", "variant")), f.kind))
+        # One guard for all fields: the per-field checks exist only for suspect lines.
+        F.when(F.col("_v").isNotNull(), _first_field([
+            (f.name, ~_type_ok(F.schema_of_variant(F.try_variant_get("_v", f"$.{f.name}", "variant")), f.kind))
             for f in RAW_FIELDS
-        ]).alias("_wrong"),
+        ])).alias("_wrong"),
     )
     checks = typed_checks.select(
         "value", "source_file", "_utf8", "_bytes", "_suspect", "_v", "_top", "_wrong",
         _first_field([(f.name, F.col(f.name).isNull()) for f in RAW_FIELDS if f.required]).alias("_missing"),
-        _first_field([(f.name, F.char_length(f.name) > F.lit(f.max_chars))
+        # Bytes bound characters from above: count characters only for long values.
+        _first_field([(f.name, (F.octet_length(f.name) > F.lit(f.max_chars))
+                       & (F.char_length(f.name) > F.lit(f.max_chars)))
                       for f in RAW_FIELDS if f.max_chars is not None]).alias("_oversize"),
         *[f.name for f in RAW_FIELDS if f.name != "event_time"],
         F.when(F.col("event_time").rlike(ISO_WITH_ZONE), F.try_to_timestamp("event_time"))
