@@ -19,7 +19,7 @@ from privrec_pipeline.errors import LandingPartitionError, PrivrecError
 from privrec_pipeline.manifest import CollectManifest, PseudonymizeManifest
 from privrec_pipeline.schema import QUARANTINE_REASONS
 from privrec_pipeline.secrets import KeyRing
-from privrec_pipeline.spark.lakefs import LakeFS
+from privrec_pipeline.spark.lakefs import LakeFile, LakeFS
 from privrec_pipeline.transforms import collect as tc
 from privrec_pipeline.transforms.pseudonymize import to_silver
 
@@ -52,6 +52,12 @@ def _write(df: "DataFrame", uri: str) -> None:
     df.write.mode("overwrite").parquet(uri)
 
 
+def _no_landing(day: dt.date, landing: str, problem: str) -> LandingPartitionError:
+    return LandingPartitionError(
+        f"landing partition for {day} {problem}: {landing} (use --allow-empty for a day without traffic)"
+    )
+
+
 def run_collect(spark: "SparkSession", lake: str, day: dt.date, keys: KeyRing, *,
                 run_id: str = "manual", allow_empty: bool = False) -> CollectManifest:
     """landing/dt=D -> bronze/dt=D + quarantine/dt=D + _manifests/collect/dt=D.json."""
@@ -60,34 +66,35 @@ def run_collect(spark: "SparkSession", lake: str, day: dt.date, keys: KeyRing, *
     fs = LakeFS(spark)
     interval = DataInterval(day)
     landing = lk.partition_uri(lake, "landing", day)
-    if not fs.exists(landing):
-        if not allow_empty:
-            raise LandingPartitionError(
-                f"landing partition for {day} not found: {landing} (nothing arrived for this day? "
-                "use --allow-empty for a day without traffic)"
-            )
-        files = []
-    else:
-        files = [f for f in fs.list_files(landing) if f.uri.endswith(LANDING_SUFFIXES)]
-    if not files and not allow_empty:
-        raise LandingPartitionError(
-            f"landing partition for {day} has no data files ({', '.join(LANDING_SUFFIXES)}): {landing} "
-            "(use --allow-empty for a day without traffic)"
-        )
 
-    text_schema = "value string"
-    if files:
-        lines = spark.read.text([f.uri for f in files])
-    else:
-        lines = spark.createDataFrame([], text_schema)
+    exists = fs.exists(landing)
+    files = [f for f in fs.list_files(landing) if f.uri.endswith(LANDING_SUFFIXES)] if exists else []
+    if not allow_empty and not exists:
+        raise _no_landing(day, landing, "not found (nothing arrived for this day?)")
+    if not allow_empty and not files:
+        raise _no_landing(day, landing, f"has no data files ({', '.join(LANDING_SUFFIXES)})")
+
+    lines = spark.read.text([f.uri for f in files]) if files else spark.createDataFrame([], "value string")
     lines = lines.select("value", F.input_file_name().alias("source_file"))
     classified = tc.classify_landing(lines, interval.start, interval.end).persist()
+    try:
+        return _collect_classified(spark, fs, lake, day, keys, classified, files,
+                                   run_id=run_id, allow_empty=allow_empty)
+    finally:
+        classified.unpersist()
+
+
+def _collect_classified(spark: "SparkSession", fs: LakeFS, lake: str, day: dt.date, keys: KeyRing,
+                        classified: "DataFrame", files: list[LakeFile], *, run_id: str,
+                        allow_empty: bool) -> CollectManifest:
+    """Write bronze and quarantine from the classified lines, balance, commit, manifest."""
+    from pyspark.sql import functions as F
+
+    interval = DataInterval(day)
+    landing = lk.partition_uri(lake, "landing", day)
     landing_records = classified.count()
     if landing_records == 0 and not allow_empty:
-        raise LandingPartitionError(
-            f"landing partition for {day} is empty (0 records in {len(files)} files): {landing} "
-            "(use --allow-empty for a day without traffic)"
-        )
+        raise _no_landing(day, landing, f"is empty (0 records in {len(files)} files)")
 
     keys_df = key_frame(spark, keys)
     version = keys.encryption.version
@@ -124,8 +131,6 @@ def run_collect(spark: "SparkSession", lake: str, day: dt.date, keys: KeyRing, *
         fs.delete(bronze_stage)
         fs.delete(quarantine_stage)
         raise
-    finally:
-        classified.unpersist()
     fs.write_text_atomic(lk.manifest_uri(lake, "collect", day), manifest.to_json())
     return manifest
 
