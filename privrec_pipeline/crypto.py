@@ -58,7 +58,7 @@ def key_frame(spark: "SparkSession", keys: KeyRing) -> "DataFrame":
 
     Columns: enc_version, enc_key, iv_ipad, iv_opad (per version) and the current
     pseudonym key's pad_ipad, pad_opad, pseudonym_version. Join it (broadcast) to the data:
-    encryption uses the row of ``keys.encryption.version``, decryption joins on version.
+    encryption uses the row of ``keys.encryption.version``, an auditor decrypting old bronze joins on ``enc_version``.
     """
     from pyspark.sql.types import BinaryType, StringType, StructField, StructType
 
@@ -115,10 +115,3 @@ def aad(context: str, context_suffix: "Column | None" = None) -> "Column":
     from pyspark.sql import functions as F
 
     return F.lit(context) if context_suffix is None else F.concat(F.lit(context + "|"), context_suffix)
-
-
-def decrypt_to_string(ciphertext: "Column", context: str, key: "Column",
-                      context_suffix: "Column | None" = None) -> "Column":
-    from pyspark.sql import functions as F
-
-    return F.aes_decrypt(ciphertext, key, F.lit("GCM"), F.lit("DEFAULT"), aad(context, context_suffix)).cast("string")
