@@ -36,6 +36,8 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from privrec_pipeline.spark.session import LAUNCH_CONF
+
 if TYPE_CHECKING:
     from rich.console import Console
 
@@ -45,7 +47,8 @@ BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
 DEFAULT_DATE = dt.date(2026, 1, 15)
 TARGET_RATIO = 2.0
 # The DAG's settings (dags/privrec_nightly.py) on a 2-core local master.
-SUBMIT_ARGS = ("--master", "local[2]", "--driver-memory", "4g", "--conf", "spark.ui.enabled=false")
+SUBMIT_ARGS = ("--master", "local[2]", "--driver-memory", "4g", "--conf", "spark.ui.enabled=false",
+               *[arg for key, value in LAUNCH_CONF.items() for arg in ("--conf", f"{key}={value}")])
 SAMPLE_SECONDS = 0.2
 SECTION_START, SECTION_END = "<!-- bench:ingest:start -->", "<!-- bench:ingest:end -->"
 _NOTABLE = re.compile(r"\b(WARN|ERROR|FATAL)\b|OutOfMemory|GC overhead|[Ss]pill|Killed|Traceback")

@@ -26,10 +26,12 @@ import pendulum
 from airflow.sdk import CronDataIntervalTimetable, Param, dag
 
 from privrec_pipeline.orchestration.spark_operator import PrivrecSparkSubmitOperator
+from privrec_pipeline.spark.session import LAUNCH_CONF
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
 # Deployment settings (environment, read without I/O at parse time).
 SPARK_CONF = {
+    **LAUNCH_CONF,
     "spark.driver.memory": os.environ.get("PRIVREC_SPARK_DRIVER_MEMORY", "4g"),
     "spark.pyspark.python": os.environ.get("PYSPARK_PYTHON", sys.executable),
     "spark.pyspark.driver.python": os.environ.get("PYSPARK_DRIVER_PYTHON", sys.executable),

@@ -76,38 +76,27 @@ def run_collect(spark: "SparkSession", lake: str, day: dt.date, keys: KeyRing, *
 
     lines = spark.read.text([f.uri for f in files]) if files else spark.createDataFrame([], "value string")
     lines = lines.select("value", F.input_file_name().alias("source_file"))
-    classified = tc.classify_landing(lines, interval.start, interval.end).persist()
-    try:
-        return _collect_classified(spark, fs, lake, day, keys, classified, files,
-                                   run_id=run_id, allow_empty=allow_empty)
-    finally:
-        classified.unpersist()
+    classified = tc.classify_landing(lines, interval.start, interval.end)
 
-
-def _collect_classified(spark: "SparkSession", fs: LakeFS, lake: str, day: dt.date, keys: KeyRing,
-                        classified: "DataFrame", files: list[LakeFile], *, run_id: str,
-                        allow_empty: bool) -> CollectManifest:
-    """Write bronze and quarantine from the classified lines, balance, commit, manifest."""
-    from pyspark.sql import functions as F
-
-    interval = DataInterval(day)
-    landing = lk.partition_uri(lake, "landing", day)
-    landing_records = classified.count()
-    if landing_records == 0 and not allow_empty:
-        raise _no_landing(day, landing, f"is empty (0 records in {len(files)} files)")
-
-    keys_df = key_frame(spark, keys)
     version = keys.encryption.version
-    valid = classified.where(F.col("reason").isNull())
-    rejected = classified.where(F.col("reason").isNotNull())
     bronze_uri = lk.partition_uri(lake, "bronze", day)
     quarantine_uri = lk.partition_uri(lake, "quarantine", day)
     bronze_stage, quarantine_stage = fs.staging_uri(bronze_uri), fs.staging_uri(quarantine_uri)
+    collected_stage = f"{bronze_stage}-collected"
     try:
-        dup_ids = tc.duplicate_ids(valid).persist()
+        # The one pass over the landing files: parse, classify, encrypt, generalize.
+        _write(tc.to_collected(classified, key_frame(spark, keys), version), collected_stage)
+        # Everything else reads that parquet back: a few columns, no JSON.
+        collected = spark.read.parquet(*[f.uri for f in fs.list_files(collected_stage)
+                                         if f.uri.endswith(".parquet")])
+        landing_records = collected.count()
+        if landing_records == 0 and not allow_empty:
+            raise _no_landing(day, landing, f"is empty (0 records in {len(files)} files)")
+        valid = collected.where(F.col("reason").isNull()).select(*tc.BRONZE_COLUMNS)
+        dup_ids = tc.duplicate_ids(valid.select("event_id")).persist()
         small = dup_ids.count() <= BROADCAST_MAX_IDS
-        _write(tc.to_bronze(tc.dedupe_events(valid, dup_ids, broadcast=small), keys_df, version), bronze_stage)
-        _write(tc.to_quarantine(rejected, keys_df, version), quarantine_stage)
+        _write(tc.dedupe_events(valid, dup_ids, broadcast=small), bronze_stage)
+        _write(collected.where(F.col("reason").isNotNull()).select(*tc.QUARANTINE_COLUMNS), quarantine_stage)
         # Computed from the duplicate ids, independently of the dedupe that wrote bronze.
         duplicates = int(dup_ids.agg(F.coalesce(F.sum(F.col("count") - 1), F.lit(0))).first()[0])
         dup_ids.unpersist()
@@ -131,6 +120,8 @@ def _collect_classified(spark: "SparkSession", fs: LakeFS, lake: str, day: dt.da
         fs.delete(bronze_stage)
         fs.delete(quarantine_stage)
         raise
+    finally:
+        fs.delete(collected_stage)
     fs.write_text_atomic(lk.manifest_uri(lake, "collect", day), manifest.to_json())
     return manifest
 

@@ -117,3 +117,23 @@ def test_scrub_text_unit(spark):
     df = spark.createDataFrame([(k,) for k in cases], "q string")
     got = {r.q: r.s for r in df.select("q", scrub_text(F.col("q")).alias("s")).collect()}
     assert got == cases
+
+
+def test_scrub_text_bounds_work_on_hostile_text(spark):
+    """Text is cut before the patterns run, so a 2,000-character run of digits, separators
+    or local-part characters costs bounded work, and PII starting before the kept length is
+    still replaced."""
+    from pyspark.sql import functions as F
+
+    from privrec_pipeline.transforms.generalize import MAX_QUERY_CHARS, scrub_text
+
+    edge = "x" * (MAX_QUERY_CHARS - 10) + " jane.doe@mail.example.org"
+    hostile = ["1 " * 1000, "a" * 2000 + "@", "9" * 2000 + "z", edge]
+    df = spark.createDataFrame([(q,) for q in hostile], "q string")
+    got = [r.s for r in df.select(scrub_text(F.col("q")).alias("s")).collect()]
+    assert all(len(s) <= MAX_QUERY_CHARS for s in got)
+    assert got[0].startswith(("[card]", "[phone]"))
+    for s in got:
+        assert not any(re.search(pattern, s) for pattern in PII_PATTERNS.values()), s
+    assert got[3] == ("x" * (MAX_QUERY_CHARS - 10) + " [email]")[:MAX_QUERY_CHARS]
+    assert "@" not in got[3] and "jane" not in got[3]

@@ -203,8 +203,9 @@ def duplicate_ids(valid: "DataFrame") -> "DataFrame":
 def dedupe_events(valid: "DataFrame", dup_ids: "DataFrame", *, broadcast: bool = True) -> "DataFrame":
     """One record per event_id. Records with a unique id pass through untouched (and keep
     their input order); among duplicates the kept one is the first by (event_time,
-    source_file, then every field), so the choice does not depend on partitioning and a
-    rerun keeps the same one (records equal in all of these are identical in bronze)."""
+    source_file, then every column), so the choice does not depend on partitioning and a
+    rerun keeps the same one (the identifiers ciphertext is a deterministic function of the
+    identifiers, see ``crypto.encrypt``; records equal in all columns are identical)."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
@@ -214,44 +215,53 @@ def dedupe_events(valid: "DataFrame", dup_ids: "DataFrame", *, broadcast: bool =
     if broadcast:
         ids = F.broadcast(ids)
     unique = valid.join(ids, "event_id", "left_anti")
-    order = ["event_time", "source_file", *[f.name for f in RAW_FIELDS if f.name not in ("event_id", "event_time")]]
+    order = ["event_time", "source_file", *[c for c in valid.columns if c not in ("event_id", "event_time", "source_file")]]
     w = Window.partitionBy("event_id").orderBy(*order)
     first = (valid.join(ids, "event_id", "left_semi")
              .withColumn("_rank", F.row_number().over(w)).where("_rank = 1").drop("_rank"))
     return unique.unionByName(first)
 
 
-def to_bronze(deduped: "DataFrame", keys: "DataFrame", key_version: str) -> "DataFrame":
-    """Bronze rows: typed event fields; the direct identifiers only as one AES-GCM
-    ciphertext (``identifiers_enc``, a JSON object of email, ip, user_agent, search_query:
-    one cipher operation per row instead of one per field, kept for audit and erasure),
-    and their generalized forms (device class, IP family, scrubbed search text)."""
+BRONZE_COLUMNS = (
+    *BRONZE_EVENT_COLUMNS, "identifiers_enc", "enc_key_version", "source_file",
+    "device_class", "ip_family", "search_query_scrubbed",
+)
+QUARANTINE_COLUMNS = ("reason", "detail", "source_file", "record_bytes", "raw_record_enc", "enc_key_version")
+
+
+def to_collected(classified: "DataFrame", keys: "DataFrame", key_version: str) -> "DataFrame":
+    """Every classified line in its stored form, bronze and quarantine columns side by side,
+    so one pass over the landing files computes both (``BRONZE_COLUMNS`` of accepted rows,
+    ``QUARANTINE_COLUMNS`` of rows with a ``reason``).
+
+    Bronze: typed event fields; the direct identifiers only as one AES-GCM ciphertext
+    (``identifiers_enc``, a JSON object of email, ip, user_agent, search_query: one cipher
+    operation per row instead of one per field, kept for audit and erasure), and their
+    generalized forms (device class, IP family, scrubbed search text), derived while the
+    plaintext is in hand so downstream never needs to decrypt.
+
+    Quarantine: reason, detail, source file and the raw line, encrypted (it may hold
+    identifiers), so a reviewer with the key can inspect it and nobody else can.
+    """
     from pyspark.sql import functions as F
 
     k = F.broadcast(keys.where(F.col("enc_version") == key_version))
+    accepted = F.col("reason").isNull()
     identifiers = F.to_json(F.struct(*[F.col(n) for n in DIRECT_IDENTIFIERS]))
-    return deduped.crossJoin(k).select(
-        *BRONZE_EVENT_COLUMNS,
-        crypto.encrypt(identifiers, IDENTIFIERS_CONTEXT, F.col("enc_key"), F.col("iv_ipad"), F.col("iv_opad"),
-                       context_suffix=F.col("event_id")).alias("identifiers_enc"),
-        F.col("enc_version").alias("enc_key_version"), "source_file",
-        # Generalized while the plaintext is in hand; downstream never needs to decrypt.
-        generalize.device_class(F.col("user_agent")).alias("device_class"),
-        generalize.ip_family(F.col("ip")).alias("ip_family"),
-        generalize.scrub_text(F.col("search_query")).alias("search_query_scrubbed"),
-    )
+    enc = (F.col("enc_key"), F.col("iv_ipad"), F.col("iv_opad"))
 
+    def bronze_only(column: "Column") -> "Column":
+        return F.when(accepted, column)
 
-def to_quarantine(rejected: "DataFrame", keys: "DataFrame", key_version: str) -> "DataFrame":
-    """Quarantine rows: reason, detail, source file and the raw line, encrypted (it may
-    hold identifiers), so a reviewer with the key can inspect it and nobody else can."""
-    from pyspark.sql import functions as F
-
-    k = F.broadcast(keys.where(F.col("enc_version") == key_version))
-    return rejected.crossJoin(k).select(
-        "reason", "detail", "source_file",
+    return classified.crossJoin(k).select(
+        "reason", "detail", *BRONZE_EVENT_COLUMNS, "source_file",
+        bronze_only(crypto.encrypt(identifiers, IDENTIFIERS_CONTEXT, *enc,
+                                   context_suffix=F.col("event_id"))).alias("identifiers_enc"),
+        bronze_only(generalize.device_class(F.col("user_agent"))).alias("device_class"),
+        bronze_only(generalize.ip_family(F.col("ip"))).alias("ip_family"),
+        bronze_only(generalize.scrub_text(F.col("search_query"))).alias("search_query_scrubbed"),
+        # ``value`` is kept by classify_landing for rejected lines only.
         F.octet_length("value").alias("record_bytes"),
-        crypto.encrypt(F.col("value"), "raw_record", F.col("enc_key"), F.col("iv_ipad"),
-                       F.col("iv_opad"), context_suffix=F.col("source_file")).alias("raw_record_enc"),
+        crypto.encrypt(F.col("value"), "raw_record", *enc, context_suffix=F.col("source_file")).alias("raw_record_enc"),
         F.col("enc_version").alias("enc_key_version"),
     )
