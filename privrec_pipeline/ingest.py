@@ -19,7 +19,7 @@ from privrec_pipeline.errors import LandingPartitionError, PrivrecError
 from privrec_pipeline.manifest import CollectManifest, PseudonymizeManifest
 from privrec_pipeline.schema import QUARANTINE_REASONS
 from privrec_pipeline.secrets import KeyRing
-from privrec_pipeline.spark.lakefs import LakeFile, LakeFS
+from privrec_pipeline.spark.lakefs import LakeFS
 from privrec_pipeline.transforms import collect as tc
 from privrec_pipeline.transforms.pseudonymize import to_silver
 
