@@ -9,6 +9,11 @@ processes `landing/interactions/dt=D`:
    `quarantine/`, `_manifests/collect/` (landing = bronze + quarantined + duplicates).
 2. **pseudonymize** (Spark): HMAC-SHA256 pseudonyms, generalized device and network fields,
    scrubbed search text -> `silver/`.
+3. **validate** (Spark, Great Expectations): the declared suites on silver and the collect
+   manifest -> `reports/quality/dt=D/` (Data Docs + `summary.json`; the task's extra link
+   "Quality report" and XCom `quality_report` point there). A failed critical expectation
+   fails the task, so nothing downstream uses the day; warnings only report. Thresholds are
+   the Params below.
 
 Every task writes only its day's partition, atomically; reruns give the same output.
 Spark's master comes from the `spark_default` connection; keys from the `privrec_keys`
@@ -25,6 +30,7 @@ from pathlib import Path
 import pendulum
 from airflow.sdk import CronDataIntervalTimetable, Param, dag
 
+from privrec_pipeline.orchestration.quality_operator import QualityValidateOperator
 from privrec_pipeline.orchestration.spark_operator import PrivrecSparkSubmitOperator
 from privrec_pipeline.spark.session import LAUNCH_CONF
 
@@ -61,6 +67,21 @@ COMMON_ARGS = ["--date", "{{ ds }}", "--run-id", "{{ run_id }}"]
             description="Accept a missing or empty landing partition (a day without traffic) "
                         "instead of failing the run.",
         ),
+        "quarantine_rate_max": Param(
+            0.05, type="number", minimum=0, maximum=1, title="Largest quarantine rate",
+            description="Validation fails the day when collect quarantined a larger share of the "
+                        "landing records than this.",
+        ),
+        "row_count_factor": Param(
+            3.0, type="number", minimum=1, title="Row-count tolerance factor",
+            description="Validation fails the day when silver's row count is below median / factor or "
+                        "above median x factor of the trailing 7 passed days.",
+        ),
+        "quality_settings": Param(
+            {}, type="object", title="Other quality settings",
+            description="Further settings of privrec_pipeline/quality/config.py, e.g. "
+                        '{"price_max": 5000, "severity": {"price.range": "critical"}}.',
+        ),
     },
 )
 def privrec_nightly() -> None:
@@ -80,7 +101,20 @@ def privrec_nightly() -> None:
         application_args=COMMON_ARGS,
         conf=SPARK_CONF,
     )
-    collect >> pseudonymize
+    validate = QualityValidateOperator(
+        task_id="validate",
+        application=str(JOBS / "validate.py"),
+        conn_id="spark_default",
+        name="privrec-validate-{{ ds }}",
+        application_args=[
+            *COMMON_ARGS, "--allow-empty", "{{ params.allow_empty }}",
+            "--config-json", "{{ params.quality_settings | tojson }}",
+            "--set", "quarantine_rate_max={{ params.quarantine_rate_max }}",
+            "--set", "row_count_factor={{ params.row_count_factor }}",
+        ],
+        conf=SPARK_CONF,
+    )
+    collect >> pseudonymize >> validate
 
 
 nightly = privrec_nightly()

@@ -19,6 +19,8 @@ keys_app = typer.Typer(help="Manage the local key file (pseudonymization and enc
                        no_args_is_help=True)
 app.add_typer(import_app, name="import")
 app.add_typer(keys_app, name="keys")
+report_app = typer.Typer(help="Reports built from the runs' summaries (no data is read).", no_args_is_help=True)
+app.add_typer(report_app, name="report")
 console = Console()
 
 LakeOption = typer.Option(None, "--lake", help="Lake folder or URI (default: $PRIVREC_LAKE or ./lake).")
@@ -144,6 +146,44 @@ def status(date: str = typer.Option(..., "--date", help="UTC day, YYYY-MM-DD."),
     from privrec_pipeline.reporting import print_run_summary
 
     print_run_summary(console, lake or lake_root(), _day(date), None)
+
+
+@report_app.command("quality")
+def report_quality(
+    from_: str | None = typer.Option(None, "--from", help="First day, YYYY-MM-DD (default: 30 days before --to)."),
+    to: str | None = typer.Option(None, "--to", help="Last day, YYYY-MM-DD (default: the latest validated day)."),
+    lake: str | None = LakeOption,
+    out: Path | None = typer.Option(None, "--out", help="HTML file to write (default: reports/quality/trend.html in the lake)."),
+) -> None:
+    """Build the data-quality trend page (charts per day) from the validation summaries."""
+    from privrec_pipeline import lake as lk
+    from privrec_pipeline.quality.trend import build_trend_page
+    from privrec_pipeline.reporting import load_quality_summary, validated_days
+
+    root = lake or lake_root()
+    days = validated_days(root)
+    if not days:
+        _fail(f"no validation summaries under {lk.zone_uri(root, 'reports')}: run the nightly DAG first")
+    end = _day(to) if to else days[-1]
+    start = _day(from_) if from_ else end - dt.timedelta(days=30)
+    if end < start:
+        _fail(f"--to ({end}) is before --from ({start})")
+    start = max(start, min(days)) if not from_ else start
+
+    reports = lk.local_path(lk.zone_uri(root, "reports")).resolve()
+    target = (out or reports / "trend.html").resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+
+    def link(d: dt.date) -> str:  # relative, so the lake folder can be moved or served as is
+        return os.path.relpath(reports / lk.partition_name(d) / "index.html", target.parent)
+
+    page = build_trend_page(start, end, lambda d: load_quality_summary(root, d), link)
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_text(page.html, encoding="utf-8")
+    tmp.replace(target)
+    console.print(f"{len(page.days)} day(s) from {start} to {end}"
+                  + (f"; no summary for {len(page.missing)} day(s)" if page.missing else ""))
+    console.print(f"trend report: {target.resolve()}")
 
 
 def main() -> None:  # pragma: no cover - console entry point

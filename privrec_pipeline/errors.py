@@ -23,3 +23,7 @@ class ManifestMismatchError(PrivrecError):
 
 class InputFormatError(PrivrecError):
     """An input file (e.g. a MovieLens export) is not in a recognised format."""
+
+
+class QualityGateFailed(PrivrecError):
+    """A critical data-quality expectation failed: DP statistics and training must not use the day."""

@@ -17,9 +17,15 @@ def load_manifest(lake: str, step: str, day: dt.date) -> dict | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
 
 
+def load_quality_summary(lake: str, day: dt.date) -> dict | None:
+    path = lk.local_path(f"{lk.partition_uri(lake, 'reports', day)}/summary.json")
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+
 def print_run_summary(console: Console, lake: str, day: dt.date, log: Path | None) -> None:
     collect = load_manifest(lake, "collect", day)
     pseudo = load_manifest(lake, "pseudonymize", day)
+    quality = load_quality_summary(lake, day)
     if collect is None:
         console.print(f"no collect manifest for {day} in {lake}")
         return
@@ -36,11 +42,31 @@ def print_run_summary(console: Console, lake: str, day: dt.date, log: Path | Non
     if pseudo:
         table.add_row("silver records", f"{pseudo['silver_records']:,}")
         table.add_row("pseudonym key version", pseudo["pseudonym_key_version"])
+    if quality:
+        counts = quality["counts"]
+        table.add_row("quality gate", f"{quality['gate']} ({counts['passed']}/{counts['evaluated']} expectations)")
+        for kind in ("failed_critical", "failed_warning"):
+            for spec_id in quality[kind]:
+                table.add_row(f"  {'critical' if kind == 'failed_critical' else 'warning'}", spec_id)
     console.print(table)
     console.print(f"bronze:     {collect['bronze_uri']}")
     console.print(f"quarantine: {collect['quarantine_uri']}")
     if pseudo:
         console.print(f"silver:     {pseudo['silver_uri']}")
     console.print(f"manifests:  {lk.zone_uri(lake, 'manifests')}")
+    if quality:
+        console.print(f"quality:    {quality['report']}")
     if log is not None:
         console.print(f"run log:    {log}")
+
+
+def validated_days(lake: str) -> list[dt.date]:
+    """Days with a validation summary, in order."""
+    root = lk.local_path(lk.zone_uri(lake, "reports"))
+    days = []
+    for path in root.glob("dt=*/summary.json") if root.exists() else []:
+        try:
+            days.append(dt.date.fromisoformat(path.parent.name[len("dt="):]))
+        except ValueError:
+            continue
+    return sorted(days)

@@ -23,9 +23,22 @@ LOCAL_MASTERS = ("local", "spark://")
 
 
 class PrivrecSparkSubmitOperator(SparkSubmitOperator):
-    """Runs one privrec Spark job; the master comes from the ``spark_default`` connection."""
+    """Runs one privrec Spark job; the master comes from the ``spark_default`` connection.
 
-    def execute(self, context: Any) -> None:
+    ``needs_keys=False`` for jobs that read only pseudonymized data (validate and later
+    steps): they never receive key material.
+    """
+
+    def __init__(self, *, needs_keys: bool = True, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.needs_keys = needs_keys
+
+    def execute(self, context: Any) -> Any:
+        if self.needs_keys:
+            self._inject_keys()
+        return super().execute(context)
+
+    def _inject_keys(self) -> None:
         from airflow.exceptions import AirflowException, AirflowNotFoundException
         from airflow.sdk import BaseHook
 
@@ -45,4 +58,3 @@ class PrivrecSparkSubmitOperator(SparkSubmitOperator):
                 )
             # The hook adds these to the worker's environment for the spark-submit process only.
             self.env_vars = {**(self.env_vars or {}), ENV_KEYS_JSON: conn.password}
-        super().execute(context)

@@ -123,6 +123,11 @@ class LakeFS:
                 ext = rest.split(".", 1)[1] if "." in rest else "data"
                 stable = self._jvm.org.apache.hadoop.fs.Path(staging_path, f"part-{index}.{ext}")
                 fs.rename(status.getPath(), stable)
+        self.swap_in(staging, target)
+
+    def swap_in(self, staging: str, target: str) -> None:
+        """Replace the folder ``target`` by ``staging``: rename old aside, rename new in, delete old."""
+        fs, staging_path = self._path(staging)
         _, target_path = self._path(target)
         fs.mkdirs(target_path.getParent())
         old = None
@@ -138,3 +143,9 @@ class LakeFS:
             raise OSError(f"could not move {staging} to {target}")
         if old is not None:
             fs.delete(old, True)
+
+    def upload_dir(self, local_dir: str, uri: str) -> None:
+        """Copy a local folder (e.g. a rendered report) to ``uri`` on the lake's file system."""
+        fs, path = self._path(uri)
+        src = self._jvm.org.apache.hadoop.fs.Path(f"file://{local_dir}")
+        fs.copyFromLocalFile(False, True, src, path)
