@@ -119,6 +119,7 @@ def run(
         reasons = failure_reasons(log.read_text(encoding="utf-8", errors="replace"))
         for reason in reasons:
             console.print(f"  {reason}", markup=False, highlight=False)
+        print_run_summary(console, env["PRIVREC_LAKE"], day, None)  # what did get done, and the report
         _fail(f"privrec_nightly failed for {day} (exit {code}); full log: {log}")
     print_run_summary(console, env["PRIVREC_LAKE"], day, log)
 

@@ -41,8 +41,26 @@ def embedded(tmp_path_factory, key_document):
 def test_run_succeeds_and_prints_summary(embedded):
     _, _, first = embedded
     assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
-    for expected in ("landing records", "3,000", "quarantined", "silver records", "silver:"):
+    for expected in ("landing records", "3,000", "quarantined", "silver records", "silver:", "quality gate",
+                     "passed (", "quality:"):
         assert expected in first.stdout
+
+
+def test_validate_report_is_reachable_from_the_task(embedded):
+    """The day's report exists, and the task's XCom and extra link point at it."""
+    import sqlite3
+
+    root, env, _ = embedded
+    report = lk.local_path(lk.partition_uri(env["PRIVREC_LAKE"], "reports", DAY))
+    summary = json.loads((report / "summary.json").read_text())
+    assert summary["gate"] == "passed" and summary["run_id"].startswith("manual__")
+    db = sqlite3.connect(root / "airflow" / "airflow.db")
+    rows = dict(db.execute(
+        "SELECT x.key, x.value FROM xcom x JOIN dag_run d ON d.id = x.dag_run_id "
+        "WHERE d.dag_id = 'privrec_nightly' AND x.task_id = 'validate'").fetchall())
+    url = f"file://{report}/index.html"
+    assert json.loads(rows["quality_report"]) == url
+    assert json.loads(rows["_link_QualityReportLink"]) == url
 
 
 def test_manifests_and_partitions_written(embedded):

@@ -32,6 +32,8 @@ def _chart(days: list[str], series: dict[str, list[float]], *, title: str, ylabe
     import matplotlib
 
     matplotlib.use("Agg")
+    # Text stays text in the SVG (searchable, selectable, crisp at any zoom), not glyph paths.
+    matplotlib.rcParams["svg.fonttype"] = "none"
     from matplotlib import pyplot as plt
     from matplotlib.ticker import FuncFormatter, MaxNLocator
 
@@ -60,7 +62,7 @@ def _chart(days: list[str], series: dict[str, list[float]], *, title: str, ylabe
     ax.grid(axis="y", alpha=0.3)
     ax.spines[["top", "right"]].set_visible(False)
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=9, frameon=False)
-    fig.subplots_adjust(left=0.09, right=0.78, bottom=0.2, top=0.88)  # same plot width in every chart
+    fig.subplots_adjust(left=0.09, right=0.72, bottom=0.2, top=0.88)  # same plot width in every chart
     buf = io.StringIO()
     fig.savefig(buf, format="svg")
     plt.close(fig)
@@ -122,7 +124,7 @@ def _page(start: dt.date, end: dt.date, summaries: list[dict[str, Any]], charts:
             f"<tr><td>{e(s['date'])}</td><td class=n>{s['landing_records']:,}</td><td class=n>{s['rows']:,}</td>"
             f"<td class=n>{s['quarantine_rate']:.3%}</td><td class=n>{s['duplicates']:,}</td>"
             f"<td class='gate {e(gate)}'>{e(gate)}</td><td>{e(failed)}</td>"
-            f"<td><a href='{e(link)}'>Data Docs</a></td></tr>")
+            f"<td><a href='{e(link)}'>day report</a></td></tr>")
     note = (f"<p class=missing>No quality summary for {len(missing)} day(s): {e(', '.join(missing))}.</p>"
             if missing else "")
     body = "".join(f"<section class=chart>{c}</section>" for c in charts) or "<p>No summaries in this range.</p>"

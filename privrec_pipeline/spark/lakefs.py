@@ -61,8 +61,17 @@ class LakeFS:
         fs, path = self._path(uri)
         fs.mkdirs(path)
 
-    def read_text(self, uri: str) -> str:
+    def _text_path(self, uri: str) -> tuple[Any, Any]:
+        """File system and path for small text files (manifests, summaries). On a local lake
+        this is the raw file system: no ``.crc`` side files, so a file edited by hand (or by
+        a tool) stays readable instead of failing Hadoop's checksum verification."""
         fs, path = self._path(uri)
+        if fs.getScheme() == "file":
+            fs = self._jvm.org.apache.hadoop.fs.FileSystem.getLocal(self._conf).getRawFileSystem()
+        return fs, path
+
+    def read_text(self, uri: str) -> str:
+        fs, path = self._text_path(uri)
         stream = fs.open(path)
         try:
             reader = self._jvm.java.io.BufferedReader(self._jvm.java.io.InputStreamReader(stream, "UTF-8"))
@@ -77,7 +86,7 @@ class LakeFS:
 
     def write_text_atomic(self, uri: str, text: str) -> None:
         """Write a small file (a manifest) via a hidden temporary name and a rename."""
-        fs, path = self._path(uri)
+        fs, path = self._text_path(uri)
         parent = path.getParent()
         fs.mkdirs(parent)
         tmp = self._jvm.org.apache.hadoop.fs.Path(parent, f"_tmp-{uuid.uuid4().hex}-{path.getName()}")

@@ -1,0 +1,233 @@
+"""validate: the quality gate stops the run on each critical expectation, warnings only
+report, reports hold no identifiers or failing values, and the trend page renders."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from conftest import DAY
+from privrec_pipeline import lake as lk
+from privrec_pipeline.errors import ConfigurationError, QualityGateFailed
+from privrec_pipeline.ingest import run_collect, run_pseudonymize
+from privrec_pipeline.quality.config import QualityConfig
+from privrec_pipeline.quality.history import row_count_bounds
+from privrec_pipeline.quality.suites import resolve_suite, suite_parameters
+from privrec_pipeline.quality.validate import run_validate
+from privrec_pipeline.sources.synthetic import GeneratorConfig, generate_day
+
+pytestmark = pytest.mark.spark
+EMAIL = "jane.doe.quality@example.org"
+RAW_ID = "usr_0123456789ab"
+
+
+@pytest.fixture(scope="module")
+def clean_lake(spark, tmp_path_factory, keyring) -> Path:
+    """One generated day through collect and pseudonymize (the reference for every case)."""
+    root = tmp_path_factory.mktemp("quality") / "lake"
+    generate_day(GeneratorConfig(date=DAY, events=1500, users=120, items=80, seed=11, bad_rate=0.01), str(root))
+    run_collect(spark, str(root), DAY, keyring)
+    run_pseudonymize(spark, str(root), DAY, keyring)
+    return root
+
+
+@pytest.fixture()
+def day_lake(clean_lake, tmp_path) -> Path:
+    """A private copy of the clean lake, for a test to break."""
+    target = tmp_path / "lake"
+    shutil.copytree(clean_lake, target)
+    return target
+
+
+def _rewrite_silver(spark, lake: Path, change: Callable) -> None:
+    from pyspark.sql import functions as F
+
+    uri = lk.partition_uri(str(lake), "silver", DAY)
+    df = spark.read.parquet(uri).withColumn("_row", F.monotonically_increasing_id())
+    changed = change(df, F).drop("_row")
+    rows, schema = changed.toPandas(), changed.schema  # materialized before the folder is replaced
+    shutil.rmtree(uri)
+    spark.createDataFrame(rows, schema=schema).write.parquet(uri)
+
+
+def _first(df, F, column: str, value):
+    first_row = df.agg(F.min("_row")).first()[0]
+    return df.withColumn(column, F.when(F.col("_row") == first_row, value).otherwise(F.col(column)))
+
+
+def _edit_manifest(lake: Path, **changes: int) -> None:
+    path = lk.local_path(lk.manifest_uri(str(lake), "collect", DAY))
+    doc = json.loads(path.read_text())
+    for key, delta in changes.items():
+        doc[key] += delta
+    path.write_text(json.dumps(doc))
+
+
+def _validate(spark, lake: Path, **settings):
+    return run_validate(spark, str(lake), DAY, QualityConfig.from_settings(settings))
+
+
+def test_clean_day_passes_and_writes_reports(spark, day_lake):
+    summary = _validate(spark, day_lake)
+    assert summary.gate == "passed" and summary.failed_critical == [] and summary.failed_warning == []
+    report = lk.local_path(lk.partition_uri(str(day_lake), "reports", DAY))
+    saved = json.loads((report / "summary.json").read_text())
+    assert saved["gate"] == "passed" and saved["rows"] == summary.rows > 1000
+    assert {e["id"] for e in saved["expectations"]} >= {"event_id.unique", "pii.search_query", "quarantine.rate"}
+    assert all(e["severity"] in ("critical", "warning") and "success" in e for e in saved["expectations"])
+    assert (report / "index.html").exists() and (report / "data_docs" / "index.html").exists()
+
+
+# Each case breaks exactly one critical expectation: (id, how to break it).
+def _extra_column(df, F):
+    return df.withColumn("email", F.lit(None).cast("string"))
+
+
+CASES: dict[str, Callable] = {
+    "schema.columns": lambda spark, lake: _rewrite_silver(spark, lake, _extra_column),
+    "schema.type.quantity": lambda spark, lake: _rewrite_silver(
+        spark, lake, lambda df, F: df.withColumn("quantity", F.col("quantity").cast("int"))),
+    "not_null.item_id": lambda spark, lake: _rewrite_silver(
+        spark, lake, lambda df, F: _first(df, F, "item_id", F.lit(None).cast("string"))),
+    "event_type.allowed": lambda spark, lake: _rewrite_silver(
+        spark, lake, lambda df, F: _first(df, F, "event_type", F.lit("refund"))),
+    "event_time.in_interval": lambda spark, lake: _rewrite_silver(
+        spark, lake, lambda df, F: _first(df, F, "event_time", F.col("event_time") + F.expr("INTERVAL 2 DAYS"))),
+    "pseudonym.format.user_pseudonym": lambda spark, lake: _rewrite_silver(
+        spark, lake, lambda df, F: _first(df, F, "user_pseudonym", F.upper("user_pseudonym"))),
+    "pii.search_query": lambda spark, lake: _rewrite_silver(
+        spark, lake, lambda df, F: _first(df, F, "search_query", F.lit(f"contact {EMAIL} today"))),
+    "raw_id.category": lambda spark, lake: _rewrite_silver(
+        spark, lake, lambda df, F: _first(df, F, "category", F.lit(RAW_ID))),
+    "event_id.unique": lambda spark, lake: _rewrite_silver(
+        spark, lake, lambda df, F: df.withColumn(
+            "event_id", F.when(F.col("_row") == df.agg(F.max("_row")).first()[0],
+                               F.lit(df.orderBy("_row").first()["event_id"])).otherwise(F.col("event_id")))),
+    "collect.balance": lambda spark, lake: _edit_manifest(lake, duplicates=1),
+    "bronze.count": lambda spark, lake: _edit_manifest(lake, bronze_records=1, landing_records=1),
+    "silver.count": lambda spark, lake: _rewrite_silver(
+        spark, lake, lambda df, F: df.where(F.col("_row") != df.agg(F.min("_row")).first()[0])),
+}
+
+
+@pytest.mark.parametrize("expectation", sorted(CASES))
+def test_each_critical_expectation_stops_the_run(spark, day_lake, expectation):
+    CASES[expectation](spark, day_lake)
+    with pytest.raises(QualityGateFailed) as failed:
+        _validate(spark, day_lake)
+    message = str(failed.value)
+    assert f"- {expectation} (" in message
+    assert message.count("\n  - ") == 1, message  # exactly this one
+    summary = json.loads((lk.local_path(lk.partition_uri(str(day_lake), "reports", DAY)) / "summary.json").read_text())
+    assert summary["gate"] == "failed" and summary["failed_critical"] == [expectation]
+    assert "full report: " in message and message.rstrip().endswith("index.html")
+
+
+def test_quarantine_rate_threshold_stops_the_run(spark, day_lake):
+    with pytest.raises(QualityGateFailed, match=r"- quarantine\.rate \(.*observed_value="):
+        _validate(spark, day_lake, quarantine_rate_max=0.001)
+
+
+def test_row_count_spike_against_trailing_days_stops_the_run(spark, day_lake):
+    reports = lk.local_path(lk.zone_uri(str(day_lake), "reports"))
+    for back in range(1, 5):  # four passed days with 100x today's rows
+        day = DAY - dt.timedelta(days=back)
+        (reports / lk.partition_name(day)).mkdir(parents=True)
+        (reports / lk.partition_name(day) / "summary.json").write_text(
+            json.dumps({"date": day.isoformat(), "gate": "passed", "rows": 150_000}))
+    with pytest.raises(QualityGateFailed) as failed:
+        _validate(spark, day_lake)
+    assert "- row_count.trailing (" in str(failed.value) and "observed_value=1,4" in str(failed.value)
+
+
+def test_warnings_report_but_do_not_stop_the_run(spark, day_lake):
+    _rewrite_silver(spark, day_lake, lambda df, F: _first(df, F, "price", F.lit(1e9)))
+    summary = _validate(spark, day_lake)
+    assert summary.gate == "passed" and summary.failed_warning == ["price.range"]
+    # a severity override turns the same finding into a gate
+    with pytest.raises(QualityGateFailed, match=r"price\.range"):
+        _validate(spark, day_lake, severity={"price.range": "critical"})
+
+
+def test_reports_hold_no_identifier_or_failing_value(spark, day_lake):
+    _rewrite_silver(spark, day_lake, lambda df, F: _first(df, F, "search_query", F.lit(f"mail {EMAIL} {RAW_ID}")))
+    with pytest.raises(QualityGateFailed, match="pii.search_query"):
+        _validate(spark, day_lake)
+    reports = lk.local_path(lk.zone_uri(str(day_lake), "reports"))
+    files = [p for p in reports.rglob("*") if p.is_file()]
+    assert len(files) > 5
+    for path in files:
+        data = path.read_bytes()
+        for needle in (EMAIL, "jane.doe.quality", RAW_ID):
+            assert needle.encode() not in data, f"{needle} in {path}"
+
+
+def test_bad_settings_are_clear_errors(spark, day_lake):
+    with pytest.raises(ConfigurationError, match="unknown quality setting"):
+        QualityConfig.from_settings({"quarantine_rate": 0.1})
+    with pytest.raises(ConfigurationError, match="quarantine_rate_max must be int or float"):
+        QualityConfig.from_settings({"quarantine_rate_max": "high"})
+    with pytest.raises(ConfigurationError, match="severity overrides name unknown expectations"):
+        _validate(spark, day_lake, severity={"pii.no_such_column": "warning"})
+
+
+def test_row_count_bounds_follow_the_history():
+    config = QualityConfig()
+    assert row_count_bounds([], config).min_value == 1 and row_count_bounds([], config).max_value is None
+    assert row_count_bounds([], config, allow_empty=True).min_value == 0
+    short = row_count_bounds([1000], config)
+    assert (short.min_value, short.max_value) == (50, 20_000)  # wide factor 20 while history is short
+    full = row_count_bounds([900, 1000, 1100, 5000], config)
+    assert (full.min_value, full.max_value) == (350, 3150)  # median 1050, factor 3
+
+
+def test_suite_declarations_resolve():
+    params = suite_parameters(QualityConfig(), DAY, row_count_bounds([], QualityConfig()))
+    silver = resolve_suite("silver", params, QualityConfig())
+    ids = [s.id for s in silver]
+    assert len(ids) == len(set(ids))
+    assert "schema.type.event_time" in ids and "pseudonym.format.session_pseudonym" in ids
+    event_time = next(s for s in silver if s.id == "event_time.in_interval")
+    assert event_time.kwargs["min_value"] == dt.datetime(2026, 1, 15, tzinfo=dt.UTC)
+    exempt = resolve_suite("silver", suite_parameters(QualityConfig(pii_exempt_columns=("item_id",)), DAY,
+                                                      row_count_bounds([], QualityConfig())), QualityConfig())
+    assert "pii.item_id" in ids and "pii.item_id" not in [s.id for s in exempt]
+
+
+def test_trend_report_renders_for_several_days(spark, tmp_path, keyring):
+    """Three validated days -> ``privrec report quality`` -> a page a browser shows readably."""
+    from typer.testing import CliRunner
+
+    from privrec_pipeline.browser import chromium_path, screenshot
+    from privrec_pipeline.cli import app
+
+    lake = tmp_path / "lake"
+    days = [DAY + dt.timedelta(days=i) for i in range(3)]
+    for i, day in enumerate(days):
+        generate_day(GeneratorConfig(date=day, events=400, users=50, items=30, seed=i, bad_rate=0.05), str(lake))
+        run_collect(spark, str(lake), day, keyring)
+        run_pseudonymize(spark, str(lake), day, keyring)
+        run_validate(spark, str(lake), day, QualityConfig(quarantine_rate_max=0.5))
+    result = CliRunner().invoke(app, ["report", "quality", "--lake", str(lake), "--from", days[0].isoformat(),
+                                      "--to", (days[-1] + dt.timedelta(days=1)).isoformat()])
+    assert result.exit_code == 0, result.output
+    page = lk.local_path(lk.zone_uri(str(lake), "reports")) / "trend.html"
+    assert f"trend report: {page}" in result.output.replace("\n", "")
+    assert "no summary for 1 day(s)" in result.output
+    text = page.read_text()
+    assert text.count("<svg") == 4 and all(d.isoformat() in text for d in days)
+    assert text.count("day report</a>") == 3 and "dt=2026-01-16/index.html" in text
+    if chromium_path() is None:
+        pytest.skip("Chromium not installed (make setup installs it where apt-get is available)")
+    facts = screenshot(page.as_uri(), tmp_path / "trend.png")
+    assert facts["title"].startswith("privrec data quality")
+    assert "Quarantine rate by reason" in facts["text"] and "2026-01-17" in facts["text"]
+    assert facts["scroll_width"] <= 1200  # no horizontal scrolling at a laptop width
+    assert len(facts["charts"]) == 4
+    assert all(box and box["width"] > 600 and box["height"] > 150 for box in facts["charts"])
+    assert (tmp_path / "trend.png").stat().st_size > 20_000
