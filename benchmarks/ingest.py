@@ -7,13 +7,13 @@ DAG runs them:
 
 - ``cold_start``: an application that only creates the SparkSession and stops (JVM start);
 - ``bare_copy``: ``spark.read.json(landing).write.mode("overwrite").parquet(...)``;
-- ``collect`` / ``pseudonymize``: ``jobs/collect.py`` / ``jobs/pseudonymize.py``.
+- ``collect`` / ``pseudonymize`` / ``validate``: the jobs of the same names in ``jobs/``.
 
 Wall time is the whole spark-submit. Peak memory is the highest sum of RSS over the
 process tree (spark-submit, JVM, Python driver and workers), sampled every 0.2 s; pages
 shared between processes count once per process, so it is an upper bound (children are
-counted from their second sample on, so shell-outs that live for a moment are not). The issue's
-target: (collect + pseudonymize) <= 2.0 x bare copy.
+counted from their second sample on, so shell-outs that live for a moment are not). Targets:
+(collect + pseudonymize) <= 2.0 x bare copy; validate <= 30% of (collect + pseudonymize).
 
 This file is also the Spark application of the two reference steps:
 ``spark-submit benchmarks/ingest.py noop`` and ``spark-submit benchmarks/ingest.py copy SRC DST``.
@@ -46,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
 DEFAULT_DATE = dt.date(2026, 1, 15)
 TARGET_RATIO = 2.0
+TARGET_VALIDATE_SHARE = 0.30  # validate adds at most 30% to ingest time (issue 3)
 # The DAG's settings (dags/privrec_nightly.py) on a 2-core local master.
 SUBMIT_ARGS = ("--master", "local[2]", "--driver-memory", "4g", "--conf", "spark.ui.enabled=false",
                *[arg for key, value in LAUNCH_CONF.items() for arg in ("--conf", f"{key}={value}")])
@@ -307,6 +308,10 @@ def summarize(events: int, steps: dict[str, Step]) -> dict[str, Any]:
         "ratio_without_cold_start": round((ingest - 2 * cold) / warm_copy, 2) if warm_copy > 0 else None,
         "target_ratio": TARGET_RATIO,
         "meets_target": ingest / copy <= TARGET_RATIO,
+        "validate_s": round(steps["validate"].wall_s, 2),
+        "validate_share": round(steps["validate"].wall_s / ingest, 3),
+        "target_validate_share": TARGET_VALIDATE_SHARE,
+        "meets_validate_target": steps["validate"].wall_s / ingest <= TARGET_VALIDATE_SHARE,
     }
 
 
@@ -337,9 +342,15 @@ def _ratio_line(s: dict[str, Any]) -> str:
             f"without the cold-start cost in each step: {s['ratio_without_cold_start']}x")
 
 
+def _validate_line(s: dict[str, Any]) -> str:
+    verdict = "met" if s["meets_validate_target"] else "NOT met"
+    return (f"validate / (collect + pseudonymize) = {s['validate_share']:.0%} "
+            f"(target <= {TARGET_VALIDATE_SHARE:.0%}: {verdict})")
+
+
 def _code_line(result: dict[str, Any]) -> str:
     """The source digest the jobs ran, and any edits made while one of them was running."""
-    jobs = {name: result["steps"][name] for name in ("collect", "pseudonymize")}
+    jobs = {name: result["steps"][name] for name in ("collect", "pseudonymize", "validate")}
     digests = {step["source_sha256"] for step in jobs.values()}
     line = (f"sha256 `{digests.pop()}`" if len(digests) == 1 else ", ".join(
         f"{name} `{step['source_sha256']}`" for name, step in jobs.items()))
@@ -351,7 +362,7 @@ def markdown(result: dict[str, Any]) -> str:
     m, gen = result["machine"], result["generation"]
     lines = [
         SECTION_START,
-        "## Ingest: collect + pseudonymize vs a bare Spark JSON -> Parquet copy",
+        "## Ingest: collect + pseudonymize vs a bare Spark JSON -> Parquet copy; validate vs ingest",
         "",
         f"- Date: {result['date']}",
         (f"- Machine: {m['nproc']} CPUs ({m['cpu']}), {m['ram_gib']} GiB RAM; load average at "
@@ -370,6 +381,8 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"**{_ratio_line(result['summary'])}**",
         "",
+        f"**{_validate_line(result['summary'])}**",
+        "",
         ("cold_start = spark-submit of an application that only creates the SparkSession and "
          "stops; \"minus cold start\" subtracts it from each step. bare_copy includes Spark's "
          "JSON schema inference (one more full read of the input, as `spark.read.json` does by "
@@ -379,7 +392,7 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     if result["event_log"]:
         lines += ["", "Spark SQL queries (from the event logs; `--event-log` adds event logging):", ""]
-        for name in ("collect", "pseudonymize"):
+        for name in ("collect", "pseudonymize", "validate"):
             lines += [f"- {name}: " + "; ".join(
                 f"{q['description']} {q['seconds']} s (tasks {q['task_seconds']} s)"
                 for q in result["steps"][name]["queries"])]
@@ -412,7 +425,8 @@ def print_result(console: Console, result: dict[str, Any]) -> None:
         table.add_row(*row)
     console.print(table)
     console.print(_ratio_line(result["summary"]))
-    for name in ("collect", "pseudonymize"):
+    console.print(_validate_line(result["summary"]))
+    for name in ("collect", "pseudonymize", "validate"):
         step = result["steps"][name]
         console.print(f"[bold]{name}[/]: output {step['output']}; log {step['log']}")
         for line, count in step["notable"].items():
@@ -443,6 +457,7 @@ def run(args: argparse.Namespace, console: Console, command: str) -> int:
         "bare_copy": [me, "copy", lk.partition_uri(lake, "landing", args.date), str(out / "bare-copy")],
         "collect": [str(ROOT / "jobs" / "collect.py"), *job_args],
         "pseudonymize": [str(ROOT / "jobs" / "pseudonymize.py"), *job_args],
+        "validate": [str(ROOT / "jobs" / "validate.py"), *job_args],
     }
     steps: dict[str, Step] = {}
     for name, app in apps.items():

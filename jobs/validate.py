@@ -8,8 +8,10 @@ Exit code 1 with the failed critical expectations when the gate fails (the repor
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
+import threading
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -34,7 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     config = QualityConfig.from_settings({**settings, **parse_key_values(args.settings)})
     lake = resolve_lake(args.lake)
     print(f"quality report: {report_index_uri(lake, args.date)}", flush=True)
+    # Importing Great Expectations takes seconds; do it while the JVM starts.
+    warm = threading.Thread(target=importlib.import_module, args=("great_expectations",), daemon=True)
+    warm.start()
     spark = get_spark(f"privrec-validate-{args.date}", args.master)
+    warm.join()
     summary = run_validate(spark, lake, args.date, config, run_id=args.run_id, allow_empty=args.allow_empty)
     print(json.dumps({"step": "validate", "date": summary.date, "gate": summary.gate, "rows": summary.rows,
                       "warnings": summary.failed_warning, "report": summary.report}))

@@ -156,7 +156,7 @@ def test_warnings_report_but_do_not_stop_the_run(spark, day_lake):
 
 def test_reports_hold_no_identifier_or_failing_value(spark, day_lake):
     _rewrite_silver(spark, day_lake, lambda df, F: _first(df, F, "search_query", F.lit(f"mail {EMAIL} {RAW_ID}")))
-    with pytest.raises(QualityGateFailed, match="pii.search_query"):
+    with pytest.raises(QualityGateFailed, match=r"pii\.search_query"):
         _validate(spark, day_lake)
     reports = lk.local_path(lk.zone_uri(str(day_lake), "reports"))
     files = [p for p in reports.rglob("*") if p.is_file()]

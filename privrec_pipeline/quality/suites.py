@@ -19,7 +19,9 @@ from privrec_pipeline.quality.config import QualityConfig
 from privrec_pipeline.schema import EVENT_TYPES
 from privrec_pipeline.transforms.generalize import (
     CARD_PATTERN,
+    DEVICE_MARKERS,
     EMAIL_PATTERN,
+    IP_FAMILIES,
     IPV4_PATTERN,
     PHONE_PATTERN,
 )
@@ -35,7 +37,14 @@ SILVER_TYPES: dict[str, str] = {
 }
 KEY_COLUMNS = ("event_id", "event_time", "event_type", "user_pseudonym", "item_id", "pseudonym_key_version")
 PSEUDONYM_COLUMNS = ("event_id", "user_pseudonym", "session_pseudonym")
+# String columns with a closed vocabulary (event_type has its own check, event_type.allowed).
+VOCABULARIES: dict[str, tuple[str, ...]] = {
+    "device_class": (*[label for label, _ in DEVICE_MARKERS], "unknown"),
+    "ip_family": IP_FAMILIES,
+}
 PII_PATTERNS = {"email": EMAIL_PATTERN, "phone": PHONE_PATTERN, "card": CARD_PATTERN, "ipv4": IPV4_PATTERN}
+# One scan per value: the alternation of the four patterns.
+PII_PATTERN = "|".join(f"(?:{p})" for p in PII_PATTERNS.values())
 
 
 @dataclass(frozen=True)
@@ -67,7 +76,6 @@ def declared_suites() -> dict[str, list[dict[str, Any]]]:
 
 def suite_parameters(config: QualityConfig, day: dt.date, bounds: RowCountBounds) -> dict[str, Any]:
     start = dt.datetime.combine(day, dt.time(), tzinfo=dt.UTC)
-    string_columns = [c for c, t in SILVER_TYPES.items() if t == "StringType"]
     assert set(SILVER_TYPES) == set(SILVER_COLUMNS), "SILVER_TYPES must cover the silver contract"
     return {
         "silver_columns": list(SILVER_COLUMNS),
@@ -77,9 +85,9 @@ def suite_parameters(config: QualityConfig, day: dt.date, bounds: RowCountBounds
         "interval_start": start,
         "interval_end": start + dt.timedelta(days=1),
         "pseudonym_columns": list(PSEUDONYM_COLUMNS),
-        "pii_columns": [c for c in string_columns if c not in config.pii_exempt_columns],
-        "pii_patterns": list(PII_PATTERNS.values()),
-        "string_columns": string_columns,
+        "vocabularies": [{"column": c, "values": list(v)} for c, v in VOCABULARIES.items()],
+        "scan_columns": [c for c in scan_columns() if c not in config.pii_exempt_columns],
+        "pii_pattern": PII_PATTERN,
         "raw_id_pattern": config.raw_id_pattern,
         "row_count_min": bounds.min_value,
         "row_count_max": bounds.max_value,
@@ -88,6 +96,12 @@ def suite_parameters(config: QualityConfig, day: dt.date, bounds: RowCountBounds
         "rating_min": config.rating_min, "rating_max": config.rating_max,
         "quarantine_rate_max": config.quarantine_rate_max,
     }
+
+
+def scan_columns() -> list[str]:
+    """String columns whose content is not fixed by a vocabulary or the pseudonym format."""
+    fixed = {"event_type", *VOCABULARIES, *PSEUDONYM_COLUMNS}
+    return [c for c, t in SILVER_TYPES.items() if t == "StringType" and c not in fixed]
 
 
 def _substitute(value: Any, params: dict[str, Any]) -> Any:

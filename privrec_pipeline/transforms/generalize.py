@@ -67,9 +67,13 @@ def device_class(user_agent: "Column") -> "Column":
     return out.otherwise(F.lit("unknown"))
 
 
+IP_FAMILIES = ("ipv4", "ipv6", "unknown")
+
+
 def ip_family(ip: "Column") -> "Column":
     from pyspark.sql import functions as F
 
-    return (F.when(ip.rlike(r"^(\d{1,3}\.){3}\d{1,3}$"), F.lit("ipv4"))
-            .when(ip.rlike(r"^[0-9A-Fa-f:.]+$") & ip.contains(":"), F.lit("ipv6"))
-            .otherwise(F.lit("unknown")))
+    ipv4, ipv6, unknown = IP_FAMILIES
+    return (F.when(ip.rlike(r"^(\d{1,3}\.){3}\d{1,3}$"), F.lit(ipv4))
+            .when(ip.rlike(r"^[0-9A-Fa-f:.]+$") & ip.contains(":"), F.lit(ipv6))
+            .otherwise(F.lit(unknown)))
