@@ -187,6 +187,63 @@ def report_quality(
     console.print(f"trend report: {target.resolve()}")
 
 
+@app.command()
+def budget(
+    window: int = typer.Option(30, "--window", min=1, help="Window length in days (default: the policy's 30)."),
+    at: str | None = typer.Option(None, "--at", help="Last day of the window, YYYY-MM-DD (default: the latest day any release covers)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    lake: str | None = LakeOption,
+) -> None:
+    """Privacy budget: spent and remaining for the window ending at a day, release by release."""
+    import json as _json
+
+    from rich.table import Table
+
+    from privrec_pipeline.config import ledger_url
+    from privrec_pipeline.privacy.ledger import Ledger
+
+    try:
+        ledger = Ledger(ledger_url(lake))
+    except PrivrecError as exc:
+        _fail(str(exc))
+    every = ledger.releases()
+    if at:
+        end = _day(at)
+    elif every:
+        end = max(r.window_end for r in every)
+    else:
+        end = dt.datetime.now(dt.UTC).date()
+    spend = ledger.spend_at(end, window)
+    listed = [r for r in every if r.overlaps(spend.start, spend.end)]
+    policy = ledger.policy
+    if as_json:
+        print(_json.dumps({
+            "window": {"start": spend.start.isoformat(), "end": spend.end.isoformat(), "days": window},
+            "policy": {"epsilon": policy.epsilon, "delta": policy.delta, "window_days": policy.window_days},
+            "spent": {"epsilon": spend.epsilon, "delta": policy.delta, "basic_epsilon": spend.basic_epsilon,
+                      "basic_delta": spend.basic_delta},
+            "remaining_epsilon": spend.remaining,
+            "releases": [{"id": r.id, "key": r.release_key, "window_start": r.window_start.isoformat(),
+                          "window_end": r.window_end.isoformat(), "generation": r.generation, "state": r.state,
+                          "forced": r.forced, "epsilon": r.epsilon, "delta": r.delta, "dag_id": r.dag_id,
+                          "run_id": r.run_id, "mechanism": [c.to_dict() for c in r.components]} for r in listed],
+        }, indent=2))
+        return
+    table = Table(title=f"privacy budget {spend.start} .. {spend.end} ({window} days)", title_justify="left")
+    for col in ("id", "release", "data window", "state", "epsilon", "delta", "run"):
+        table.add_column(col, justify="right" if col in ("id", "epsilon", "delta") else "left")
+    for r in listed:
+        counted = "" if r.state in ("reserved", "committed") else " (not counted)"
+        table.add_row(str(r.id), r.release_key + (" [forced]" if r.forced else ""),
+                      f"{r.window_start}..{r.window_end}", r.state + counted, f"{r.epsilon:.4g}", f"{r.delta:.2g}",
+                      r.run_id)
+    console.print(table)
+    console.print(f"spent: epsilon {spend.epsilon:.4g} at delta {policy.delta:g} (tight, PLD); basic composition: "
+                  f"epsilon {spend.basic_epsilon:.4g}, delta {spend.basic_delta:.3g}")
+    console.print(f"cap: epsilon {policy.epsilon:g}, delta {policy.delta:g} per {policy.window_days} days; "
+                  f"remaining: epsilon {spend.remaining:.4g}")
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

@@ -31,3 +31,25 @@ def privrec_home() -> Path:
     """Local state of the embedded default (Airflow home, logs): ``$PRIVREC_HOME`` or ``./.airflow``."""
     value = os.environ.get(ENV_HOME)
     return Path(value).expanduser().resolve() if value else PROJECT_ROOT / ".airflow"
+
+
+ENV_LEDGER_URL = "PRIVREC_LEDGER_URL"
+
+
+def ledger_url(lake: str | None = None) -> str:
+    """The privacy ledger's SQLAlchemy URL: ``$PRIVREC_LEDGER_URL`` (production, e.g.
+    ``postgresql+psycopg2://user@host/db``), else a SQLite file ``_ledger/ledger.db`` in a
+    local lake (created on first use). A lake on object storage needs the variable."""
+    value = os.environ.get(ENV_LEDGER_URL)
+    if value:
+        return value
+    root = lake or lake_root()
+    if "://" in root and not root.startswith("file://"):
+        from privrec_pipeline.errors import ConfigurationError
+
+        raise ConfigurationError(
+            f"the lake {root} is not a local folder: set {ENV_LEDGER_URL} to a database URL for the privacy ledger"
+        )
+    folder = Path(root.removeprefix("file://")) / "_ledger"
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{folder / 'ledger.db'}"

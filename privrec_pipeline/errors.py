@@ -27,3 +27,7 @@ class InputFormatError(PrivrecError):
 
 class QualityGateFailed(PrivrecError):
     """A critical data-quality expectation failed: DP statistics and training must not use the day."""
+
+
+class PrivacyBudgetExceeded(PrivrecError):
+    """A release would take a user's privacy loss over the policy's cap."""

@@ -1,0 +1,1 @@
+"""Privacy accounting: mechanisms as data, tight composition, and the persistent ledger."""
