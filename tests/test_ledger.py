@@ -181,7 +181,7 @@ def test_budget_command_shows_spent_and_remaining(ledger_url):
 
 def test_bad_reservations_are_clear_errors(ledger_url):
     ledger = Ledger(ledger_url)
-    with pytest.raises(ConfigurationError, match="ends .* before it starts"):
+    with pytest.raises(ConfigurationError, match=r"ends .* before it starts"):
         ledger.reserve("dp_stats", D, D - dt.timedelta(days=1), laplace(1.0), epsilon=1.0, delta=0.0,
                        dag_id="d", run_id="r")
     with pytest.raises(ConfigurationError, match="noise_multiplier must be > 0"):
