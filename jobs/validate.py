@@ -17,6 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import base_parser, parse_bool, resolve_lake
+from privrec_pipeline.errors import ConfigurationError
 from privrec_pipeline.quality.config import QualityConfig, parse_key_values
 from privrec_pipeline.quality.validate import report_index_uri, run_validate
 from privrec_pipeline.spark.session import get_spark
@@ -30,10 +31,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--allow-empty", nargs="?", const="true", default="false", type=parse_bool,
                         help="a day without traffic: an empty silver partition passes the row-count check")
     args = parser.parse_args(argv)
-    settings = json.loads(args.config_json or "{}")
+    try:
+        settings = json.loads(args.config_json or "{}")
+    except ValueError as exc:
+        parser.error(f"--config-json is not JSON: {exc}")
     if not isinstance(settings, dict):
         parser.error("--config-json must be a JSON object")
-    config = QualityConfig.from_settings({**settings, **parse_key_values(args.settings)})
+    try:
+        config = QualityConfig.from_settings({**settings, **parse_key_values(args.settings)})
+    except ConfigurationError as exc:
+        parser.error(str(exc))
     lake = resolve_lake(args.lake)
     print(f"quality report: {report_index_uri(lake, args.date)}", flush=True)
     # Importing Great Expectations takes seconds; do it while the JVM starts.

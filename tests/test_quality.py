@@ -231,3 +231,25 @@ def test_trend_report_renders_for_several_days(spark, tmp_path, keyring):
     assert len(facts["charts"]) == 4
     assert all(box and box["width"] > 600 and box["height"] > 150 for box in facts["charts"])
     assert (tmp_path / "trend.png").stat().st_size > 20_000
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config-json", "{bad"], "--config-json is not JSON"),
+    (["--config-json", "[1]"], "--config-json must be a JSON object"),
+    (["--set", "quarantine_rate_max=high"], "quarantine_rate_max must be int or float"),
+    (["--set", "no_such_setting=1"], "unknown quality setting"),
+])
+def test_validate_job_rejects_bad_settings_before_starting_spark(args, message, capsys):
+    import runpy
+    import sys
+
+    from privrec_pipeline.config import JOBS_DIR
+
+    sys.path.insert(0, str(JOBS_DIR))
+    try:
+        job = runpy.run_path(str(JOBS_DIR / "validate.py"), run_name="privrec_validate_job")
+    finally:
+        sys.path.remove(str(JOBS_DIR))
+    with pytest.raises(SystemExit) as exited:
+        job["main"](["--date", DAY.isoformat(), *args])
+    assert exited.value.code == 2 and message in capsys.readouterr().err
