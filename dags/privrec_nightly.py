@@ -85,36 +85,27 @@ COMMON_ARGS = ["--date", "{{ ds }}", "--run-id", "{{ run_id }}"]
     },
 )
 def privrec_nightly() -> None:
-    collect = PrivrecSparkSubmitOperator(
-        task_id="collect",
-        application=str(JOBS / "collect.py"),
-        conn_id="spark_default",
-        name="privrec-collect-{{ ds }}",
-        application_args=[*COMMON_ARGS, "--allow-empty", "{{ params.allow_empty }}"],
-        conf=SPARK_CONF,
-    )
-    pseudonymize = PrivrecSparkSubmitOperator(
-        task_id="pseudonymize",
-        application=str(JOBS / "pseudonymize.py"),
-        conn_id="spark_default",
-        name="privrec-pseudonymize-{{ ds }}",
-        application_args=COMMON_ARGS,
-        conf=SPARK_CONF,
-    )
-    validate = QualityValidateOperator(
-        task_id="validate",
-        application=str(JOBS / "validate.py"),
-        conn_id="spark_default",
-        name="privrec-validate-{{ ds }}",
-        application_args=[
-            *COMMON_ARGS, "--allow-empty", "{{ params.allow_empty }}",
-            "--config-json", "{{ params.quality_settings | tojson }}",
-            "--set", "quarantine_rate_max={{ params.quarantine_rate_max }}",
-            "--set", "row_count_factor={{ params.row_count_factor }}",
-        ],
-        conf=SPARK_CONF,
+    collect = _spark_task(PrivrecSparkSubmitOperator, "collect", "--allow-empty", "{{ params.allow_empty }}")
+    pseudonymize = _spark_task(PrivrecSparkSubmitOperator, "pseudonymize")
+    validate = _spark_task(
+        QualityValidateOperator, "validate", "--allow-empty", "{{ params.allow_empty }}",
+        "--config-json", "{{ params.quality_settings | tojson }}",
+        "--set", "quarantine_rate_max={{ params.quarantine_rate_max }}",
+        "--set", "row_count_factor={{ params.row_count_factor }}",
     )
     collect >> pseudonymize >> validate
+
+
+def _spark_task(operator: type[PrivrecSparkSubmitOperator], step: str, *args: str) -> PrivrecSparkSubmitOperator:
+    """The task running ``jobs/<step>.py`` for the run's day through ``spark_default``."""
+    return operator(
+        task_id=step,
+        application=str(JOBS / f"{step}.py"),
+        conn_id="spark_default",
+        name=f"privrec-{step}-{{{{ ds }}}}",
+        application_args=[*COMMON_ARGS, *args],
+        conf=SPARK_CONF,
+    )
 
 
 nightly = privrec_nightly()

@@ -18,7 +18,7 @@ def render_day_page(summary: dict[str, Any], docs_links: dict[str, str]) -> str:
     failed = [x for x in summary["expectations"] if not x["success"]]
     rows = []
     for x in summary["expectations"]:
-        stats = ", ".join(f"{k}={_fmt(v)}" for k, v in x["observed"].items())
+        stats = format_observed(x["observed"])
         if x.get("error"):
             stats = f"could not be evaluated ({x['error']})"
         state = "passed" if x["success"] else f"failed-{x['severity']}"
@@ -26,7 +26,7 @@ def render_day_page(summary: dict[str, Any], docs_links: dict[str, str]) -> str:
                     f"<td>{'yes' if x['success'] else 'NO'}</td><td>{e(x['type'])}</td>"
                     f"<td>{e(stats)}</td><td>{e(x['description'])}</td></tr>")
     failed_items = "".join(
-        f"<li><b>{e(x['id'])}</b> ({e(x['severity'])}): {e(', '.join(f'{k}={_fmt(v)}' for k, v in x['observed'].items()))}</li>"
+        f"<li><b>{e(x['id'])}</b> ({e(x['severity'])}): {e(format_observed(x['observed']))}</li>"
         for x in failed) or "<li>none</li>"
     links = " · ".join(f"<a href='{e(href)}'>{e(name)}</a>" for name, href in docs_links.items())
     bounds = summary["row_count_bounds"]
@@ -62,11 +62,14 @@ dl {{ display: grid; grid-template-columns: max-content auto; gap: .2rem 1rem; }
 """
 
 
-def _fmt(value: Any) -> str:
+def format_value(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     if isinstance(value, int) and not isinstance(value, bool):
         return f"{value:,}"
-    if isinstance(value, list):
-        return f"[{len(value)} columns]"
     return str(value)
+
+
+def format_observed(observed: dict[str, Any]) -> str:
+    """``key=value, ...`` of an expectation's observed statistics."""
+    return ", ".join(f"{k}={format_value(v)}" for k, v in observed.items())

@@ -24,7 +24,7 @@ from privrec_pipeline import lake as lk
 from privrec_pipeline.errors import PrivrecError, QualityGateFailed
 from privrec_pipeline.ingest import read_manifest
 from privrec_pipeline.quality.config import QualityConfig
-from privrec_pipeline.quality.day_report import render_day_page
+from privrec_pipeline.quality.day_report import format_observed, render_day_page
 from privrec_pipeline.quality.history import row_count_bounds, trailing_row_counts
 from privrec_pipeline.quality.suites import (
     ExpectationSpec,
@@ -72,18 +72,10 @@ class ExpectationOutcome:
 
     def describe(self) -> str:
         where = f" on {self.column}" if self.column else ""
-        stats = ", ".join(f"{k}={_fmt(v)}" for k, v in self.observed.items()) or "no statistics"
+        stats = format_observed(self.observed) or "no statistics"
         if self.error:
             stats = f"could not be evaluated ({self.error})"
         return f"{self.id} ({self.type}{where}): {stats}"
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    if isinstance(value, int) and not isinstance(value, bool):
-        return f"{value:,}"
-    return str(value)
 
 
 def _observed(type_: str, result: dict[str, Any]) -> dict[str, Any]:
