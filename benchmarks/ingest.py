@@ -399,17 +399,19 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join([*lines, SECTION_END])
 
 
-def update_markdown(section: str, path: Path = BENCHMARKS_MD) -> None:
-    """Replace the ingest section of BENCHMARKS.md, or append it (creating the file)."""
+def update_markdown(section: str, path: Path = BENCHMARKS_MD,
+                    markers: tuple[str, str] = (SECTION_START, SECTION_END)) -> None:
+    """Replace a benchmark's section of BENCHMARKS.md (between ``markers``), or append it."""
+    start, end = markers
     text = path.read_text(encoding="utf-8") if path.exists() else (
         "# Benchmarks\n\nRun with `make bench` (`python -m benchmarks.run`; `--only NAME` for one "
         "benchmark, `--help` for options). Timings are wall-clock on the machine named in each "
         "section; raw results go to `bench-out/` (git-ignored). On a shared 2-core machine a "
         "step's time varies by up to 2x between runs of the same code (see the load averages), "
         "so compare ratios taken within one run.\n")
-    if SECTION_START in text and SECTION_END in text:
-        head, rest = text.split(SECTION_START, 1)
-        text = head + section + rest.split(SECTION_END, 1)[1]
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        text = head + section + rest.split(end, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     path.write_text(text, encoding="utf-8")

@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-from benchmarks import ingest
+from benchmarks import dp_stats, ingest
 
-BENCHMARKS: dict[str, ModuleType] = {m.NAME: m for m in (ingest,)}
+BENCHMARKS: dict[str, ModuleType] = {m.NAME: m for m in (ingest, dp_stats)}
 
 
 def invocation(argv: list[str]) -> str:

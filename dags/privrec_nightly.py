@@ -14,6 +14,12 @@ processes `landing/interactions/dt=D`:
    "Quality report" and XCom `quality_report` point there). A failed critical expectation
    fails the task, so nothing downstream uses the day; warnings only report. Thresholds are
    the Params below.
+4. **dp_stats** (Spark + PyDP): reserves the release's (epsilon, delta) in the privacy
+   ledger (fails with PrivacyBudgetExceeded if a user's budget would break), bounds each
+   user's contributions, adds noise and selects items privately -> `gold/dp_stats/dt=D/`
+   (the DP item vocabulary, funnel, categories, `release.json`, `report.html`, linked as
+   "DP statistics report"), then commits the release. A rerun reuses the release and
+   spends nothing unless **force_release** is set.
 
 Every task writes only its day's partition, atomically; reruns give the same output.
 Spark's master comes from the `spark_default` connection; keys from the `privrec_keys`
@@ -30,7 +36,7 @@ from pathlib import Path
 import pendulum
 from airflow.sdk import CronDataIntervalTimetable, Param, dag
 
-from privrec_pipeline.orchestration.quality_operator import QualityValidateOperator
+from privrec_pipeline.orchestration.report_operators import DPStatsOperator, QualityValidateOperator
 from privrec_pipeline.orchestration.spark_operator import PrivrecSparkSubmitOperator
 from privrec_pipeline.spark.session import LAUNCH_CONF
 
@@ -77,6 +83,26 @@ COMMON_ARGS = ["--date", "{{ ds }}", "--run-id", "{{ run_id }}"]
             description="Validation fails the day when silver's row count is below median / factor or "
                         "above median x factor of the trailing 7 passed days.",
         ),
+        "force_release": Param(
+            False, type="boolean", title="Force a new DP release",
+            description="Release the day's DP statistics again even if they were released before. A new "
+                        "release draws new noise and spends privacy budget again (recorded in the ledger); "
+                        "without this, a rerun reuses the stored release and spends nothing.",
+        ),
+        "dp_epsilon": Param(
+            0.5, type="number", exclusiveMinimum=0, title="Epsilon of the day's DP statistics",
+            description="Split across the statistics (see dp_settings.epsilon_split). The ledger refuses "
+                        "the release if it would take any user over the budget policy.",
+        ),
+        "dp_delta": Param(
+            1e-8, type="number", exclusiveMinimum=0, maximum=0.001, title="Delta of the day's DP statistics",
+            description="Spent by the partition selections of items and categories.",
+        ),
+        "dp_settings": Param(
+            {}, type="object", title="Other DP statistics settings",
+            description="Settings of privrec_pipeline/dp_stats/params.py, e.g. "
+                        '{"max_items_per_user": 5, "price_upper": 500, "public_categories": ["books"]}.',
+        ),
         "quality_settings": Param(
             {}, type="object", title="Other quality settings",
             description="Further settings of privrec_pipeline/quality/config.py, e.g. "
@@ -93,7 +119,12 @@ def privrec_nightly() -> None:
         "--set", "quarantine_rate_max={{ params.quarantine_rate_max }}",
         "--set", "row_count_factor={{ params.row_count_factor }}",
     )
-    collect >> pseudonymize >> validate
+    dp_stats = _spark_task(
+        DPStatsOperator, "dp_stats", "--dag-id", "{{ dag.dag_id }}", "--force", "{{ params.force_release }}",
+        "--epsilon", "{{ params.dp_epsilon }}", "--delta", "{{ params.dp_delta }}",
+        "--config-json", "{{ params.dp_settings | tojson }}",
+    )
+    collect >> pseudonymize >> validate >> dp_stats
 
 
 def _spark_task(operator: type[PrivrecSparkSubmitOperator], step: str, *args: str) -> PrivrecSparkSubmitOperator:

@@ -18,8 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import base_parser, parse_bool, resolve_lake
 from privrec_pipeline.errors import ConfigurationError
-from privrec_pipeline.quality.config import QualityConfig, parse_key_values
+from privrec_pipeline.quality.config import QualityConfig
 from privrec_pipeline.quality.validate import report_index_uri, run_validate
+from privrec_pipeline.settings import parse_key_values
 from privrec_pipeline.spark.session import get_spark
 
 
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     if not isinstance(settings, dict):
         parser.error("--config-json must be a JSON object")
     try:
-        config = QualityConfig.from_settings({**settings, **parse_key_values(args.settings)})
+        config = QualityConfig.from_settings({**settings, **parse_key_values(args.settings, "quality setting")})
     except ConfigurationError as exc:
         parser.error(str(exc))
     lake = resolve_lake(args.lake)

@@ -189,7 +189,8 @@ def report_quality(
 
 @app.command()
 def budget(
-    window: int = typer.Option(30, "--window", min=1, help="Window length in days (default: the policy's 30)."),
+    window: int | None = typer.Option(None, "--window", min=1,
+                                      help="Window length in days (default: the policy's, 30 unless configured)."),
     at: str | None = typer.Option(None, "--at", help="Last day of the window, YYYY-MM-DD (default: the latest day any release covers)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     lake: str | None = LakeOption,
@@ -199,13 +200,13 @@ def budget(
 
     from rich.table import Table
 
-    from privrec_pipeline.config import ledger_url
-    from privrec_pipeline.privacy.ledger import Ledger
+    from privrec_pipeline.privacy.ledger import open_ledger
 
     try:
-        ledger = Ledger(ledger_url(lake))
+        ledger = open_ledger(lake)
     except PrivrecError as exc:
         _fail(str(exc))
+    window = window or ledger.policy.window_days
     every = ledger.releases()
     if at:
         end = _day(at)

@@ -21,6 +21,7 @@ ZONES = {
     "silver": "silver/interactions",
     "manifests": "_manifests",
     "reports": "reports/quality",
+    "dp_stats": "gold/dp_stats",
 }
 
 

@@ -22,6 +22,25 @@ def load_quality_summary(lake: str, day: dt.date) -> dict | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
 
 
+def load_dp_release(lake: str, day: dt.date) -> dict | None:
+    path = lk.local_path(f"{lk.partition_uri(lake, 'dp_stats', day)}/release.json")
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+
+def budget_line(lake: str, day: dt.date) -> str | None:
+    """Spent and remaining epsilon of the policy window ending at ``day``, from the ledger."""
+    from privrec_pipeline.errors import PrivrecError
+    from privrec_pipeline.privacy.ledger import open_ledger
+
+    try:
+        spend = open_ledger(lake).spend_at(day)
+    except PrivrecError:
+        return None
+    p = spend.policy
+    return (f"epsilon {spend.epsilon:.3g} spent of {p.epsilon:g} ({spend.start}..{spend.end}), "
+            f"{spend.remaining:.3g} remaining")
+
+
 def print_run_summary(console: Console, lake: str, day: dt.date, log: Path | None) -> None:
     collect = load_manifest(lake, "collect", day)
     pseudo = load_manifest(lake, "pseudonymize", day)
@@ -48,6 +67,14 @@ def print_run_summary(console: Console, lake: str, day: dt.date, log: Path | Non
         for kind in ("failed_critical", "failed_warning"):
             for spec_id in quality[kind]:
                 table.add_row(f"  {'critical' if kind == 'failed_critical' else 'warning'}", spec_id)
+    release = load_dp_release(lake, day)
+    if release:
+        table.add_row("DP release", f"#{release['release_id']} epsilon {release['epsilon']:.3g}, "
+                                    f"delta {release['delta']:.2g}")
+        table.add_row("  items released (DP vocabulary)", f"{release['released']['items']:,}")
+        budget = budget_line(lake, day)
+        if budget:
+            table.add_row("  privacy budget", budget)
     console.print(table)
     console.print(f"bronze:     {collect['bronze_uri']}")
     console.print(f"quarantine: {collect['quarantine_uri']}")
@@ -56,6 +83,8 @@ def print_run_summary(console: Console, lake: str, day: dt.date, log: Path | Non
     console.print(f"manifests:  {lk.zone_uri(lake, 'manifests')}")
     if quality:
         console.print(f"quality:    {quality['report']}")
+    if release:
+        console.print(f"dp stats:   {lk.partition_uri(lake, 'dp_stats', day)}/report.html")
     if log is not None:
         console.print(f"run log:    {log}")
 

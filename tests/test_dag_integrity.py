@@ -78,10 +78,16 @@ def test_params_are_typed_and_described(dagbag):
 
 def test_nightly_wiring(dagbag):
     dag = dagbag.dags["privrec_nightly"]
-    collect, pseudonymize = dag.get_task("collect"), dag.get_task("pseudonymize")
-    assert "pseudonymize" in collect.downstream_task_ids
-    for task in (collect, pseudonymize):
+    steps = ("collect", "pseudonymize", "validate", "dp_stats")
+    tasks = [dag.get_task(step) for step in steps]
+    for task, following in zip(tasks, steps[1:]):
+        assert task.downstream_task_ids == {following}
+    for task in tasks:
         assert task._conn_id == "spark_default"  # the connection decides the master
         assert "{{ ds }}" in task.application_args
         assert Path(task.application).is_file()
     assert type(dag.timetable).__name__ == "CronDataIntervalTimetable"  # one run per data interval
+    # Only collect and pseudonymize read raw identifiers; later steps never receive keys.
+    assert [t.needs_keys for t in tasks] == [True, True, False, False]
+    dp_args = " ".join(dag.get_task("dp_stats").application_args)
+    assert "--force {{ params.force_release }}" in dp_args and "--epsilon {{ params.dp_epsilon }}" in dp_args

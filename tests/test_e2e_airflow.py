@@ -42,7 +42,7 @@ def test_run_succeeds_and_prints_summary(embedded):
     _, _, first = embedded
     assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
     for expected in ("landing records", "3,000", "quarantined", "silver records", "silver:", "quality gate",
-                     "passed (", "quality:"):
+                     "passed (", "quality:", "DP release", "privacy budget", "dp stats:"):
         assert expected in first.stdout
 
 
@@ -61,6 +61,29 @@ def test_validate_report_is_reachable_from_the_task(embedded):
     url = f"file://{report}/index.html"
     assert json.loads(rows["quality_report"]) == url
     assert json.loads(rows["_link_QualityReportLink"]) == url
+
+
+def _ledger_rows(root: Path) -> list[tuple]:
+    import sqlite3
+
+    db = sqlite3.connect(root / "lake" / "_ledger" / "ledger.db")
+    return db.execute("SELECT id, release_key, state, run_id FROM privacy_releases ORDER BY id").fetchall()
+
+
+def test_dp_release_is_accounted_and_reachable_from_the_task(embedded):
+    import sqlite3
+
+    root, env, _ = embedded
+    gold = lk.local_path(lk.partition_uri(env["PRIVREC_LAKE"], "dp_stats", DAY))
+    release = json.loads((gold / "release.json").read_text())
+    assert release["run_id"].startswith("manual__") and release["dag_id"] == "privrec_nightly"
+    [(release_id, key, state, run_id)] = _ledger_rows(root)
+    assert (release_id, key, state, run_id) == (release["release_id"], "dp_stats", "committed", release["run_id"])
+    db = sqlite3.connect(root / "airflow" / "airflow.db")
+    rows = dict(db.execute(
+        "SELECT x.key, x.value FROM xcom x JOIN dag_run d ON d.id = x.dag_run_id "
+        "WHERE d.dag_id = 'privrec_nightly' AND x.task_id = 'dp_stats'").fetchall())
+    assert json.loads(rows["_link_DPStatsReportLink"]) == f"file://{gold}/report.html"
 
 
 def test_manifests_and_partitions_written(embedded):
@@ -86,11 +109,14 @@ def test_keys_never_in_logs_metadata_or_outputs(embedded, keyring):
 def test_rerun_changes_no_output(embedded):
     root, env, _ = embedded
     zones = [lk.local_path(lk.partition_uri(str(root / "lake"), z, DAY)) for z in ("bronze", "quarantine", "silver")]
+    zones.append(lk.local_path(lk.partition_uri(str(root / "lake"), "dp_stats", DAY)))
     before = [partition_snapshot(z) for z in zones]
+    ledger_before = _ledger_rows(root)
     again = subprocess.run([PRIVREC, "run", "--date", DAY.isoformat()], env=env, capture_output=True,
                            text=True, timeout=900)
     assert again.returncode == 0, again.stdout[-3000:]
     assert [partition_snapshot(z) for z in zones] == before
+    assert _ledger_rows(root) == ledger_before  # the rerun reused the DP release: nothing spent
 
 
 def test_missing_day_fails_with_a_clear_message(embedded):

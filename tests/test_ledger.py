@@ -124,6 +124,17 @@ def test_retry_and_rerun_spend_nothing_forced_rerun_spends(ledger_url):
         reserve(ledger, D, 1.5, run_id="run-4", force=True)
 
 
+def test_a_retried_forced_run_continues_its_own_release(ledger_url):
+    ledger = Ledger(ledger_url, BudgetPolicy(epsilon=3.0, delta=1e-6, window_days=30))
+    ledger.commit(reserve(ledger, D, 1.0).release.id, {})
+    forced = reserve(ledger, D, 1.0, run_id="run-2", force=True)
+    retry = reserve(ledger, D, 1.0, run_id="run-2", force=True)  # the task retried, Param still set
+    assert forced.spends and retry.status == "resume" and retry.release.id == forced.release.id
+    ledger.commit(forced.release.id, {})
+    assert reserve(ledger, D, 1.0, run_id="run-2", force=True).status == "reuse"
+    assert ledger.spend_at(D).epsilon == pytest.approx(2.0, abs=1e-3)
+
+
 def test_failed_release_returns_its_reservation(ledger_url):
     ledger = Ledger(ledger_url, BudgetPolicy(epsilon=1.0, delta=1e-6, window_days=30))
     attempt = reserve(ledger, D, 1.0)

@@ -16,10 +16,12 @@ Concurrency: each reservation runs in one transaction whose first statement upda
 single row of ``privacy_ledger_lock``; on PostgreSQL that row lock, on SQLite the database
 write lock, serializes reservations, so two runs cannot both take the last of the budget.
 
-Idempotence: reserving a key and window that already has a committed release returns it
-(``status == "reuse"``, nothing spent); one with a reservation still open (a retried task)
-returns that reservation (``"resume"``, already counted). ``force=True`` makes a new release
-of the same window, which spends again (a deliberate re-release is a new release).
+Idempotence: a run that reserves again (a retried task) gets its own release back, as
+``"resume"`` while still reserved or ``"reuse"`` once committed, forced or not. Another run
+of a key and window that already has an open reservation continues it (``"resume"``,
+already counted) and one with a committed release gets the latest committed release
+(``"reuse"``, nothing spent). ``force=True`` makes a new release of the same window, which
+spends again (a deliberate re-release is a new release).
 """
 
 from __future__ import annotations
@@ -188,10 +190,20 @@ class Ledger:
             same = [r for r in everything if r.release_key == release_key
                     and (r.window_start, r.window_end) == (window_start, window_end)]
             latest = same[-1] if same else None
-            if latest is not None and not force and latest.state == COMMITTED:
-                return Reservation(latest, "reuse")
-            if latest is not None and not force and latest.state == RESERVED:
-                return Reservation(latest, "resume")
+            # A retried task (same run) continues its own attempt, forced or not.
+            mine = [r for r in same if r.run_id == run_id and r.state in (RESERVED, COMMITTED)]
+            if mine:
+                return Reservation(mine[-1], "resume" if mine[-1].state == RESERVED else "reuse")
+            if not force:
+                # An open reservation is the release of this window in progress (or killed
+                # before it finished): continue it, it is already counted. Otherwise the
+                # latest committed release is the result (noise is drawn once per release).
+                open_ = [r for r in same if r.state == RESERVED]
+                if open_:
+                    return Reservation(open_[-1], "resume")
+                committed = [r for r in same if r.state == COMMITTED]
+                if committed:
+                    return Reservation(committed[-1], "reuse")
             now = dt.datetime.now(dt.UTC)  # audit time only; no data decision uses it
             candidate = Release(
                 id=-1, release_key=release_key, window_start=window_start, window_end=window_end,
@@ -273,3 +285,32 @@ class Ledger:
         days = window_days or self.policy.window_days
         start = end - dt.timedelta(days=days - 1)
         return self.window_spend(self.releases(), start, end)
+
+
+ENV_POLICY = {"epsilon": "PRIVREC_BUDGET_EPSILON", "delta": "PRIVREC_BUDGET_DELTA",
+              "window_days": "PRIVREC_BUDGET_WINDOW_DAYS"}
+
+
+def policy_from_env(environ: dict[str, str] | None = None) -> BudgetPolicy:
+    """The budget policy of the deployment: ``PRIVREC_BUDGET_EPSILON``, ``PRIVREC_BUDGET_DELTA``
+    and ``PRIVREC_BUDGET_WINDOW_DAYS`` override the defaults (epsilon 10, delta 1e-6, 30 days)."""
+    import os
+
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for name, var in ENV_POLICY.items():
+        raw = env.get(var)
+        if raw is None or raw.strip() == "":
+            continue
+        try:
+            values[name] = int(raw) if name == "window_days" else float(raw)
+        except ValueError:
+            raise ConfigurationError(f"{var} must be a number, not {raw!r}") from None
+    return BudgetPolicy(**values)
+
+
+def open_ledger(lake: str | None = None) -> Ledger:
+    """The deployment's ledger: ``$PRIVREC_LEDGER_URL`` (else the lake's SQLite file) and policy."""
+    from privrec_pipeline.config import ledger_url
+
+    return Ledger(ledger_url(lake), policy_from_env())

@@ -7,12 +7,12 @@ severity of any expectation by its id (``critical`` gates the run, ``warning`` o
 
 from __future__ import annotations
 
-import json
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from privrec_pipeline.errors import ConfigurationError
+from privrec_pipeline.settings import from_settings
 
 SEVERITIES = ("critical", "warning")
 # Raw user and session ids of the built-in sources (synthetic: usr_<12 hex>, ses_<date>_<8 hex>;
@@ -70,32 +70,4 @@ class QualityConfig:
     @classmethod
     def from_settings(cls, settings: dict[str, Any]) -> "QualityConfig":
         """From a mapping of setting names to values (unknown names and wrong types are errors)."""
-        known = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(settings) - set(known))
-        if unknown:
-            raise ConfigurationError(f"unknown quality setting(s) {unknown}; known: {sorted(known)}")
-        values = dict(settings)
-        if "pii_exempt_columns" in values:
-            values["pii_exempt_columns"] = tuple(values["pii_exempt_columns"] or ())
-        for name, value in values.items():
-            default = getattr(cls, name, None) if name != "severity" else {}
-            wanted: tuple[type, ...] = (int,) if isinstance(default, int) else (
-                (int, float) if isinstance(default, float) else (type(default),))
-            if isinstance(value, bool) or not isinstance(value, wanted):
-                raise ConfigurationError(
-                    f"quality setting {name} must be {' or '.join(t.__name__ for t in wanted)}, not {value!r}")
-        return cls(**values)
-
-
-def parse_key_values(items: list[str]) -> dict[str, Any]:
-    """``key=value`` strings to a mapping; values are parsed as JSON when they parse, else text."""
-    parsed: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigurationError(f"quality setting {item!r} is not key=value")
-        try:
-            parsed[key.strip()] = json.loads(raw)
-        except ValueError:
-            parsed[key.strip()] = raw
-    return parsed
+        return from_settings(cls, settings, "quality setting")

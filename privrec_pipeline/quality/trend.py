@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import datetime as dt
 import html
-import io
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from privrec_pipeline.charts import PALETTE, pyplot, to_svg
 from privrec_pipeline.schema import QUARANTINE_REASONS
-
-PALETTE = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1",
-           "#ff9da7", "#9c755f", "#bab0ac")
 
 
 @dataclass(frozen=True)
@@ -29,12 +26,7 @@ class TrendPage:
 
 def _chart(days: list[str], series: dict[str, list[float]], *, title: str, ylabel: str,
            stacked: bool, percent: bool = False, colors: dict[str, str] | None = None) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    # Text stays text in the SVG (searchable, selectable, crisp at any zoom), not glyph paths.
-    matplotlib.rcParams["svg.fonttype"] = "none"
-    from matplotlib import pyplot as plt
+    plt = pyplot()
     from matplotlib.ticker import FuncFormatter, MaxNLocator
 
     fig, ax = plt.subplots(figsize=(10, 3.4), dpi=96)
@@ -63,11 +55,7 @@ def _chart(days: list[str], series: dict[str, list[float]], *, title: str, ylabe
     ax.spines[["top", "right"]].set_visible(False)
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=9, frameon=False)
     fig.subplots_adjust(left=0.09, right=0.72, bottom=0.2, top=0.88)  # same plot width in every chart
-    buf = io.StringIO()
-    fig.savefig(buf, format="svg")
-    plt.close(fig)
-    svg = buf.getvalue()
-    return svg[svg.index("<svg"):]
+    return to_svg(fig)
 
 
 def build_trend_page(start: dt.date, end: dt.date, load_summary: Callable[[dt.date], dict | None],

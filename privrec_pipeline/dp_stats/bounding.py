@@ -1,0 +1,142 @@
+"""Contribution bounding and the bounded aggregates, in Spark SQL (JVM only, no Python rows).
+
+Bound contributions before noise, else the sensitivity is unbounded: one user with 10,000
+events would move every count by 10,000. Per user (the privacy unit):
+
+- items: at most C events per (user, item), taken in a fixed order of event types, rarest
+  first (purchase, add_to_cart, remove_from_cart, rating, view), so the informative events
+  survive; at most K items per user: the user's most used items (most events), ties broken
+  by a keyed hash of (user, item). The choice depends on nothing but the user's own data, so
+  no other user can change which of a user's items count (and popular items, where counts
+  are useful, keep most of their users);
+- categories: at most Cc events per (user, category), at most Kc categories per user, the
+  same way;
+- purchase prices: clamped to [lo, hi]; at most M purchases per user (hash of the event id).
+Events without a user or key (null item, null category) contribute to no key.
+
+Each aggregate then has one row per key with the bounded values, small enough for the
+driver, where PyDP adds noise (``dp_stats.noise``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from privrec_pipeline.dp_stats.params import DPStatsParams
+from privrec_pipeline.schema import EVENT_TYPES, EventType
+
+if TYPE_CHECKING:
+    from pyspark.sql import Column, DataFrame
+
+USER, ITEM, CATEGORY = "user_pseudonym", "item_id", "category"
+# Rarest and most informative first: a capped (user, item) keeps its purchase over its views.
+TYPE_PRIORITY: tuple[str, ...] = (EventType.PURCHASE, EventType.ADD_TO_CART, EventType.REMOVE_FROM_CART,
+                                  EventType.RATING, EventType.VIEW)
+assert set(TYPE_PRIORITY) == set(EVENT_TYPES)
+
+
+@dataclass(frozen=True)
+class BoundedAggregates:
+    """The bounded, not yet noisy, aggregates of one release (lazy DataFrames)."""
+
+    items: "DataFrame"  # item_id, users, <event type>... (events per type)
+    funnel: "DataFrame"  # one row: <event type>... (distinct users per type)
+    categories: "DataFrame"  # category, users, events
+    purchases: "DataFrame"  # one row: price_sum_centred, purchases
+
+
+def _rank_within_user(key: "Column", salt: str, weight: "Column | None" = None) -> "Column":
+    """1, 2, ... over a user's keys: by ``weight`` descending (if given), then by a keyed hash,
+    then by the key (so the order is total and the same on every run)."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    order = [F.xxhash64(F.lit(salt), F.col(USER), key), key]
+    if weight is not None:
+        order.insert(0, weight.desc())
+    return F.row_number().over(Window.partitionBy(USER).orderBy(*order))
+
+
+def bound_items(silver: "DataFrame", params: DPStatsParams, salt: str) -> "DataFrame":
+    """One row per kept (user, item): capped event counts by type, plus the user's funnel flags
+    (``has_<type>``) on the user's first row (``first_of_user``)."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    events = silver.where(F.col(USER).isNotNull() & F.col(ITEM).isNotNull())
+    per = events.groupBy(USER, ITEM).agg(
+        F.count(F.lit(1)).alias("events"),
+        *[F.count(F.when(F.col("event_type") == t, 1)).alias(t) for t in EVENT_TYPES])
+    capped, remaining = [], F.lit(params.max_events_per_item)
+    for t in TYPE_PRIORITY:
+        kept = F.least(F.col(t), remaining)
+        capped.append(kept.alias(t))
+        remaining = remaining - kept
+    user = Window.partitionBy(USER)
+    ranked = per.select(
+        USER, ITEM, *capped,
+        *[F.max((F.col(t) > 0).cast("int")).over(user).alias(f"has_{t}") for t in EVENT_TYPES],
+        _rank_within_user(F.col(ITEM), salt, F.col("events")).alias("rank"),
+    )
+    return (ranked.where(F.col("rank") <= params.max_items_per_user)
+            .withColumn("first_of_user", F.col("rank") == 1).drop("rank"))
+
+
+def bound_categories(silver: "DataFrame", params: DPStatsParams, salt: str) -> "DataFrame":
+    """One row per kept (user, category) with the capped event count."""
+    from pyspark.sql import functions as F
+
+    events = silver.where(F.col(USER).isNotNull() & F.col(CATEGORY).isNotNull())
+    if params.public_categories:  # other categories are not keys of the release
+        events = events.where(F.col(CATEGORY).isin(list(params.public_categories)))
+    per = (events.groupBy(USER, CATEGORY).agg(F.count(F.lit(1)).alias("events")))
+    ranked = per.select(USER, CATEGORY, F.least(F.col("events"), F.lit(params.max_events_per_category)).alias("events"),
+                        _rank_within_user(F.col(CATEGORY), salt, F.col("events")).alias("rank"))
+    return ranked.where(F.col("rank") <= params.max_categories_per_user).drop("rank")
+
+
+def bound_purchases(silver: "DataFrame", params: DPStatsParams, salt: str) -> "DataFrame":
+    """One row per kept purchase: the clamped price minus the clamp's midpoint."""
+    from pyspark.sql import functions as F
+
+    lo, hi = params.price_lower, params.price_upper
+    price = F.col("price")
+    purchases = silver.where((F.col("event_type") == EventType.PURCHASE) & F.col(USER).isNotNull()
+                             & price.isNotNull() & ~F.isnan(price))
+    clamped = F.greatest(F.lit(lo), F.least(F.lit(hi), price))
+    ranked = purchases.select(USER, (clamped - F.lit((lo + hi) / 2)).alias("price_centred"),
+                              _rank_within_user(F.col("event_id"), salt).alias("rank"))
+    return ranked.where(F.col("rank") <= params.max_purchases_per_user).drop("rank")
+
+
+def bounded_aggregates(silver: "DataFrame", params: DPStatsParams, salt: str) -> BoundedAggregates:
+    from pyspark.sql import functions as F
+
+    items = bound_items(silver, params, salt)
+    item_aggs = items.groupBy(ITEM).agg(F.count(F.lit(1)).alias("users"),
+                                        *[F.sum(t).alias(t) for t in EVENT_TYPES])
+    funnel = items.where("first_of_user").agg(
+        *[F.coalesce(F.sum(f"has_{t}"), F.lit(0)).alias(t) for t in EVENT_TYPES])
+    categories = bound_categories(silver, params, salt).groupBy(CATEGORY).agg(
+        F.count(F.lit(1)).alias("users"), F.sum("events").alias("events"))
+    purchases = bound_purchases(silver, params, salt).agg(
+        F.coalesce(F.sum("price_centred"), F.lit(0.0)).alias("price_sum_centred"),
+        F.count(F.lit(1)).alias("purchases"))
+    return BoundedAggregates(item_aggs, funnel, categories, purchases)
+
+
+def exact_statistics(silver: "DataFrame") -> BoundedAggregates:
+    """The same statistics without bounding or noise (the non-private baseline of the benchmark
+    and the reference of the error measurements; never released)."""
+    from pyspark.sql import functions as F
+
+    items = silver.groupBy(ITEM).agg(F.countDistinct(USER).alias("users"),
+                                     *[F.count(F.when(F.col("event_type") == t, 1)).alias(t) for t in EVENT_TYPES])
+    funnel = silver.groupBy().agg(
+        *[F.countDistinct(F.when(F.col("event_type") == t, F.col(USER))).alias(t) for t in EVENT_TYPES])
+    categories = silver.where(F.col(CATEGORY).isNotNull()).groupBy(CATEGORY).agg(
+        F.countDistinct(USER).alias("users"), F.count(F.lit(1)).alias("events"))
+    purchases = silver.where(F.col("event_type") == EventType.PURCHASE).agg(
+        F.sum("price").alias("price_sum_centred"), F.count(F.lit(1)).alias("purchases"))
+    return BoundedAggregates(items, funnel, categories, purchases)

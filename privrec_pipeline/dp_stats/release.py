@@ -1,0 +1,188 @@
+"""The dp_stats step: one accounted, idempotent DP release of a day's statistics.
+
+    reserve in the ledger -> read silver -> bound (Spark SQL) -> noise + selection (PyDP)
+    -> write gold/dp_stats/dt=D/ atomically -> commit in the ledger
+
+- The day must have passed the quality gate (its ``summary.json`` says so) before anything
+  is reserved; a release that would break the budget fails in ``reserve``, before any data
+  is read.
+- Noise is drawn once per release. A retried task or a later run of the same day gets the
+  release from the ledger (``resume``/``reuse``); if the partition already holds that
+  release, it is returned as it is, without reading silver. ``force`` makes a new release,
+  which the ledger counts again.
+- If the step fails before its partition is swapped in, the reservation is marked failed
+  (nothing was released, so nothing is spent). A failure after the swap leaves it reserved:
+  the retry finds the partition and commits it.
+
+Output partition: ``items.parquet`` (the DP item vocabulary with noisy counts),
+``funnel.parquet``, ``categories.parquet``, ``release.json`` (what was computed with which
+noise) and ``report.html``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import tempfile
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from privrec_pipeline import lake as lk
+from privrec_pipeline.dp_stats.bounding import bounded_aggregates
+from privrec_pipeline.dp_stats.noise import NoisyRelease, add_noise
+from privrec_pipeline.dp_stats.params import DPStatsParams
+from privrec_pipeline.dp_stats.report import render_release_page
+from privrec_pipeline.errors import PrivrecError, QualityGateFailed
+from privrec_pipeline.privacy.accounting import basic_composition, composed_epsilon
+from privrec_pipeline.privacy.ledger import Ledger, Release
+from privrec_pipeline.quality.validate import SUMMARY_FILE, report_uri
+from privrec_pipeline.spark.lakefs import LakeFS
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+log = logging.getLogger(__name__)
+RELEASE_KEY = "dp_stats"
+RELEASE_FILE = "release.json"
+REPORT_FILE = "report.html"
+TABLES = ("items", "funnel", "categories")
+
+
+@dataclass(frozen=True)
+class DPStatsResult:
+    status: str  # "new" (computed now), "resume" (an open reservation finished now), "reuse" (already released)
+    uri: str
+    release: dict[str, Any]  # the content of release.json
+
+
+def dp_stats_uri(lake: str, day: dt.date) -> str:
+    return lk.partition_uri(lake, "dp_stats", day)
+
+
+def _read_json(fs: LakeFS, uri: str) -> dict[str, Any] | None:
+    return json.loads(fs.read_text(uri)) if fs.exists(uri) else None
+
+
+def require_quality_gate(fs: LakeFS, lake: str, day: dt.date) -> None:
+    """DP statistics use a day only after validation passed it."""
+    uri = f"{report_uri(lake, day)}/{SUMMARY_FILE}"
+    summary = _read_json(fs, uri)
+    if summary is None:
+        raise QualityGateFailed(f"no quality summary for {day} ({uri}): run the validate step for this date first")
+    if summary.get("gate") != "passed":
+        failed = ", ".join(summary.get("failed_critical", [])) or "unknown"
+        raise QualityGateFailed(f"the quality gate of {day} failed ({failed}): no DP statistics for this day")
+
+
+def run_dp_stats(spark: "SparkSession", lake: str, day: dt.date, params: DPStatsParams, ledger: Ledger, *,
+                 run_id: str = "manual", dag_id: str = "manual", force: bool = False) -> DPStatsResult:
+    fs = LakeFS(spark)
+    require_quality_gate(fs, lake, day)
+    epsilon, delta = params.spent()
+    reservation = ledger.reserve(RELEASE_KEY, day, day, params.components(), epsilon=epsilon, delta=delta,
+                                 dag_id=dag_id, run_id=run_id, force=force)
+    release = reservation.release
+    target = dp_stats_uri(lake, day)
+    existing = _read_json(fs, f"{target}/{RELEASE_FILE}")
+    if existing is not None and existing.get("release_id") == release.id:
+        if reservation.status != "reuse":  # written by an attempt that stopped before committing
+            ledger.commit(release.id, {"uri": target})
+        log.info("release %s of %s is already in %s: reused, nothing spent", release.id, day, target)
+        return DPStatsResult("reuse", target, existing)
+    if reservation.status == "reuse":
+        raise PrivrecError(
+            f"release {release.id} (dp_stats of {day}) is committed in the ledger, but {target} does not hold it "
+            f"(found {'release ' + str(existing.get('release_id')) if existing else 'nothing'}); its noise cannot be "
+            "drawn again for free: restore the partition, or rerun with force to make (and pay for) a new release"
+        )
+    published = False
+    try:
+        doc = _compute(spark, lake, day, params, release, ledger)
+        noisy: NoisyRelease = doc.pop("_tables")
+        stage = fs.staging_uri(target)
+        with tempfile.TemporaryDirectory(prefix="privrec-dp-stats-") as tmp:
+            _write_local(tmp, doc, noisy)
+            try:
+                fs.upload_dir(tmp, stage)
+                fs.swap_in(stage, target)
+            except BaseException:
+                fs.delete(stage)
+                raise
+        published = True
+        ledger.commit(release.id, {"uri": target, "items": doc["released"]["items"]})
+    except BaseException as exc:
+        if not published:
+            ledger.fail(release.id, f"{type(exc).__name__} before the release was written")
+        raise
+    log.info("released dp_stats of %s (release %s, epsilon %.4g, delta %.2g): %d items -> %s",
+             day, release.id, epsilon, delta, doc["released"]["items"], target)
+    return DPStatsResult(reservation.status, target, doc)
+
+
+def _compute(spark: "SparkSession", lake: str, day: dt.date, params: DPStatsParams, release: Release,
+             ledger: Ledger) -> dict[str, Any]:
+    silver_uri = lk.partition_uri(lake, "silver", day)
+    silver = spark.read.parquet(silver_uri)
+    # The bounding hash is keyed by the day: reruns bound the same way.
+    aggregates = bounded_aggregates(silver, params, salt=f"privrec-dp-stats-{day.isoformat()}")
+    noisy = add_noise(aggregates.items.toArrow(), aggregates.funnel.toArrow(), aggregates.categories.toArrow(),
+                      aggregates.purchases.toArrow(), params)
+    plan = params.plan()
+    statistics = {}
+    for name, budget in plan.items():
+        statistics[name] = {**noisy.mechanisms.get(name, {}), "mechanism": noisy.mechanisms.get(name, {}).get(
+            "mechanism", budget.mechanism), "epsilon": budget.epsilon, "delta": budget.delta,
+            "sensitivity": budget.sensitivity, "noise_scale": budget.noise_scale}
+    components = params.components()
+    basic_e, basic_d = basic_composition([(b.epsilon, b.delta) for b in plan.values()])
+    doc: dict[str, Any] = {
+        "release_id": release.id, "release_key": RELEASE_KEY, "generation": release.generation,
+        "forced": release.forced, "date": day.isoformat(),
+        "window": {"start": release.window_start.isoformat(), "end": release.window_end.isoformat()},
+        "dag_id": release.dag_id, "run_id": release.run_id, "privacy_unit": "user (user_pseudonym)",
+        "epsilon": basic_e, "delta": basic_d, "confidence_level": params.confidence_level,
+        "composition": {
+            "basic": {"epsilon": basic_e, "delta": basic_d},
+            "tight_pld": {"epsilon": composed_epsilon(components, ledger.policy.delta),
+                          "delta": ledger.policy.delta},
+        },
+        "mechanism_components": [c.to_dict() for c in components],
+        "statistics": statistics,
+        "bounds": {k: getattr(params, k) for k in (
+            "max_items_per_user", "max_events_per_item", "max_categories_per_user", "max_events_per_category",
+            "max_purchases_per_user", "price_lower", "price_upper")},
+        "params": params.to_dict(),
+        "released": {"items": noisy.items.num_rows, "categories": noisy.categories.num_rows},
+        "purchases": noisy.purchases,
+        "files": {**{t: f"{t}.parquet" for t in TABLES}, "report": REPORT_FILE,
+                  "vocabulary": "items.parquet (item_id, ordered by noisy users)"},
+        "input": {"silver": silver_uri},
+        "libraries": _library_versions(),
+    }
+    doc["_tables"] = noisy
+    return doc
+
+
+def _library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for dist in ("python-dp", "dp-accounting", "pyspark"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+def _write_local(folder: str, doc: dict[str, Any], noisy: NoisyRelease) -> None:
+    import pyarrow.parquet as pq
+
+    for name in TABLES:
+        pq.write_table(getattr(noisy, name), f"{folder}/{name}.parquet", compression="zstd")
+    with open(f"{folder}/{RELEASE_FILE}", "w", encoding="utf-8") as fh:
+        json.dump(doc, fh, indent=2, sort_keys=True)
+    page = render_release_page(doc, noisy.items.to_pylist(), noisy.funnel.to_pylist(), noisy.categories.to_pylist())
+    with open(f"{folder}/{REPORT_FILE}", "w", encoding="utf-8") as fh:
+        fh.write(page)

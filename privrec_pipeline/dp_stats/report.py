@@ -1,0 +1,90 @@
+"""The human page of a DP release: top items with error bars, funnel, categories, budget.
+
+Rendered from the released (noisy) tables and ``release.json`` only, so it shows nothing the
+release does not already publish.
+"""
+
+from __future__ import annotations
+
+import html
+from typing import Any
+
+from privrec_pipeline.charts import PALETTE, pyplot, to_svg
+
+TOP_ITEMS = 20
+
+
+def _top_items_chart(items: list[dict[str, Any]], level: float) -> str:
+    plt = pyplot()
+    top = items[:TOP_ITEMS][::-1]  # largest at the top of a horizontal bar chart
+    fig, ax = plt.subplots(figsize=(10, 0.32 * len(top) + 1.2), dpi=96)
+    users = [r["users"] for r in top]
+    low = [r["users"] - r["users_low"] for r in top]
+    high = [r["users_high"] - r["users"] for r in top]
+    ax.barh(range(len(top)), users, xerr=[low, high], color=PALETTE[0], ecolor="#333", capsize=3)
+    ax.set_yticks(range(len(top)), [str(r["item_id"])[:40] for r in top], fontsize=9)
+    ax.set_xlabel(f"distinct users (noisy; bars: {level:.0%} confidence interval)")
+    ax.set_title(f"Top {len(top)} items by distinct users", loc="left", fontsize=12, fontweight="bold")
+    ax.set_xlim(left=0)
+    ax.grid(axis="x", alpha=0.3)
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    return to_svg(fig)
+
+
+def render_release_page(release: dict[str, Any], items: list[dict[str, Any]], funnel: list[dict[str, Any]],
+                        categories: list[dict[str, Any]]) -> str:
+    e = html.escape
+    level = release["confidence_level"]
+    chart = (_top_items_chart(items, level) if items and items[0].get("users") is not None
+             else "<p>No item passed partition selection (or item counts are not released).</p>")
+    budget_rows = "".join(
+        f"<tr><td>{e(name)}</td><td>{e(m['mechanism'])}</td><td class=n>{m['epsilon']:.4g}</td>"
+        f"<td class=n>{m.get('delta', 0):.2g}</td><td class=n>{m['sensitivity']:g}</td>"
+        f"<td class=n>{'' if m.get('noise_scale') is None else format(m['noise_scale'], '.4g')}</td></tr>"
+        for name, m in release["statistics"].items())
+    funnel_rows = "".join(f"<tr><td>{e(r['event_type'])}</td><td class=n>{r['users']:,}</td>"
+                          f"<td class=n>{r['users_low']:,} .. {r['users_high']:,}</td></tr>" for r in funnel)
+    cat_rows = "".join(f"<tr><td>{e(str(r['category']))}</td><td class=n>{r['events']:,}</td>"
+                       f"<td class=n>{r['events_low']:,} .. {r['events_high']:,}</td></tr>"
+                       for r in categories if r.get("events") is not None)
+    price = release.get("purchases") or {}
+    price_line = (f"<p>Mean purchase price (clamped to {price['price_clamp'][0]:g} .. {price['price_clamp'][1]:g}): "
+                  f"<b>{price['mean_price']:.2f}</b> over about {price['noisy_purchases']:,} purchases.</p>"
+                  if price else "")
+    total = release["epsilon"], release["delta"]
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<title>privrec DP statistics {e(release['date'])}</title>
+<style>
+body {{ font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto; max-width: 1000px;
+       color: #222; padding: 0 1rem; }}
+h1 {{ font-size: 1.5rem; margin-bottom: .2rem; }}
+p.sub {{ color: #555; margin-top: 0; }}
+svg {{ width: 100%; height: auto; }}
+table {{ border-collapse: collapse; font-size: .9rem; margin: .5rem 0 1.5rem; min-width: 50%; }}
+th, td {{ border-bottom: 1px solid #ddd; padding: .3rem .6rem; text-align: left; }}
+td.n {{ text-align: right; font-variant-numeric: tabular-nums; }}
+</style></head><body>
+<h1>privrec DP statistics, {e(release['date'])}</h1>
+<p class=sub>Release {release['release_id']} (generation {release['generation']}{', forced' if release['forced'] else ''}):
+user-level ({e(release['privacy_unit'])}) differential privacy, epsilon {total[0]:.4g}, delta {total[1]:.2g}.
+Every number on this page is noisy; {len(items):,} items and {len(categories):,} categories passed partition selection.</p>
+{chart}
+<h2>Funnel: distinct users per event type</h2>
+<table><thead><tr><th>event type</th><th>users</th><th>{level:.0%} interval</th></tr></thead>
+<tbody>{funnel_rows}</tbody></table>
+<h2>Categories: events</h2>
+<table><thead><tr><th>category</th><th>events</th><th>{level:.0%} interval</th></tr></thead>
+<tbody>{cat_rows}</tbody></table>
+{price_line}
+<h2>Budget of this release</h2>
+<table><thead><tr><th>statistic</th><th>mechanism</th><th>epsilon</th><th>delta</th><th>sensitivity</th>
+<th>noise scale</th></tr></thead><tbody>{budget_rows}</tbody></table>
+<p class=sub>Contribution bounds per user: {e(_bounds(release['bounds']))}.</p>
+</body></html>
+"""
+
+
+def _bounds(bounds: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in bounds.items())

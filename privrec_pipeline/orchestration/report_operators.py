@@ -1,0 +1,80 @@
+"""Spark tasks whose output is a report for people, visible from the Airflow UI.
+
+The report location is known before the job runs (it depends only on the lake and the
+day), so it is pushed as XCom (``quality_report``, ``dp_stats_report``) and shown as the
+task's extra link even when the job fails: that is when an operator needs it most. Neither
+task reads raw data, so neither receives key material.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from airflow.sdk import BaseOperatorLink
+
+from privrec_pipeline.orchestration.spark_operator import PrivrecSparkSubmitOperator
+
+
+def _as_url(uri: str) -> str:
+    return uri if "://" in uri else f"file://{uri}"
+
+
+class _ReportLink(BaseOperatorLink):
+    """Extra link to the report (stored by the worker after execute, as XCom ``_link_<class>``)."""
+
+    def get_link(self, operator: Any, *, ti_key: Any) -> str:
+        return getattr(operator, "report_url", "") or ""
+
+
+class QualityReportLink(_ReportLink):
+    name = "Quality report"
+
+
+class DPStatsReportLink(_ReportLink):
+    name = "DP statistics report"
+
+
+class _ReportOperator(PrivrecSparkSubmitOperator):
+    xcom_key = ""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(needs_keys=False, **kwargs)
+        self.report_url = ""
+
+    def report_location(self, lake: str, day: dt.date) -> str:
+        raise NotImplementedError
+
+    def execute(self, context: Any) -> str:
+        from privrec_pipeline.config import lake_root
+
+        day = dt.date.fromisoformat(str(context["ds"]))
+        self.report_url = _as_url(self.report_location(lake_root(), day))
+        self.log.info("%s for %s: %s", self.xcom_key.replace("_", " "), context["ds"], self.report_url)
+        context["ti"].xcom_push(key=self.xcom_key, value=self.report_url)
+        super().execute(context)
+        return self.report_url
+
+
+class QualityValidateOperator(_ReportOperator):
+    """jobs/validate.py; the link is the day's Data Docs page."""
+
+    operator_extra_links = (QualityReportLink(),)
+    xcom_key = "quality_report"
+
+    def report_location(self, lake: str, day: dt.date) -> str:
+        from privrec_pipeline.quality.validate import report_index_uri
+
+        return report_index_uri(lake, day)
+
+
+class DPStatsOperator(_ReportOperator):
+    """jobs/dp_stats.py; the link is the release's page (top items with error bars, budget)."""
+
+    operator_extra_links = (DPStatsReportLink(),)
+    xcom_key = "dp_stats_report"
+
+    def report_location(self, lake: str, day: dt.date) -> str:
+        from privrec_pipeline.dp_stats.release import REPORT_FILE, dp_stats_uri
+
+        return f"{dp_stats_uri(lake, day)}/{REPORT_FILE}"

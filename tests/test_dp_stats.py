@@ -1,0 +1,249 @@
+"""The dp_stats step on Spark: contribution bounding holds against a heavy user, and a day's
+release is accounted, idempotent, forced reruns spend, and nothing exact or identifying
+leaves it."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import DAY
+from privrec_pipeline import lake as lk
+from privrec_pipeline.dp_stats.bounding import bounded_aggregates
+from privrec_pipeline.dp_stats.params import DPStatsParams
+from privrec_pipeline.dp_stats.release import dp_stats_uri, run_dp_stats
+from privrec_pipeline.errors import PrivacyBudgetExceeded, PrivrecError, QualityGateFailed
+from privrec_pipeline.ingest import run_collect, run_pseudonymize
+from privrec_pipeline.privacy.ledger import BudgetPolicy, Ledger
+from privrec_pipeline.quality.config import QualityConfig
+from privrec_pipeline.quality.validate import run_validate
+from privrec_pipeline.schema import EVENT_TYPES
+from privrec_pipeline.sources.synthetic import GeneratorConfig, generate_day
+
+pytestmark = pytest.mark.spark
+COLUMNS = "event_id string, user_pseudonym string, item_id string, category string, event_type string, price double"
+HEAVY = "f" * 64
+
+
+def _events(n_users: int = 40) -> list[tuple]:
+    rows = []
+    for u in range(n_users):
+        user = f"{u:064x}"
+        for j in range(6):
+            rows.append((f"e-{u}-{j}", user, f"item-{(u + j) % 15}", f"cat-{j % 4}",
+                         EVENT_TYPES[j % 4], 10.0 + j))
+    return rows
+
+
+def _heavy_user() -> list[tuple]:
+    """10,000 events of one user over 60 items, every type, 12 categories, absurd prices."""
+    return [(f"h-{i}", HEAVY, f"item-{i % 60}", f"cat-{i % 12}", EVENT_TYPES[i % len(EVENT_TYPES)], 1e9)
+            for i in range(10_000)]
+
+
+def _collect(aggs) -> dict:
+    return {
+        "items": {r["item_id"]: r.asDict() for r in aggs.items.collect()},
+        "funnel": aggs.funnel.first().asDict(),
+        "categories": {r["category"]: r.asDict() for r in aggs.categories.collect()},
+        "purchases": aggs.purchases.first().asDict(),
+    }
+
+
+def test_one_user_with_10000_events_changes_any_count_by_at_most_the_bound(spark):
+    params = DPStatsParams(max_items_per_user=4, max_events_per_item=3, max_categories_per_user=2,
+                           max_events_per_category=5, max_purchases_per_user=2, price_lower=0.0, price_upper=100.0)
+    base = spark.createDataFrame(_events(), COLUMNS)
+    with_heavy = base.unionByName(spark.createDataFrame(_heavy_user(), COLUMNS))
+    without, heavy = (_collect(bounded_aggregates(df, params, "salt")) for df in (base, with_heavy))
+
+    changed_items = 0
+    for item in set(without["items"]) | set(heavy["items"]):
+        a = without["items"].get(item, {"users": 0, **{t: 0 for t in EVENT_TYPES}})
+        b = heavy["items"].get(item, {"users": 0, **{t: 0 for t in EVENT_TYPES}})
+        assert 0 <= b["users"] - a["users"] <= 1
+        events = sum(b[t] - a[t] for t in EVENT_TYPES)
+        assert 0 <= events <= params.max_events_per_item
+        changed_items += b["users"] != a["users"]
+    assert changed_items == params.max_items_per_user  # the heavy user counts on exactly K items
+    total_events = sum(heavy["items"][i][t] for i in heavy["items"] for t in EVENT_TYPES) - \
+        sum(without["items"][i][t] for i in without["items"] for t in EVENT_TYPES)
+    assert total_events <= params.max_items_per_user * params.max_events_per_item  # L1 of the item table
+
+    for t in EVENT_TYPES:  # the funnel counts a user at most once per event type
+        assert heavy["funnel"][t] - without["funnel"][t] == 1
+    changed_categories = [c for c in heavy["categories"]
+                          if heavy["categories"][c]["users"] != without["categories"].get(c, {}).get("users", 0)]
+    assert len(changed_categories) <= params.max_categories_per_user
+    for c in changed_categories:
+        gained = heavy["categories"][c]["events"] - without["categories"].get(c, {}).get("events", 0)
+        assert 0 < gained <= params.max_events_per_category
+    # Purchases: at most M, each clamped to the bounds and centred (|price - 50| <= 50).
+    assert heavy["purchases"]["purchases"] - without["purchases"]["purchases"] == params.max_purchases_per_user
+    shift = heavy["purchases"]["price_sum_centred"] - without["purchases"]["price_sum_centred"]
+    assert abs(shift) <= params.max_purchases_per_user * (params.price_upper - params.price_lower) / 2
+
+
+def test_bounding_keeps_rare_event_types_and_is_the_same_on_every_run(spark):
+    params = DPStatsParams(max_items_per_user=1, max_events_per_item=2)
+    rows = [(f"v{i}", HEAVY, "item-a", "c", "view", 1.0) for i in range(50)] + \
+        [("p1", HEAVY, "item-a", "c", "purchase", 1.0), ("c1", HEAVY, "item-a", "c", "add_to_cart", 1.0)]
+    df = spark.createDataFrame(rows, COLUMNS)
+    first = _collect(bounded_aggregates(df, params, "salt"))["items"]["item-a"]
+    assert (first["purchase"], first["add_to_cart"], first["view"]) == (1, 1, 0)
+    many = spark.createDataFrame(_events(), COLUMNS)
+    runs = [sorted(map(str, bounded_aggregates(many, params, "salt").items.collect())) for _ in range(2)]
+    assert runs[0] == runs[1]
+
+
+@pytest.fixture(scope="module")
+def validated_lake(spark, tmp_path_factory, keyring) -> Path:
+    root = tmp_path_factory.mktemp("dp_stats") / "lake"
+    generate_day(GeneratorConfig(date=DAY, events=3000, users=150, items=60, seed=21), str(root))
+    run_collect(spark, str(root), DAY, keyring)
+    run_pseudonymize(spark, str(root), DAY, keyring)
+    run_validate(spark, str(root), DAY, QualityConfig())
+    return root
+
+
+@pytest.fixture()
+def day_lake(validated_lake, tmp_path) -> Path:
+    target = tmp_path / "lake"
+    shutil.copytree(validated_lake, target)
+    return target
+
+
+# Generous enough that a 150-user day releases items (threshold about a dozen users).
+PARAMS = DPStatsParams(epsilon=20.0, delta=1e-6)
+
+
+def _ledger(lake: Path, cap: float = 1000.0) -> Ledger:
+    return Ledger(f"sqlite:///{lake}/ledger.db", BudgetPolicy(epsilon=cap, delta=1e-3, window_days=30))
+
+
+def _items(uri: str):
+    return pq.read_table(f"{uri}/items.parquet").to_pylist()
+
+
+def test_release_is_written_accounted_and_holds_only_dp_values(spark, day_lake):
+    ledger = _ledger(day_lake)
+    result = run_dp_stats(spark, str(day_lake), DAY, PARAMS, ledger, run_id="run-1", dag_id="privrec_nightly")
+    assert result.status == "new"
+    out = Path(result.uri)
+    assert {p.name for p in out.iterdir() if not p.name.startswith(".")} >= {
+        "items.parquet", "funnel.parquet", "categories.parquet", "release.json", "report.html"}
+    doc = json.loads((out / "release.json").read_text())
+    assert doc["epsilon"] == pytest.approx(20.0) and doc["delta"] == pytest.approx(1e-6)
+    assert sum(s["epsilon"] for s in doc["statistics"].values()) == pytest.approx(20.0)
+    assert doc["statistics"]["item_users"]["noise_scale"] == pytest.approx(
+        PARAMS.max_items_per_user / doc["statistics"]["item_users"]["epsilon"])
+    assert doc["composition"]["tight_pld"]["epsilon"] <= doc["composition"]["basic"]["epsilon"] + 1e-6
+    [release] = ledger.releases()
+    assert (release.state, release.id, release.epsilon) == ("committed", doc["release_id"], pytest.approx(20.0))
+
+    items = _items(result.uri)
+    assert 0 < len(items) == doc["released"]["items"]
+    assert [r["users"] for r in items] == sorted((r["users"] for r in items), reverse=True)
+    assert all(r["users_low"] <= r["users"] <= r["users_high"] for r in items)
+    # Only items that many users touched are released (a one-user item: probability < 1e-7).
+    silver = spark.read.parquet(lk.partition_uri(str(day_lake), "silver", DAY))
+    users_per_item = {r["item_id"]: r["n"] for r in
+                      silver.groupBy("item_id").agg({"user_pseudonym": "approx_count_distinct"})
+                      .withColumnRenamed("approx_count_distinct(user_pseudonym)", "n").collect()}
+    assert min(users_per_item[r["item_id"]] for r in items) >= 2
+    funnel = pq.read_table(f"{result.uri}/funnel.parquet").to_pylist()
+    assert [r["event_type"] for r in funnel] == list(EVENT_TYPES)
+
+    # No pseudonym, no exact count: nothing in the release identifies a user or a raw total.
+    pseudonyms = {r[0] for r in silver.select("user_pseudonym").distinct().collect()}
+    text = "".join(p.read_text(errors="ignore") for p in out.iterdir() if p.suffix in (".json", ".html"))
+    assert not pseudonyms & set(re.findall(r"[0-9a-f]{64}", text))
+    assert str(silver.count()) not in json.dumps(doc["released"])
+    assert "Top" in (out / "report.html").read_text() and "<svg" in (out / "report.html").read_text()
+
+
+def test_reruns_reuse_the_release_and_forced_reruns_spend(spark, day_lake):
+    ledger = _ledger(day_lake)
+    first = run_dp_stats(spark, str(day_lake), DAY, PARAMS, ledger, run_id="run-1")
+    noisy = _items(first.uri)
+    retry = run_dp_stats(spark, str(day_lake), DAY, PARAMS, ledger, run_id="run-1")
+    rerun = run_dp_stats(spark, str(day_lake), DAY, PARAMS, ledger, run_id="run-2")
+    assert retry.status == rerun.status == "reuse"
+    assert _items(rerun.uri) == noisy  # the noise was drawn once
+    assert len(ledger.releases()) == 1 and ledger.spend_at(DAY).basic_epsilon == pytest.approx(20.0)
+
+    forced = run_dp_stats(spark, str(day_lake), DAY, PARAMS, ledger, run_id="run-3", force=True)
+    assert forced.status == "new" and forced.release["generation"] == 1 and forced.release["forced"]
+    assert forced.release["release_id"] != first.release["release_id"]
+    assert ledger.spend_at(DAY).basic_epsilon == pytest.approx(40.0)
+    assert run_dp_stats(spark, str(day_lake), DAY, PARAMS, ledger, run_id="run-4").release["release_id"] == \
+        forced.release["release_id"]  # later reruns reuse the newest release
+
+
+def test_a_release_over_the_budget_fails_before_reading_data(spark, day_lake):
+    ledger = _ledger(day_lake, cap=30.0)
+    run_dp_stats(spark, str(day_lake), DAY, PARAMS, ledger, run_id="run-1")
+    shutil.rmtree(lk.local_path(lk.partition_uri(str(day_lake), "silver", DAY)))  # proves silver is not read
+    with pytest.raises(PrivacyBudgetExceeded) as info:
+        run_dp_stats(spark, str(day_lake), DAY, PARAMS, ledger, run_id="run-2", force=True)
+    message = str(info.value)
+    assert "needs epsilon 20" in message and "the cap is epsilon 30" in message
+    assert [r.state for r in ledger.releases()] == ["committed"]
+
+
+def test_a_failed_computation_returns_the_reservation(spark, day_lake):
+    ledger = _ledger(day_lake)
+    shutil.rmtree(lk.local_path(lk.partition_uri(str(day_lake), "silver", DAY)))
+    with pytest.raises(Exception, match=r"(?i)path does not exist|PATH_NOT_FOUND"):
+        run_dp_stats(spark, str(day_lake), DAY, PARAMS, ledger, run_id="run-1")
+    [release] = ledger.releases()
+    assert release.state == "failed" and ledger.spend_at(DAY).epsilon == 0.0
+    assert not lk.local_path(dp_stats_uri(str(day_lake), DAY)).exists()
+
+
+def test_a_day_that_failed_validation_gets_no_release(spark, day_lake):
+    summary = lk.local_path(f"{lk.partition_uri(str(day_lake), 'reports', DAY)}/summary.json")
+    doc = json.loads(summary.read_text())
+    summary.write_text(json.dumps({**doc, "gate": "failed", "failed_critical": ["event_id.unique"]}))
+    ledger = _ledger(day_lake)
+    with pytest.raises(QualityGateFailed, match=r"event_id\.unique"):
+        run_dp_stats(spark, str(day_lake), DAY, PARAMS, ledger)
+    assert ledger.releases() == []
+
+
+def test_a_lost_release_is_not_silently_redrawn(spark, day_lake):
+    ledger = _ledger(day_lake)
+    first = run_dp_stats(spark, str(day_lake), DAY, PARAMS, ledger, run_id="run-1")
+    shutil.rmtree(first.uri)
+    with pytest.raises(PrivrecError, match="rerun with force"):
+        run_dp_stats(spark, str(day_lake), DAY, PARAMS, ledger, run_id="run-2")
+
+
+def test_public_categories_are_released_without_selection(spark, day_lake):
+    params = DPStatsParams(epsilon=5.0, public_categories=("books", "no-such-category"))
+    result = run_dp_stats(spark, str(day_lake), DAY, params, _ledger(day_lake))
+    categories = pq.read_table(f"{result.uri}/categories.parquet").to_pylist()
+    assert sorted(r["category"] for r in categories) == ["books", "no-such-category"]
+    assert "category_selection" not in result.release["statistics"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--epsilon", "0"], "DPStatsParams: epsilon must be positive"),
+    (["--set", "max_items_per_user=0"], "max_items_per_user must be positive"),
+    (["--config-json", "[1]"], "--config-json must be a JSON object"),
+    (["--force", "maybe"], "expected true or false"),
+])
+def test_dp_stats_job_rejects_bad_settings_before_starting_spark(args, message, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("dp_stats_job", Path(__file__).parents[1] / "jobs" / "dp_stats.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    with pytest.raises(SystemExit) as info:
+        job.parse_args(["--date", DAY.isoformat(), *args])
+    assert info.value.code == 2 and message in capsys.readouterr().err
