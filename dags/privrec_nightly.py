@@ -28,13 +28,14 @@ connection or the workers' environment. See README.md for configuration.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import sys
 from datetime import timedelta
 from pathlib import Path
 
 import pendulum
-from airflow.sdk import CronDataIntervalTimetable, Param, dag
+from airflow.sdk import CronDataIntervalTimetable, Param, dag, get_current_context, task
 
 from privrec_pipeline.orchestration.report_operators import DPStatsOperator, QualityValidateOperator
 from privrec_pipeline.orchestration.spark_operator import PrivrecSparkSubmitOperator
@@ -50,6 +51,9 @@ SPARK_CONF = {
     "spark.ui.enabled": os.environ.get("PRIVREC_SPARK_UI", "false"),
 }
 COMMON_ARGS = ["--date", "{{ ds }}", "--run-id", "{{ run_id }}"]
+# Federated training topology (deployment configuration: the DAG's shape depends on it).
+PARTITIONS = int(os.environ.get("PRIVREC_TRAIN_PARTITIONS", "2"))
+ROUNDS = int(os.environ.get("PRIVREC_TRAIN_ROUNDS", "3"))
 
 
 @dag(
@@ -103,6 +107,30 @@ COMMON_ARGS = ["--date", "{{ ds }}", "--run-id", "{{ run_id }}"]
             description="Settings of privrec_pipeline/dp_stats/params.py, e.g. "
                         '{"max_items_per_user": 5, "price_upper": 500, "public_categories": ["books"]}.',
         ),
+        "train_window_days": Param(
+            7, type="integer", minimum=1, title="Training window (days)",
+            description="Models are trained on tumbling windows of this many days, on the run of a "
+                        "window's last day (other runs skip training), so each day of a user's data is in "
+                        "one training release.",
+        ),
+        "train_epsilon": Param(
+            1.0, type="number", exclusiveMinimum=0, title="Epsilon of the model",
+            description="User-level (epsilon, delta) of the training release; the noise multiplier is "
+                        "calibrated to it with an RDP accountant and the ledger reserves it first.",
+        ),
+        "train_delta": Param(1e-7, type="number", exclusiveMinimum=0, maximum=0.001, title="Delta of the model",
+                             description="Delta of the training release."),
+        "train_mode": Param(
+            "local", type="string", enum=["local", "distributed"], title="DP mode",
+            description="local: every partition's update is DP by itself (full noise per partition); "
+                        "distributed: each partition adds a share of the noise and only the securely "
+                        "aggregated sum is DP (central-DP utility).",
+        ),
+        "train_settings": Param(
+            {}, type="object", title="Other training settings",
+            description="Settings of privrec_pipeline/training/federated.py TrainConfig, e.g. "
+                        '{"local_steps": 10, "batch_size": 256, "dim": 64, "clip_norm": 1.0}.',
+        ),
         "quality_settings": Param(
             {}, type="object", title="Other quality settings",
             description="Further settings of privrec_pipeline/quality/config.py, e.g. "
@@ -124,10 +152,95 @@ def privrec_nightly() -> None:
         "--epsilon", "{{ params.dp_epsilon }}", "--delta", "{{ params.dp_delta }}",
         "--config-json", "{{ params.dp_settings | tojson }}",
     )
-    collect >> pseudonymize >> validate >> dp_stats
+    collect >> pseudonymize >> validate >> dp_stats >> _training()
 
 
-def _spark_task(operator: type[PrivrecSparkSubmitOperator], step: str, *args: str) -> PrivrecSparkSubmitOperator:
+@task.short_circuit
+def training_due() -> bool:
+    """Skip training (and what follows) unless this run's day closes a training window."""
+    from privrec_pipeline.training.tasks import closes_training_window
+
+    context = get_current_context()
+    return closes_training_window(_day(context), int(context["params"]["train_window_days"]))
+
+
+@task
+def prepare_training() -> dict:
+    from privrec_pipeline.config import lake_root
+    from privrec_pipeline.training.tasks import prepare_training as prepare
+    from privrec_pipeline.training.tasks import train_config
+
+    context = get_current_context()
+    p = context["params"]
+    config = train_config({**p["train_settings"], "mode": p["train_mode"], "epsilon": p["train_epsilon"],
+                           "delta": p["train_delta"]}, ROUNDS)
+    state = prepare(lake_root(), _day(context), config, run_id=context["run_id"], dag_id=context["dag"].dag_id,
+                    force=bool(p["force_release"]))
+    return {"release_id": state["release_id"], "status": state["status"], "epsilon": state["plan"]["epsilon"]}
+
+
+@task(map_index_template="partition {{ partition }}", max_active_tis_per_dag=PARTITIONS)
+def publish_keys(partition: int) -> None:
+    from privrec_pipeline.config import lake_root
+    from privrec_pipeline.training.tasks import publish_keys as publish
+
+    context = get_current_context()
+    context["partition"] = partition
+    publish(lake_root(), _day(context), partition)
+
+
+@task(map_index_template="partition {{ partition }}", max_active_tis_per_dag=PARTITIONS)
+def train_partition(round_index: int, partition: int) -> dict:
+    from privrec_pipeline.config import lake_root
+    from privrec_pipeline.training.tasks import train_partition as train
+
+    context = get_current_context()
+    context["partition"] = partition
+    return train(lake_root(), _day(context), round_index, partition)
+
+
+@task
+def aggregate_round(round_index: int) -> None:
+    from privrec_pipeline.config import lake_root
+    from privrec_pipeline.training.tasks import aggregate_round as aggregate
+
+    aggregate(lake_root(), _day(get_current_context()), round_index)
+
+
+@task
+def finish_training() -> dict:
+    from privrec_pipeline.config import lake_root
+    from privrec_pipeline.training.tasks import finish_training as finish
+
+    return finish(lake_root(), _day(get_current_context()))
+
+
+def _day(context) -> "dt.date":
+    return dt.date.fromisoformat(str(context["ds"]))
+
+
+def _training():
+    """build_partitions, then ROUNDS x (PARTITIONS mapped partition tasks -> one aggregation)."""
+    build = _spark_task(PrivrecSparkSubmitOperator, "build_partitions", "--set",
+                        "window_days={{ params.train_window_days }}", "--set", f"partitions={PARTITIONS}",
+                        needs_keys=False)
+    partitions = list(range(PARTITIONS))
+    due = training_due()
+    previous = publish_keys.expand(partition=partitions)
+    due >> build >> prepare_training() >> previous
+    for r in range(ROUNDS):
+        trained = train_partition.override(task_id=f"train_round_{r}").partial(round_index=r).expand(
+            partition=partitions)
+        aggregated = aggregate_round.override(task_id=f"aggregate_round_{r}")(round_index=r)
+        previous >> trained >> aggregated
+        previous = aggregated
+    finished = finish_training()
+    previous >> finished
+    return due
+
+
+def _spark_task(operator: type[PrivrecSparkSubmitOperator], step: str, *args: str,
+                **kwargs: object) -> PrivrecSparkSubmitOperator:
     """The task running ``jobs/<step>.py`` for the run's day through ``spark_default``."""
     return operator(
         task_id=step,
@@ -136,6 +249,7 @@ def _spark_task(operator: type[PrivrecSparkSubmitOperator], step: str, *args: st
         name=f"privrec-{step}-{{{{ ds }}}}",
         application_args=[*COMMON_ARGS, *args],
         conf=SPARK_CONF,
+        **kwargs,
     )
 
 

@@ -95,6 +95,8 @@ def keys_init(path: Path | None = typer.Option(None, "--path", help="Key file (d
 def run(
     date: str = typer.Option(..., "--date", help="Data interval (UTC day) to run, YYYY-MM-DD."),
     allow_empty: bool = typer.Option(False, "--allow-empty", help="Accept a day without landing data."),
+    param: list[str] = typer.Option([], "--param", "-p", metavar="NAME=VALUE",
+                                    help="A DAG Param for this run (value as JSON, else text); repeatable."),
 ) -> None:
     """Run the nightly DAG for one day on the embedded default and print a summary."""
     from privrec_pipeline.orchestration.local import (
@@ -104,8 +106,13 @@ def run(
         failure_reasons,
     )
     from privrec_pipeline.reporting import print_run_summary
+    from privrec_pipeline.settings import parse_key_values
 
     day = _day(date)
+    try:
+        conf = {"allow_empty": allow_empty, **parse_key_values(param, "DAG Param")}
+    except PrivrecError as exc:
+        _fail(str(exc))
     env = airflow_env()
     log_dir = privrec_home() / "runs"
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -114,7 +121,7 @@ def run(
     with console.status("preparing Airflow metadata (first run only)"):
         ensure_metadata_db(env, log)
     with console.status(f"running privrec_nightly for {day} (airflow dags test)"):
-        code = dags_test("privrec_nightly", day.isoformat(), env, log, conf={"allow_empty": allow_empty})
+        code = dags_test("privrec_nightly", day.isoformat(), env, log, conf=conf)
     if code != 0:
         reasons = failure_reasons(log.read_text(encoding="utf-8", errors="replace"))
         for reason in reasons:

@@ -22,6 +22,8 @@ ZONES = {
     "manifests": "_manifests",
     "reports": "reports/quality",
     "dp_stats": "gold/dp_stats",
+    "training": "training",
+    "candidates": "models/_candidates",
 }
 
 

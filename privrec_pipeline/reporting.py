@@ -27,6 +27,11 @@ def load_dp_release(lake: str, day: dt.date) -> dict | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
 
 
+def load_candidate(lake: str, day: dt.date) -> dict | None:
+    path = lk.local_path(lk.partition_uri(lake, "candidates", day)) / "model" / "training.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+
 def budget_line(lake: str, day: dt.date) -> str | None:
     """Spent and remaining epsilon of the policy window ending at ``day``, from the ledger."""
     from privrec_pipeline.errors import PrivrecError
@@ -72,9 +77,18 @@ def print_run_summary(console: Console, lake: str, day: dt.date, log: Path | Non
         table.add_row("DP release", f"#{release['release_id']} epsilon {release['epsilon']:.3g}, "
                                     f"delta {release['delta']:.2g}")
         table.add_row("  items released (DP vocabulary)", f"{release['released']['items']:,}")
+    candidate = load_candidate(lake, day)
+    if candidate:
+        plan = candidate["plan"]
+        table.add_row("candidate model", f"#{candidate['release_id']} {plan['mode']} DP, epsilon "
+                                         f"{plan['epsilon']:.3g}, delta {plan['delta']:.2g}")
+        table.add_row("  partitions x rounds", f"{candidate['partitions']} x {candidate['config']['rounds']}")
+        table.add_row("  vocabulary / noise multiplier",
+                      f"{candidate['vocabulary_size']:,} items / {plan['noise_multiplier']:.3g}")
+    if release or candidate:
         budget = budget_line(lake, day)
         if budget:
-            table.add_row("  privacy budget", budget)
+            table.add_row("privacy budget", budget)
     console.print(table)
     console.print(f"bronze:     {collect['bronze_uri']}")
     console.print(f"quarantine: {collect['quarantine_uri']}")
@@ -85,6 +99,8 @@ def print_run_summary(console: Console, lake: str, day: dt.date, log: Path | Non
         console.print(f"quality:    {quality['report']}")
     if release:
         console.print(f"dp stats:   {lk.partition_uri(lake, 'dp_stats', day)}/report.html")
+    if candidate:
+        console.print(f"candidate:  {lk.partition_uri(lake, 'candidates', day)}/model")
     if log is not None:
         console.print(f"run log:    {log}")
 

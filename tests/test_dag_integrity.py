@@ -89,5 +89,16 @@ def test_nightly_wiring(dagbag):
     assert type(dag.timetable).__name__ == "CronDataIntervalTimetable"  # one run per data interval
     # Only collect and pseudonymize read raw identifiers; later steps never receive keys.
     assert [t.needs_keys for t in tasks] == [True, True, False, False]
+    # Training: skipped unless the day closes a window; P mapped partition tasks per round, then
+    # one aggregation; rounds in order; the candidate last.
+    chain = ["dp_stats", "training_due", "build_partitions", "prepare_training", "publish_keys"]
+    for r in range(2):
+        chain += [f"train_round_{r}", f"aggregate_round_{r}"]
+    chain.append("finish_training")
+    for task_id, following in zip(chain, chain[1:]):
+        assert dag.get_task(task_id).downstream_task_ids == {following}, task_id
+    assert dag.get_task("build_partitions").needs_keys is False
+    mapped = dag.get_task("train_round_0")
+    assert mapped.map_index_template == "partition {{ partition }}" and mapped.max_active_tis_per_dag == 2
     dp_args = " ".join(dag.get_task("dp_stats").application_args)
     assert "--force {{ params.force_release }}" in dp_args and "--epsilon {{ params.dp_epsilon }}" in dp_args

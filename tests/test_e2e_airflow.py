@@ -30,19 +30,25 @@ def embedded(tmp_path_factory, key_document):
         "PRIVREC_KEY_FILE": str(root / "no-such-key-file.json"),  # keys only via the connection
         "AIRFLOW_CONN_PRIVREC_KEYS": json.dumps({"conn_type": "generic", "password": key_document}),
         "PRIVREC_SPARK_DRIVER_MEMORY": "1g",
+        "PRIVREC_TRAIN_PARTITIONS": "2", "PRIVREC_TRAIN_ROUNDS": "2",
+        "PRIVREC_BUDGET_EPSILON": "1000",  # a 200-user day needs a large epsilon to release items at all
     })
     generate_day(GeneratorConfig(date=DAY, events=3000, users=200, items=100, seed=5, bad_rate=0.02),
                  env["PRIVREC_LAKE"])
-    first = subprocess.run([PRIVREC, "run", "--date", DAY.isoformat()], env=env, capture_output=True,
-                           text=True, timeout=900)
+    first = subprocess.run(RUN, env=env, capture_output=True, text=True, timeout=900)
     return root, env, first
+
+
+RUN = [PRIVREC, "run", "--date", DAY.isoformat(), "-p", "dp_epsilon=50", "-p", "train_window_days=1",
+       "-p", "train_epsilon=8", "-p", 'train_settings={"local_steps": 3, "batch_size": 20, "dim": 16}']
 
 
 def test_run_succeeds_and_prints_summary(embedded):
     _, _, first = embedded
     assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
     for expected in ("landing records", "3,000", "quarantined", "silver records", "silver:", "quality gate",
-                     "passed (", "quality:", "DP release", "privacy budget", "dp stats:"):
+                     "passed (", "quality:", "DP release", "privacy budget", "dp stats:", "candidate model",
+                     "2 x 2", "candidate:"):
         assert expected in first.stdout
 
 
@@ -77,13 +83,34 @@ def test_dp_release_is_accounted_and_reachable_from_the_task(embedded):
     gold = lk.local_path(lk.partition_uri(env["PRIVREC_LAKE"], "dp_stats", DAY))
     release = json.loads((gold / "release.json").read_text())
     assert release["run_id"].startswith("manual__") and release["dag_id"] == "privrec_nightly"
-    [(release_id, key, state, run_id)] = _ledger_rows(root)
+    (release_id, key, state, run_id), training = _ledger_rows(root)
     assert (release_id, key, state, run_id) == (release["release_id"], "dp_stats", "committed", release["run_id"])
+    assert training[1:] == ("training", "committed", run_id)
     db = sqlite3.connect(root / "airflow" / "airflow.db")
     rows = dict(db.execute(
         "SELECT x.key, x.value FROM xcom x JOIN dag_run d ON d.id = x.dag_run_id "
         "WHERE d.dag_id = 'privrec_nightly' AND x.task_id = 'dp_stats'").fetchall())
     assert json.loads(rows["_link_DPStatsReportLink"]) == f"file://{gold}/report.html"
+
+
+def test_federated_training_wrote_an_accounted_candidate(embedded):
+    root, env, _ = embedded
+    lake = env["PRIVREC_LAKE"]
+    manifest = json.loads(lk.local_path(lk.manifest_uri(lake, "build_partitions", DAY)).read_text())
+    assert sorted(manifest["partitions"]) == ["0", "1"] and manifest["vocabulary_size"] > 0
+    candidate = lk.local_path(lk.partition_uri(lake, "candidates", DAY)) / "model"
+    report = json.loads((candidate / "training.json").read_text())
+    assert report["partitions"] == 2 and report["config"]["rounds"] == 2
+    assert report["plan"]["epsilon"] <= 8.0 * 1.001 and len(report["plan"]["epsilon_per_partition"]) == 2
+    assert (candidate / "model.safetensors").stat().st_size > 0
+    run = candidate.parent / "run"
+    # The aggregator's inputs are masked: every round has exactly one masked vector per partition.
+    for r in range(2):
+        assert sorted(p.name for p in (run / f"round={r}" / "masked").iterdir()) == [
+            "partition=0.npz", "partition=1.npz"]
+    # Partition secrets stay with the partition workers, outside the lake.
+    assert not any("partition-secrets" in str(p) for p in Path(lake).rglob("*"))
+    assert len(list((root / "airflow" / "partition-secrets").glob("partition-*.key"))) == 2
 
 
 def test_manifests_and_partitions_written(embedded):
@@ -110,13 +137,15 @@ def test_rerun_changes_no_output(embedded):
     root, env, _ = embedded
     zones = [lk.local_path(lk.partition_uri(str(root / "lake"), z, DAY)) for z in ("bronze", "quarantine", "silver")]
     zones.append(lk.local_path(lk.partition_uri(str(root / "lake"), "dp_stats", DAY)))
+    weights = lk.local_path(lk.partition_uri(str(root / "lake"), "candidates", DAY)) / "model" / "model.safetensors"
+    model_before = weights.read_bytes()
     before = [partition_snapshot(z) for z in zones]
     ledger_before = _ledger_rows(root)
-    again = subprocess.run([PRIVREC, "run", "--date", DAY.isoformat()], env=env, capture_output=True,
-                           text=True, timeout=900)
+    again = subprocess.run(RUN, env=env, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stdout[-3000:]
     assert [partition_snapshot(z) for z in zones] == before
-    assert _ledger_rows(root) == ledger_before  # the rerun reused the DP release: nothing spent
+    assert _ledger_rows(root) == ledger_before  # the rerun reused the DP releases: nothing spent
+    assert weights.read_bytes() == model_before  # and the trained model
 
 
 def test_missing_day_fails_with_a_clear_message(embedded):

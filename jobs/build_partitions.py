@@ -1,0 +1,55 @@
+"""Spark job: the training window's silver -> disjoint user shards, hold-out and DP vocabulary.
+
+    spark-submit jobs/build_partitions.py --date 2026-01-15 [--lake URI]
+        [--set window_days=7] [--set partitions=2] [--config-json '{...}']
+
+Settings are those of privrec_pipeline/training/partitions.py (PartitionParams).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import base_parser, resolve_lake
+from privrec_pipeline.errors import ConfigurationError
+from privrec_pipeline.settings import parse_key_values
+from privrec_pipeline.training.partitions import PartitionParams
+
+
+def parse_args(argv: list[str] | None):
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                        help="a training data setting; repeatable")
+    parser.add_argument("--config-json", default="{}", help="training data settings as one JSON object")
+    args = parser.parse_args(argv)
+    try:
+        settings = json.loads(args.config_json or "{}")
+    except ValueError as exc:
+        parser.error(f"--config-json is not JSON: {exc}")
+    if not isinstance(settings, dict):
+        parser.error("--config-json must be a JSON object")
+    try:
+        args.params = PartitionParams.from_settings({**settings, **parse_key_values(args.settings, "training data setting")})
+    except ConfigurationError as exc:
+        parser.error(str(exc))
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from privrec_pipeline.spark.session import get_spark
+    from privrec_pipeline.training.partitions import run_build_partitions
+
+    spark = get_spark(f"privrec-build-partitions-{args.date}", args.master)
+    manifest = run_build_partitions(spark, resolve_lake(args.lake), args.date, args.params, run_id=args.run_id)
+    print(json.dumps({"step": "build_partitions", "date": manifest.date, "days": manifest.days_used,
+                      "vocabulary": manifest.vocabulary_size, "partitions": manifest.partitions}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

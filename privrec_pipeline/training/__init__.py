@@ -1,0 +1,1 @@
+"""Federated, user-level DP training of the item-side recommender (plain PyTorch)."""

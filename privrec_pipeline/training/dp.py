@@ -1,0 +1,132 @@
+"""User-level DP-SGD for ``ItemModel``: per-user clipping without per-user gradients.
+
+DP-SGD (Abadi et al. 2016, "Deep Learning with Differential Privacy", CCS) with the user as
+the unit (McMahan et al. 2018, "Learning Differentially Private Recurrent Language Models",
+ICLR): each step Poisson-samples users with rate q, clips each sampled user's whole gradient
+to L2 norm C, sums, adds N(0, (sigma C)^2) to every coordinate of every trainable
+parameter, and divides by the expected batch size q N (a fixed denominator, so the
+sensitivity of the average stays C / (q N)).
+
+Per-user norms in closed form ("ghost clipping", Goodfellow 2015; Li et al. 2022, "Large
+Language Models Can Be Strong Differentially Private Learners", ICLR). With r = dL/ds (the
+softmax residual, [B, V]), u the user vector, g = E_out^T r = dL/du, alpha the pooling
+weights over the user's distinct items j:
+
+    ||dL/db||^2     = ||r||^2
+    ||dL/dE_out||^2 = ||r||^2 ||u||^2                 (dL/dE_out = r u^T is rank one)
+    ||dL/dE_in||^2  = ||g||^2 sum_j alpha_j^2          (row j is alpha_j g)
+    ||dL/da||^2     = sum_j alpha_j^2 ((E_in[j] - u) . g)^2
+
+so the norms cost one extra [B, V] x [V, d] product, never a [B, V, d] tensor. The clipped
+sum is then the gradient of sum_u min(1, C / ||grad_u||) L_u: one ordinary backward pass.
+The embedding gradients stay sparse in what they touch (rows of the users' items).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from privrec_pipeline.training.model import ItemModel, dropout_mask, target_matrix
+
+
+@dataclass(frozen=True)
+class Batch:
+    items: torch.Tensor  # [B, L]
+    mask: torch.Tensor  # [B, L]
+    weights: torch.Tensor  # [B, L]
+
+
+def user_losses(model: ItemModel, batch: Batch, generator: torch.Generator | None,
+                keep: float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-user losses [B] (with input dropout) and what the norm computation needs."""
+    keep = 1.0 - model.config.input_dropout if keep is None else keep
+    inputs = dropout_mask(batch.mask, keep, generator)
+    u, alpha = model.user_vectors(batch.items, inputs)
+    log_p = torch.log_softmax(model.item_out(u), dim=-1)
+    y = target_matrix(batch.items, batch.mask, batch.weights, model.config.vocab_size)
+    losses = -(y * log_p).sum(dim=1)
+    return losses, {"u": u, "alpha": alpha, "log_p": log_p, "y": y}
+
+
+@torch.no_grad()
+def per_user_grad_norms(model: ItemModel, batch: Batch, cache: dict[str, torch.Tensor]) -> torch.Tensor:
+    """L2 norm of each user's gradient over all trainable parameters (closed form, see above)."""
+    u, alpha, y = cache["u"].detach(), cache["alpha"].detach(), cache["y"]
+    r = cache["log_p"].detach().exp() * y.sum(dim=1, keepdim=True) - y  # dL/ds of -sum y log softmax(s)
+    g = r @ model.item_out.weight  # [B, d]
+    r2, u2, g2 = (r * r).sum(1), (u * u).sum(1), (g * g).sum(1)
+    e_dot_g = torch.einsum("bld,bd->bl", model.item_in(batch.items), g)
+    u_dot_g = (u * g).sum(1, keepdim=True)
+    a2 = alpha * alpha
+    norm2 = r2 * (1.0 + u2) + g2 * a2.sum(1) + (a2 * (e_dot_g - u_dot_g) ** 2).sum(1)
+    return norm2.clamp_min(0.0).sqrt()
+
+
+def dp_gradient(model: ItemModel, batch: Batch, *, clip_norm: float, noise_std: float, denominator: float,
+                generator: torch.Generator | None) -> dict[str, float]:
+    """Set ``p.grad`` to (sum of clipped per-user gradients + N(0, noise_std^2)) / denominator.
+
+    ``noise_std`` is sigma x C for the full noise, or the partition's share in distributed
+    mode. Returns diagnostics (mean loss, share of users clipped)."""
+    losses, cache = user_losses(model, batch, generator)
+    norms = per_user_grad_norms(model, batch, cache)
+    factors = torch.clamp(clip_norm / norms.clamp_min(1e-12), max=1.0)  # min(1, C / ||g_u||)
+    model.zero_grad(set_to_none=False)
+    (losses * factors).sum().backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            if noise_std > 0:
+                p.grad.add_(torch.randn(p.shape, generator=generator) * noise_std)
+            p.grad.div_(denominator)
+    return {"loss": float(losses.detach().mean()), "clipped": float((norms > clip_norm).float().mean()) if len(norms) else 0.0}
+
+
+def plain_gradient(model: ItemModel, batch: Batch, generator: torch.Generator | None) -> dict[str, float]:
+    """Non-private gradient of the mean loss (the baseline of the same model)."""
+    losses, _ = user_losses(model, batch, generator)
+    model.zero_grad(set_to_none=False)
+    loss = losses.mean()
+    loss.backward()
+    return {"loss": float(loss.detach()), "clipped": 0.0}
+
+
+def _event(noise_multiplier: float, sampling_rate: float, steps: int):
+    from dp_accounting import dp_event
+
+    step = dp_event.GaussianDpEvent(noise_multiplier)
+    if sampling_rate < 1.0:
+        step = dp_event.PoissonSampledDpEvent(sampling_rate, step)
+    return dp_event.SelfComposedDpEvent(step, steps)
+
+
+def epsilon_for(noise_multiplier: float, sampling_rate: float, steps: int, delta: float) -> float:
+    """Epsilon of ``steps`` Poisson-sampled Gaussian steps at ``delta`` (RDP accountant:
+    Mironov 2017; Mironov, Talwar & Zhang 2019 for the sampled Gaussian, in dp_accounting)."""
+    from dp_accounting.rdp import RdpAccountant
+
+    accountant = RdpAccountant()
+    accountant.compose(_event(noise_multiplier, sampling_rate, steps))
+    return float(accountant.get_epsilon(delta))
+
+
+def calibrate_noise(epsilon: float, delta: float, sampling_rate: float, steps: int) -> float:
+    """The smallest noise multiplier sigma whose guarantee is within (epsilon, delta)."""
+    from dp_accounting import mechanism_calibration
+    from dp_accounting.rdp import RdpAccountant
+
+    if not (epsilon > 0 and 0 < delta < 1 and 0 < sampling_rate <= 1 and steps >= 1):
+        raise ValueError(f"cannot calibrate noise for epsilon {epsilon}, delta {delta}, "
+                         f"sampling rate {sampling_rate}, {steps} steps")
+    sigma = mechanism_calibration.calibrate_dp_mechanism(
+        RdpAccountant, lambda s: _event(s, sampling_rate, steps), epsilon, delta,
+        mechanism_calibration.LowerEndpointAndGuess(1e-3, 1.0), tol=1e-4)
+    return float(sigma)
+
+
+def noise_std_share(noise_multiplier: float, clip_norm: float, parties: int) -> float:
+    """Distributed DP: each of ``parties`` adds N(0, sigma^2 C^2 / parties), so their sum has
+    the full variance sigma^2 C^2 (a sum of independent Gaussians)."""
+    return noise_multiplier * clip_norm / math.sqrt(parties)

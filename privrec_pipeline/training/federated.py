@@ -1,0 +1,244 @@
+"""Federated rounds over disjoint user partitions: one code path for every mode.
+
+Per round, each partition k starts from the global model and runs ``local_steps`` steps on
+its own users (Poisson-sampled with rate q_k), producing an update ``delta_k`` (new minus
+old parameters); the aggregator only learns ``sum_k delta_k`` (secure aggregation) and
+applies it with the server optimizer.
+
+- ``local``: each step adds the full noise (sigma C), so every partition's update is DP by
+  itself, accounted over rounds x local_steps steps at its own sampling rate; the run's
+  guarantee is the worst partition's. Local optimizer Adam (fresh per round), server FedAvg
+  (the mean of the updates).
+- ``distributed``: one step per round; each partition adds N(0, sigma^2 C^2 / P), so only
+  the sum is noisy enough (central DP-SGD over all users, accounted over ``rounds`` steps at
+  q = batch / all users); the partition's update is minus its noisy gradient share and the
+  server applies Adam to the sum (DP-FedAdam; Reddi et al. 2021, "Adaptive Federated
+  Optimization"; optimizers are post-processing).
+- ``nonprivate``: the ``local`` path without clipping or noise (the baseline).
+
+Randomness (sampling, dropout, noise) comes from a generator seeded by (seed, round,
+partition): a retried partition task produces the same update, a different seed different noise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from privrec_pipeline.errors import ConfigurationError
+from privrec_pipeline.training.data import Histories
+from privrec_pipeline.training.dp import (
+    Batch,
+    calibrate_noise,
+    dp_gradient,
+    epsilon_for,
+    noise_std_share,
+    plain_gradient,
+)
+from privrec_pipeline.training.model import ItemModel, ModelConfig
+
+MODES = ("local", "distributed", "nonprivate")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    mode: str = "local"
+    epsilon: float = 4.0
+    delta: float = 1e-6
+    rounds: int = 10
+    local_steps: int = 10
+    batch_size: int = 256
+    """Expected users per step: per partition in local mode, in total in distributed mode."""
+    clip_norm: float = 1.0
+    dim: int = 64
+    input_dropout: float = 0.5
+    local_lr: float = 0.01
+    server_lr: float = 0.01
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        def fail(name: str, problem: str) -> None:
+            raise ConfigurationError(f"TrainConfig: {name} {problem}, not {getattr(self, name)!r}")
+
+        if self.mode not in MODES:
+            fail("mode", f"must be one of {MODES}")
+        if self.mode != "nonprivate" and not (self.epsilon > 0 and math.isfinite(self.epsilon)):
+            fail("epsilon", "must be positive and finite")
+        if not 0 < self.delta < 1:
+            fail("delta", "must be in (0, 1)")
+        for name in ("rounds", "local_steps", "batch_size", "dim"):
+            if getattr(self, name) < 1:
+                fail(name, "must be positive")
+        for name in ("clip_norm", "local_lr", "server_lr"):
+            if not getattr(self, name) > 0:
+                fail(name, "must be positive")
+        if not 0 <= self.input_dropout < 1:
+            fail("input_dropout", "must be in [0, 1)")
+
+    @property
+    def steps_per_round(self) -> int:
+        return 1 if self.mode == "distributed" else self.local_steps
+
+
+@dataclass(frozen=True)
+class PrivacyPlan:
+    """Noise and accounting of a run, fixed before training starts (and reserved in the ledger)."""
+
+    mode: str
+    noise_multiplier: float  # sigma (0 when non-private)
+    sampling_rates: list[float]  # per partition (the same rate everywhere in distributed mode)
+    steps: int  # accounted steps per user
+    epsilon_per_partition: list[float]
+    epsilon: float  # the run's guarantee: the worst partition's (local) or the central one
+    delta: float
+    clip_norm: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def plan_privacy(config: TrainConfig, partition_users: list[int]) -> PrivacyPlan:
+    """Calibrate sigma for the target (epsilon, delta) from the partitions' sizes."""
+    if not partition_users or min(partition_users) < 1:
+        raise ConfigurationError(f"every partition needs at least one user, got sizes {partition_users}")
+    steps = config.rounds * config.steps_per_round
+    if config.mode == "nonprivate":
+        return PrivacyPlan("nonprivate", 0.0, [min(1.0, config.batch_size / n) for n in partition_users], steps,
+                           [math.inf] * len(partition_users), math.inf, config.delta, math.inf)
+    if config.mode == "local":
+        rates = [min(1.0, config.batch_size / n) for n in partition_users]
+    else:
+        rates = [min(1.0, config.batch_size / sum(partition_users))] * len(partition_users)
+    sigma = calibrate_noise(config.epsilon, config.delta, max(rates), steps)
+    per_partition = [epsilon_for(sigma, q, steps, config.delta) for q in rates]
+    return PrivacyPlan(config.mode, sigma, rates, steps, per_partition, max(per_partition), config.delta,
+                       config.clip_norm)
+
+
+def step_generator(seed: int, round_index: int, partition: int) -> torch.Generator:
+    digest = hashlib.sha256(f"privrec-train|{seed}|{round_index}|{partition}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def new_model(config: TrainConfig, vocab_size: int) -> ItemModel:
+    return ItemModel(ModelConfig(vocab_size=vocab_size, dim=config.dim, input_dropout=config.input_dropout),
+                     seed=config.seed)
+
+
+def flatten(model: ItemModel) -> np.ndarray:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).double().numpy()
+
+
+def load_flat(model: ItemModel, flat: np.ndarray) -> None:
+    offset = 0
+    with torch.no_grad():
+        for p in model.parameters():
+            n = p.numel()
+            p.copy_(torch.from_numpy(flat[offset:offset + n]).reshape(p.shape).to(p.dtype))
+            offset += n
+
+
+def partition_update(config: TrainConfig, plan: PrivacyPlan, global_params: np.ndarray, vocab_size: int,
+                     shard: Histories, *, round_index: int, partition: int, partitions: int,
+                     total_users: int) -> tuple[np.ndarray, dict[str, float]]:
+    """One partition's work in one round: its update (new - old parameters) and diagnostics."""
+    model = new_model(config, vocab_size)
+    load_flat(model, global_params)
+    generator = step_generator(config.seed, round_index, partition)
+    q = plan.sampling_rates[partition]
+    if config.mode == "distributed":
+        denominator, noise = q * total_users, noise_std_share(plan.noise_multiplier, config.clip_norm, partitions)
+    else:
+        denominator, noise = q * shard.users, plan.noise_multiplier * config.clip_norm
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.local_lr) if config.mode != "distributed" else None
+    stats = {"loss": 0.0, "clipped": 0.0, "sampled": 0.0}
+    for _ in range(config.steps_per_round):
+        sampled = np.flatnonzero(torch.rand(shard.users, generator=generator).numpy() < q)  # Poisson sampling
+        batch = Batch(*shard.batch(sampled)) if len(sampled) else None
+        if config.mode == "nonprivate":
+            if batch is None:
+                continue
+            step = plain_gradient(model, batch, generator)
+        elif batch is None:  # nobody sampled: the step is pure noise, still taken (accounting assumes it)
+            model.zero_grad(set_to_none=False)
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.grad.copy_(torch.randn(p.shape, generator=generator) * noise / denominator)
+            step = {"loss": 0.0, "clipped": 0.0}
+        else:
+            step = dp_gradient(model, batch, clip_norm=config.clip_norm, noise_std=noise, denominator=denominator,
+                               generator=generator)
+        if optimizer is not None:
+            optimizer.step()
+        stats["loss"] += step["loss"] / config.steps_per_round
+        stats["clipped"] += step["clipped"] / config.steps_per_round
+        stats["sampled"] += len(sampled) / config.steps_per_round
+    if config.mode == "distributed":  # the update is minus the noisy gradient share
+        return -torch.cat([p.grad.reshape(-1) for p in model.parameters()]).double().numpy(), stats
+    return flatten(model) - global_params, stats
+
+
+@dataclass
+class ServerState:
+    """The global model and the server optimizer's moments (post-processing state)."""
+
+    params: np.ndarray
+    round: int = 0
+    m: np.ndarray | None = field(default=None, repr=False)
+    v: np.ndarray | None = field(default=None, repr=False)
+
+
+def apply_round(config: TrainConfig, state: ServerState, update_sum: np.ndarray, partitions: int) -> ServerState:
+    """Apply the aggregated updates: FedAvg (local, nonprivate) or Adam on the sum (distributed)."""
+    if config.mode != "distributed":
+        return ServerState(state.params + update_sum / partitions, state.round + 1)
+    grad = -update_sum
+    beta1, beta2, eps = 0.9, 0.999, 1e-8
+    m = (state.m if state.m is not None else np.zeros_like(grad)) * beta1 + (1 - beta1) * grad
+    v = (state.v if state.v is not None else np.zeros_like(grad)) * beta2 + (1 - beta2) * grad * grad
+    t = state.round + 1
+    m_hat, v_hat = m / (1 - beta1**t), v / (1 - beta2**t)
+    return ServerState(state.params - config.server_lr * m_hat / (np.sqrt(v_hat) + eps), t, m, v)
+
+
+@dataclass
+class TrainingResult:
+    model: ItemModel
+    plan: PrivacyPlan
+    history: list[dict[str, float]]  # per round: mean loss and clipped share over partitions
+
+
+def train_in_process(config: TrainConfig, shards: list[Histories], vocab_size: int, *, run_id: str = "local",
+                     secure: bool = True) -> TrainingResult:
+    """Every round of every partition in this process, through the same functions the DAG's
+    tasks call (and, with ``secure``, through masked secure aggregation)."""
+    import secrets as _secrets
+
+    from privrec_pipeline.training import secure_agg
+
+    partitions = len(shards)
+    plan = plan_privacy(config, [s.users for s in shards])
+    state = ServerState(flatten(new_model(config, vocab_size)))
+    partition_secrets = [_secrets.token_bytes(32) for _ in range(partitions)]
+    total_users = sum(s.users for s in shards)
+    history = []
+    for r in range(config.rounds):
+        updates, stats = {}, []
+        keys = [secure_agg.RoundKeys.derive(partition_secrets[k], run_id, r, k) for k in range(partitions)]
+        public = {k: keys[k].public_bytes() for k in range(partitions)}
+        for k, shard in enumerate(shards):
+            delta, s = partition_update(config, plan, state.params, vocab_size, shard, round_index=r, partition=k,
+                                        partitions=partitions, total_users=total_users)
+            updates[k] = secure_agg.mask_update(delta, keys[k], public, run_id, r) if secure else delta
+            stats.append(s)
+        total = secure_agg.aggregate(updates, partitions) if secure else sum(updates.values())
+        state = apply_round(config, state, total, partitions)
+        history.append({k: float(np.mean([s[k] for s in stats])) for k in ("loss", "clipped", "sampled")})
+    model = new_model(config, vocab_size)
+    load_flat(model, state.params)
+    return TrainingResult(model, plan, history)

@@ -1,0 +1,191 @@
+"""build_partitions: silver over a training window -> disjoint user shards + hold-out (Spark SQL).
+
+Per user (the privacy unit), from the window's validated days:
+- deduplicated items with an event-type weight (the strongest event on the item);
+- restricted to the DP item vocabulary: the union of the items released by the window's
+  dp_stats releases (items nobody may learn about never get an embedding);
+- capped to the L most recent items (the per-user contribution bound of the training data);
+- split by the evaluation protocol of DESIGN.md: users with at least 5 items give their
+  last 20% (at least 1) by time as test items; only the rest is trained on;
+- a share of users, chosen by a keyed hash of the pseudonym, is held out of training
+  entirely (their histories serve evaluation and the membership-inference audit);
+- the others are assigned to one of P partitions by a keyed hash of the pseudonym, so the
+  partitions are disjoint and a user stays in the same partition every day.
+
+Layout: ``training/dt=D/partition=K/`` (user_pseudonym, item_index, weight, position),
+``training/dt=D/holdout/`` (user_pseudonym, item_index, role history|test, trained),
+``training/dt=D/vocabulary/`` (item_index, item_id), and ``_manifests/build_partitions/dt=D.json``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+from privrec_pipeline.errors import ConfigurationError
+from privrec_pipeline.schema import EventType
+from privrec_pipeline.settings import from_settings
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame
+
+USER, ITEM = "user_pseudonym", "item_id"
+# The strongest signal on an item counts (weights are relative; the loss normalizes them).
+EVENT_WEIGHTS = {EventType.VIEW: 1.0, EventType.REMOVE_FROM_CART: 0.5, EventType.ADD_TO_CART: 2.0,
+                 EventType.PURCHASE: 4.0, EventType.RATING: 2.0}
+MIN_ITEMS, TEST_SHARE = 5, 0.2  # DESIGN.md evaluation protocol
+
+
+@dataclass(frozen=True)
+class PartitionParams:
+    window_days: int = 7
+    """Days of silver ending at the run's day."""
+    partitions: int = 2
+    max_items_per_user: int = 200
+    """L: the most recent items of a user kept for training and evaluation."""
+    holdout_user_share: float = 0.1
+    """Share of users kept out of training entirely (evaluation, membership-inference audit)."""
+
+    def __post_init__(self) -> None:
+        for name in ("window_days", "partitions", "max_items_per_user"):
+            if getattr(self, name) < 1:
+                raise ConfigurationError(f"PartitionParams: {name} must be positive, not {getattr(self, name)}")
+        if not 0 <= self.holdout_user_share < 1:
+            raise ConfigurationError(
+                f"PartitionParams: holdout_user_share must be in [0, 1), not {self.holdout_user_share}")
+
+    @classmethod
+    def from_settings(cls, settings: dict[str, Any]) -> "PartitionParams":
+        return from_settings(cls, settings, "training data setting")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def window(self, day: dt.date) -> list[dt.date]:
+        return [day - dt.timedelta(days=i) for i in range(self.window_days - 1, -1, -1)]
+
+
+def user_items(silver: "DataFrame", vocabulary: "DataFrame", params: PartitionParams) -> "DataFrame":
+    """One row per kept (user, item): item_index, weight, position (1 = oldest), n (items of
+    the user), role (train | test), holdout_user, partition."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    weight = F.lit(0.0)
+    for event_type, w in EVENT_WEIGHTS.items():
+        weight = F.when(F.col("event_type") == str(event_type), F.lit(w)).otherwise(weight)
+    per = (silver.where(F.col(USER).isNotNull() & F.col(ITEM).isNotNull())
+           .groupBy(USER, ITEM).agg(F.max(weight).alias("weight"), F.min("event_time").alias("first_time"))
+           .where(F.col("weight") > 0)
+           .join(F.broadcast(vocabulary), ITEM))
+    newest = Window.partitionBy(USER).orderBy(F.col("first_time").desc(), F.col(ITEM))
+    recent = per.withColumn("recency", F.row_number().over(newest)).where(F.col("recency") <= params.max_items_per_user)
+    user = Window.partitionBy(USER)
+    oldest = Window.partitionBy(USER).orderBy("first_time", ITEM)
+    n = F.count(F.lit(1)).over(user)
+    n_test = F.when(n >= MIN_ITEMS, F.greatest(F.lit(1), F.floor(n * TEST_SHARE))).otherwise(F.lit(0))
+    holdout_bucket = F.pmod(F.xxhash64(F.lit("privrec-holdout"), F.col(USER)), F.lit(10_000))
+    return recent.select(
+        USER, ITEM, "item_index", "weight",
+        F.row_number().over(oldest).alias("position"), n.alias("n"),
+        F.when(F.row_number().over(oldest) > n - n_test, "test").otherwise("train").alias("role"),
+        (holdout_bucket < F.lit(int(params.holdout_user_share * 10_000))).alias("holdout_user"),
+        F.pmod(F.xxhash64(F.lit("privrec-partition"), F.col(USER)), F.lit(params.partitions)).cast("int")
+        .alias("partition"),
+    )
+
+
+@dataclass(frozen=True)
+class PartitionsManifest:
+    date: str
+    run_id: str
+    window: list[str]
+    days_used: list[str]
+    releases: list[int]
+    vocabulary_size: int
+    partitions: dict[str, dict[str, int]]  # partition -> users, items
+    holdout: dict[str, int]
+    params: dict[str, Any]
+    uri: str
+
+    def to_json(self) -> str:
+        import json
+
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+
+def training_uri(lake: str, day: dt.date) -> str:
+    from privrec_pipeline import lake as lk
+
+    return lk.partition_uri(lake, "training", day)
+
+
+def run_build_partitions(spark: Any, lake: str, day: dt.date, params: PartitionParams, *,
+                         run_id: str = "manual") -> PartitionsManifest:
+    """silver of the window -> training/dt=D/ (shards, hold-out, vocabulary) + manifest."""
+    import json
+
+    from pyspark.sql import functions as F
+
+    from privrec_pipeline import lake as lk
+    from privrec_pipeline.dp_stats.release import RELEASE_FILE, dp_stats_uri
+    from privrec_pipeline.errors import PrivrecError
+    from privrec_pipeline.quality.validate import SUMMARY_FILE, report_uri
+    from privrec_pipeline.spark.lakefs import LakeFS
+
+    fs = LakeFS(spark)
+    days, releases, vocab_files = [], [], []
+    for d in params.window(day):
+        summary = f"{report_uri(lake, d)}/{SUMMARY_FILE}"
+        if not fs.exists(summary) or json.loads(fs.read_text(summary)).get("gate") != "passed":
+            continue  # a day that was not validated (or failed) is not trained on
+        days.append(d)
+        release = f"{dp_stats_uri(lake, d)}/{RELEASE_FILE}"
+        if fs.exists(release):
+            releases.append(int(json.loads(fs.read_text(release))["release_id"]))
+            vocab_files.append(f"{dp_stats_uri(lake, d)}/items.parquet")
+    window = params.window(day)
+    if not days:
+        raise PrivrecError(f"no validated day in the training window {window[0]}..{window[-1]}: nothing to train on")
+    if not vocab_files:
+        raise PrivrecError(f"no DP statistics release in the training window {window[0]}..{window[-1]}: there is no "
+                           "DP item vocabulary (run dp_stats for these days first)")
+    # Released items only (small): indexed in sorted order, so the same releases give the same indices.
+    items = sorted(r[0] for r in spark.read.parquet(*vocab_files).select(ITEM).distinct().collect())
+    vocabulary = spark.createDataFrame([(item, i) for i, item in enumerate(items)], "item_id string, item_index long")
+    silver = spark.read.parquet(*[lk.partition_uri(lake, "silver", d) for d in days])
+    rows = user_items(silver, vocabulary, params).persist()
+    target = training_uri(lake, day)
+    stage = fs.staging_uri(target)
+    try:
+        train = rows.where((F.col("role") == "train") & ~F.col("holdout_user"))
+        train.select("partition", USER, "item_index", "weight", "position").repartition("partition") \
+            .write.partitionBy("partition").parquet(stage)
+        rows.where(F.col("n") >= MIN_ITEMS).select(
+            USER, "item_index", "weight", "position", "role", (~F.col("holdout_user")).alias("trained"),
+        ).write.parquet(f"{stage}/holdout")
+        vocabulary.coalesce(1).write.parquet(f"{stage}/vocabulary")
+        per_partition = {str(r["partition"]): {"users": int(r["users"]), "items": int(r["items"])} for r in
+                         train.groupBy("partition").agg(F.countDistinct(USER).alias("users"),
+                                                        F.count(F.lit(1)).alias("items")).collect()}
+        missing = [k for k in range(params.partitions) if str(k) not in per_partition]
+        if missing:
+            raise PrivrecError(f"partition(s) {missing} have no users in {window[0]}..{window[-1]}: use fewer "
+                               f"partitions than {params.partitions} for this population")
+        held = rows.where(F.col("n") >= MIN_ITEMS).agg(
+            F.countDistinct(F.when(F.col("holdout_user"), F.col(USER))).alias("held_out_users"),
+            F.countDistinct(F.when(~F.col("holdout_user"), F.col(USER))).alias("evaluated_training_users")).first()
+        manifest = PartitionsManifest(
+            date=day.isoformat(), run_id=run_id, window=[d.isoformat() for d in window],
+            days_used=[d.isoformat() for d in days], releases=releases, vocabulary_size=vocabulary.count(),
+            partitions=dict(sorted(per_partition.items())), holdout={k: int(held[k]) for k in held.asDict()},
+            params=params.to_dict(), uri=target)
+        fs.swap_in(stage, target)
+    except BaseException:
+        fs.delete(stage)
+        raise
+    finally:
+        rows.unpersist()
+    fs.write_text_atomic(lk.manifest_uri(lake, "build_partitions", day), manifest.to_json())
+    return manifest

@@ -1,0 +1,258 @@
+"""The training tasks of the nightly DAG, each one call from a task body.
+
+    prepare_training     plan the noise, reserve the run's release in the ledger, round-0 model
+    publish_keys (x P)   each partition publishes its X25519 public keys for every round
+    train_partition (x P per round)  the partition's update, masked -> rounds/round=R/masked/
+    aggregate_round      sum of the masked updates (fails closed) -> the next global model
+    finish_training      the candidate model + training.json, commit the release
+
+State lives in ``models/_candidates/dt=D/run/`` (local lake): the plan, each round's
+global model (``round=R/model.npz``), public keys and masked updates; the candidate model
+goes to ``models/_candidates/dt=D/model/``. Each
+partition's secret (from which its key pairs derive) stays in the partition worker's own
+folder, ``$PRIVREC_HOME/partition-secrets/`` (mode 0600), which the aggregator never reads:
+the aggregator sees masked vectors and their sum only. Every task can be retried: it derives
+the same keys and the same update (seeded by run, round and partition).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import secrets as _secrets
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from privrec_pipeline import lake as lk
+from privrec_pipeline.errors import PrivrecError
+from privrec_pipeline.training.data import Histories
+from privrec_pipeline.training.federated import (
+    PrivacyPlan,
+    ServerState,
+    TrainConfig,
+    apply_round,
+    flatten,
+    new_model,
+    partition_update,
+    plan_privacy,
+)
+from privrec_pipeline.training.partitions import training_uri
+
+RELEASE_KEY = "training"
+RUN_DIR = "run"
+
+
+def _folder(lake: str, day: dt.date) -> Path:
+    return lk.local_path(training_uri(lake, day))
+
+
+def candidate_folder(lake: str, day: dt.date) -> Path:
+    """Training state and the candidate model of day D (outside build_partitions' folder, which
+    a rerun replaces): ``models/_candidates/dt=D/{run,model}``."""
+    return lk.local_path(lk.partition_uri(lake, "candidates", day))
+
+
+def _run(lake: str, day: dt.date) -> Path:
+    return candidate_folder(lake, day) / RUN_DIR
+
+
+def _write_json(path: Path, doc: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(doc, indent=2, sort_keys=True), encoding="utf-8")
+    tmp.replace(path)
+
+
+def _save_array(path: Path, **arrays: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(path)
+
+
+def load_shard(folder: Path) -> Histories:
+    """A partition's rows (user_pseudonym, item_index, weight, position) as histories in time order."""
+    import pyarrow.dataset as ds
+
+    table = ds.dataset(str(folder), format="parquet").to_table(
+        columns=["user_pseudonym", "item_index", "weight", "position"])
+    if table.num_rows == 0:
+        return Histories(np.zeros(1, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32))
+    frame = table.to_pandas().sort_values(["user_pseudonym", "position"], kind="stable")
+    users = frame["user_pseudonym"].to_numpy()
+    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
+    indptr = np.r_[starts, len(users)].astype(np.int64)
+    return Histories(indptr, frame["item_index"].to_numpy(np.int64), frame["weight"].to_numpy(np.float32))
+
+
+def _manifest(lake: str, day: dt.date) -> dict[str, Any]:
+    path = lk.local_path(lk.manifest_uri(lake, "build_partitions", day))
+    if not path.exists():
+        raise PrivrecError(f"no build_partitions manifest for {day} ({path}): run build_partitions first")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def prepare_training(lake: str, day: dt.date, config: TrainConfig, *, run_id: str, dag_id: str,
+                     force: bool = False) -> dict[str, Any]:
+    """Plan the noise from the partitions' sizes and reserve the release before any training."""
+    from privrec_pipeline.privacy.accounting import Component
+    from privrec_pipeline.privacy.ledger import open_ledger
+
+    manifest = _manifest(lake, day)
+    sizes = [manifest["partitions"][str(k)]["users"] for k in range(len(manifest["partitions"]))]
+    plan = plan_privacy(config, sizes)
+    window = manifest["window"]
+    components = ([Component("gaussian", count=plan.steps, noise_multiplier=plan.noise_multiplier,
+                             sampling_rate=max(plan.sampling_rates), label=f"{config.mode} DP training")]
+                  if config.mode != "nonprivate" else [])
+    if not components:
+        raise PrivrecError("a non-private model is never released by the pipeline (use `privrec train` for baselines)")
+    ledger = open_ledger(lake)
+    reservation = ledger.reserve(RELEASE_KEY, dt.date.fromisoformat(window[0]), dt.date.fromisoformat(window[-1]),
+                                 components, epsilon=plan.epsilon, delta=plan.delta, dag_id=dag_id, run_id=run_id,
+                                 force=force)
+    state = {"release_id": reservation.release.id, "status": reservation.status, "plan": plan.to_dict(),
+             "config": asdict(config), "partitions": len(sizes), "partition_users": sizes,
+             "vocabulary_size": manifest["vocabulary_size"], "window": window, "run_id": run_id}
+    run = _run(lake, day)
+    if reservation.status == "reuse":
+        return state  # the window's model is already trained and committed: nothing to do
+    if reservation.status == "new" and run.exists():
+        import shutil
+
+        shutil.rmtree(run)  # state of an earlier release of this day (a forced rerun starts over)
+    _write_json(run / "plan.json", state)
+    initial = run / "round=0" / "model.npz"
+    if not initial.exists():
+        _save_array(initial, params=flatten(new_model(config, manifest["vocabulary_size"])))
+    return state
+
+
+def finished(lake: str, day: dt.date) -> bool:
+    """The run's release already has its candidate model (a rerun has nothing to do)."""
+    plan, report = _run(lake, day) / "plan.json", candidate_folder(lake, day) / "model" / "training.json"
+    if not (plan.exists() and report.exists()):
+        return False
+    release = json.loads(plan.read_text(encoding="utf-8"))["release_id"]
+    return json.loads(report.read_text(encoding="utf-8")).get("release_id") == release
+
+
+def _plan(lake: str, day: dt.date) -> tuple[dict[str, Any], TrainConfig, PrivacyPlan]:
+    doc = json.loads((_run(lake, day) / "plan.json").read_text(encoding="utf-8"))
+    return doc, TrainConfig(**doc["config"]), PrivacyPlan(**doc["plan"])
+
+
+def partition_secret(partition: int, home: Path | None = None) -> bytes:
+    """The partition worker's own secret (created once, mode 0600, never in the lake)."""
+    from privrec_pipeline.config import privrec_home
+
+    folder = (home or privrec_home()) / "partition-secrets"
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = folder / f"partition-{partition}.key"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return bytes.fromhex(path.read_text(encoding="ascii").strip())
+    with os.fdopen(fd, "w", encoding="ascii") as fh:
+        fh.write(_secrets.token_hex(32))
+    return bytes.fromhex(path.read_text(encoding="ascii").strip())
+
+
+def publish_keys(lake: str, day: dt.date, partition: int) -> None:
+    from privrec_pipeline.training.secure_agg import RoundKeys
+
+    if finished(lake, day):
+        return
+    doc, config, _ = _plan(lake, day)
+    secret = partition_secret(partition)
+    public = [RoundKeys.derive(secret, doc["run_id"], r, partition).public_bytes().hex() for r in range(config.rounds)]
+    _write_json(_run(lake, day) / "keys" / f"partition={partition}.json", {"partition": partition, "public": public})
+
+
+def _public_keys(lake: str, day: dt.date, partitions: int, round_index: int) -> dict[int, bytes]:
+    keys = {}
+    for k in range(partitions):
+        path = _run(lake, day) / "keys" / f"partition={k}.json"
+        if not path.exists():
+            raise PrivrecError(f"partition {k} has not published its keys ({path})")
+        keys[k] = bytes.fromhex(json.loads(path.read_text(encoding="utf-8"))["public"][round_index])
+    return keys
+
+
+def train_partition(lake: str, day: dt.date, round_index: int, partition: int) -> dict[str, float]:
+    from privrec_pipeline.training.secure_agg import RoundKeys, mask_update
+
+    if finished(lake, day):
+        return {}
+    doc, config, plan = _plan(lake, day)
+    run = _run(lake, day)
+    state = np.load(run / f"round={round_index}" / "model.npz")["params"]
+    shard = load_shard(_folder(lake, day) / f"partition={partition}")
+    delta, stats = partition_update(config, plan, state, doc["vocabulary_size"], shard, round_index=round_index,
+                                    partition=partition, partitions=doc["partitions"],
+                                    total_users=sum(doc["partition_users"]))
+    keys = RoundKeys.derive(partition_secret(partition), doc["run_id"], round_index, partition)
+    masked = mask_update(delta, keys, _public_keys(lake, day, doc["partitions"], round_index), doc["run_id"],
+                         round_index)
+    _save_array(run / f"round={round_index}" / "masked" / f"partition={partition}.npz", masked=masked)
+    return stats
+
+
+def aggregate_round(lake: str, day: dt.date, round_index: int) -> None:
+    """Sum the masked updates (all partitions or nothing) and step the global model."""
+    from privrec_pipeline.training.secure_agg import aggregate
+
+    if finished(lake, day):
+        return
+    doc, config, _ = _plan(lake, day)
+    run = _run(lake, day)
+    folder = run / f"round={round_index}"
+    masked = {k: np.load(path)["masked"] for k in range(doc["partitions"])
+              if (path := folder / "masked" / f"partition={k}.npz").exists()}
+    total = aggregate(masked, doc["partitions"])
+    server = np.load(folder / "model.npz")
+    state = ServerState(server["params"], round_index, server["m"] if "m" in server else None,
+                        server["v"] if "v" in server else None)
+    state = apply_round(config, state, total, doc["partitions"])
+    extra = {"m": state.m, "v": state.v} if state.m is not None else {}
+    _save_array(run / f"round={round_index + 1}" / "model.npz", params=state.params, **extra)
+
+
+def finish_training(lake: str, day: dt.date) -> dict[str, Any]:
+    """Write the candidate model (safetensors) and training.json; commit the ledger release."""
+    from privrec_pipeline.privacy.ledger import open_ledger
+    from privrec_pipeline.training.artifact import write_model
+
+    doc, config, plan = _plan(lake, day)
+    candidate = candidate_folder(lake, day) / "model"
+    if finished(lake, day):
+        return {"candidate": str(candidate), "epsilon": plan.epsilon, "delta": plan.delta, "reused": True}
+    run = _run(lake, day)
+    params = np.load(run / f"round={config.rounds}" / "model.npz")["params"]
+    report = {"release_id": doc["release_id"], "run_id": doc["run_id"], "window": doc["window"],
+              "plan": doc["plan"], "config": doc["config"], "partitions": doc["partitions"],
+              "vocabulary_size": doc["vocabulary_size"]}
+    write_model(candidate, config, doc["vocabulary_size"], params, _folder(lake, day) / "vocabulary", report)
+    open_ledger(lake).commit(doc["release_id"], {"uri": str(candidate)})
+    return {"candidate": str(candidate), "epsilon": plan.epsilon, "delta": plan.delta}
+
+
+def closes_training_window(day: dt.date, window_days: int) -> bool:
+    """Training windows are tumbling blocks of ``window_days`` days (counted from 0001-01-01),
+    trained once, on the run of their last day: a user's day of data is in one training
+    release, not in ``window_days`` overlapping ones (which would multiply its privacy cost)."""
+    return (day.toordinal() + 1) % window_days == 0
+
+
+def train_config(settings: dict[str, Any], rounds: int) -> TrainConfig:
+    """The TrainConfig of a DAG run: its Params' settings, the deployment's number of rounds."""
+    from privrec_pipeline.settings import from_settings
+
+    values = {k: v for k, v in settings.items() if v is not None}
+    if "rounds" in values and values["rounds"] != rounds:
+        raise PrivrecError(f"rounds is set by the deployment (PRIVREC_TRAIN_ROUNDS={rounds}), not per run")
+    return from_settings(TrainConfig, {**values, "rounds": rounds}, "training setting")

@@ -1,0 +1,190 @@
+"""Privacy properties of user-level DP training and secure aggregation (no Spark): the
+closed-form per-user norms equal autograd's, clipping bounds any user's influence, the noise
+has the calibrated scale, the accountant meets the target, masked updates look uniform and
+sum to the plain sum, and randomness is reproducible per (seed, round, partition)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from privrec_pipeline.errors import ConfigurationError
+from privrec_pipeline.training import secure_agg
+from privrec_pipeline.training.data import Histories
+from privrec_pipeline.training.dp import (
+    Batch,
+    calibrate_noise,
+    dp_gradient,
+    epsilon_for,
+    per_user_grad_norms,
+    user_losses,
+)
+from privrec_pipeline.training.federated import (
+    TrainConfig,
+    flatten,
+    new_model,
+    partition_update,
+    plan_privacy,
+    train_in_process,
+)
+from privrec_pipeline.training.model import ItemModel, ModelConfig
+
+V = 40
+
+
+def _histories(n_users: int, seed: int = 0, max_len: int = 8) -> Histories:
+    rng = np.random.default_rng(seed)
+    rows = [rng.choice(V, size=int(rng.integers(1, max_len + 1)), replace=False).tolist() for _ in range(n_users)]
+    weights = [rng.uniform(0.5, 3.0, size=len(r)).tolist() for r in rows]
+    return Histories.from_lists(rows, weights)
+
+
+def _model(dropout: float = 0.0, seed: int = 1) -> ItemModel:
+    model = ItemModel(ModelConfig(vocab_size=V, dim=8, input_dropout=dropout, init_scale=0.5), seed=seed)
+    with torch.no_grad():  # non-trivial pooling logits and biases
+        model.pool_logit.weight.normal_(0, 1, generator=torch.Generator().manual_seed(2))
+        model.item_out.bias.normal_(0, 1, generator=torch.Generator().manual_seed(3))
+    return model
+
+
+def test_closed_form_norms_equal_autograd_per_user_gradients():
+    model, h = _model(), _histories(12)
+    batch = Batch(*h.batch(np.arange(h.users)))
+    losses, cache = user_losses(model, batch, None, keep=1.0)
+    closed = per_user_grad_norms(model, batch, cache)
+    for u in range(h.users):
+        model.zero_grad()
+        losses[u].backward(retain_graph=True)
+        exact = math.sqrt(sum(float((p.grad ** 2).sum()) for p in model.parameters()))
+        assert float(closed[u]) == pytest.approx(exact, rel=1e-4)
+
+
+def _summed_gradient(model: ItemModel, h: Histories, clip: float) -> torch.Tensor:
+    batch = Batch(*h.batch(np.arange(h.users)))
+    dp_gradient(model, batch, clip_norm=clip, noise_std=0.0, denominator=1.0, generator=torch.Generator().manual_seed(0))
+    return torch.cat([p.grad.reshape(-1).clone() for p in model.parameters()])
+
+
+def test_clipping_bounds_any_users_influence_even_adversarial_ones():
+    clip = 0.7
+    normal = _histories(20)
+    adversaries = Histories.from_lists([list(range(V)), [5], [7, 8]], [[100.0] * V, [1e6], [1e-6, 1e6]])
+    model = _model()
+    without = _summed_gradient(model, normal, clip)
+    for a in range(adversaries.users):
+        rows = [normal.row(u).tolist() for u in range(normal.users)] + [adversaries.row(a).tolist()]
+        weights = [normal.weights[normal.indptr[u]:normal.indptr[u + 1]].tolist() for u in range(normal.users)]
+        weights.append(adversaries.weights[adversaries.indptr[a]:adversaries.indptr[a + 1]].tolist())
+        with_adversary = _summed_gradient(model, Histories.from_lists(rows, weights), clip)
+        assert float((with_adversary - without).norm()) <= clip * (1 + 1e-4)
+
+
+def test_noise_has_the_calibrated_standard_deviation():
+    model, h = _model(), _histories(1)
+    batch = Batch(*h.batch(np.arange(1)))
+    grads = []
+    for seed in (1, 2):
+        dp_gradient(model, batch, clip_norm=1.0, noise_std=3.0, denominator=2.0,
+                    generator=torch.Generator().manual_seed(seed))
+        grads.append(torch.cat([p.grad.reshape(-1).clone() for p in model.parameters()]))
+    difference = grads[0] - grads[1]  # the user's clipped gradient cancels: two noise draws remain
+    expected = math.sqrt(2) * 3.0 / 2.0  # (sigma C) / denominator, for the difference of two draws
+    n = difference.numel()
+    assert n == sum(p.numel() for p in model.parameters())  # noise covers every trainable parameter
+    assert float(difference.std()) == pytest.approx(expected, rel=5 / math.sqrt(2 * n))
+
+
+def test_calibrated_noise_meets_the_target_and_matches_opacus_accountant():
+    from opacus.accountants import RDPAccountant
+
+    sigma = calibrate_noise(4.0, 1e-6, 0.05, 200)
+    assert epsilon_for(sigma, 0.05, 200, 1e-6) == pytest.approx(4.0, rel=1e-3)
+    assert epsilon_for(sigma * 1.05, 0.05, 200, 1e-6) < 4.0 < epsilon_for(sigma * 0.95, 0.05, 200, 1e-6)
+    opacus = RDPAccountant()
+    opacus.history = [(sigma, 0.05, 200)]
+    assert opacus.get_epsilon(1e-6) == pytest.approx(4.0, rel=0.03)  # an independent implementation
+
+
+def test_plan_reports_each_partition_and_the_worst_case():
+    config = TrainConfig(mode="local", epsilon=2.0, rounds=2, local_steps=3, batch_size=10)
+    plan = plan_privacy(config, [100, 50, 80])
+    assert plan.steps == 6 and plan.sampling_rates == [0.1, 0.2, 0.125]
+    assert plan.epsilon == max(plan.epsilon_per_partition) == pytest.approx(2.0, rel=1e-3)
+    assert plan.epsilon_per_partition[0] < plan.epsilon_per_partition[2] < plan.epsilon_per_partition[1]
+    distributed = plan_privacy(TrainConfig(mode="distributed", epsilon=2.0, rounds=6, batch_size=23), [100, 50, 80])
+    assert distributed.steps == 6 and distributed.sampling_rates == [0.1] * 3
+
+
+def _keys(partitions: int, run: str = "run-1", round_index: int = 0):
+    secrets = [bytes([k + 1]) * 32 for k in range(partitions)]
+    keys = [secure_agg.RoundKeys.derive(secrets[k], run, round_index, k) for k in range(partitions)]
+    return keys, {k: keys[k].public_bytes() for k in range(partitions)}
+
+
+def test_a_masked_update_is_uniform_and_the_sum_is_exact_within_quantization():
+    from scipy import stats
+
+    rng = np.random.default_rng(0)
+    updates = {k: rng.normal(0, 0.1, 50_000) for k in range(3)}
+    keys, public = _keys(3)
+    masked = {k: secure_agg.mask_update(updates[k], keys[k], public, "run-1", 0) for k in range(3)}
+    # A single masked vector: uniform over Z_2^64 (Kolmogorov-Smirnov on its value / 2^64).
+    uniform = masked[0].astype(np.float64) / 2.0**64
+    assert stats.kstest(uniform, "uniform").pvalue > 1e-3
+    assert np.corrcoef(uniform, updates[0])[0, 1] == pytest.approx(0.0, abs=0.03)
+    total = secure_agg.aggregate(masked, 3)
+    plain = sum(updates.values())
+    assert np.abs(total - plain).max() <= 3 * 2.0 ** -(secure_agg.FRACTION_BITS + 1) + 1e-12
+
+
+def test_secure_aggregation_fails_closed_and_retries_mask_identically():
+    keys, public = _keys(3)
+    update = np.ones(10)
+    masked = {k: secure_agg.mask_update(update, keys[k], public, "run-1", 0) for k in range(3)}
+    with pytest.raises(secure_agg.SecureAggregationError, match=r"partition\(s\) \[1\] are missing"):
+        secure_agg.aggregate({0: masked[0], 2: masked[2]}, 3)
+    again, _ = _keys(3)  # a retried task derives the same key pair from its secret
+    assert np.array_equal(secure_agg.mask_update(update, again[1], public, "run-1", 0), masked[1])
+    next_round, public_next = _keys(3, round_index=1)
+    assert not np.array_equal(secure_agg.mask_update(update, next_round[1], public_next, "run-1", 1), masked[1])
+    with pytest.raises(secure_agg.SecureAggregationError, match="out of range"):
+        secure_agg.mask_update(np.array([1e12]), keys[0], public, "run-1", 0)
+    assert "private" not in repr(keys[0]) and "PrivateKey" not in repr(keys[0])
+
+
+def test_same_seed_same_update_different_seed_different_noise():
+    h = _histories(30)
+    config = TrainConfig(mode="local", epsilon=3.0, rounds=2, local_steps=2, batch_size=10, dim=8)
+    plan = plan_privacy(config, [h.users])
+    start = flatten(new_model(config, V))
+
+    def update(cfg: TrainConfig, round_index: int = 0) -> np.ndarray:
+        return partition_update(cfg, plan, start, V, h, round_index=round_index, partition=0, partitions=1,
+                                total_users=h.users)[0]
+
+    assert np.array_equal(update(config), update(config))  # a retried task
+    assert not np.array_equal(update(config), update(config, round_index=1))
+    assert not np.array_equal(update(config), update(TrainConfig(**{**config.__dict__, "seed": 7})))
+
+
+@pytest.mark.parametrize("mode", ["local", "distributed", "nonprivate"])
+def test_federated_training_runs_through_secure_aggregation(mode):
+    shards = [_histories(40, seed=1), _histories(30, seed=2)]
+    config = TrainConfig(mode=mode, epsilon=8.0, rounds=2, local_steps=3, batch_size=10, dim=8)
+    result = train_in_process(config, shards, V, run_id="test")
+    assert all(math.isfinite(r["loss"]) for r in result.history)
+    assert len(result.history) == 2 and result.plan.mode == mode
+    if mode != "nonprivate":
+        assert result.plan.epsilon <= 8.0 * 1.001 and result.plan.noise_multiplier > 0
+
+
+def test_bad_training_settings_name_the_field():
+    with pytest.raises(ConfigurationError, match="TrainConfig: mode must be one of"):
+        TrainConfig(mode="central")
+    with pytest.raises(ConfigurationError, match="TrainConfig: epsilon must be positive"):
+        TrainConfig(epsilon=0)
+    with pytest.raises(ConfigurationError, match="every partition needs at least one user"):
+        plan_privacy(TrainConfig(), [10, 0])
