@@ -1,0 +1,121 @@
+"""build_partitions and the training tasks on a tiny validated day: disjoint partitions over the
+DP vocabulary, the protocol's hold-out, and rounds of masked updates that fail closed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as ds
+import pytest
+
+from conftest import DAY
+from privrec_pipeline import lake as lk
+from privrec_pipeline.config import ledger_url
+from privrec_pipeline.dp_stats.params import DPStatsParams
+from privrec_pipeline.dp_stats.release import run_dp_stats
+from privrec_pipeline.errors import PrivrecError
+from privrec_pipeline.ingest import run_collect, run_pseudonymize
+from privrec_pipeline.privacy.ledger import BudgetPolicy, Ledger
+from privrec_pipeline.quality.config import QualityConfig
+from privrec_pipeline.quality.validate import run_validate
+from privrec_pipeline.sources.synthetic import GeneratorConfig, generate_day
+from privrec_pipeline.training import tasks
+from privrec_pipeline.training.artifact import read_model
+from privrec_pipeline.training.federated import TrainConfig
+from privrec_pipeline.training.partitions import PartitionParams, run_build_partitions, training_uri
+from privrec_pipeline.training.secure_agg import SecureAggregationError
+
+pytestmark = pytest.mark.spark
+
+
+@pytest.fixture(scope="module")
+def partitioned(spark, tmp_path_factory, keyring):
+    root = tmp_path_factory.mktemp("training") / "lake"
+    lake = str(root)
+    generate_day(GeneratorConfig(date=DAY, events=4000, users=150, items=60, seed=3), lake)
+    run_collect(spark, lake, DAY, keyring)
+    run_pseudonymize(spark, lake, DAY, keyring)
+    run_validate(spark, lake, DAY, QualityConfig())
+    ledger = Ledger(ledger_url(lake), BudgetPolicy(epsilon=1000.0))
+    run_dp_stats(spark, lake, DAY, DPStatsParams(epsilon=30.0, delta=1e-7), ledger)
+    manifest = run_build_partitions(spark, lake, DAY, PartitionParams(window_days=3, partitions=2,
+                                                                      max_items_per_user=12, holdout_user_share=0.2))
+    return root, manifest
+
+
+def _rows(folder: Path):
+    return ds.dataset(str(folder), format="parquet", partitioning="hive").to_table().to_pandas()
+
+
+def test_partitions_are_disjoint_over_the_dp_vocabulary_with_the_protocol_holdout(partitioned):
+    root, manifest = partitioned
+    folder = lk.local_path(training_uri(str(root), DAY))
+    vocab = _rows(folder / "vocabulary")
+    released = ds.dataset(str(lk.local_path(lk.partition_uri(str(root), "dp_stats", DAY)) / "items.parquet")).to_table()
+    assert set(vocab["item_id"]) == set(released.column("item_id").to_pylist())
+    assert sorted(vocab["item_index"]) == list(range(len(vocab))) == list(range(manifest.vocabulary_size))
+    shards = [_rows(folder / f"partition={k}") for k in range(2)]
+    users = [set(s["user_pseudonym"]) for s in shards]
+    assert users[0] and users[1] and not users[0] & users[1]  # disjoint
+    assert [manifest.partitions[str(k)]["users"] for k in range(2)] == [len(u) for u in users]
+    assert manifest.window == ["2026-01-13", "2026-01-14", "2026-01-15"] and manifest.days_used == ["2026-01-15"]
+    for shard in shards:
+        assert shard.groupby("user_pseudonym").size().max() <= 12  # the L most recent items
+        assert shard["item_index"].between(0, manifest.vocabulary_size - 1).all()
+    holdout = _rows(folder / "holdout")
+    held_out = set(holdout.loc[~holdout["trained"], "user_pseudonym"])
+    assert held_out and not held_out & (users[0] | users[1])  # held-out users are never trained on
+    for _, rows in holdout.groupby("user_pseudonym"):
+        n = len(rows)
+        assert n >= 5 and (rows["role"] == "test").sum() == max(1, int(0.2 * n))
+        # Test items are the user's last ones in time; training shards never hold them.
+        assert rows.sort_values("position")["role"].tolist()[-1] == "test"
+    trained_tests = holdout[(holdout["role"] == "test") & holdout["trained"]]
+    pairs = {(u, i) for s in shards for u, i in zip(s["user_pseudonym"], s["item_index"], strict=True)}
+    assert not pairs & set(zip(trained_tests["user_pseudonym"], trained_tests["item_index"], strict=True))
+
+
+def test_training_tasks_write_an_accounted_candidate_and_fail_closed(partitioned, tmp_path, monkeypatch):
+    root, _ = partitioned
+    lake = str(root)
+    monkeypatch.setenv("PRIVREC_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PRIVREC_BUDGET_EPSILON", "1000")
+    config = TrainConfig(mode="distributed", epsilon=6.0, delta=1e-7, rounds=2, batch_size=20, dim=8)
+    state = tasks.prepare_training(lake, DAY, config, run_id="run-1", dag_id="privrec_nightly")
+    assert state["status"] == "new" and state["plan"]["epsilon"] <= 6.0 * 1.001
+    for k in range(2):
+        tasks.publish_keys(lake, DAY, k)
+    tasks.train_partition(lake, DAY, 0, 0)
+    with pytest.raises(SecureAggregationError, match=r"partition\(s\) \[1\] are missing"):
+        tasks.aggregate_round(lake, DAY, 0)  # fails closed: nothing unmasked, no next model
+    run = tasks.candidate_folder(lake, DAY) / "run"
+    assert not (run / "round=1" / "model.npz").exists()
+    masked = run / "round=0" / "masked" / "partition=0.npz"
+    first = np.load(masked)["masked"]
+    tasks.train_partition(lake, DAY, 0, 0)  # a retried task masks the same update the same way
+    assert np.array_equal(np.load(masked)["masked"], first)
+    for r in range(2):
+        for k in range(2):
+            tasks.train_partition(lake, DAY, r, k)
+        tasks.aggregate_round(lake, DAY, r)
+    result = tasks.finish_training(lake, DAY)
+    model, items, report = read_model(Path(result["candidate"]))
+    assert len(items) == model.config.vocab_size == report["vocabulary_size"]
+    assert report["plan"]["mode"] == "distributed" and report["release_id"] == state["release_id"]
+    from privrec_pipeline.privacy.ledger import open_ledger
+
+    training = [r for r in open_ledger(lake).releases() if r.release_key == "training"]
+    assert [(r.state, r.window_start.isoformat()) for r in training] == [("committed", "2026-01-13")]
+    assert training[0].components[0].mechanism == "gaussian"
+    # A rerun of the day reuses the committed model: nothing is spent or retrained.
+    again = tasks.prepare_training(lake, DAY, config, run_id="run-2", dag_id="privrec_nightly")
+    assert again["status"] == "reuse" and tasks.finished(lake, DAY)
+    assert json.loads((Path(result["candidate"]) / "training.json").read_text())["run_id"] == "run-1"
+
+
+def test_a_window_without_a_dp_release_is_refused(spark, partitioned):
+    root, _ = partitioned
+    with pytest.raises(PrivrecError, match="no validated day in the training window"):
+        run_build_partitions(spark, str(root), DAY.replace(day=1), PartitionParams(window_days=2))
