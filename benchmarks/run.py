@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-from benchmarks import dp_stats, ingest
+from benchmarks import dp_stats, ingest, training
 
-BENCHMARKS: dict[str, ModuleType] = {m.NAME: m for m in (ingest, dp_stats)}
+BENCHMARKS: dict[str, ModuleType] = {m.NAME: m for m in (ingest, dp_stats, training)}
 
 
 def invocation(argv: list[str]) -> str:

@@ -195,6 +195,71 @@ def report_quality(
 
 
 @app.command()
+def train(
+    data: str = typer.Option(..., "--data", help="A day (YYYY-MM-DD: training/dt=D of the lake) or a training folder "
+                                                 "written by build_partitions."),
+    epsilon: float = typer.Option(1.0, "--epsilon", help="Target epsilon (user-level)."),
+    delta: float = typer.Option(1e-7, "--delta", help="Target delta."),
+    mode: str = typer.Option("local", "--mode", help="local, distributed or nonprivate."),
+    rounds: int = typer.Option(3, "--rounds", help="Federated rounds."),
+    local_steps: int = typer.Option(10, "--local-steps", help="DP steps per round and partition (local mode)."),
+    batch_size: int = typer.Option(256, "--batch-size", help="Expected users per step."),
+    dim: int = typer.Option(64, "--dim", help="Embedding dimension."),
+    seed: int = typer.Option(0, "--seed", help="Seed of initialization, sampling and noise."),
+    out: Path | None = typer.Option(None, "--out", help="Write the model folder here (default: do not write)."),
+    lake: str | None = LakeOption,
+) -> None:
+    """Train on build_partitions' shards outside Airflow (experiments); prints the privacy plan and hold-out metrics."""
+    from privrec_pipeline.errors import ConfigurationError
+    from privrec_pipeline.lake import local_path
+    from privrec_pipeline.training.artifact import write_model
+    from privrec_pipeline.training.evaluation import metrics, model_scores
+    from privrec_pipeline.training.federated import TrainConfig, flatten, train_in_process
+    from privrec_pipeline.training.partitions import training_uri
+    from privrec_pipeline.training.tasks import load_holdout, load_shard
+
+    try:
+        folder = local_path(training_uri(lake or lake_root(), dt.date.fromisoformat(data)))
+    except ValueError:
+        folder = Path(data)
+    shard_dirs = sorted(folder.glob("partition=*"), key=lambda p: int(p.name.split("=", 1)[1]))
+    if not shard_dirs or not (folder / "vocabulary").exists():
+        _fail(f"{folder} holds no training shards (partition=K/ and vocabulary/): run build_partitions first")
+    try:
+        config = TrainConfig(mode=mode, epsilon=epsilon, delta=delta, rounds=rounds, local_steps=local_steps,
+                             batch_size=batch_size, dim=dim, seed=seed)
+    except ConfigurationError as exc:
+        _fail(str(exc))
+    import pyarrow.dataset as ds
+
+    vocab_size = ds.dataset(str(folder / "vocabulary"), format="parquet").count_rows()
+    shards = [load_shard(d) for d in shard_dirs]
+    with console.status(f"training {mode} on {len(shards)} partition(s), {sum(s.users for s in shards):,} users"):
+        result = train_in_process(config, shards, vocab_size, run_id=f"cli-{seed}")
+    plan = result.plan
+    if mode != "nonprivate":
+        console.print(f"noise multiplier {plan.noise_multiplier:.4g}, {plan.steps} steps, sampling rates "
+                      + ", ".join(f"{q:.3g}" for q in plan.sampling_rates))
+        console.print("epsilon per partition: " + ", ".join(f"{e:.3g}" for e in plan.epsilon_per_partition)
+                      + f"; the run's guarantee: ({plan.epsilon:.3g}, {plan.delta:g})-DP per user")
+        console.print("[yellow]not recorded in the privacy ledger: experiments only; nightly runs account "
+                      "their models[/]")
+    for r, h in enumerate(result.history):
+        console.print(f"round {r}: loss {h['loss']:.4f}, users per step {h['sampled']:.1f}, clipped {h['clipped']:.0%}")
+    if (folder / "holdout").exists():
+        scores = model_scores(result.model)
+        for label, trained in (("training users", True), ("held-out users", False)):
+            split = load_holdout(folder / "holdout", vocab_size, trained=trained)
+            if split.train.users:
+                m = metrics(lambda users, split=split: scores(users, split.train), split)
+                console.print(f"{label} ({split.train.users:,}): " + ", ".join(f"{k} {v:.4f}" for k, v in m.items()))
+    if out is not None:
+        write_model(out, config, vocab_size, flatten(result.model), folder / "vocabulary",
+                    {"plan": plan.to_dict(), "config": config.__dict__, "data": str(folder), "ledger": None})
+        console.print(f"model: {out}")
+
+
+@app.command()
 def budget(
     window: int | None = typer.Option(None, "--window", min=1,
                                       help="Window length in days (default: the policy's, 30 unless configured)."),

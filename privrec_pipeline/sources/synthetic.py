@@ -351,3 +351,9 @@ def generate_day(cfg: GeneratorConfig, lake: str) -> GenerationReport:
         # Hidden from Spark's readers (leading underscore): what was injected, for tests and demos.
         (staging / "_generation.json").write_text(report.to_json(), encoding="utf-8")
     return report
+
+
+def day_events(cfg: GeneratorConfig) -> DayEvents:
+    """The day's valid events as arrays, without writing landing files (benchmarks, tests);
+    the same events ``generate_day`` writes for ``cfg`` with ``bad_rate`` 0."""
+    return _events_frame(cfg, cfg.events)[0]

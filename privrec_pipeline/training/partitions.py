@@ -163,7 +163,9 @@ def run_build_partitions(spark: Any, lake: str, day: dt.date, params: PartitionP
         train.select("partition", USER, "item_index", "weight", "position").repartition("partition") \
             .write.partitionBy("partition").parquet(stage)
         rows.where(F.col("n") >= MIN_ITEMS).select(
-            USER, "item_index", "weight", "position", "role", (~F.col("holdout_user")).alias("trained"),
+            USER, "item_index", "weight", "position",
+            F.when(F.col("role") == "test", "test").otherwise("history").alias("role"),
+            (~F.col("holdout_user")).alias("trained"),
         ).write.parquet(f"{stage}/holdout")
         vocabulary.coalesce(1).write.parquet(f"{stage}/vocabulary")
         per_partition = {str(r["partition"]): {"users": int(r["users"]), "items": int(r["items"])} for r in

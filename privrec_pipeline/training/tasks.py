@@ -256,3 +256,23 @@ def train_config(settings: dict[str, Any], rounds: int) -> TrainConfig:
     if "rounds" in values and values["rounds"] != rounds:
         raise PrivrecError(f"rounds is set by the deployment (PRIVREC_TRAIN_ROUNDS={rounds}), not per run")
     return from_settings(TrainConfig, {**values, "rounds": rounds}, "training setting")
+
+
+def load_holdout(folder: Path, vocab_size: int, *, trained: bool | None = None):
+    """The hold-out as an evaluation ``Split``: each user's history rows in time order and
+    their test items (``trained`` selects training users or held-out users; None: both)."""
+    import pyarrow.dataset as ds
+
+    from privrec_pipeline.training.evaluation import Split
+
+    frame = ds.dataset(str(folder), format="parquet").to_table().to_pandas()
+    if trained is not None:
+        frame = frame[frame["trained"] == trained]
+    frame = frame.sort_values(["user_pseudonym", "position"], kind="stable")
+    rows, weights, tests = [], [], []
+    for _, user in frame.groupby("user_pseudonym", sort=True):
+        history = user[user["role"] == "history"]
+        rows.append(history["item_index"].tolist())
+        weights.append(history["weight"].astype(float).tolist())
+        tests.append(user.loc[user["role"] == "test", "item_index"].to_numpy(np.int64))
+    return Split(Histories.from_lists(rows, weights), tests, vocab_size)
