@@ -220,7 +220,7 @@ def quality(name: str, split, console: "Console", settings: dict[str, dict[str, 
 
 MOVIELENS_SETTINGS = {
     "dp_popularity_k": 100,
-    "nonprivate": {"rounds": 1, "local_steps": 300, "batch_size": 128, "dim": 128, "input_dropout": 0.7,
+    "nonprivate": {"rounds": 1, "local_steps": 300, "batch_size": 128, "dim": 128, "input_dropout": 0.8,
                    "local_lr": 0.005},
     "local": {"rounds": 10, "local_steps": 10, "batch_size": 64, "dim": 128, "input_dropout": 0.7,
               "local_lr": 0.005, "clip_norm": 0.1},

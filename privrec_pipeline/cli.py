@@ -205,6 +205,7 @@ def train(
     local_steps: int = typer.Option(10, "--local-steps", help="DP steps per round and partition (local mode)."),
     batch_size: int = typer.Option(256, "--batch-size", help="Expected users per step."),
     dim: int = typer.Option(64, "--dim", help="Embedding dimension."),
+    clip_norm: float = typer.Option(0.1, "--clip-norm", help="Per-user clipping norm C."),
     seed: int = typer.Option(0, "--seed", help="Seed of initialization, sampling and noise."),
     out: Path | None = typer.Option(None, "--out", help="Write the model folder here (default: do not write)."),
     lake: str | None = LakeOption,
@@ -227,7 +228,7 @@ def train(
         _fail(f"{folder} holds no training shards (partition=K/ and vocabulary/): run build_partitions first")
     try:
         config = TrainConfig(mode=mode, epsilon=epsilon, delta=delta, rounds=rounds, local_steps=local_steps,
-                             batch_size=batch_size, dim=dim, seed=seed)
+                             batch_size=batch_size, dim=dim, clip_norm=clip_norm, seed=seed)
     except ConfigurationError as exc:
         _fail(str(exc))
     import pyarrow.dataset as ds

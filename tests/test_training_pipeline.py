@@ -119,3 +119,22 @@ def test_a_window_without_a_dp_release_is_refused(spark, partitioned):
     root, _ = partitioned
     with pytest.raises(PrivrecError, match="no validated day in the training window"):
         run_build_partitions(spark, str(root), DAY.replace(day=1), PartitionParams(window_days=2))
+
+
+def test_privrec_train_runs_outside_airflow_and_reports_the_guarantee(partitioned, tmp_path):
+    from typer.testing import CliRunner
+
+    from privrec_pipeline.cli import app
+
+    root, _ = partitioned
+    out = tmp_path / "model"
+    result = CliRunner().invoke(app, ["train", "--data", DAY.isoformat(), "--lake", str(root), "--epsilon", "3",
+                                      "--rounds", "1", "--local-steps", "2", "--batch-size", "10", "--dim", "8",
+                                      "--out", str(out)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "epsilon per partition" in result.output and "not recorded in the privacy ledger" in result.output
+    assert "held-out users" in result.output and "recall@20" in result.output
+    _, items, report = read_model(out)
+    assert report["plan"]["epsilon"] <= 3 * 1.001 and len(items) == report["model"]["vocab_size"]
+    bad = CliRunner().invoke(app, ["train", "--data", str(tmp_path / "nothing")])
+    assert bad.exit_code == 1 and "holds no training shards" in bad.output

@@ -68,7 +68,8 @@ td.n {{ text-align: right; font-variant-numeric: tabular-nums; }}
 </style></head><body>
 <h1>privrec DP statistics, {e(release['date'])}</h1>
 <p class=sub>Release {release['release_id']} (generation {release['generation']}{', forced' if release['forced'] else ''}):
-user-level ({e(release['privacy_unit'])}) differential privacy, epsilon {total[0]:.4g}, delta {total[1]:.2g}.
+user-level differential privacy (privacy unit: {e(release['privacy_unit'])}, one day), epsilon {total[0]:.4g},
+delta {total[1]:.2g}.
 Every number on this page is noisy; {len(items):,} items and {len(categories):,} categories passed partition selection.</p>
 {chart}
 <h2>Funnel: distinct users per event type</h2>
