@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import os
 import statistics
 import sys
@@ -144,7 +145,7 @@ def _rel(values: dict[str, float], truth: dict[str, int]) -> tuple[float | None,
     errors = sorted(abs(values[i] - n) / n for i, n in truth.items() if i in values)
     if not errors:
         return None, None
-    return round(statistics.median(errors), 3), round(errors[int(0.9 * (len(errors) - 1))], 3)
+    return round(statistics.median(errors), 3), round(errors[math.ceil(0.9 * len(errors)) - 1], 3)
 
 
 def item_errors(silver: "DataFrame", exact: dict[str, int], params: Any) -> dict[str, Any]:

@@ -3,6 +3,7 @@ follow the project's policy (tags, owner, retries >= 2, typed Params, docs)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -97,7 +98,7 @@ def test_nightly_wiring(dagbag):
     for r in range(rounds):
         chain += [f"train_round_{r}", f"aggregate_round_{r}"]
     chain.append("finish_training")
-    for task_id, following in zip(chain, chain[1:]):
+    for task_id, following in itertools.pairwise(chain):
         assert dag.get_task(task_id).downstream_task_ids == {following}, task_id
     assert dag.get_task("build_partitions").needs_keys is False
     mapped = dag.get_task("train_round_0")

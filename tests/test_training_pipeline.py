@@ -138,3 +138,20 @@ def test_privrec_train_runs_outside_airflow_and_reports_the_guarantee(partitione
     assert report["plan"]["epsilon"] <= 3 * 1.001 and len(items) == report["model"]["vocab_size"]
     bad = CliRunner().invoke(app, ["train", "--data", str(tmp_path / "nothing")])
     assert bad.exit_code == 1 and "holds no training shards" in bad.output
+
+
+def test_a_window_spanning_a_pseudonym_key_rotation_is_refused(spark, partitioned, tmp_path):
+    import shutil
+
+    root, _ = partitioned
+    lake = tmp_path / "lake"
+    shutil.copytree(root, lake)
+    day_before = DAY.replace(day=DAY.day - 1)
+    for zone in ("silver", "reports", "dp_stats"):  # a copy of the day as the day before ...
+        shutil.copytree(lk.local_path(lk.partition_uri(str(lake), zone, DAY)),
+                        lk.local_path(lk.partition_uri(str(lake), zone, day_before)))
+    manifest = json.loads(lk.local_path(lk.manifest_uri(str(lake), "pseudonymize", DAY)).read_text())
+    rotated = lk.local_path(lk.manifest_uri(str(lake), "pseudonymize", day_before))
+    rotated.write_text(json.dumps({**manifest, "pseudonym_key_version": "v0"}))  # ... under an older key
+    with pytest.raises(PrivrecError, match="spans a pseudonym key rotation"):
+        run_build_partitions(spark, str(lake), DAY, PartitionParams(window_days=2))

@@ -146,6 +146,16 @@ def run_build_partitions(spark: Any, lake: str, day: dt.date, params: PartitionP
             releases.append(int(json.loads(fs.read_text(release))["release_id"]))
             vocab_files.append(f"{dp_stats_uri(lake, d)}/items.parquet")
     window = params.window(day)
+    # One user must be one pseudonym across the window: after a pseudonym key rotation the same
+    # user would appear as two users, each clipped on its own, doubling that user's privacy loss.
+    versions = {}
+    for d in days:
+        uri = lk.manifest_uri(lake, "pseudonymize", d)
+        versions[d.isoformat()] = json.loads(fs.read_text(uri)).get("pseudonym_key_version") if fs.exists(uri) else None
+    if len(set(versions.values())) > 1:
+        raise PrivrecError(f"the training window {window[0]}..{window[-1]} spans a pseudonym key rotation "
+                           f"({versions}): a user would count as two; train on days of one key version "
+                           "(a window starting after the rotation) or re-pseudonymize the window")
     if not days:
         raise PrivrecError(f"no validated day in the training window {window[0]}..{window[-1]}: nothing to train on")
     if not vocab_files:
