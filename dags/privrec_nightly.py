@@ -35,7 +35,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pendulum
-from airflow.sdk import CronDataIntervalTimetable, Param, dag, get_current_context, task
+from airflow.sdk import Asset, CronDataIntervalTimetable, Param, dag, get_current_context, task
 
 from privrec_pipeline.orchestration.report_operators import DPStatsOperator, QualityValidateOperator
 from privrec_pipeline.orchestration.spark_operator import PrivrecSparkSubmitOperator
@@ -54,6 +54,7 @@ COMMON_ARGS = ["--date", "{{ ds }}", "--run-id", "{{ run_id }}"]
 # Federated training topology (deployment configuration: the DAG's shape depends on it).
 PARTITIONS = int(os.environ.get("PRIVREC_TRAIN_PARTITIONS", "2"))
 ROUNDS = int(os.environ.get("PRIVREC_TRAIN_ROUNDS", "3"))
+MODEL_ASSET = Asset("privrec-recommender", uri="privrec://models/privrec-recommender")
 
 
 @dag(
@@ -130,6 +131,11 @@ ROUNDS = int(os.environ.get("PRIVREC_TRAIN_ROUNDS", "3"))
             {}, type="object", title="Other training settings",
             description="Settings of privrec_pipeline/training/federated.py TrainConfig, e.g. "
                         '{"local_steps": 10, "batch_size": 256, "dim": 64, "clip_norm": 1.0}.',
+        ),
+        "publish_tolerance": Param(
+            0.05, type="number", minimum=0, maximum=1, title="Publish tolerance",
+            description="Publish only if the candidate beats DP popularity and its Recall@20 is at most this "
+                        "share below the published model's.",
         ),
         "quality_settings": Param(
             {}, type="object", title="Other quality settings",
@@ -235,8 +241,26 @@ def _training():
         previous >> trained >> aggregated
         previous = aggregated
     finished = finish_training()
-    previous >> finished
+    previous >> finished >> evaluate_and_publish()
     return due
+
+
+@task(outlets=[MODEL_ASSET])
+def evaluate_and_publish() -> dict:
+    """Publish the candidate if it beats DP popularity and the published model (within the
+    tolerance); otherwise skip, saying why (a skip is not a failure and emits no Asset event)."""
+    from airflow.exceptions import AirflowSkipException
+
+    from privrec_pipeline.config import lake_root
+    from privrec_pipeline.models.evaluate import GateSettings
+    from privrec_pipeline.models.publish import publish
+
+    context = get_current_context()
+    gate = GateSettings(tolerance=float(context["params"]["publish_tolerance"]))
+    outcome = publish(lake_root(), _day(context), gate=gate)
+    if not outcome["published"]:
+        raise AirflowSkipException(f"not published because {outcome['reason']}")
+    return {"version": outcome["version"], "path": outcome["path"], "reason": outcome["reason"]}
 
 
 def _spark_task(operator: type[PrivrecSparkSubmitOperator], step: str, *args: str,

@@ -261,6 +261,38 @@ def train(
 
 
 @app.command()
+def recommend(
+    history: str = typer.Option(..., "--history", help="Item ids the user interacted with, comma-separated."),
+    k: int = typer.Option(10, "-k", help="How many items to recommend."),
+    model: str = typer.Option("latest", "--model", help="A published version, or latest."),
+    name: str = typer.Option("privrec-recommender", "--name", help="The model's name under models/."),
+    lake: str | None = LakeOption,
+) -> None:
+    """Top-k items for a history, from a published model (the user vector is computed here, never stored)."""
+    import logging
+
+    from rich.table import Table
+
+    from privrec_pipeline.models.recommend import Recommender, resolve_version
+
+    logging.getLogger("privrec_pipeline.models.recommend").setLevel(logging.ERROR)  # printed below instead
+    try:
+        folder = resolve_version(lake or lake_root(), name, model)
+        recs, ignored = Recommender.load(folder).recommend(history.split(","), k)
+    except PrivrecError as exc:
+        _fail(str(exc))
+    if ignored:
+        console.print(f"[yellow]ignored (not in the model's DP vocabulary): {', '.join(ignored)}[/]")
+    table = Table(title=f"{name} {folder.name}: top {len(recs)}", title_justify="left")
+    table.add_column("rank", justify="right")
+    table.add_column("item")
+    table.add_column("score", justify="right")
+    for i, rec in enumerate(recs, 1):
+        table.add_row(str(i), rec.item_id, f"{rec.score:.4f}")
+    console.print(table)
+
+
+@app.command()
 def budget(
     window: int | None = typer.Option(None, "--window", min=1,
                                       help="Window length in days (default: the policy's, 30 unless configured)."),

@@ -85,6 +85,16 @@ def print_run_summary(console: Console, lake: str, day: dt.date, log: Path | Non
         table.add_row("  partitions x rounds", f"{candidate['partitions']} x {candidate['config']['rounds']}")
         table.add_row("  vocabulary / noise multiplier",
                       f"{candidate['vocabulary_size']:,} items / {plan['noise_multiplier']:.3g}")
+        outcome_path = lk.local_path(lk.partition_uri(lake, "candidates", day)) / "model" / "evaluation.json"
+        if outcome_path.exists():
+            outcome = json.loads(outcome_path.read_text(encoding="utf-8"))
+            metrics = outcome["evaluation"]["candidate"]
+            table.add_row("  Recall@20 / NDCG@10 (hold-out)", f"{metrics['recall@20']:.4f} / {metrics['ndcg@10']:.4f}")
+            table.add_row("  DP popularity Recall@20", f"{outcome['evaluation']['dp_popularity']['recall@20']:.4f}")
+            mia = outcome["evaluation"]["mia_auc"]
+            table.add_row("  membership-inference AUC", "n/a" if mia is None else f"{mia:.3f}")
+            table.add_row("published model", outcome["version"] if outcome["published"]
+                          else f"not published because {outcome['reason']}")
     if release or candidate:
         budget = budget_line(lake, day)
         if budget:

@@ -1,0 +1,1 @@
+"""Evaluate, publish and serve the trained recommender."""

@@ -1,0 +1,236 @@
+"""Publish a candidate: evaluate it, and if it passes the gate, write a versioned model with a
+model card and move the ``LATEST`` pointer.
+
+    models/<name>/<version>/   model.safetensors, vocabulary.json, training.json,
+                               model_card.json, model_card.md, evaluation.json
+    models/<name>/LATEST       the published version (a one-line text file)
+
+The version is ``<day>-r<ledger release id>``: a rerun of the same run finds it and creates
+no second version. The folder is complete before it is renamed into place, and ``LATEST``
+moves only after that (write a temporary file, then an atomic rename), so a killed task
+leaves either the previous state or the complete new version.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import uuid
+from pathlib import Path
+from typing import Any
+
+from privrec_pipeline import lake as lk
+from privrec_pipeline.config import PROJECT_ROOT
+from privrec_pipeline.errors import PrivrecError
+from privrec_pipeline.models.evaluate import (
+    Evaluation,
+    GateSettings,
+    dp_popularity_counts,
+    evaluate,
+)
+from privrec_pipeline.models.recommend import LATEST, models_root, resolve_version
+from privrec_pipeline.training.artifact import read_model
+from privrec_pipeline.training.data import Histories
+from privrec_pipeline.training.evaluation import Split
+
+DEFAULT_NAME = "privrec-recommender"
+
+
+def _code_version() -> str:
+    try:
+        out = subprocess.run(["git", "-C", str(PROJECT_ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=10, check=False)
+        if out.returncode == 0 and out.stdout.strip():
+            return f"git {out.stdout.strip()}"
+    except OSError:
+        pass
+    from importlib.metadata import version
+
+    return f"privrec {version('privrec')}"
+
+
+def _fingerprint(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*.parquet")):
+        digest.update(path.relative_to(folder).as_posix().encode())
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def _remap(split: Split, source: list[str], target: list[str]) -> Split:
+    """The same users and items in another model's vocabulary (unknown history items are
+    dropped; unknown test items stay as misses)."""
+    index = {item: i for i, item in enumerate(target)}
+    rows, weights = [], []
+    for u in range(split.train.users):
+        row = split.train.row(u)
+        w = split.train.weights[split.train.indptr[u]:split.train.indptr[u + 1]]
+        kept = [(index[source[i]], float(x)) for i, x in zip(row, w, strict=True) if source[i] in index]
+        rows.append([i for i, _ in kept])
+        weights.append([x for _, x in kept])
+    import numpy as np
+
+    tests = [np.array([index.get(source[i], -1) for i in t], dtype=np.int64) for t in split.test]
+    return Split(Histories.from_lists(rows, weights), tests, len(target))
+
+
+def evaluate_candidate(lake: str, day: dt.date, name: str = DEFAULT_NAME,
+                       gate: GateSettings | None = None) -> tuple[Evaluation, dict[str, Any]]:
+    from privrec_pipeline.training.partitions import training_uri
+    from privrec_pipeline.training.tasks import candidate_folder, load_holdout
+
+    gate = gate or GateSettings()
+    candidate = candidate_folder(lake, day) / "model"
+    model, items, report = read_model(candidate)
+    holdout = lk.local_path(training_uri(lake, day)) / "holdout"
+    if not holdout.exists():
+        raise PrivrecError(f"no hold-out for {day} ({holdout}): run build_partitions first")
+    everyone = load_holdout(holdout, len(items))
+    trained, held_out = load_holdout(holdout, len(items), trained=True), load_holdout(holdout, len(items), trained=False)
+    releases = [p for d in report["window"]
+                if (p := lk.local_path(lk.partition_uri(lake, "dp_stats", dt.date.fromisoformat(d))) / "items.parquet")
+                .exists()]
+    published = None
+    try:
+        folder = resolve_version(lake, name)
+        pub_model, pub_items, _ = read_model(folder)
+        published = (pub_model, folder.name, _remap(everyone, items, pub_items))
+    except PrivrecError:
+        published = None
+    result = evaluate(model, everyone, trained, held_out, dp_popularity_counts(releases, items),
+                      (published[0], published[1]) if published else None, gate, published[2] if published else None)
+    return result, report
+
+
+def publish(lake: str, day: dt.date, name: str = DEFAULT_NAME, gate: GateSettings | None = None) -> dict[str, Any]:
+    """Evaluate the day's candidate and publish it if it passes; the outcome as a dict."""
+    from privrec_pipeline.privacy.ledger import open_ledger
+    from privrec_pipeline.training.partitions import training_uri
+    from privrec_pipeline.training.tasks import candidate_folder
+
+    candidate = candidate_folder(lake, day) / "model"
+    report = json.loads((candidate / "training.json").read_text(encoding="utf-8"))
+    version = f"{day.isoformat()}-r{report['release_id']}"
+    root = models_root(lake) / name
+    target = root / version
+    if (target / "model_card.json").exists():
+        return {"published": True, "version": version, "path": str(target), "reused": True,
+                "reason": "this run's model was already published"}
+    evaluation, _ = evaluate_candidate(lake, day, name, gate)
+    outcome: dict[str, Any] = {"published": evaluation.publish, "version": version if evaluation.publish else None,
+                               "reason": evaluation.reason, "evaluation": evaluation.to_dict()}
+    (candidate / "evaluation.json").write_text(json.dumps(outcome, indent=2, sort_keys=True), encoding="utf-8")
+    if not evaluation.publish:
+        return outcome
+    ledger = open_ledger(lake)
+    release = next(r for r in ledger.releases() if r.id == report["release_id"])
+    window_end = dt.date.fromisoformat(report["window"][-1])
+    spend = ledger.spend_at(window_end)
+    manifest = json.loads(lk.local_path(lk.manifest_uri(lake, "build_partitions", day)).read_text(encoding="utf-8"))
+    card = model_card(name, version, report, evaluation, release, spend, manifest,
+                      _fingerprint(lk.local_path(training_uri(lake, day))))
+    tmp = root / f".{version}-{uuid.uuid4().hex[:8]}"
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        shutil.copytree(candidate, tmp)
+        (tmp / "model_card.json").write_text(json.dumps(card, indent=2, sort_keys=True), encoding="utf-8")
+        (tmp / "model_card.md").write_text(model_card_markdown(card), encoding="utf-8")
+        tmp.rename(target)  # the complete version appears at once
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    pointer = root / f".{LATEST}-{uuid.uuid4().hex[:8]}"
+    pointer.write_text(version + "\n", encoding="utf-8")
+    os.replace(pointer, root / LATEST)  # then the pointer moves
+    outcome.update(path=str(target), card=card)
+    return outcome
+
+
+def model_card(name: str, version: str, report: dict[str, Any], evaluation: Evaluation, release: Any, spend: Any,
+               manifest: dict[str, Any], fingerprint: str) -> dict[str, Any]:
+    plan, config = report["plan"], report["config"]
+    return {
+        "name": name, "version": version,
+        "created_from": {"run_id": report["run_id"], "ledger_release": release.id, "data_window": report["window"]},
+        "privacy": {
+            "unit": "one user (pseudonym) over the data window",
+            "model": {"epsilon": release.epsilon, "delta": release.delta, "mode": plan["mode"],
+                      "epsilon_per_partition": plan["epsilon_per_partition"]},
+            "window_per_ledger": {"start": spend.start.isoformat(), "end": spend.end.isoformat(),
+                                  "epsilon_spent": spend.epsilon, "basic_epsilon": spend.basic_epsilon,
+                                  "cap_epsilon": spend.policy.epsilon, "cap_delta": spend.policy.delta,
+                                  "releases": len(spend.releases)},
+            "accountant": "RDP (dp_accounting RdpAccountant), Poisson-sampled Gaussian; the ledger composes with PLD",
+            "clipping_norm": plan["clip_norm"], "noise_multiplier": plan["noise_multiplier"],
+            "sampling_rates": plan["sampling_rates"], "steps": plan["steps"],
+            "rounds": config["rounds"], "local_steps": config["local_steps"] if plan["mode"] == "local" else 1,
+            "partitions": report["partitions"],
+            "contribution_bounds": {"max_items_per_user": manifest["params"]["max_items_per_user"],
+                                    "per_user_gradient_norm": plan["clip_norm"]},
+            "vocabulary": "items released by DP partition selection in the window's dp_stats releases "
+                          f"({report['vocabulary_size']} items)",
+            "published_parameters": "item embeddings (in and out), item pooling logits, item biases; no user vectors",
+        },
+        "data": {"window": report["window"], "days_used": manifest["days_used"], "dp_releases": manifest["releases"],
+                 "training_data_sha256": fingerprint},
+        "metrics": {"protocol": "DESIGN.md: users with >= 5 items, last 20% test, train items excluded",
+                    "candidate": evaluation.candidate, "dp_popularity": evaluation.dp_popularity,
+                    "previously_published": evaluation.published, "previous_version": evaluation.published_version},
+        "membership_inference": {"attack": "loss threshold (Yeom et al. 2018)", "auc": evaluation.mia_auc,
+                                 "users": evaluation.mia_users},
+        "warnings": evaluation.warnings,
+        "code_version": _code_version(),
+    }
+
+
+def model_card_markdown(card: dict[str, Any]) -> str:
+    p, m = card["privacy"], card["metrics"]
+    rows = [("candidate (this model)", m["candidate"]), ("DP popularity", m["dp_popularity"])]
+    if m["previously_published"]:
+        rows.append((f"previous ({m['previous_version']})", m["previously_published"]))
+    table = "\n".join(f"| {label} | {v['recall@20']:.4f} | {v['ndcg@10']:.4f} | {v['hr@10']:.4f} |" for label, v in rows)
+    auc = card["membership_inference"]["auc"]
+    warnings = "".join(f"- **Warning:** {w}\n" for w in card["warnings"])
+    return f"""# Model card: {card['name']} {card['version']}
+
+Recommender trained with **user-level differential privacy**: ({p['model']['epsilon']:.3g}, {p['model']['delta']:.2g})-DP
+for {p['unit']}, {p['model']['mode']} mode over {p['partitions']} partitions of disjoint users, combined by
+secure aggregation. Only item-side parameters are published ({p['published_parameters']}).
+
+{warnings}
+## Privacy
+
+| | |
+|---|---|
+| privacy unit | {p['unit']} |
+| epsilon, delta of this model | {p['model']['epsilon']:.4g}, {p['model']['delta']:.2g} |
+| epsilon per partition | {', '.join(f'{e:.3g}' for e in p['model']['epsilon_per_partition'])} |
+| window per the ledger | {p['window_per_ledger']['start']} .. {p['window_per_ledger']['end']}: epsilon {p['window_per_ledger']['epsilon_spent']:.3g} spent of {p['window_per_ledger']['cap_epsilon']:g} ({p['window_per_ledger']['releases']} releases) |
+| accountant | {p['accountant']} |
+| clipping norm, noise multiplier | {p['clipping_norm']}, {p['noise_multiplier']:.4g} |
+| sampling rates, steps | {', '.join(f'{q:.3g}' for q in p['sampling_rates'])}; {p['steps']} |
+| rounds, partitions | {p['rounds']}, {p['partitions']} |
+| contribution bounds | {p['contribution_bounds']['max_items_per_user']} most recent items per user; gradient norm {p['contribution_bounds']['per_user_gradient_norm']} |
+| vocabulary | {p['vocabulary']} |
+
+## Data
+
+Window {', '.join(card['data']['window'])}; days used {', '.join(card['data']['days_used'])}; DP releases
+{card['data']['dp_releases']}; training data sha256 `{card['data']['training_data_sha256']}`.
+
+## Metrics ({m['protocol']})
+
+| model | Recall@20 | NDCG@10 | HR@10 |
+|---|---:|---:|---:|
+{table}
+
+Membership-inference audit ({card['membership_inference']['attack']}): AUC
+{'n/a' if auc is None else f'{auc:.3f}'} over {card['membership_inference']['users']['trained']} training and
+{card['membership_inference']['users']['held_out']} held-out users (0.5 = the attack learns nothing).
+
+Code: {card['code_version']}.
+"""
