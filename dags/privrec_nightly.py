@@ -89,10 +89,11 @@ MODEL_ASSET = Asset("privrec-recommender", uri="privrec://models/privrec-recomme
                         "above median x factor of the trailing 7 passed days.",
         ),
         "force_release": Param(
-            False, type="boolean", title="Force a new DP release",
-            description="Release the day's DP statistics again even if they were released before. A new "
-                        "release draws new noise and spends privacy budget again (recorded in the ledger); "
-                        "without this, a rerun reuses the stored release and spends nothing.",
+            False, type="boolean", title="Force new DP releases",
+            description="Release the day's DP statistics (and train the window's model) again even if they "
+                        "were released before. A new release draws new noise and spends privacy budget again "
+                        "(recorded in the ledger); without this, a rerun reuses the stored releases and spends "
+                        "nothing.",
         ),
         "dp_epsilon": Param(
             0.5, type="number", exclusiveMinimum=0, title="Epsilon of the day's DP statistics",

@@ -113,6 +113,11 @@ def test_training_tasks_write_an_accounted_candidate_and_fail_closed(partitioned
     again = tasks.prepare_training(lake, DAY, config, run_id="run-2", dag_id="privrec_nightly")
     assert again["status"] == "reuse" and tasks.finished(lake, DAY)
     assert json.loads((Path(result["candidate"]) / "training.json").read_text())["run_id"] == "run-1"
+    import shutil
+
+    shutil.rmtree(tasks.candidate_folder(lake, DAY))  # a committed model whose files are lost
+    with pytest.raises(PrivrecError, match="rerun with force_release"):
+        tasks.prepare_training(lake, DAY, config, run_id="run-3", dag_id="privrec_nightly")
 
 
 def test_a_window_without_a_dp_release_is_refused(spark, partitioned):

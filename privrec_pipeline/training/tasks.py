@@ -120,6 +120,11 @@ def prepare_training(lake: str, day: dt.date, config: TrainConfig, *, run_id: st
              "vocabulary_size": manifest["vocabulary_size"], "window": window, "run_id": run_id}
     run = _run(lake, day)
     if reservation.status == "reuse":
+        if not finished(lake, day):
+            raise PrivrecError(
+                f"training release {reservation.release.id} of {window[0]}..{window[-1]} is committed, but its model "
+                f"is not in {candidate_folder(lake, day)}: its noise cannot be drawn again for free; restore the "
+                "folder, or rerun with force_release to train (and pay for) a new model")
         return state  # the window's model is already trained and committed: nothing to do
     if reservation.status == "new" and run.exists():
         import shutil
