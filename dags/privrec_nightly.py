@@ -20,6 +20,16 @@ processes `landing/interactions/dt=D`:
    (the DP item vocabulary, funnel, categories, `release.json`, `report.html`, linked as
    "DP statistics report"), then commits the release. A rerun reuses the release and
    spends nothing unless **force_release** is set.
+5. **training** (only on the last day of a training window of **train_window_days**):
+   `build_partitions` (Spark: disjoint user partitions over the window's DP vocabulary,
+   hold-out), `prepare_training` (noise calibrated to **train_epsilon**, reserved in the
+   ledger), then per round one mapped task per partition (user-level DP update, masked for
+   secure aggregation) and one aggregation; `finish_training` writes the candidate model
+   and commits the release. Partitions and rounds: `PRIVREC_TRAIN_PARTITIONS` /
+   `PRIVREC_TRAIN_ROUNDS`.
+6. **evaluate_and_publish**: hold-out metrics against DP popularity and the published
+   model, a membership-inference audit; publishes `models/privrec-recommender/<version>/`
+   (outlet Asset `privrec://models/privrec-recommender`) or skips, saying why.
 
 Every task writes only its day's partition, atomically; reruns give the same output.
 Spark's master comes from the `spark_default` connection; keys from the `privrec_keys`
