@@ -16,7 +16,7 @@ setup: $(STAMP)
 demo: $(STAMP)
 	@$(BIN)/privrec keys init
 	@$(BIN)/privrec generate --date $(DEMO_DATE) --events 200000 --users 50000 --items 1000 --bad-rate 0.002
-	@$(BIN)/privrec run --date $(DEMO_DATE) -p train_window_days=1
+	@$(BIN)/privrec run --date $(DEMO_DATE) -p train_window_days=1 -p train_epsilon=4
 
 test: $(STAMP)
 	@$(BIN)/python -m pytest $(PYTEST_ARGS)

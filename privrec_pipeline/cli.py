@@ -340,7 +340,7 @@ def budget(
         table.add_column(col, justify="right" if col in ("id", "epsilon", "delta") else "left")
     for r in listed:
         counted = "" if r.state in ("reserved", "committed") else " (not counted)"
-        table.add_row(str(r.id), r.release_key + (" [forced]" if r.forced else ""),
+        table.add_row(str(r.id), r.release_key + (" (forced)" if r.forced else ""),
                       f"{r.window_start}..{r.window_end}", r.state + counted, f"{r.epsilon:.4g}", f"{r.delta:.2g}",
                       r.run_id)
     console.print(table)

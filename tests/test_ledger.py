@@ -188,6 +188,9 @@ def test_budget_command_shows_spent_and_remaining(ledger_url):
     assert [r["state"] for r in doc["releases"]] == ["committed", "failed"]
     table = CliRunner().invoke(app, ["budget", "--at", str(D)])
     assert table.exit_code == 0 and "remaining: epsilon 9" in table.output and "dp_stats" in table.output
+    ledger.commit(reserve(ledger, D, 0.5, run_id="run-forced", force=True).release.id, {"uri": "y"})
+    forced = CliRunner().invoke(app, ["budget", "--at", str(D)])
+    assert "(forced)" in forced.output  # shown, not swallowed as rich markup
 
 
 def test_bad_reservations_are_clear_errors(ledger_url):
