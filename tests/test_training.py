@@ -155,19 +155,21 @@ def test_secure_aggregation_fails_closed_and_retries_mask_identically():
     assert "private" not in repr(keys[0]) and "PrivateKey" not in repr(keys[0])
 
 
-def test_same_seed_same_update_different_seed_different_noise():
+def test_retries_reproduce_the_update_and_the_noise_is_keyed_by_the_partition_secret():
     h = _histories(30)
     config = TrainConfig(mode="local", epsilon=3.0, rounds=2, local_steps=2, batch_size=10, dim=8)
     plan = plan_privacy(config, [h.users])
     start = flatten(new_model(config, V))
 
-    def update(cfg: TrainConfig, round_index: int = 0) -> np.ndarray:
-        return partition_update(cfg, plan, start, V, h, round_index=round_index, partition=0, partitions=1,
-                                total_users=h.users)[0]
+    def update(round_index: int = 0, secret: bytes = b"s" * 32, run_id: str = "run-1") -> np.ndarray:
+        return partition_update(config, plan, start, V, h, round_index=round_index, partition=0, partitions=1,
+                                total_users=h.users, secret=secret, run_id=run_id)[0]
 
-    assert np.array_equal(update(config), update(config))  # a retried task
-    assert not np.array_equal(update(config), update(config, round_index=1))
-    assert not np.array_equal(update(config), update(TrainConfig(**{**config.__dict__, "seed": 7})))
+    assert np.array_equal(update(), update())  # a retried task
+    assert not np.array_equal(update(), update(round_index=1))
+    assert not np.array_equal(update(), update(run_id="run-2"))  # another run: other noise
+    # The noise is keyed by the partition's secret, not by anything published (the config's seed).
+    assert not np.array_equal(update(), update(secret=b"t" * 32))
 
 
 @pytest.mark.parametrize("mode", ["local", "distributed", "nonprivate"])

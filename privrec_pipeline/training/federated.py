@@ -16,8 +16,12 @@ applies it with the server optimizer.
   Optimization"; optimizers are post-processing).
 - ``nonprivate``: the ``local`` path without clipping or noise (the baseline).
 
-Randomness (sampling, dropout, noise) comes from a generator seeded by (seed, round,
-partition): a retried partition task produces the same update, a different seed different noise.
+Randomness (sampling, dropout, noise) comes from a generator seeded by (the partition's
+secret, run, round, partition): a retried partition task produces the same update, another
+run different noise. The seed is secret on purpose: noise anyone could regenerate (from a
+seed in the model card) could be subtracted, and the guarantee would be void. ``seed`` in
+the config only initializes the model. Like Opacus without ``secure_mode``, the noise comes
+from PyTorch's generator (Mersenne Twister), not from a cryptographically secure one.
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ class TrainConfig:
     local_lr: float = 0.01
     server_lr: float = 0.01
     seed: int = 0
+    """Initialization of the model (public); the noise is seeded by the partitions' secrets."""
 
     def __post_init__(self) -> None:
         def fail(name: str, problem: str) -> None:
@@ -123,8 +128,11 @@ def plan_privacy(config: TrainConfig, partition_users: list[int]) -> PrivacyPlan
                        config.clip_norm)
 
 
-def step_generator(seed: int, round_index: int, partition: int) -> torch.Generator:
-    digest = hashlib.sha256(f"privrec-train|{seed}|{round_index}|{partition}".encode()).digest()
+def step_generator(secret: bytes, run_id: str, round_index: int, partition: int) -> torch.Generator:
+    """The partition's generator for one round, keyed by its secret (HMAC-SHA256, RFC 2104)."""
+    import hmac
+
+    digest = hmac.new(secret, f"privrec-train|{run_id}|{round_index}|{partition}".encode(), hashlib.sha256).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 
@@ -148,11 +156,11 @@ def load_flat(model: ItemModel, flat: np.ndarray) -> None:
 
 def partition_update(config: TrainConfig, plan: PrivacyPlan, global_params: np.ndarray, vocab_size: int,
                      shard: Histories, *, round_index: int, partition: int, partitions: int,
-                     total_users: int) -> tuple[np.ndarray, dict[str, float]]:
+                     total_users: int, secret: bytes, run_id: str) -> tuple[np.ndarray, dict[str, float]]:
     """One partition's work in one round: its update (new - old parameters) and diagnostics."""
     model = new_model(config, vocab_size)
     load_flat(model, global_params)
-    generator = step_generator(config.seed, round_index, partition)
+    generator = step_generator(secret, run_id, round_index, partition)
     q = plan.sampling_rates[partition]
     if config.mode == "distributed":
         denominator, noise = q * total_users, noise_std_share(plan.noise_multiplier, config.clip_norm, partitions)
@@ -236,7 +244,8 @@ def train_in_process(config: TrainConfig, shards: list[Histories], vocab_size: i
         public = {k: keys[k].public_bytes() for k in range(partitions)}
         for k, shard in enumerate(shards):
             delta, s = partition_update(config, plan, state.params, vocab_size, shard, round_index=r, partition=k,
-                                        partitions=partitions, total_users=total_users)
+                                        partitions=partitions, total_users=total_users,
+                                        secret=partition_secrets[k], run_id=run_id)
             updates[k] = secure_agg.mask_update(delta, keys[k], public, run_id, r) if secure else delta
             stats.append(s)
         total = secure_agg.aggregate(updates, partitions) if secure else sum(updates.values())

@@ -197,10 +197,11 @@ def train_partition(lake: str, day: dt.date, round_index: int, partition: int) -
     run = _run(lake, day)
     state = np.load(run / f"round={round_index}" / "model.npz")["params"]
     shard = load_shard(_folder(lake, day) / f"partition={partition}")
+    secret = partition_secret(partition)
     delta, stats = partition_update(config, plan, state, doc["vocabulary_size"], shard, round_index=round_index,
                                     partition=partition, partitions=doc["partitions"],
-                                    total_users=sum(doc["partition_users"]))
-    keys = RoundKeys.derive(partition_secret(partition), doc["run_id"], round_index, partition)
+                                    total_users=sum(doc["partition_users"]), secret=secret, run_id=doc["run_id"])
+    keys = RoundKeys.derive(secret, doc["run_id"], round_index, partition)
     masked = mask_update(delta, keys, _public_keys(lake, day, doc["partitions"], round_index), doc["run_id"],
                          round_index)
     _save_array(run / f"round={round_index}" / "masked" / f"partition={partition}.npz", masked=masked)
