@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import math
 import os
 import statistics
@@ -37,7 +36,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from benchmarks.ingest import BENCHMARKS_MD, ROOT, machine, update_markdown
+from benchmarks.ingest import ROOT, machine, write_result
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -252,11 +251,7 @@ def run(args: argparse.Namespace, console: "Console", command: str) -> int:
     result["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
     json_path = out / "bench-dp-stats.json"
     result["json"] = str(json_path.relative_to(ROOT) if json_path.is_relative_to(ROOT) else json_path)
-    json_path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    section = markdown(result)
-    console.print(section, markup=False, highlight=False)
-    if not args.no_markdown:
-        update_markdown(section, BENCHMARKS_MD, SECTION)
+    write_result(result, json_path, markdown(result), SECTION, console, args.no_markdown)
     return 0
 
 

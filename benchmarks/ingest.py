@@ -417,6 +417,16 @@ def update_markdown(section: str, path: Path = BENCHMARKS_MD,
     path.write_text(text, encoding="utf-8")
 
 
+def write_result(result: dict[str, Any], json_path: Path, section: str, markers: tuple[str, str],
+                 console: Console, no_markdown: bool) -> None:
+    """Write the raw result JSON, print the Markdown section and (unless ``no_markdown``) put
+    it into BENCHMARKS.md between ``markers``."""
+    json_path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    console.print(section, markup=False, highlight=False)
+    if not no_markdown:
+        update_markdown(section, BENCHMARKS_MD, markers)
+
+
 def print_result(console: Console, result: dict[str, Any]) -> None:
     from rich.table import Table
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from benchmarks.ingest import BENCHMARKS_MD, ROOT, machine, update_markdown
+from benchmarks.ingest import ROOT, machine, write_result
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -264,11 +263,7 @@ def run(args: argparse.Namespace, console: "Console", command: str) -> int:
     result["settings"] = {"movielens": MOVIELENS_SETTINGS, "synthetic": SYNTHETIC_SETTINGS}
     json_path = out / "bench-training.json"
     result["json"] = str(json_path.relative_to(ROOT) if json_path.is_relative_to(ROOT) else json_path)
-    json_path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    section = markdown(result)
-    console.print(section, markup=False, highlight=False)
-    if not args.no_markdown:
-        update_markdown(section, BENCHMARKS_MD, SECTION)
+    write_result(result, json_path, markdown(result), SECTION, console, args.no_markdown)
     return 0
 
 

@@ -29,3 +29,31 @@ def parse_bool(value: str) -> bool:
     if lowered in ("false", "0", "no"):
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, not {value!r}")
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--set key=value`` (repeatable) and ``--config-json`` for a settings dataclass."""
+    parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"a {what}; repeatable")
+    parser.add_argument("--config-json", default="{}", help=f"{what}s as one JSON object")
+
+
+def parse_settings(parser: argparse.ArgumentParser, args: argparse.Namespace, cls: type, what: str,
+                   overrides: dict | None = None):
+    """``cls.from_settings`` of --config-json, then --set, then ``overrides``; any problem is a
+    usage error (exit 2) naming it, before Spark starts."""
+    import json
+
+    from privrec_pipeline.errors import ConfigurationError
+    from privrec_pipeline.settings import parse_key_values
+
+    try:
+        settings = json.loads(args.config_json or "{}")
+    except ValueError as exc:
+        parser.error(f"--config-json is not JSON: {exc}")
+    if not isinstance(settings, dict):
+        parser.error("--config-json must be a JSON object")
+    try:
+        return cls.from_settings({**settings, **parse_key_values(args.settings, what), **(overrides or {})})
+    except ConfigurationError as exc:
+        parser.error(str(exc))

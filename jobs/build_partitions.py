@@ -14,28 +14,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import base_parser, resolve_lake
-from privrec_pipeline.errors import ConfigurationError
-from privrec_pipeline.settings import parse_key_values
+from _common import add_settings_arguments, base_parser, parse_settings, resolve_lake
 from privrec_pipeline.training.partitions import PartitionParams
 
 
 def parse_args(argv: list[str] | None):
     parser = base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
-                        help="a training data setting; repeatable")
-    parser.add_argument("--config-json", default="{}", help="training data settings as one JSON object")
+    add_settings_arguments(parser, "training data setting")
     args = parser.parse_args(argv)
-    try:
-        settings = json.loads(args.config_json or "{}")
-    except ValueError as exc:
-        parser.error(f"--config-json is not JSON: {exc}")
-    if not isinstance(settings, dict):
-        parser.error("--config-json must be a JSON object")
-    try:
-        args.params = PartitionParams.from_settings({**settings, **parse_key_values(args.settings, "training data setting")})
-    except ConfigurationError as exc:
-        parser.error(str(exc))
+    args.params = parse_settings(parser, args, PartitionParams, "training data setting")
     return args
 
 

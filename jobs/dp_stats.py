@@ -17,10 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import base_parser, parse_bool, resolve_lake
+from _common import add_settings_arguments, base_parser, parse_bool, parse_settings, resolve_lake
 from privrec_pipeline.dp_stats.params import DPStatsParams
-from privrec_pipeline.errors import ConfigurationError
-from privrec_pipeline.settings import parse_key_values
 
 
 def parse_args(argv: list[str] | None):
@@ -30,22 +28,10 @@ def parse_args(argv: list[str] | None):
                         help="make a new release even if the day was released before (spends budget again)")
     parser.add_argument("--epsilon", type=float, default=None, help="epsilon of the release")
     parser.add_argument("--delta", type=float, default=None, help="delta of the release")
-    parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
-                        help="a DP statistics setting; repeatable")
-    parser.add_argument("--config-json", default="{}", help="DP statistics settings as one JSON object")
+    add_settings_arguments(parser, "DP statistics setting")
     args = parser.parse_args(argv)
-    try:
-        settings = json.loads(args.config_json or "{}")
-    except ValueError as exc:
-        parser.error(f"--config-json is not JSON: {exc}")
-    if not isinstance(settings, dict):
-        parser.error("--config-json must be a JSON object")
     overrides = {k: v for k, v in (("epsilon", args.epsilon), ("delta", args.delta)) if v is not None}
-    try:
-        args.params = DPStatsParams.from_settings(
-            {**settings, **parse_key_values(args.settings, "DP statistics setting"), **overrides})
-    except ConfigurationError as exc:
-        parser.error(str(exc))
+    args.params = parse_settings(parser, args, DPStatsParams, "DP statistics setting", overrides)
     return args
 
 

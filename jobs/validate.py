@@ -16,32 +16,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import base_parser, parse_bool, resolve_lake
-from privrec_pipeline.errors import ConfigurationError
+from _common import add_settings_arguments, base_parser, parse_bool, parse_settings, resolve_lake
 from privrec_pipeline.quality.config import QualityConfig
 from privrec_pipeline.quality.validate import report_index_uri, run_validate
-from privrec_pipeline.settings import parse_key_values
 from privrec_pipeline.spark.session import get_spark
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
-                        help="a quality setting (privrec_pipeline/quality/config.py); repeatable")
-    parser.add_argument("--config-json", default="{}", help="quality settings as one JSON object")
+    add_settings_arguments(parser, "quality setting")
     parser.add_argument("--allow-empty", nargs="?", const="true", default="false", type=parse_bool,
                         help="a day without traffic: an empty silver partition passes the row-count check")
     args = parser.parse_args(argv)
-    try:
-        settings = json.loads(args.config_json or "{}")
-    except ValueError as exc:
-        parser.error(f"--config-json is not JSON: {exc}")
-    if not isinstance(settings, dict):
-        parser.error("--config-json must be a JSON object")
-    try:
-        config = QualityConfig.from_settings({**settings, **parse_key_values(args.settings, "quality setting")})
-    except ConfigurationError as exc:
-        parser.error(str(exc))
+    config = parse_settings(parser, args, QualityConfig, "quality setting")
     lake = resolve_lake(args.lake)
     print(f"quality report: {report_index_uri(lake, args.date)}", flush=True)
     # Importing Great Expectations takes seconds; do it while the JVM starts.
