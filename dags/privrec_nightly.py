@@ -148,6 +148,12 @@ MODEL_ASSET = Asset("privrec-recommender", uri="privrec://models/privrec-recomme
             description="Publish only if the candidate beats DP popularity and its Recall@20 is at most this "
                         "share below the published model's.",
         ),
+        "publish_settings": Param(
+            {}, type="object", title="Other publish settings",
+            description="Settings of privrec_pipeline/models/evaluate.py GateSettings, e.g. "
+                        '{"min_gain_over_dp_popularity": 0.05, "mia_auc_warning": 0.6} '
+                        "(-1 as min_gain_over_dp_popularity turns the DP popularity check off).",
+        ),
         "quality_settings": Param(
             {}, type="object", title="Other quality settings",
             description="Further settings of privrec_pipeline/quality/config.py, e.g. "
@@ -263,11 +269,12 @@ def evaluate_and_publish() -> dict:
     from airflow.exceptions import AirflowSkipException
 
     from privrec_pipeline.config import lake_root
-    from privrec_pipeline.models.evaluate import GateSettings
+    from privrec_pipeline.models.evaluate import gate_settings
     from privrec_pipeline.models.publish import publish
 
     context = get_current_context()
-    gate = GateSettings(tolerance=float(context["params"]["publish_tolerance"]))
+    params = context["params"]
+    gate = gate_settings(float(params["publish_tolerance"]), params["publish_settings"])
     outcome = publish(lake_root(), _day(context), gate=gate)
     if not outcome["published"]:
         raise AirflowSkipException(f"not published because {outcome['reason']}")

@@ -182,3 +182,15 @@ def test_batch_scoring_of_the_latest_model(lake):
     assert result["rows"] == table.num_rows > 0 and set(table.column("rank").to_pylist()) <= {1, 2, 3, 4, 5}
     with pytest.raises(PrivrecError):
         resolve_version(lake, "privrec-recommender", "1999-01-01-r1")
+
+
+def test_gate_settings_come_from_the_dag_params():
+    from privrec_pipeline.errors import ConfigurationError
+    from privrec_pipeline.models.evaluate import gate_settings
+
+    gate = gate_settings(0.1, {"min_gain_over_dp_popularity": -1, "mia_auc_warning": 0.7})
+    assert gate == GateSettings(tolerance=0.1, min_gain_over_dp_popularity=-1.0, mia_auc_warning=0.7)
+    with pytest.raises(ConfigurationError, match="publish_tolerance Param"):
+        gate_settings(0.1, {"tolerance": 0.2})
+    with pytest.raises(ConfigurationError, match="unknown publish setting"):
+        gate_settings(0.1, {"min_gain": 0.1})

@@ -33,6 +33,16 @@ class GateSettings:
     """Warn in the model card when the membership audit's AUC exceeds this."""
 
 
+def gate_settings(tolerance: float, settings: dict[str, Any]) -> GateSettings:
+    """The gate of a DAG run: ``publish_tolerance`` and the other ``publish_settings``."""
+    from privrec_pipeline.errors import ConfigurationError
+    from privrec_pipeline.settings import from_settings
+
+    if "tolerance" in settings:
+        raise ConfigurationError("the publish tolerance is the publish_tolerance Param, not a publish setting")
+    return from_settings(GateSettings, {**settings, "tolerance": tolerance}, "publish setting")
+
+
 @dataclass
 class Evaluation:
     candidate: dict[str, float]
