@@ -292,7 +292,7 @@ def test_the_scheduled_run_of_a_day_without_data_fails_clearly(backfilled, serve
 
 def test_backfill_dialog_in_the_ui(backfilled, server):
     """The UI's Backfill dialog: a week of new days, and the backfilled days by reprocess mode."""
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
     from privrec_pipeline.browser import chromium_path
 
@@ -311,11 +311,14 @@ def test_backfill_dialog_in_the_ui(backfilled, server):
         page.get_by_text("Backfill", exact=True).first.click()
 
         def date_range(first: str, last: str) -> None:
-            for n, (day, time_of_day) in enumerate([(first, "00:00"), (last, "23:59")]):
+            for n, (label, day, time_of_day) in enumerate([("From", first, "00:00"), ("To", last, "23:59")]):
                 page.get_by_test_id("datetime-input").nth(n).click()
-                page.get_by_placeholder("YYYY/MM/DD").fill(day)
-                page.get_by_placeholder("HH:mm").fill(time_of_day)
+                date_box = page.get_by_role("textbox", name=label, exact=True)
+                date_box.fill(day)
+                picker = date_box.locator("xpath=ancestor::*[@data-scope='popover' and @data-part='content'][1]")
+                picker.get_by_placeholder("HH:mm").fill(time_of_day)
                 page.get_by_text("Date Range").click()  # closes the picker
+                expect(picker).to_be_hidden()
 
         date_range("2026/01/20", "2026/01/26")
         expect_text(page, "7 runs will be triggered.")
