@@ -96,6 +96,22 @@ def test_users_keep_their_identifiers_across_days(clean: Day, clean_next_day: Da
     assert all(first[u] == second[u] for u in shared)
 
 
+def test_users_keep_their_tastes_across_days(clean: Day, clean_next_day: Day) -> None:
+    """A user's favourite categories of one day predict the next day's: the co-occurrence a
+    recommender learns beyond popularity (with independent days, about 2/24 would match)."""
+    def categories(day: Day) -> dict[str, collections.Counter]:
+        out: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+        for e in day.events():
+            out[e["user_id"]][e["category"]] += 1
+        return out
+
+    first, second = categories(clean), categories(clean_next_day)
+    active = [u for u in first.keys() & second.keys() if first[u].total() >= 30 and second[u].total() >= 30]
+    assert len(active) >= 20
+    shares = sorted(sum(second[u][c] for c, _ in first[u].most_common(2)) / second[u].total() for u in active)
+    assert shares[len(shares) // 2] > 0.4
+
+
 def test_funnel(clean: Day) -> None:
     events = clean.events()
     counts = collections.Counter(e["event_type"] for e in events)

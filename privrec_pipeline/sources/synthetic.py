@@ -3,6 +3,9 @@
 Realism that matters downstream:
 - heavy-tailed user activity (log-normal weights) and item popularity (Zipf over a fixed
   permutation of items), so DP bounding and partition selection see realistic skew;
+- stable user tastes: each user has two favourite categories, and most of the user's
+  sessions focus on one of them, so a user's items co-occur across sessions and days (what
+  a recommender learns beyond popularity);
 - sessions with a category focus and a view -> add_to_cart -> purchase funnel
   (plus remove_from_cart), per-item prices by category, quantities;
 - a daily rhythm (lunch and evening peaks, night trough);
@@ -50,6 +53,7 @@ FIRST_NAMES = ["anna", "ben", "chloe", "david", "emma", "felix", "grace", "hugo"
 ZONES = ["Z", "+00:00", "+01:00", "+02:00", "-05:00"]
 P_CART, P_PURCHASE, P_REMOVE = 0.12, 0.35, 0.15  # funnel: per view, per cart, per cart
 P_QUERY, P_QUERY_PII = 0.08, 0.05  # share of views with a search query; of those, with PII
+P_TASTE, P_SECOND_TASTE = 0.8, 0.35  # sessions focused on a favourite category; on the second one
 
 # Malformed kinds injected by bad_rate; duplicates are added on top (they are valid records).
 BAD_KINDS: tuple[str, ...] = tuple(r.value for r in QuarantineReason)
@@ -98,6 +102,7 @@ class UserPopulation:
     emails: np.ndarray
     ips: np.ndarray
     agents: np.ndarray
+    tastes: np.ndarray  # (users, 2): favourite category indices
 
 
 def user_population(n_users: int, seed: int) -> UserPopulation:
@@ -115,7 +120,9 @@ def user_population(n_users: int, seed: int) -> UserPopulation:
     ])
     agent_p = np.array([p for _, p in USER_AGENTS])
     agents = np.array([a for a, _ in USER_AGENTS])[rng.choice(len(USER_AGENTS), size=n_users, p=agent_p / agent_p.sum())]
-    return UserPopulation(user_ids, activity / activity.sum(), emails, ips, agents)
+    first_taste = rng.integers(0, N_CATEGORIES, size=n_users)
+    tastes = np.stack([first_taste, (first_taste + rng.integers(1, N_CATEGORIES, size=n_users)) % N_CATEGORIES], axis=1)
+    return UserPopulation(user_ids, activity / activity.sum(), emails, ips, agents, tastes)
 
 
 def _catalog(n_items: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -167,7 +174,9 @@ def _events_frame(cfg: GeneratorConfig, n_valid: int) -> tuple[
     mean_session = 6.0
     n_sessions = max(1, int(np.ceil(n_views / mean_session)))
     sess_user = rng.choice(cfg.users, size=n_sessions, p=users.activity)
-    sess_cat = rng.integers(0, N_CATEGORIES, size=n_sessions)
+    # Most sessions browse one of the user's favourite categories, the others any category.
+    favourite = users.tastes[sess_user, (rng.random(n_sessions) < P_SECOND_TASTE).astype(np.int64)]
+    sess_cat = np.where(rng.random(n_sessions) < P_TASTE, favourite, rng.integers(0, N_CATEGORIES, size=n_sessions))
     sess_start = _session_start_seconds(rng, n_sessions)
     view_session = np.sort(rng.integers(0, n_sessions, size=n_views))
 
