@@ -183,6 +183,19 @@ def test_federated_training_runs_through_secure_aggregation(mode):
         assert result.plan.epsilon <= 8.0 * 1.001 and result.plan.noise_multiplier > 0
 
 
+def test_metrics_follow_the_protocol_on_a_vocabulary_smaller_than_k():
+    from privrec_pipeline.training.evaluation import Split, metrics
+
+    # 3 items: user 0 trained on item 0, tests item 2; user 1 trained on item 1, tests items 0 and 2.
+    split = Split(Histories.from_lists([[0], [1]]), [np.array([2]), np.array([0, 2])], vocab_size=3)
+    scores = torch.tensor([[0.9, 0.5, 0.1], [0.2, 0.9, 0.8]])  # train items are excluded before ranking
+    m = metrics(lambda users: scores[torch.as_tensor(users)], split)
+    # user 0 ranks [1, 2]: its test item at rank 2; user 1 ranks [2, 0]: both test items.
+    assert m["recall@20"] == pytest.approx(1.0) and m["hr@10"] == pytest.approx(1.0)
+    idcg1 = 1 + 1 / math.log2(3)
+    assert m["ndcg@10"] == pytest.approx((1 / math.log2(3) + idcg1 / idcg1) / 2)
+
+
 def test_bad_training_settings_name_the_field():
     with pytest.raises(ConfigurationError, match="TrainConfig: mode must be one of"):
         TrainConfig(mode="central")

@@ -74,12 +74,13 @@ def metrics(scores_for: "callable", split: Split, batch: int = 1024) -> dict[str
         scores = torch.as_tensor(scores_for(users), dtype=torch.float32).clone()
         for row, u in enumerate(users):
             scores[row, torch.from_numpy(split.train.row(int(u)))] = -math.inf  # exclude train items
-        top = torch.topk(scores, 20, dim=1).indices.numpy()
+        # A vocabulary smaller than 20 (a small DP release) ranks all of it.
+        top = torch.topk(scores, min(20, scores.shape[1]), dim=1).indices.numpy()
         for row, u in enumerate(users):
             test = set(split.test[u].tolist())
             hits = np.array([i in test for i in top[row]])
             recall.append(hits.sum() / min(20, len(test)))
-            dcg = float((hits[:10] * discounts).sum())
+            dcg = float((hits[:10] * discounts[:len(hits[:10])]).sum())
             ndcg.append(dcg / float(discounts[:min(10, len(test))].sum()))
             hr.append(float(hits[:10].any()))
     return {"recall@20": float(np.mean(recall)), "ndcg@10": float(np.mean(ndcg)), "hr@10": float(np.mean(hr))}
