@@ -45,6 +45,26 @@ def lake(tmp_path: Path) -> str:
     return str(tmp_path / "lake")
 
 
+def released_day(spark, lake: str, keyring: KeyRing, generator: dict) -> None:
+    """A generated DAY through collect, pseudonymize, validate and a DP release (epsilon 30 of
+    a 1000 cap: tiny populations release items only with a large budget)."""
+    from privrec_pipeline.config import ledger_url
+    from privrec_pipeline.dp_stats.params import DPStatsParams
+    from privrec_pipeline.dp_stats.release import run_dp_stats
+    from privrec_pipeline.ingest import run_collect, run_pseudonymize
+    from privrec_pipeline.privacy.ledger import BudgetPolicy, Ledger
+    from privrec_pipeline.quality.config import QualityConfig
+    from privrec_pipeline.quality.validate import run_validate
+    from privrec_pipeline.sources.synthetic import GeneratorConfig, generate_day
+
+    generate_day(GeneratorConfig(date=DAY, **generator), lake)
+    run_collect(spark, lake, DAY, keyring)
+    run_pseudonymize(spark, lake, DAY, keyring)
+    run_validate(spark, lake, DAY, QualityConfig())
+    run_dp_stats(spark, lake, DAY, DPStatsParams(epsilon=30.0, delta=1e-7),
+                 Ledger(ledger_url(lake), BudgetPolicy(epsilon=1000.0)))
+
+
 def write_landing(lake: str, day: dt.date, lines: list[bytes], name: str = "events-000.jsonl") -> Path:
     """Write raw landing lines (bytes, exactly as given) into the day's landing partition."""
     from privrec_pipeline.lake import landing_partition

@@ -9,19 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DAY
-from privrec_pipeline.config import ledger_url
-from privrec_pipeline.dp_stats.params import DPStatsParams
-from privrec_pipeline.dp_stats.release import run_dp_stats
+from conftest import DAY, released_day
 from privrec_pipeline.errors import PrivrecError
-from privrec_pipeline.ingest import run_collect, run_pseudonymize
 from privrec_pipeline.models import publish as pub
 from privrec_pipeline.models.evaluate import GateSettings, auc
 from privrec_pipeline.models.recommend import LATEST, Recommender, models_root, resolve_version
-from privrec_pipeline.privacy.ledger import BudgetPolicy, Ledger, open_ledger
-from privrec_pipeline.quality.config import QualityConfig
-from privrec_pipeline.quality.validate import run_validate
-from privrec_pipeline.sources.synthetic import GeneratorConfig, generate_day
+from privrec_pipeline.privacy.ledger import open_ledger
 from privrec_pipeline.training import tasks
 from privrec_pipeline.training.federated import TrainConfig
 from privrec_pipeline.training.partitions import PartitionParams, run_build_partitions
@@ -34,12 +27,7 @@ def trained(spark, tmp_path_factory, keyring):
     """A day through dp_stats, build_partitions and two rounds of training (a candidate model)."""
     root = tmp_path_factory.mktemp("models") / "lake"
     lake = str(root)
-    generate_day(GeneratorConfig(date=DAY, events=8000, users=300, items=200, seed=9), lake)
-    run_collect(spark, lake, DAY, keyring)
-    run_pseudonymize(spark, lake, DAY, keyring)
-    run_validate(spark, lake, DAY, QualityConfig())
-    run_dp_stats(spark, lake, DAY, DPStatsParams(epsilon=30.0, delta=1e-7), Ledger(ledger_url(lake),
-                                                                                    BudgetPolicy(epsilon=1000.0)))
+    released_day(spark, lake, keyring, {"events": 8000, "users": 300, "items": 200, "seed": 9})
     run_build_partitions(spark, lake, DAY, PartitionParams(window_days=1, partitions=2, holdout_user_share=0.3))
     home = tmp_path_factory.mktemp("home")
     with pytest.MonkeyPatch.context() as mp:

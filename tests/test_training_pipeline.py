@@ -10,17 +10,9 @@ import numpy as np
 import pyarrow.dataset as ds
 import pytest
 
-from conftest import DAY
+from conftest import DAY, released_day
 from privrec_pipeline import lake as lk
-from privrec_pipeline.config import ledger_url
-from privrec_pipeline.dp_stats.params import DPStatsParams
-from privrec_pipeline.dp_stats.release import run_dp_stats
 from privrec_pipeline.errors import PrivrecError
-from privrec_pipeline.ingest import run_collect, run_pseudonymize
-from privrec_pipeline.privacy.ledger import BudgetPolicy, Ledger
-from privrec_pipeline.quality.config import QualityConfig
-from privrec_pipeline.quality.validate import run_validate
-from privrec_pipeline.sources.synthetic import GeneratorConfig, generate_day
 from privrec_pipeline.training import tasks
 from privrec_pipeline.training.artifact import read_model
 from privrec_pipeline.training.federated import TrainConfig
@@ -34,12 +26,7 @@ pytestmark = pytest.mark.spark
 def partitioned(spark, tmp_path_factory, keyring):
     root = tmp_path_factory.mktemp("training") / "lake"
     lake = str(root)
-    generate_day(GeneratorConfig(date=DAY, events=4000, users=150, items=60, seed=3), lake)
-    run_collect(spark, lake, DAY, keyring)
-    run_pseudonymize(spark, lake, DAY, keyring)
-    run_validate(spark, lake, DAY, QualityConfig())
-    ledger = Ledger(ledger_url(lake), BudgetPolicy(epsilon=1000.0))
-    run_dp_stats(spark, lake, DAY, DPStatsParams(epsilon=30.0, delta=1e-7), ledger)
+    released_day(spark, lake, keyring, {"events": 4000, "users": 150, "items": 60, "seed": 3})
     manifest = run_build_partitions(spark, lake, DAY, PartitionParams(window_days=3, partitions=2,
                                                                       max_items_per_user=12, holdout_user_share=0.2))
     return root, manifest
