@@ -112,9 +112,16 @@ def test_the_gate_refuses_a_candidate_that_does_not_beat_dp_popularity(lake):
 
     candidate = tasks.candidate_folder(lake, DAY) / "model"
     model, items, report = read_model(candidate)
+    from privrec_pipeline import lake as lk
+    from privrec_pipeline.models.evaluate import dp_popularity_counts
+
+    # The candidate ranks exactly like DP popularity: every parameter zero, the biases its
+    # counts. (All-equal scores would rank by item index, which can beat noisy popularity.)
+    counts = dp_popularity_counts([lk.local_path(lk.partition_uri(lake, "dp_stats", DAY)) / "items.parquet"], items)
     with torch.no_grad():
         for p in model.parameters():
-            p.zero_()  # every item scores the same: no better than any ranking
+            p.zero_()
+        model.item_out.bias.copy_(torch.as_tensor(counts, dtype=torch.float32))
     write_model(candidate, TrainConfig(**report["config"]), len(items), flatten(model), items,
                 {k: v for k, v in report.items() if k != "model"})
     outcome = pub.publish(lake, DAY)
