@@ -19,6 +19,7 @@ from privrec_pipeline.training.dp import (
     calibrate_noise,
     dp_gradient,
     epsilon_for,
+    noise_std_share,
     per_user_grad_norms,
     user_losses,
 )
@@ -170,6 +171,26 @@ def test_retries_reproduce_the_update_and_the_noise_is_keyed_by_the_partition_se
     assert not np.array_equal(update(), update(run_id="run-2"))  # another run: other noise
     # The noise is keyed by the partition's secret, not by anything published (the config's seed).
     assert not np.array_equal(update(), update(secret=b"t" * 32))
+
+
+@pytest.mark.parametrize("mode", ["local", "distributed"])
+def test_a_step_that_samples_nobody_is_pure_noise_of_the_planned_scale(mode):
+    """Poisson sampling can pick no user at all (likely on a small partition): the step must still
+    add the planned noise, since the accountant counts every step, even the first of a round."""
+    from dataclasses import replace
+
+    h = _histories(30, seed=3)
+    config = TrainConfig(mode=mode, epsilon=3.0, rounds=1, local_steps=1, batch_size=10, dim=8)
+    plan = replace(plan_privacy(config, [h.users]), sampling_rates=[1e-12])  # nobody is ever sampled
+    start = flatten(new_model(config, V))
+    update, stats = partition_update(config, plan, start, V, h, round_index=0, partition=0, partitions=3,
+                                     total_users=h.users, secret=b"s" * 32, run_id="r")
+    assert stats["sampled"] == 0 and np.isfinite(update).all()
+    if mode == "distributed":  # the update is minus the noise share: N(0, (sigma C / sqrt(3))^2) / (q N)
+        expected = noise_std_share(plan.noise_multiplier, config.clip_norm, 3) / (1e-12 * h.users)
+        assert np.std(update) == pytest.approx(expected, rel=0.05)
+    else:  # a local Adam step on a pure-noise gradient moves every parameter by about the learning rate
+        assert np.abs(update).mean() == pytest.approx(config.local_lr, rel=0.2)
 
 
 @pytest.mark.parametrize("mode", ["local", "distributed", "nonprivate"])

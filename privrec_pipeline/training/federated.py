@@ -176,10 +176,9 @@ def partition_update(config: TrainConfig, plan: PrivacyPlan, global_params: np.n
                 continue
             step = plain_gradient(model, batch, generator)
         elif batch is None:  # nobody sampled: the step is pure noise, still taken (accounting assumes it)
-            model.zero_grad(set_to_none=False)
-            with torch.no_grad():
+            with torch.no_grad():  # (no backward pass ran yet on a first step: the gradients are set, not copied)
                 for p in model.parameters():
-                    p.grad.copy_(torch.randn(p.shape, generator=generator) * noise / denominator)
+                    p.grad = (torch.randn(p.shape, generator=generator) * noise / denominator).to(p.dtype)
             step = {"loss": 0.0, "clipped": 0.0}
         else:
             step = dp_gradient(model, batch, clip_norm=config.clip_norm, noise_std=noise, denominator=denominator,
