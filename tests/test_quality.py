@@ -167,6 +167,63 @@ def test_reports_hold_no_identifier_or_failing_value(spark, day_lake):
             assert needle.encode() not in data, f"{needle} in {path}"
 
 
+def test_hex_digest_check_agrees_with_the_pseudonym_regex(spark):
+    """The regex-free pseudonym check accepts exactly the strings ``[0-9a-f]{64}`` matches."""
+    import random
+    import re
+
+    from privrec_pipeline.quality.expectations import hex_digest_condition
+
+    rng = random.Random(5)
+    digest = "0123456789abcdef" * 4
+    values = [digest, digest.upper(), digest[:63], digest + "0", digest[:63] + "g", digest[:63] + "\n",
+              digest + "\n", " " + digest[:63], digest[:62] + "0x", digest[:63] + "é", digest[:62] + "é",
+              digest[:63] + "\uff10", digest[:63] + "\u0660", digest[:60] + "A0b1", "", "é" * 32]
+    alphabet = "0123456789abcdefABCDEFgxz -\n\té\uff10"
+    for _ in range(400):  # random hex strings near the length, half with one foreign character
+        chars = [rng.choice(alphabet[:16]) for _ in range(rng.choice([62, 63, 64, 64, 64, 65]))]
+        if rng.random() < 0.5:
+            chars[rng.randrange(len(chars))] = rng.choice(alphabet[16:])
+        values.append("".join(chars))
+    df = spark.createDataFrame([(v,) for v in values], "v string")
+    from pyspark.sql import functions as F
+
+    got = [r[0] for r in df.select(hex_digest_condition(F.col("v"), 64)).collect()]
+    expected = [re.fullmatch(r"[0-9a-f]{64}", v) is not None for v in values]
+    assert got == expected
+    assert 50 < sum(expected) < len(values) - 50  # both outcomes well represented
+
+
+def test_duplicate_rows_are_exact_under_hash_collisions(spark, monkeypatch):
+    from pyspark.sql import functions as F
+
+    from privrec_pipeline.quality import expectations
+
+    values = ["aa", "ab", "ab", "ba", "bb", "bb", "bb", "ccc", None, None]
+    df = spark.createDataFrame([(v,) for v in values], "v string")
+    assert expectations.duplicate_rows(df, "v") == 5  # the real hash: 2 x "ab", 3 x "bb"; nulls ignored
+    # A hash that collides on every equal length: only the exact pass can tell "aa" from "ab".
+    assert expectations.duplicate_rows(df, "v", hash_fn=F.length) == 5
+    monkeypatch.setattr(expectations, "MAX_SUSPECT_HASHES", 0)  # too many suspects: all rows grouped
+    assert expectations.duplicate_rows(df, "v", hash_fn=F.length) == 5
+    assert expectations.duplicate_rows(df.where("v != 'bb' and v != 'ab'"), "v", hash_fn=F.length) == 0
+
+
+def test_duplicate_check_counts_the_rows_of_duplicated_ids(spark, day_lake):
+    def duplicate(df, F):  # the first id three times, the second twice
+        rows = sorted(r["_row"] for r in df.select("_row").collect())
+        first, second = (df.where(F.col("_row") == rows[i]).first()["event_id"] for i in (0, 1))
+        return df.withColumn("event_id", F.when(F.col("_row").isin(rows[-2:]), F.lit(first))
+                             .when(F.col("_row") == rows[-3], F.lit(second)).otherwise(F.col("event_id")))
+
+    _rewrite_silver(spark, day_lake, duplicate)
+    with pytest.raises(QualityGateFailed, match=r"event_id\.unique"):
+        _validate(spark, day_lake)
+    summary = json.loads((lk.local_path(lk.partition_uri(str(day_lake), "reports", DAY)) / "summary.json").read_text())
+    unique = next(e for e in summary["expectations"] if e["id"] == "event_id.unique")
+    assert unique["observed"]["observed_value"] == 5
+
+
 def test_bad_settings_are_clear_errors(spark, day_lake):
     with pytest.raises(ConfigurationError, match="unknown quality setting"):
         QualityConfig.from_settings({"quarantine_rate": 0.1})
