@@ -65,6 +65,9 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
                        help="share of malformed records and duplicates (default: 0.001)")
     group.add_argument("--date", type=dt.date.fromisoformat, default=DEFAULT_DATE,
                        help=f"landing day to generate and process (default: {DEFAULT_DATE})")
+    group.add_argument("--floor", action="store_true",
+                       help="also run the least work collect + pseudonymize could do (explicit-schema "
+                            "parse, one aes_encrypt per row, write; HMAC, write): a lower bound")
     group.add_argument("--event-log", action="store_true",
                        help="write Spark event logs and report time per Spark SQL query "
                             "(diagnostics; not production settings)")
@@ -312,6 +315,8 @@ def summarize(events: int, steps: dict[str, Step]) -> dict[str, Any]:
         "validate_share": round(steps["validate"].wall_s / ingest, 3),
         "target_validate_share": TARGET_VALIDATE_SHARE,
         "meets_validate_target": steps["validate"].wall_s / ingest <= TARGET_VALIDATE_SHARE,
+        **({"floor_ratio": round((steps["floor_collect"].wall_s + steps["floor_pseudonymize"].wall_s) / copy, 2)}
+           if "floor_pseudonymize" in steps else {}),
     }
 
 
@@ -383,6 +388,11 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"**{_validate_line(result['summary'])}**",
         "",
+        *([f"Lower bound (`--floor`): (floor_collect + floor_pseudonymize) / bare copy = "
+           f"{result['summary']['floor_ratio']:.2f}x: an explicit-schema parse, one `aes_encrypt` of "
+           "the identifiers per row and a Parquet write; then the three HMACs and a write. No "
+           "classification, quarantine, dedupe, generalization or scrubbing, no manifests.", ""]
+          if "floor_ratio" in result["summary"] else []),
         ("cold_start = spark-submit of an application that only creates the SparkSession and "
          "stops; \"minus cold start\" subtracts it from each step. bare_copy includes Spark's "
          "JSON schema inference (one more full read of the input, as `spark.read.json` does by "
@@ -471,6 +481,9 @@ def run(args: argparse.Namespace, console: Console, command: str) -> int:
         "pseudonymize": [str(ROOT / "jobs" / "pseudonymize.py"), *job_args],
         "validate": [str(ROOT / "jobs" / "validate.py"), *job_args],
     }
+    if args.floor:
+        apps["floor_collect"] = [me, "floor-collect", apps["bare_copy"][2], str(out / "floor-bronze")]
+        apps["floor_pseudonymize"] = [me, "floor-pseudonymize", str(out / "floor-bronze"), str(out / "floor-silver")]
     steps: dict[str, Step] = {}
     for name, app in apps.items():
         console.print(f"{name}: spark-submit ...")
@@ -503,17 +516,44 @@ def run(args: argparse.Namespace, console: Console, command: str) -> int:
     return 0
 
 
+def _floor(spark: Any, mode: str, src: str, dst: str) -> None:
+    """The lower-bound jobs of ``--floor`` (throwaway random keys: the data is synthetic)."""
+    from pyspark.sql import functions as F
+
+    from privrec_pipeline.schema import DIRECT_IDENTIFIERS
+    from privrec_pipeline.transforms.collect import landing_struct
+
+    if mode == "floor-collect":
+        df = spark.read.schema(landing_struct()).json(src)
+        ids = F.to_json(F.struct(*DIRECT_IDENTIFIERS))
+        df = df.select(*[c for c in df.columns if c not in (*DIRECT_IDENTIFIERS, "_corrupt")],
+                       F.aes_encrypt(ids, F.lit(os.urandom(32)), F.lit("GCM")).alias("identifiers_enc"))
+    else:  # HMAC-SHA256 composed from sha2 as in privrec_pipeline.crypto.pseudonym
+        key = os.urandom(64)
+        ipad, opad = F.lit(bytes(b ^ 0x36 for b in key)), F.lit(bytes(b ^ 0x5C for b in key))
+
+        def hmac(c: str) -> Any:
+            return F.sha2(F.concat(opad, F.unhex(F.sha2(F.concat(ipad, F.col(c).cast("binary")), 256))), 256)
+
+        df = spark.read.parquet(src)
+        df = df.select(*[hmac(c).alias(c) if c in ("event_id", "user_id", "session_id") else c
+                         for c in df.columns if c != "identifiers_enc"])
+    df.write.mode("overwrite").parquet(dst)
+
+
 def spark_main(argv: list[str]) -> int:
     """The reference Spark application (run by spark-submit): ``noop`` or ``copy SRC DST``."""
     from privrec_pipeline.spark.session import get_spark
 
     mode, *paths = argv
-    if mode not in ("noop", "copy") or len(paths) != (2 if mode == "copy" else 0):
-        raise SystemExit("usage: ingest.py noop | ingest.py copy SRC DST")
+    if mode not in ("noop", "copy", "floor-collect", "floor-pseudonymize") or len(paths) != (0 if mode == "noop" else 2):
+        raise SystemExit("usage: ingest.py noop | ingest.py copy|floor-collect|floor-pseudonymize SRC DST")
     spark = get_spark(f"privrec-bench-{mode}")  # privrec's session defaults (zstd, UTC, ...)
     try:
         if mode == "copy":
             spark.read.json(paths[0]).write.mode("overwrite").parquet(paths[1])
+        elif mode.startswith("floor-"):
+            _floor(spark, mode, *paths)
     finally:
         spark.stop()
     return 0

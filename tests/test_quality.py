@@ -194,6 +194,39 @@ def test_hex_digest_check_agrees_with_the_pseudonym_regex(spark):
     assert 50 < sum(expected) < len(values) - 50  # both outcomes well represented
 
 
+def test_pii_prefilter_skips_only_values_the_pii_regex_cannot_match(spark):
+    """The PII check runs its regex only on values with '@' or an ASCII digit; on PII and
+    near-PII text (other scripts' digits and at-signs included) it agrees with the regex."""
+    import random
+
+    from pyspark.sql import functions as F
+
+    from privrec_pipeline.quality.expectations import prefiltered_match_condition
+    from privrec_pipeline.quality.suites import PII_PATTERN, PII_REQUIRED_CHARS
+
+    rng = random.Random(9)
+    pii = ["jane.doe@example.org", "+1 (555) 123-4567", "4111 1111 1111 1111", "10.0.0.1", "a@b.co",
+           "call 0611234567", "555.123.4567", *[digit * 8 for digit in "0123456789"]]  # each digit alone
+    lookalikes = ["jane.doe\uff20example.org", "\u0665\u0665\u0665\u0661\u0662\u0663\u0664\u0665\u0666\u0667",
+                  "\uff11\uff10.\uff10.\uff10.\uff11", "itm_000557", "kitchen", "pro movies gift", "ab@", "@@",
+                  "x" * 300, "", "é" * 50]
+    values = []
+    for _ in range(600):
+        words = [rng.choice(lookalikes) for _ in range(rng.randint(1, 4))]
+        if rng.random() < 0.3:
+            words.insert(rng.randint(0, len(words)), rng.choice(pii))
+        if rng.random() < 0.3:  # damage one character
+            text = list(" ".join(words) or "x")
+            text[rng.randrange(len(text))] = rng.choice("@0 .-\uff20\u0665é")
+            words = ["".join(text)]
+        values.append(" ".join(words))
+    df = spark.createDataFrame([(v,) for v in values], "v string")
+    rows = df.select(prefiltered_match_condition(F.col("v"), PII_PATTERN, PII_REQUIRED_CHARS).alias("fast"),
+                     F.col("v").rlike(PII_PATTERN).alias("regex")).collect()
+    assert [r["fast"] for r in rows] == [r["regex"] for r in rows]
+    assert 100 < sum(r["regex"] for r in rows) < 500
+
+
 def test_duplicate_rows_are_exact_under_hash_collisions(spark, monkeypatch):
     from pyspark.sql import functions as F
 
