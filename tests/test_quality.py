@@ -78,6 +78,7 @@ def test_clean_day_passes_and_writes_reports(spark, day_lake):
     report = lk.local_path(lk.partition_uri(str(day_lake), "reports", DAY))
     saved = json.loads((report / "summary.json").read_text())
     assert saved["gate"] == "passed" and saved["rows"] == summary.rows > 1000
+    assert summary.rows == spark.read.parquet(lk.partition_uri(str(day_lake), "silver", DAY)).count()
     assert {e["id"] for e in saved["expectations"]} >= {"event_id.unique", "pii.search_query", "quarantine.rate"}
     assert all(e["severity"] in ("critical", "warning") and "success" in e for e in saved["expectations"])
     assert (report / "index.html").exists() and (report / "data_docs" / "index.html").exists()
