@@ -225,6 +225,8 @@ def test_pii_prefilter_skips_only_values_the_pii_regex_cannot_match(spark):
     rows = df.select(prefiltered_match_condition(F.col("v"), PII_PATTERN, PII_REQUIRED_CHARS).alias("fast"),
                      F.col("v").rlike(PII_PATTERN).alias("regex")).collect()
     assert [r["fast"] for r in rows] == [r["regex"] for r in rows]
+    unfiltered = df.select(prefiltered_match_condition(F.col("v"), PII_PATTERN, "").alias("m")).collect()
+    assert [r["m"] for r in unfiltered] == [r["regex"] for r in rows]
     assert 100 < sum(r["regex"] for r in rows) < 500
 
 

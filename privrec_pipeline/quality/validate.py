@@ -151,12 +151,11 @@ def _context(docs_dir: str) -> Any:
 def _run_suite(context: Any, name: str, df: "DataFrame | pd.DataFrame", specs: list[ExpectationSpec],
                run_id: Any) -> list[ExpectationOutcome]:
     import great_expectations as gx
+    import pandas as pd
     from great_expectations.checkpoint import UpdateDataDocsAction
     from great_expectations.expectations.expectation_configuration import ExpectationConfiguration
 
     import privrec_pipeline.quality.expectations  # noqa: F401  (registers privrec's expectations)
-
-    import pandas as pd
 
     if isinstance(df, pd.DataFrame):
         source = context.data_sources.add_pandas(name=f"{name}_source")
