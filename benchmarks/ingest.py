@@ -520,6 +520,7 @@ def _floor(spark: Any, mode: str, src: str, dst: str) -> None:
     """The lower-bound jobs of ``--floor`` (throwaway random keys: the data is synthetic)."""
     from pyspark.sql import functions as F
 
+    from privrec_pipeline import crypto
     from privrec_pipeline.schema import DIRECT_IDENTIFIERS
     from privrec_pipeline.transforms.collect import landing_struct
 
@@ -528,16 +529,11 @@ def _floor(spark: Any, mode: str, src: str, dst: str) -> None:
         ids = F.to_json(F.struct(*DIRECT_IDENTIFIERS))
         df = df.select(*[c for c in df.columns if c not in (*DIRECT_IDENTIFIERS, "_corrupt")],
                        F.aes_encrypt(ids, F.lit(os.urandom(32)), F.lit("GCM")).alias("identifiers_enc"))
-    else:  # HMAC-SHA256 composed from sha2 as in privrec_pipeline.crypto.pseudonym
-        key = os.urandom(64)
-        ipad, opad = F.lit(bytes(b ^ 0x36 for b in key)), F.lit(bytes(b ^ 0x5C for b in key))
-
-        def hmac(c: str) -> Any:
-            return F.sha2(F.concat(opad, F.unhex(F.sha2(F.concat(ipad, F.col(c).cast("binary")), 256))), 256)
-
+    else:  # the pseudonyms of privrec_pipeline.crypto, with the pads as literals (no key join)
+        ipad, opad = (F.lit(pad) for pad in crypto.hmac_pads(os.urandom(32)))
         df = spark.read.parquet(src)
-        df = df.select(*[hmac(c).alias(c) if c in ("event_id", "user_id", "session_id") else c
-                         for c in df.columns if c != "identifiers_enc"])
+        df = df.select(*[crypto.pseudonym(ipad, opad, c, F.col(c)).alias(c) if c in ("event_id", "user_id", "session_id")
+                         else c for c in df.columns if c != "identifiers_enc"])
     df.write.mode("overwrite").parquet(dst)
 
 
