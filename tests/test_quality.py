@@ -196,14 +196,15 @@ def test_hex_digest_check_agrees_with_the_pseudonym_regex(spark):
 
 
 def test_pii_prefilter_skips_only_values_the_pii_regex_cannot_match(spark):
-    """The PII check runs its regex only on values with '@' or an ASCII digit; on PII and
-    near-PII text (other scripts' digits and at-signs included) it agrees with the regex."""
+    """The PII check runs the email regex only on values with '@' and the phone, card and IPv4
+    regexes only on values with an ASCII digit; on PII and near-PII text (other scripts'
+    digits and at-signs included) it agrees with one regex of all four patterns."""
     import random
 
     from pyspark.sql import functions as F
 
     from privrec_pipeline.quality.expectations import prefiltered_match_condition
-    from privrec_pipeline.quality.suites import PII_PATTERN, PII_REQUIRED_CHARS
+    from privrec_pipeline.quality.suites import PII_PATTERNS, PII_SCAN
 
     rng = random.Random(9)
     pii = ["jane.doe@example.org", "+1 (555) 123-4567", "4111 1111 1111 1111", "10.0.0.1", "a@b.co",
@@ -222,27 +223,38 @@ def test_pii_prefilter_skips_only_values_the_pii_regex_cannot_match(spark):
             words = ["".join(text)]
         values.append(" ".join(words))
     df = spark.createDataFrame([(v,) for v in values], "v string")
-    rows = df.select(prefiltered_match_condition(F.col("v"), PII_PATTERN, PII_REQUIRED_CHARS).alias("fast"),
-                     F.col("v").rlike(PII_PATTERN).alias("regex")).collect()
+    assert {p["regex"] for p in PII_SCAN} == set(PII_PATTERNS.values())
+    union = "|".join(f"(?:{p})" for p in PII_PATTERNS.values())
+    rows = df.select(prefiltered_match_condition(F.col("v"), PII_SCAN).alias("fast"),
+                     F.col("v").rlike(union).alias("regex")).collect()
     assert [r["fast"] for r in rows] == [r["regex"] for r in rows]
-    unfiltered = df.select(prefiltered_match_condition(F.col("v"), PII_PATTERN, "").alias("m")).collect()
+    no_prefilter = [{"regex": p["regex"], "required_chars": ""} for p in PII_SCAN]
+    unfiltered = df.select(prefiltered_match_condition(F.col("v"), no_prefilter).alias("m")).collect()
     assert [r["m"] for r in unfiltered] == [r["regex"] for r in rows]
     assert 100 < sum(r["regex"] for r in rows) < 500
 
 
-def test_duplicate_rows_are_exact_under_hash_collisions(spark, monkeypatch):
+@pytest.mark.parametrize("hashes_on", ["driver", "spark"])
+def test_duplicate_rows_are_exact_under_hash_collisions(spark, monkeypatch, hashes_on):
     from pyspark.sql import functions as F
 
     from privrec_pipeline.quality import expectations
 
     values = ["aa", "ab", "ab", "ba", "bb", "bb", "bb", "ccc", None, None]
     df = spark.createDataFrame([(v,) for v in values], "v string")
-    assert expectations.duplicate_rows(df, "v") == 5  # the real hash: 2 x "ab", 3 x "bb"; nulls ignored
+    rows = len(values)
+    if hashes_on == "spark":  # a day over the driver's limit
+        monkeypatch.setattr(expectations, "DRIVER_HASH_MAX_ROWS", rows - 1)
+    arrow_calls = []
+    to_arrow = type(df).toArrow
+    monkeypatch.setattr(type(df), "toArrow", lambda self: arrow_calls.append(1) or to_arrow(self))
+    assert expectations.duplicate_rows(df, "v", rows) == 5  # the real hash: 2 x "ab", 3 x "bb"; nulls ignored
     # A hash that collides on every equal length: only the exact pass can tell "aa" from "ab".
-    assert expectations.duplicate_rows(df, "v", hash_fn=F.length) == 5
+    assert expectations.duplicate_rows(df, "v", rows, hash_fn=F.length) == 5
     monkeypatch.setattr(expectations, "MAX_SUSPECT_HASHES", 0)  # too many suspects: all rows grouped
-    assert expectations.duplicate_rows(df, "v", hash_fn=F.length) == 5
-    assert expectations.duplicate_rows(df.where("v != 'bb' and v != 'ab'"), "v", hash_fn=F.length) == 0
+    assert expectations.duplicate_rows(df, "v", rows, hash_fn=F.length) == 5
+    assert expectations.duplicate_rows(df.where("v != 'bb' and v != 'ab'"), "v", rows, hash_fn=F.length) == 0
+    assert bool(arrow_calls) == (hashes_on == "driver")
 
 
 def test_duplicate_check_counts_the_rows_of_duplicated_ids(spark, day_lake):
