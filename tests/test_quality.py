@@ -82,6 +82,12 @@ def test_clean_day_passes_and_writes_reports(spark, day_lake):
     assert {e["id"] for e in saved["expectations"]} >= {"event_id.unique", "pii.search_query", "quarantine.rate"}
     assert all(e["severity"] in ("critical", "warning") and "success" in e for e in saved["expectations"])
     assert (report / "index.html").exists() and (report / "data_docs" / "index.html").exists()
+    # Both suites' validation pages, privrec's own expectations described in words.
+    pages = {p.parent.parent.parent.name: p.read_text() for p in (report / "data_docs" / "validations").rglob("*.html")}
+    assert set(pages) == {"silver", "collect"}
+    assert "lowercase hexadecimal characters" in pages["silver"] and "values must be unique" in pages["silver"]
+    assert "values must not match any of these regular expressions" in pages["silver"]
+    assert "(**{" not in pages["silver"]  # Great Expectations' fallback: the raw kwargs
 
 
 # Each case breaks exactly one critical expectation: (id, how to break it).

@@ -34,6 +34,8 @@ from great_expectations.expectations.metrics import (
     column_condition_partial,
 )
 from great_expectations.expectations.metrics.metric_provider import metric_value
+from great_expectations.render import LegacyRendererType
+from great_expectations.render.renderer.renderer import renderer
 
 HEX_DIGEST_METRIC = "column_values.privrec_hex_digest"
 DUPLICATE_ROWS_METRIC = "column.privrec_duplicate_rows"
@@ -93,6 +95,19 @@ def duplicate_rows(df: Any, column: str, rows: int | None = None, hash_fn: Any =
     return int(row["rows"] or 0)
 
 
+def _sentence(template: str, params: dict[str, Any], configuration: Any, runtime_configuration: dict | None) -> list:
+    """Data Docs' one-line description of a custom expectation (GE's legacy prescriptive
+    renderer, as the built-in expectations have), instead of its raw kwargs."""
+    from great_expectations.render import RenderedStringTemplateContent
+
+    runtime_configuration = runtime_configuration or {}
+    column = (configuration.kwargs if configuration else {}).get("column")
+    if column and runtime_configuration.get("include_column_name") is not False:
+        template, params = "$column " + template, {**params, "column": column}
+    return [RenderedStringTemplateContent(content_block_type="string_template", string_template={
+        "template": template, "params": params, "styling": runtime_configuration.get("styling")})]
+
+
 class ColumnValuesHexDigest(ColumnMapMetricProvider):
     condition_metric_name = HEX_DIGEST_METRIC
     condition_value_keys = ("length",)
@@ -109,6 +124,14 @@ class ExpectColumnValuesToBeHexDigests(ColumnMapExpectation):
     map_metric: ClassVar[str] = HEX_DIGEST_METRIC
     success_keys: ClassVar[tuple[str, ...]] = ("length", "mostly")
     args_keys: ClassVar[tuple[str, ...]] = ("column", "length")
+
+    @classmethod
+    @renderer(renderer_type=LegacyRendererType.PRESCRIPTIVE)
+    def _prescriptive_renderer(cls, configuration: Any = None, result: Any = None,
+                               runtime_configuration: dict | None = None, **kwargs: Any) -> list:
+        length = (configuration.kwargs if configuration else {}).get("length", 64)
+        return _sentence("values must be exactly $length lowercase hexadecimal characters.",
+                         {"length": length}, configuration, runtime_configuration)
 
 
 def prefiltered_match_condition(column: Any, patterns: list[dict[str, str]]) -> Any:
@@ -155,6 +178,16 @@ class ExpectColumnValuesToNotMatchRegexListPrefiltered(ColumnMapExpectation):
     success_keys: ClassVar[tuple[str, ...]] = ("patterns", "mostly")
     args_keys: ClassVar[tuple[str, ...]] = ("column", "patterns")
 
+    @classmethod
+    @renderer(renderer_type=LegacyRendererType.PRESCRIPTIVE)
+    def _prescriptive_renderer(cls, configuration: Any = None, result: Any = None,
+                               runtime_configuration: dict | None = None, **kwargs: Any) -> list:
+        patterns = (configuration.kwargs if configuration else {}).get("patterns") or []
+        params = {f"regex_{i}": p["regex"] for i, p in enumerate(patterns)}
+        listed = ", ".join(f"${name}" for name in params)
+        return _sentence(f"values must not match any of these regular expressions: {listed}.",
+                         params, configuration, runtime_configuration)
+
 
 class ColumnDuplicateRows(ColumnAggregateMetricProvider):
     metric_name = DUPLICATE_ROWS_METRIC
@@ -174,6 +207,13 @@ class ExpectColumnToHaveNoDuplicateValues(ColumnAggregateExpectation):
     metric_dependencies: ClassVar[tuple[str, ...]] = (DUPLICATE_ROWS_METRIC,)
     success_keys: ClassVar[tuple[str, ...]] = ()
     args_keys: ClassVar[tuple[str, ...]] = ("column",)
+
+    @classmethod
+    @renderer(renderer_type=LegacyRendererType.PRESCRIPTIVE)
+    def _prescriptive_renderer(cls, configuration: Any = None, result: Any = None,
+                               runtime_configuration: dict | None = None, **kwargs: Any) -> list:
+        return _sentence("values must be unique (observed: rows whose value occurs more than once).",
+                         {}, configuration, runtime_configuration)
 
     def _validate(self, metrics: dict, runtime_configuration: dict | None = None,
                   execution_engine: Any = None) -> dict[str, Any]:
