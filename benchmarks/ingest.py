@@ -36,7 +36,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from privrec_pipeline.spark.session import LAUNCH_CONF
+from privrec_pipeline.spark.session import JOB_JVM_OPTIONS, launch_conf
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -48,8 +48,12 @@ DEFAULT_DATE = dt.date(2026, 1, 15)
 TARGET_RATIO = 2.0
 TARGET_VALIDATE_SHARE = 0.30  # validate adds at most 30% to ingest time (issue 3)
 # The DAG's settings (dags/privrec_nightly.py) on a 2-core local master.
-SUBMIT_ARGS = ("--master", "local[2]", "--driver-memory", "4g", "--conf", "spark.ui.enabled=false",
-               *[arg for key, value in LAUNCH_CONF.items() for arg in ("--conf", f"{key}={value}")])
+SUBMIT_ARGS = ("--master", "local[2]", "--driver-memory", "4g", "--conf", "spark.ui.enabled=false")
+
+
+def submit_args(step: str) -> list[str]:
+    """spark-submit options of a step: the DAG's, with the JVM options of the job of that name."""
+    return [*SUBMIT_ARGS, *[arg for key, value in launch_conf(step).items() for arg in ("--conf", f"{key}={value}")]]
 SAMPLE_SECONDS = 0.2
 SECTION_START, SECTION_END = "<!-- bench:ingest:start -->", "<!-- bench:ingest:end -->"
 _NOTABLE = re.compile(r"\b(WARN|ERROR|FATAL)\b|OutOfMemory|GC overhead|[Ss]pill|Killed|Traceback")
@@ -191,7 +195,7 @@ def run_step(name: str, app: list[str], env: dict[str, str], out: Path, event_lo
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     submit = shutil.which("spark-submit", path=env["PATH"]) or "spark-submit"
-    command = [submit, *SUBMIT_ARGS]
+    command = [submit, *submit_args(name)]
     events_dir = out / "spark-events" / name
     if event_log:
         shutil.rmtree(events_dir, ignore_errors=True)
@@ -378,7 +382,8 @@ def markdown(result: dict[str, Any]) -> str:
         (f"- Input: {gen['records']:,} landing records ({gen['bad_records']:,} malformed, "
          f"{gen['duplicates']:,} duplicates) in {gen['files']} gzip JSONL files, "
          f"{gen['bytes'] / MIB:,.1f} MiB"),
-        f"- Each Spark step: `spark-submit {' '.join(SUBMIT_ARGS)} ...`, a separate cold JVM",
+        (f"- Each Spark step: `spark-submit {' '.join(submit_args(''))} ...`, a separate cold JVM"
+         + "".join(f"; {job}: `{options}`" for job, options in JOB_JVM_OPTIONS.items())),
         "",
         "| " + " | ".join(HEADERS) + " |",
         "|" + "|".join(["---"] + ["---:"] * (len(HEADERS) - 1)) + "|",

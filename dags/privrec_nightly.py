@@ -49,12 +49,11 @@ from airflow.sdk import Asset, CronDataIntervalTimetable, Param, dag, get_curren
 
 from privrec_pipeline.orchestration.report_operators import DPStatsOperator, QualityValidateOperator
 from privrec_pipeline.orchestration.spark_operator import PrivrecSparkSubmitOperator
-from privrec_pipeline.spark.session import LAUNCH_CONF
+from privrec_pipeline.spark.session import launch_conf
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
 # Deployment settings (environment, read without I/O at parse time).
-SPARK_CONF = {
-    **LAUNCH_CONF,
+SPARK_CONF = {  # and each job's launch_conf (JVM options)
     "spark.driver.memory": os.environ.get("PRIVREC_SPARK_DRIVER_MEMORY", "4g"),
     "spark.pyspark.python": os.environ.get("PYSPARK_PYTHON", sys.executable),
     "spark.pyspark.driver.python": os.environ.get("PYSPARK_DRIVER_PYTHON", sys.executable),
@@ -290,7 +289,7 @@ def _spark_task(operator: type[PrivrecSparkSubmitOperator], step: str, *args: st
         conn_id="spark_default",
         name=f"privrec-{step}-{{{{ ds }}}}",
         application_args=[*COMMON_ARGS, *args],
-        conf=SPARK_CONF,
+        conf={**SPARK_CONF, **launch_conf(step)},
         **kwargs,
     )
 

@@ -87,6 +87,9 @@ def test_nightly_wiring(dagbag):
         assert task._conn_id == "spark_default"  # the connection decides the master
         assert "{{ ds }}" in task.application_args
         assert Path(task.application).is_file()
+        # Each job launches with its own JVM options (validate: HotSpot's default for huge methods).
+        jvm = "-XX:+DontCompileHugeMethods" if task.task_id == "validate" else "-XX:-DontCompileHugeMethods"
+        assert task.conf["spark.driver.extraJavaOptions"] == jvm, task.task_id
     assert type(dag.timetable).__name__ == "CronDataIntervalTimetable"  # one run per data interval
     # Only collect and pseudonymize read raw identifiers; later steps never receive keys.
     assert [t.needs_keys for t in tasks] == [True, True, False, False]
