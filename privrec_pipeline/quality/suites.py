@@ -54,6 +54,7 @@ PII_SCAN: list[dict[str, str]] = [
     *({"regex": p, "required_chars": ASCII_DIGITS} for p in (PHONE_PATTERN, CARD_PATTERN, IPV4_PATTERN)),
 ]
 
+
 @dataclass(frozen=True)
 class ExpectationSpec:
     id: str
