@@ -49,17 +49,17 @@ TARGET_RATIO = 2.0
 TARGET_VALIDATE_SHARE = 0.30  # validate adds at most 30% to ingest time (issue 3)
 # The DAG's settings (dags/privrec_nightly.py) on a 2-core local master.
 SUBMIT_ARGS = ("--master", "local[2]", "--driver-memory", "4g", "--conf", "spark.ui.enabled=false")
-
-
-def submit_args(step: str) -> list[str]:
-    """spark-submit options of a step: the DAG's, with the JVM options of the job of that name."""
-    return [*SUBMIT_ARGS, *[arg for key, value in launch_conf(step).items() for arg in ("--conf", f"{key}={value}")]]
 SAMPLE_SECONDS = 0.2
 SECTION_START, SECTION_END = "<!-- bench:ingest:start -->", "<!-- bench:ingest:end -->"
 _NOTABLE = re.compile(r"\b(WARN|ERROR|FATAL)\b|OutOfMemory|GC overhead|[Ss]pill|Killed|Traceback")
 _LOG_TIME = re.compile(r"^\d{2}/\d{2}/\d{2} \d{2}:\d{2}:\d{2}\s+")
 _HEX = re.compile(r"[0-9a-fA-F]{32,}")  # never copy anything key-like out of a log
 MIB = 2**20
+
+
+def submit_args(step: str) -> list[str]:
+    """spark-submit options of a step: the DAG's, with the JVM options of the job of that name."""
+    return [*SUBMIT_ARGS, *[arg for key, value in launch_conf(step).items() for arg in ("--conf", f"{key}={value}")]]
 
 
 def add_arguments(group: argparse._ArgumentGroup) -> None:

@@ -95,17 +95,30 @@ def duplicate_rows(df: Any, column: str, rows: int | None = None, hash_fn: Any =
     return int(row["rows"] or 0)
 
 
-def _sentence(template: str, params: dict[str, Any], configuration: Any, runtime_configuration: dict | None) -> list:
-    """Data Docs' one-line description of a custom expectation (GE's legacy prescriptive
-    renderer, as the built-in expectations have), instead of its raw kwargs."""
-    from great_expectations.render import RenderedStringTemplateContent
+def _described(describe: Any) -> Any:
+    """A legacy prescriptive renderer (Data Docs' one-line description of an expectation, as
+    the built-in expectations have; without one Data Docs print the raw kwargs) from
+    ``describe(kwargs) -> (template, params)``."""
 
-    runtime_configuration = runtime_configuration or {}
-    column = (configuration.kwargs if configuration else {}).get("column")
-    if column and runtime_configuration.get("include_column_name") is not False:
-        template, params = "$column " + template, {**params, "column": column}
-    return [RenderedStringTemplateContent(content_block_type="string_template", string_template={
-        "template": template, "params": params, "styling": runtime_configuration.get("styling")})]
+    @renderer(renderer_type=LegacyRendererType.PRESCRIPTIVE)
+    def render(cls: Any, configuration: Any = None, result: Any = None,
+               runtime_configuration: dict | None = None, **kwargs: Any) -> list:
+        from great_expectations.render import RenderedStringTemplateContent
+
+        runtime_configuration = runtime_configuration or {}
+        given = configuration.kwargs if configuration else {}
+        template, params = describe(given)
+        if given.get("column") and runtime_configuration.get("include_column_name") is not False:
+            template, params = "$column " + template, {**params, "column": given["column"]}
+        return [RenderedStringTemplateContent(content_block_type="string_template", string_template={
+            "template": template, "params": params, "styling": runtime_configuration.get("styling")})]
+
+    return classmethod(render)
+
+
+def _regex_list(kwargs: dict) -> tuple[str, dict[str, str]]:
+    params = {f"regex_{i}": p["regex"] for i, p in enumerate(kwargs.get("patterns") or [])}
+    return f"values must not match any of these regular expressions: {', '.join('$' + n for n in params)}.", params
 
 
 class ColumnValuesHexDigest(ColumnMapMetricProvider):
@@ -125,14 +138,8 @@ class ExpectColumnValuesToBeHexDigests(ColumnMapExpectation):
     success_keys: ClassVar[tuple[str, ...]] = ("length", "mostly")
     args_keys: ClassVar[tuple[str, ...]] = ("column", "length")
 
-    @classmethod
-    @renderer(renderer_type=LegacyRendererType.PRESCRIPTIVE)
-    def _prescriptive_renderer(cls, configuration: Any = None, result: Any = None,
-                               runtime_configuration: dict | None = None, **kwargs: Any) -> list:
-        length = (configuration.kwargs if configuration else {}).get("length", 64)
-        return _sentence("values must be exactly $length lowercase hexadecimal characters.",
-                         {"length": length}, configuration, runtime_configuration)
-
+    _prescriptive_renderer = _described(lambda kwargs: (
+        "values must be exactly $length lowercase hexadecimal characters.", {"length": kwargs.get("length", 64)}))
 
 def prefiltered_match_condition(column: Any, patterns: list[dict[str, str]]) -> Any:
     """True where ``column`` matches any of the patterns' ``regex`` (Spark ``rlike``: found
@@ -178,15 +185,7 @@ class ExpectColumnValuesToNotMatchRegexListPrefiltered(ColumnMapExpectation):
     success_keys: ClassVar[tuple[str, ...]] = ("patterns", "mostly")
     args_keys: ClassVar[tuple[str, ...]] = ("column", "patterns")
 
-    @classmethod
-    @renderer(renderer_type=LegacyRendererType.PRESCRIPTIVE)
-    def _prescriptive_renderer(cls, configuration: Any = None, result: Any = None,
-                               runtime_configuration: dict | None = None, **kwargs: Any) -> list:
-        patterns = (configuration.kwargs if configuration else {}).get("patterns") or []
-        params = {f"regex_{i}": p["regex"] for i, p in enumerate(patterns)}
-        listed = ", ".join(f"${name}" for name in params)
-        return _sentence(f"values must not match any of these regular expressions: {listed}.",
-                         params, configuration, runtime_configuration)
+    _prescriptive_renderer = _described(_regex_list)
 
 
 class ColumnDuplicateRows(ColumnAggregateMetricProvider):
@@ -208,12 +207,8 @@ class ExpectColumnToHaveNoDuplicateValues(ColumnAggregateExpectation):
     success_keys: ClassVar[tuple[str, ...]] = ()
     args_keys: ClassVar[tuple[str, ...]] = ("column",)
 
-    @classmethod
-    @renderer(renderer_type=LegacyRendererType.PRESCRIPTIVE)
-    def _prescriptive_renderer(cls, configuration: Any = None, result: Any = None,
-                               runtime_configuration: dict | None = None, **kwargs: Any) -> list:
-        return _sentence("values must be unique (observed: rows whose value occurs more than once).",
-                         {}, configuration, runtime_configuration)
+    _prescriptive_renderer = _described(lambda kwargs: (
+        "values must be unique (observed: rows whose value occurs more than once).", {}))
 
     def _validate(self, metrics: dict, runtime_configuration: dict | None = None,
                   execution_engine: Any = None) -> dict[str, Any]:
