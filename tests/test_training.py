@@ -19,7 +19,6 @@ from privrec_pipeline.training.dp import (
     calibrate_noise,
     dp_gradient,
     epsilon_for,
-    noise_std_share,
     per_user_grad_norms,
     user_losses,
 )
@@ -32,6 +31,7 @@ from privrec_pipeline.training.federated import (
     train_in_process,
 )
 from privrec_pipeline.training.model import ItemModel, ModelConfig
+from privrec_pipeline.training.secure_random import SecureRandom
 
 V = 40
 
@@ -65,7 +65,8 @@ def test_closed_form_norms_equal_autograd_per_user_gradients():
 
 def _summed_gradient(model: ItemModel, h: Histories, clip: float) -> torch.Tensor:
     batch = Batch(*h.batch(np.arange(h.users)))
-    dp_gradient(model, batch, clip_norm=clip, noise_std=0.0, denominator=1.0, generator=torch.Generator().manual_seed(0))
+    dp_gradient(model, batch, clip_norm=clip, noise_std=0.0, denominator=1.0, generator=torch.Generator().manual_seed(0),
+                noise=None)
     return torch.cat([p.grad.reshape(-1).clone() for p in model.parameters()])
 
 
@@ -87,9 +88,9 @@ def test_noise_has_the_calibrated_standard_deviation():
     model, h = _model(), _histories(1)
     batch = Batch(*h.batch(np.arange(1)))
     grads = []
-    for seed in (1, 2):
-        dp_gradient(model, batch, clip_norm=1.0, noise_std=3.0, denominator=2.0,
-                    generator=torch.Generator().manual_seed(seed))
+    for key in (b"1" * 32, b"2" * 32):
+        dp_gradient(model, batch, clip_norm=1.0, noise_std=3.0, denominator=2.0, generator=None,
+                    noise=SecureRandom(key))
         grads.append(torch.cat([p.grad.reshape(-1).clone() for p in model.parameters()]))
     difference = grads[0] - grads[1]  # the user's clipped gradient cancels: two noise draws remain
     expected = math.sqrt(2) * 3.0 / 2.0  # (sigma C) / denominator, for the difference of two draws
@@ -180,14 +181,15 @@ def test_a_step_that_samples_nobody_is_pure_noise_of_the_planned_scale(mode):
     from dataclasses import replace
 
     h = _histories(30, seed=3)
-    config = TrainConfig(mode=mode, epsilon=3.0, rounds=1, local_steps=1, batch_size=10, dim=8)
-    plan = replace(plan_privacy(config, [h.users]), sampling_rates=[1e-12])  # nobody is ever sampled
+    tolerance = {"collusion_tolerance": 0} if mode == "distributed" else {}
+    config = TrainConfig(mode=mode, epsilon=3.0, rounds=1, local_steps=1, batch_size=10, dim=8, **tolerance)
+    plan = replace(plan_privacy(config, [h.users] * 3), sampling_rates=[1e-12] * 3)  # nobody is ever sampled
     start = flatten(new_model(config, V))
     update, stats = partition_update(config, plan, start, V, h, round_index=0, partition=0, partitions=3,
-                                     total_users=h.users, secret=b"s" * 32, run_id="r")
+                                     total_users=3 * h.users, secret=b"s" * 32, run_id="r")
     assert stats["sampled"] == 0 and np.isfinite(update).all()
-    if mode == "distributed":  # the update is minus the noise share: N(0, (sigma C / sqrt(3))^2) / (q N)
-        expected = noise_std_share(plan.noise_multiplier, config.clip_norm, 3) / (1e-12 * h.users)
+    if mode == "distributed":  # the update is minus the noise share (t = 0): N(0, (sigma C / sqrt(3))^2) / (q N)
+        expected = plan.noise_multiplier * config.clip_norm / math.sqrt(3) / (1e-12 * 3 * h.users)
         assert np.std(update) == pytest.approx(expected, rel=0.05)
     else:  # a local Adam step on a pure-noise gradient moves every parameter by about the learning rate
         assert np.abs(update).mean() == pytest.approx(config.local_lr, rel=0.2)
@@ -224,3 +226,103 @@ def test_bad_training_settings_name_the_field():
         TrainConfig(epsilon=0)
     with pytest.raises(ConfigurationError, match="every partition needs at least one user"):
         plan_privacy(TrainConfig(), [10, 0])
+
+
+def _pure_noise_shares(config: TrainConfig, partitions: int, rounds: int) -> tuple[np.ndarray, float]:
+    """Every partition's noise share (nobody sampled: the update is minus share / (q N)), times
+    q N, for ``rounds`` rounds: an array [rounds, partitions, coordinates]; and sigma."""
+    from dataclasses import replace
+
+    h = _histories(10, seed=4)
+    q = 1e-9
+    plan = replace(plan_privacy(config, [h.users] * partitions), sampling_rates=[q] * partitions)
+    start = flatten(new_model(config, V))
+    total = partitions * h.users
+    shares = np.array([[-partition_update(config, plan, start, V, h, round_index=r, partition=k,
+                                          partitions=partitions, total_users=total, secret=bytes([k + 1]) * 32,
+                                          run_id="run-1")[0] * (q * total)
+                        for k in range(partitions)] for r in range(rounds)])
+    return shares, plan.noise_multiplier
+
+
+@pytest.mark.parametrize("tolerance", [0, 1, 3])
+def test_any_p_minus_t_honest_noise_shares_carry_the_full_noise(tolerance):
+    """Distributed DP with t colluding (or noise-dropping) partitions out of P = 4: the shares of
+    the P - t honest ones must still sum to N(0, sigma^2 C^2) per coordinate. Before the
+    collusion tolerance each share had variance sigma^2 C^2 / P: P - t shares fell short."""
+    partitions, clip = 4, 0.3
+    config = TrainConfig(mode="distributed", epsilon=2.0, rounds=1, batch_size=400, dim=8, clip_norm=clip,
+                         collusion_tolerance=tolerance)  # (q = 1 in the plan: a quick calibration)
+    shares, sigma = _pure_noise_shares(config, partitions, rounds=6)
+    honest = shares[:, tolerance:, :].sum(axis=1).ravel()  # any P - t of them: the last ones
+    draws = honest.size  # 6 rounds x 720 coordinates
+    expected = sigma**2 * clip**2  # the variance the accountant assumes for the sum
+    assert honest.var() == pytest.approx(expected, rel=5 * math.sqrt(2 / draws))
+    single = shares[:, 0, :].ravel()  # one share: sigma^2 C^2 / (P - t)
+    assert single.var() == pytest.approx(expected / (partitions - tolerance), rel=5 * math.sqrt(2 / draws))
+
+
+def test_by_default_every_share_alone_carries_the_full_noise_and_the_accounting_is_sigmas():
+    partitions, clip = 3, 0.3
+    config = TrainConfig(mode="distributed", epsilon=2.0, rounds=1, batch_size=400, dim=8, clip_norm=clip)
+    assert config.collusion_tolerance is None
+    shares, sigma = _pure_noise_shares(config, partitions, rounds=4)
+    for k in range(partitions):
+        assert shares[:, k, :].var() == pytest.approx(sigma**2 * clip**2, rel=5 * math.sqrt(2 / shares[:, k].size))
+    sizes = [100, 120, 90]
+    default = plan_privacy(config, sizes)
+    assert (default.partitions, default.collusion_tolerance) == (3, 2)
+    assert default.noise_std_per_partition == pytest.approx(default.noise_multiplier * clip)
+    from dataclasses import replace
+
+    split = plan_privacy(replace(config, collusion_tolerance=0), sizes)
+    # The ledger's epsilon is sigma's whatever t: t only states who must be honest for it to hold.
+    assert (split.noise_multiplier, split.epsilon) == (default.noise_multiplier, default.epsilon)
+    assert split.noise_std_per_partition == pytest.approx(default.noise_multiplier * clip / math.sqrt(3))
+    local = plan_privacy(TrainConfig(mode="local", epsilon=2.0, rounds=1, local_steps=2, batch_size=400,
+                                     clip_norm=clip), sizes)
+    assert local.collusion_tolerance == 2 and local.noise_std_per_partition == pytest.approx(local.noise_multiplier * clip)
+
+
+def test_an_impossible_collusion_tolerance_fails_naming_the_field_and_p():
+    with pytest.raises(ConfigurationError, match=r"collusion_tolerance must be in 0\.\.2 for P = 3 partitions"):
+        plan_privacy(TrainConfig(mode="distributed", collusion_tolerance=3), [10, 10, 10])
+    with pytest.raises(ConfigurationError, match="TrainConfig: collusion_tolerance must be an integer >= 0"):
+        TrainConfig(mode="distributed", collusion_tolerance=-1)
+    with pytest.raises(ConfigurationError, match="TrainConfig: collusion_tolerance applies to distributed mode only"):
+        TrainConfig(mode="local", collusion_tolerance=1)
+
+
+@pytest.mark.parametrize("mode", ["local", "distributed"])
+def test_the_model_card_states_the_trust_model(mode):
+    import datetime as dt
+    from types import SimpleNamespace
+
+    from privrec_pipeline.models import publish as pub
+    from privrec_pipeline.models.evaluate import Evaluation
+
+    tolerance = {"collusion_tolerance": 1} if mode == "distributed" else {}
+    config = TrainConfig(mode=mode, epsilon=4.0, rounds=2, local_steps=2, batch_size=400, clip_norm=0.3, **tolerance)
+    plan = plan_privacy(config, [100, 100, 100])
+    from dataclasses import asdict
+
+    report = {"plan": plan.to_dict(), "config": asdict(config), "partitions": 3, "run_id": "run-1",
+              "window": ["2026-01-01"], "vocabulary_size": 40}
+    metrics = {"recall@20": 0.1, "ndcg@10": 0.1, "hr@10": 0.1}
+    evaluation = Evaluation(metrics, metrics, None, None, 0.5, {"trained": 10, "held_out": 10}, True, "ok", [])
+    release = SimpleNamespace(id=7, epsilon=plan.epsilon, delta=plan.delta)
+    spend = SimpleNamespace(start=dt.date(2026, 1, 1), end=dt.date(2026, 1, 30), epsilon=4.0, basic_epsilon=4.0,
+                            policy=SimpleNamespace(epsilon=10.0, delta=1e-5), releases=[release])
+    manifest = {"params": {"max_items_per_user": 50}, "days_used": ["2026-01-01"], "releases": [1]}
+    card = pub.model_card("m", "v", report, evaluation, release, spend, manifest, "0" * 64)
+    trust = card["privacy"]["trust_model"]
+    text = pub.model_card_markdown(card)
+    assert "can poison the sum" in text and "norm cannot be verified" in text
+    if mode == "local":
+        assert trust["collusion_tolerance"] == 2
+        assert "differentially private by itself" in text and "no trust in the aggregator" in text
+    else:
+        assert (trust["mode"], trust["partitions"], trust["collusion_tolerance"]) == ("distributed", 3, 1)
+        assert "distributed mode, P = 3, t = 1" in text
+        assert "at most t = 1 of the 3 partitions collude with the aggregator" in text
+        assert trust["noise_std_per_partition"] == pytest.approx(plan.noise_multiplier * 0.3 / math.sqrt(2))

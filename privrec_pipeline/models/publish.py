@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -150,6 +151,34 @@ def publish(lake: str, day: dt.date, name: str = DEFAULT_NAME, gate: GateSetting
     return outcome
 
 
+def trust_model(plan: dict[str, Any], partitions: int) -> dict[str, Any]:
+    """Who must be honest for the model's guarantee to hold, in words and numbers."""
+    mode = plan["mode"]
+    # A plan written before collusion_tolerance existed: distributed mode then split the noise
+    # over all P partitions (t = 0); local mode always adds the full noise (t = P - 1).
+    tolerance = plan.get("collusion_tolerance", 0 if mode == "distributed" else partitions - 1)
+    std = plan.get("noise_std_per_partition",
+                   plan["noise_multiplier"] * plan["clip_norm"] / math.sqrt(partitions - tolerance))
+    poisoning = ("Secure aggregation hides each partition's update from the aggregator, and so also keeps it from "
+                 "being checked: a dishonest partition can poison the sum (its masked update's norm cannot be "
+                 "verified); this affects the model's quality, not the privacy of other partitions' users.")
+    if mode == "local":
+        assumption = (f"Each of the {partitions} partitions adds the full noise (std {std:.4g} per coordinate) to its "
+                      "own update, so every partition's update is differentially private by itself: the guarantee "
+                      "needs no trust in the aggregator or in the other partitions.")
+    else:
+        assumption = (f"Each of the {partitions} partitions adds a noise share of std {std:.4g} per coordinate, so "
+                      f"that any {partitions - tolerance} honest shares together carry the full noise: the guarantee "
+                      f"holds if at most t = {tolerance} of the {partitions} partitions collude with the aggregator "
+                      "or leave out their noise share. Every partition's share is required: the secure aggregation "
+                      "has no dropout recovery, a round with a missing partition fails.")
+    return {"mode": mode, "partitions": partitions, "collusion_tolerance": tolerance,
+            "noise_std_per_partition": std, "assumption": assumption, "secure_aggregation": poisoning,
+            "noise_source": "ChaCha20 keystream keyed by each partition's secret (HKDF-SHA256); each Gaussian "
+                            "sample is the sum of 4 Box-Muller draws (floating-point attack mitigation, Holohan & "
+                            "Braghin 2021, as Opacus secure_mode)"}
+
+
 def model_card(name: str, version: str, report: dict[str, Any], evaluation: Evaluation, release: Any, spend: Any,
                manifest: dict[str, Any], fingerprint: str) -> dict[str, Any]:
     plan, config = report["plan"], report["config"]
@@ -169,6 +198,7 @@ def model_card(name: str, version: str, report: dict[str, Any], evaluation: Eval
             "sampling_rates": plan["sampling_rates"], "steps": plan["steps"],
             "rounds": config["rounds"], "local_steps": config["local_steps"] if plan["mode"] == "local" else 1,
             "partitions": report["partitions"],
+            "trust_model": trust_model(plan, report["partitions"]),
             "contribution_bounds": {"max_items_per_user": manifest["params"]["max_items_per_user"],
                                     "per_user_gradient_norm": plan["clip_norm"]},
             "vocabulary": "items released by DP partition selection in the window's dp_stats releases "
@@ -189,6 +219,7 @@ def model_card(name: str, version: str, report: dict[str, Any], evaluation: Eval
 
 def model_card_markdown(card: dict[str, Any]) -> str:
     p, m = card["privacy"], card["metrics"]
+    t = p["trust_model"]
     rows = [("candidate (this model)", m["candidate"]), ("DP popularity", m["dp_popularity"])]
     if m["previously_published"]:
         rows.append((f"previous ({m['previous_version']})", m["previously_published"]))
@@ -214,8 +245,17 @@ secure aggregation. Only item-side parameters are published ({p['published_param
 | clipping norm, noise multiplier | {p['clipping_norm']}, {p['noise_multiplier']:.4g} |
 | sampling rates, steps | {', '.join(f'{q:.3g}' for q in p['sampling_rates'])}; {p['steps']} |
 | rounds, partitions | {p['rounds']}, {p['partitions']} |
+| collusion tolerance t | {t['collusion_tolerance']} of {t['partitions']} partitions; noise std per partition {t['noise_std_per_partition']:.4g} |
 | contribution bounds | {p['contribution_bounds']['max_items_per_user']} most recent items per user; gradient norm {p['contribution_bounds']['per_user_gradient_norm']} |
 | vocabulary | {p['vocabulary']} |
+
+### Trust model ({t['mode']} mode, P = {t['partitions']}, t = {t['collusion_tolerance']})
+
+{t['assumption']}
+
+{t['secure_aggregation']}
+
+Noise source: {t['noise_source']}.
 
 ## Data
 

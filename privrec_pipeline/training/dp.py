@@ -5,7 +5,9 @@ the unit (McMahan et al. 2018, "Learning Differentially Private Recurrent Langua
 ICLR): each step Poisson-samples users with rate q, clips each sampled user's whole gradient
 to L2 norm C, sums, adds N(0, (sigma C)^2) to every coordinate of every trainable
 parameter, and divides by the expected batch size q N (a fixed denominator, so the
-sensitivity of the average stays C / (q N)).
+sensitivity of the average stays C / (q N)). The noise comes from ``SecureRandom`` (a
+ChaCha20 CSPRNG keyed by the partition's secret, see ``secure_random``); only input dropout,
+which the DP analysis does not rely on, uses a torch generator.
 
 Per-user norms in closed form ("ghost clipping", Goodfellow 2015; Li et al. 2022, "Large
 Language Models Can Be Strong Differentially Private Learners", ICLR). With r = dL/ds (the
@@ -30,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from privrec_pipeline.training.model import ItemModel, dropout_mask, target_matrix
+from privrec_pipeline.training.secure_random import SecureRandom
 
 
 @dataclass(frozen=True)
@@ -65,22 +68,44 @@ def per_user_grad_norms(model: ItemModel, batch: Batch, cache: dict[str, torch.T
     return norm2.clamp_min(0.0).sqrt()
 
 
+def add_noise(model: ItemModel, noise: SecureRandom, noise_std: float, denominator: float) -> None:
+    """Set every ``p.grad`` to (p.grad + N(0, noise_std^2)) / denominator (a missing gradient
+    counts as 0): one keystream call for all coordinates, added in float64, rounded once."""
+    params = list(model.parameters())
+    draws = torch.from_numpy(noise.standard_normal(sum(p.numel() for p in params)))
+    offset = 0
+    with torch.no_grad():
+        for p in params:
+            n = p.numel()
+            grad = p.grad.double() if p.grad is not None else torch.zeros(p.shape, dtype=torch.float64)
+            value = ((grad + draws[offset:offset + n].reshape(p.shape) * noise_std) / denominator).to(p.dtype)
+            if p.grad is None:
+                p.grad = value
+            else:
+                p.grad.copy_(value)
+            offset += n
+
+
 def dp_gradient(model: ItemModel, batch: Batch, *, clip_norm: float, noise_std: float, denominator: float,
-                generator: torch.Generator | None) -> dict[str, float]:
+                generator: torch.Generator | None, noise: SecureRandom | None) -> dict[str, float]:
     """Set ``p.grad`` to (sum of clipped per-user gradients + N(0, noise_std^2)) / denominator.
 
     ``noise_std`` is sigma x C for the full noise, or the partition's share in distributed
-    mode. Returns diagnostics (mean loss, share of users clipped)."""
+    mode; the noise is drawn from ``noise`` (required when ``noise_std`` > 0), ``generator``
+    drives input dropout only. Returns diagnostics (mean loss, share of users clipped)."""
+    if noise_std > 0 and noise is None:
+        raise ValueError(f"dp_gradient: noise_std {noise_std} needs a SecureRandom noise source")
     losses, cache = user_losses(model, batch, generator)
     norms = per_user_grad_norms(model, batch, cache)
     factors = torch.clamp(clip_norm / norms.clamp_min(1e-12), max=1.0)  # min(1, C / ||g_u||)
     model.zero_grad(set_to_none=False)
     (losses * factors).sum().backward()
-    with torch.no_grad():
-        for p in model.parameters():
-            if noise_std > 0:
-                p.grad.add_(torch.randn(p.shape, generator=generator) * noise_std)
-            p.grad.div_(denominator)
+    if noise_std > 0:
+        add_noise(model, noise, noise_std, denominator)
+    else:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.grad.div_(denominator)
     return {"loss": float(losses.detach().mean()), "clipped": float((norms > clip_norm).float().mean()) if len(norms) else 0.0}
 
 
@@ -126,7 +151,15 @@ def calibrate_noise(epsilon: float, delta: float, sampling_rate: float, steps: i
     return float(sigma)
 
 
-def noise_std_share(noise_multiplier: float, clip_norm: float, parties: int) -> float:
-    """Distributed DP: each of ``parties`` adds N(0, sigma^2 C^2 / parties), so their sum has
-    the full variance sigma^2 C^2 (a sum of independent Gaussians)."""
-    return noise_multiplier * clip_norm / math.sqrt(parties)
+def noise_std_share(noise_multiplier: float, clip_norm: float, parties: int, tolerance: int) -> float:
+    """Distributed DP with an honest-party threshold: each of ``parties`` adds
+    N(0, sigma^2 C^2 / (parties - tolerance)), so any ``parties - tolerance`` honest shares
+    together have variance >= sigma^2 C^2 (a sum of independent Gaussians) and the sum keeps
+    the guarantee of sigma even if ``tolerance`` parties collude with the aggregator (they can
+    subtract their own shares) or leave their noise out (Truex et al. 2019, "A Hybrid Approach
+    to Privacy-Preserving Federated Learning", AISec; Kairouz, Liu & Steinke 2021, "The
+    Distributed Discrete Gaussian Mechanism for Federated Learning with Secure Aggregation",
+    ICML). ``tolerance = parties - 1``: every share alone carries the full noise."""
+    if not 0 <= tolerance <= parties - 1:
+        raise ValueError(f"collusion tolerance {tolerance} must be in 0..{parties - 1} for {parties} parties")
+    return noise_multiplier * clip_norm / math.sqrt(parties - tolerance)

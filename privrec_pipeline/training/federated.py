@@ -9,24 +9,27 @@ applies it with the server optimizer.
   itself, accounted over rounds x local_steps steps at its own sampling rate; the run's
   guarantee is the worst partition's. Local optimizer Adam (fresh per round), server FedAvg
   (the mean of the updates).
-- ``distributed``: one step per round; each partition adds N(0, sigma^2 C^2 / P), so only
-  the sum is noisy enough (central DP-SGD over all users, accounted over ``rounds`` steps at
-  q = batch / all users); the partition's update is minus its noisy gradient share and the
-  server applies Adam to the sum (DP-FedAdam; Reddi et al. 2021, "Adaptive Federated
-  Optimization"; optimizers are post-processing).
+- ``distributed``: one step per round; each partition adds N(0, sigma^2 C^2 / (P - t)), so
+  any P - t honest shares together carry the full noise (central DP-SGD over all users,
+  accounted over ``rounds`` steps at q = batch / all users), valid if at most t partitions
+  (``collusion_tolerance``, default P - 1) collude with the aggregator or leave out their
+  noise; the partition's update is minus its noisy gradient share and the server applies Adam
+  to the sum (DP-FedAdam; Reddi et al. 2021, "Adaptive Federated Optimization"; optimizers
+  are post-processing). A partition that sends nothing is not a dropout the sum tolerates:
+  the secure aggregation has no dropout recovery, so the round fails (``secure_agg.aggregate``).
 - ``nonprivate``: the ``local`` path without clipping or noise (the baseline).
 
-Randomness (sampling, dropout, noise) comes from a generator seeded by (the partition's
-secret, run, round, partition): a retried partition task produces the same update, another
-run different noise. The seed is secret on purpose: noise anyone could regenerate (from a
-seed in the model card) could be subtracted, and the guarantee would be void. ``seed`` in
-the config only initializes the model. Like Opacus without ``secure_mode``, the noise comes
-from PyTorch's generator (Mersenne Twister), not from a cryptographically secure one.
+Randomness is keyed by (the partition's secret, run, round, partition): a retried partition
+task produces the same update, another run different noise. The key is secret on purpose:
+noise anyone could regenerate (from a seed in the model card) could be subtracted, and the
+guarantee would be void. ``seed`` in the config only initializes the model. Poisson sampling
+and noise come from a ChaCha20 CSPRNG (``secure_random.SecureRandom``, with Opacus'
+``secure_mode`` mitigation of floating-point attacks); input dropout, which the DP analysis
+does not rely on, from a torch generator seeded from another key of the same secret.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -38,6 +41,7 @@ from privrec_pipeline.errors import ConfigurationError
 from privrec_pipeline.training.data import Histories
 from privrec_pipeline.training.dp import (
     Batch,
+    add_noise,
     calibrate_noise,
     dp_gradient,
     epsilon_for,
@@ -45,6 +49,7 @@ from privrec_pipeline.training.dp import (
     plain_gradient,
 )
 from privrec_pipeline.training.model import ItemModel, ModelConfig
+from privrec_pipeline.training.secure_random import SecureRandom
 
 MODES = ("local", "distributed", "nonprivate")
 
@@ -67,7 +72,11 @@ class TrainConfig:
     local_lr: float = 0.01
     server_lr: float = 0.01
     seed: int = 0
-    """Initialization of the model (public); the noise is seeded by the partitions' secrets."""
+    """Initialization of the model (public); the noise is keyed by the partitions' secrets."""
+    collusion_tolerance: int | None = None
+    """t, distributed mode only: the guarantee holds if at most t of the P partitions collude
+    with the aggregator or leave out their noise share; each partition adds N(0, sigma^2 C^2 /
+    (P - t)). None: t = P - 1 (every share alone carries the full noise). Must be in 0..P-1."""
 
     def __post_init__(self) -> None:
         def fail(name: str, problem: str) -> None:
@@ -87,6 +96,13 @@ class TrainConfig:
                 fail(name, "must be positive")
         if not 0 <= self.input_dropout < 1:
             fail("input_dropout", "must be in [0, 1)")
+        if self.collusion_tolerance is not None:
+            if self.mode != "distributed":
+                fail("collusion_tolerance", f"applies to distributed mode only (mode {self.mode!r} adds the full "
+                                            "noise in every partition); leave it unset")
+            if isinstance(self.collusion_tolerance, bool) or not isinstance(self.collusion_tolerance, int) \
+                    or self.collusion_tolerance < 0:
+                fail("collusion_tolerance", "must be an integer >= 0 (at most P - 1 for P partitions)")
 
     @property
     def steps_per_round(self) -> int:
@@ -105,6 +121,9 @@ class PrivacyPlan:
     epsilon: float  # the run's guarantee: the worst partition's (local) or the central one
     delta: float
     clip_norm: float
+    partitions: int  # P
+    collusion_tolerance: int | None  # t: DP holds if at most t partitions collude with the aggregator (None: nonprivate)
+    noise_std_per_partition: float  # the std of the noise each partition adds per coordinate (before the denominator)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -114,26 +133,33 @@ def plan_privacy(config: TrainConfig, partition_users: list[int]) -> PrivacyPlan
     """Calibrate sigma for the target (epsilon, delta) from the partitions' sizes."""
     if not partition_users or min(partition_users) < 1:
         raise ConfigurationError(f"every partition needs at least one user, got sizes {partition_users}")
+    parties = len(partition_users)
     steps = config.rounds * config.steps_per_round
     if config.mode == "nonprivate":
         return PrivacyPlan("nonprivate", 0.0, [min(1.0, config.batch_size / n) for n in partition_users], steps,
-                           [math.inf] * len(partition_users), math.inf, config.delta, math.inf)
+                           [math.inf] * parties, math.inf, config.delta, math.inf, parties, None, 0.0)
+    tolerance = parties - 1 if config.collusion_tolerance is None else config.collusion_tolerance
+    if not 0 <= tolerance <= parties - 1:
+        raise ConfigurationError(
+            f"TrainConfig: collusion_tolerance must be in 0..{parties - 1} for P = {parties} partitions (at least "
+            f"one partition must be honest), not {tolerance}: lower it or leave it unset (t = P - 1)")
     if config.mode == "local":
         rates = [min(1.0, config.batch_size / n) for n in partition_users]
     else:
-        rates = [min(1.0, config.batch_size / sum(partition_users))] * len(partition_users)
+        rates = [min(1.0, config.batch_size / sum(partition_users))] * parties
     sigma = calibrate_noise(config.epsilon, config.delta, max(rates), steps)
     per_partition = [epsilon_for(sigma, q, steps, config.delta) for q in rates]
+    # Local mode: every partition adds the full noise to its own update (t = P - 1 by construction).
+    noise = noise_std_share(sigma, config.clip_norm, parties, tolerance)
     return PrivacyPlan(config.mode, sigma, rates, steps, per_partition, max(per_partition), config.delta,
-                       config.clip_norm)
+                       config.clip_norm, parties, tolerance, noise)
 
 
-def step_generator(secret: bytes, run_id: str, round_index: int, partition: int) -> torch.Generator:
-    """The partition's generator for one round, keyed by its secret (HMAC-SHA256, RFC 2104)."""
-    import hmac
-
-    digest = hmac.new(secret, f"privrec-train|{run_id}|{round_index}|{partition}".encode(), hashlib.sha256).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+def dropout_generator(secret: bytes, run_id: str, round_index: int, partition: int) -> torch.Generator:
+    """The torch generator of the partition's input dropout in one round (not part of the DP
+    analysis, so torch's Mersenne Twister is enough), seeded from its own key of the secret."""
+    seed = int(SecureRandom.derive(secret, "dropout", run_id, round_index, partition).words(1)[0]) >> 1
+    return torch.Generator().manual_seed(seed)
 
 
 def new_model(config: TrainConfig, vocab_size: int) -> ItemModel:
@@ -160,29 +186,29 @@ def partition_update(config: TrainConfig, plan: PrivacyPlan, global_params: np.n
     """One partition's work in one round: its update (new - old parameters) and diagnostics."""
     model = new_model(config, vocab_size)
     load_flat(model, global_params)
-    generator = step_generator(secret, run_id, round_index, partition)
+    if partitions != plan.partitions:
+        raise ConfigurationError(f"the plan was made for {plan.partitions} partitions, this round has {partitions}")
+    random = SecureRandom.derive(secret, "noise", run_id, round_index, partition)  # sampling and noise (DP)
+    generator = dropout_generator(secret, run_id, round_index, partition) if config.input_dropout > 0 else None
     q = plan.sampling_rates[partition]
-    if config.mode == "distributed":
-        denominator, noise = q * total_users, noise_std_share(plan.noise_multiplier, config.clip_norm, partitions)
-    else:
-        denominator, noise = q * shard.users, plan.noise_multiplier * config.clip_norm
+    denominator = q * (total_users if config.mode == "distributed" else shard.users)
+    noise = plan.noise_std_per_partition
     optimizer = torch.optim.Adam(model.parameters(), lr=config.local_lr) if config.mode != "distributed" else None
     stats = {"loss": 0.0, "clipped": 0.0, "sampled": 0.0}
     for _ in range(config.steps_per_round):
-        sampled = np.flatnonzero(torch.rand(shard.users, generator=generator).numpy() < q)  # Poisson sampling
+        sampled = np.flatnonzero(random.bernoulli(shard.users, q))  # Poisson sampling
         batch = Batch(*shard.batch(sampled)) if len(sampled) else None
         if config.mode == "nonprivate":
             if batch is None:
                 continue
             step = plain_gradient(model, batch, generator)
         elif batch is None:  # nobody sampled: the step is pure noise, still taken (accounting assumes it)
-            with torch.no_grad():  # (no backward pass ran yet on a first step: the gradients are set, not copied)
-                for p in model.parameters():
-                    p.grad = (torch.randn(p.shape, generator=generator) * noise / denominator).to(p.dtype)
+            model.zero_grad(set_to_none=True)
+            add_noise(model, random, noise, denominator)
             step = {"loss": 0.0, "clipped": 0.0}
         else:
             step = dp_gradient(model, batch, clip_norm=config.clip_norm, noise_std=noise, denominator=denominator,
-                               generator=generator)
+                               generator=generator, noise=random)
         if optimizer is not None:
             optimizer.step()
         stats["loss"] += step["loss"] / config.steps_per_round
