@@ -31,3 +31,19 @@ class QualityGateFailed(PrivrecError):
 
 class PrivacyBudgetExceeded(PrivrecError):
     """A release would take a user's privacy loss over the policy's cap."""
+
+
+class ReleaseInProgress(PrivrecError):
+    """Another run holds the lease of a reserved release: it is being computed now."""
+
+
+class ReleaseMismatch(PrivrecError):
+    """A run would continue a reserved release with other mechanisms or parameters than reserved."""
+
+
+class LeaseLost(PrivrecError):
+    """A run tried to commit or fail a release whose lease another run now holds."""
+
+
+class LedgerIntegrityError(PrivrecError):
+    """The privacy ledger was edited outside privrec: its hash chain or its rows do not verify."""

@@ -17,7 +17,13 @@ from privrec_pipeline import lake as lk
 from privrec_pipeline.dp_stats.bounding import bounded_aggregates
 from privrec_pipeline.dp_stats.params import DPStatsParams
 from privrec_pipeline.dp_stats.release import dp_stats_uri, run_dp_stats
-from privrec_pipeline.errors import PrivacyBudgetExceeded, PrivrecError, QualityGateFailed
+from privrec_pipeline.errors import (
+    PrivacyBudgetExceeded,
+    PrivrecError,
+    QualityGateFailed,
+    ReleaseInProgress,
+    ReleaseMismatch,
+)
 from privrec_pipeline.ingest import run_collect, run_pseudonymize
 from privrec_pipeline.privacy.ledger import BudgetPolicy, Ledger
 from privrec_pipeline.quality.config import QualityConfig
@@ -247,3 +253,64 @@ def test_dp_stats_job_rejects_bad_settings_before_starting_spark(args, message, 
     with pytest.raises(SystemExit) as info:
         job.parse_args(["--date", DAY.isoformat(), *args])
     assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def _killed_reservation(spark, lake: Path, ledger: Ledger, params: DPStatsParams, run_id: str):
+    """What a run killed right after reserving leaves behind: an open reservation, no partition."""
+    from privrec_pipeline.dp_stats.release import RELEASE_KEY, release_parameters
+    from privrec_pipeline.manifest import pseudonym_fingerprint
+    from privrec_pipeline.spark.lakefs import LakeFS
+
+    epsilon, delta = params.spent()
+    return ledger.reserve(RELEASE_KEY, DAY, DAY, params.components(), epsilon=epsilon, delta=delta, dag_id="d",
+                          run_id=run_id, parameters=release_parameters(
+                              params, pseudonym_fingerprint(LakeFS(spark), str(lake), DAY))).release
+
+
+def test_a_resumed_release_computes_exactly_what_the_ledger_holds(spark, day_lake):
+    """Run 1 reserves epsilon 20 and dies; run 2 asks for epsilon 50 or other bounds: refused (the
+    ledger would say 20 while the noise is for 50); with the reserved settings it takes over."""
+    ledger = Ledger(f"sqlite:///{day_lake}/ledger.db", BudgetPolicy(epsilon=1000.0, delta=1e-3), lease_seconds=0)
+    reserved = _killed_reservation(spark, day_lake, ledger, PARAMS, "run-1")
+    for other in (DPStatsParams(epsilon=50.0, delta=1e-6), DPStatsParams(epsilon=20.0, delta=1e-6,
+                                                                         max_items_per_user=50)):
+        with pytest.raises(ReleaseMismatch, match="force_release"):
+            run_dp_stats(spark, str(day_lake), DAY, other, ledger, run_id="run-2")
+    assert not lk.local_path(dp_stats_uri(str(day_lake), DAY)).exists()  # nothing was computed
+    resumed = run_dp_stats(spark, str(day_lake), DAY, PARAMS, ledger, run_id="run-2")
+    [release] = ledger.releases()
+    assert resumed.status == "resume" and release.id == reserved.id == resumed.release["release_id"]
+    assert release.state == "committed" and release.epsilon == pytest.approx(resumed.release["epsilon"])
+
+
+def test_a_live_reservation_of_another_run_is_not_computed_twice(spark, day_lake):
+    ledger = _ledger(day_lake)  # leases of two hours
+    _killed_reservation(spark, day_lake, ledger, PARAMS, "run-1")
+    with pytest.raises(ReleaseInProgress, match="being computed by run run-1"):
+        run_dp_stats(spark, str(day_lake), DAY, PARAMS, ledger, run_id="run-2")
+    [release] = ledger.releases()
+    assert release.state == "reserved"  # run 2's failure did not fail run 1's release
+    assert not lk.local_path(dp_stats_uri(str(day_lake), DAY)).exists()
+
+
+def test_killed_between_swap_and_commit_the_retry_commits_without_new_noise(spark, day_lake, monkeypatch):
+    ledger = _ledger(day_lake)
+    real_append = Ledger._append
+
+    def crash_at_commit(self, conn, release_id, event):
+        if event == "committed":
+            raise KeyboardInterrupt("killed after the swap, before the commit")
+        return real_append(self, conn, release_id, event)
+
+    monkeypatch.setattr(Ledger, "_append", crash_at_commit)
+    with pytest.raises(KeyboardInterrupt):
+        run_dp_stats(spark, str(day_lake), DAY, PARAMS, ledger, run_id="run-1")
+    monkeypatch.setattr(Ledger, "_append", real_append)
+    [release] = ledger.releases()
+    target = dp_stats_uri(str(day_lake), DAY)
+    assert release.state == "reserved" and json.loads(Path(target, "release.json").read_text())["release_id"] == \
+        release.id  # in place, not yet committed
+    noisy = _items(target)
+    retry = run_dp_stats(spark, str(day_lake), DAY, PARAMS, ledger, run_id="run-1")
+    assert retry.status == "reuse" and _items(target) == noisy  # committed as it was, no second draw
+    assert [r.state for r in ledger.releases()] == ["committed"] and ledger.verify()[0] == []

@@ -10,9 +10,16 @@
   release from the ledger (``resume``/``reuse``); if the partition already holds that
   release, it is returned as it is, without reading silver. ``force`` makes a new release,
   which the ledger counts again.
-- If the step fails before its partition is swapped in, the reservation is marked failed
-  (nothing was released, so nothing is spent). A failure after the swap leaves it reserved:
-  the retry finds the partition and commits it.
+- The reservation's description (settings, sensitivities, noise scales, pseudonym key
+  fingerprint) must match for a resume: a run with other Params cannot continue a release
+  reserved at other numbers (``ReleaseMismatch``).
+- One run computes a release: the run holding its lease (``ReleaseInProgress`` for the
+  others while it lasts). The partition is swapped in under the ledger lock, as part of the
+  commit, and only while this run holds the lease.
+- If the step fails before its partition is swapped in, the lease holder marks the
+  reservation failed (nothing was released, so nothing is spent). A failure after the swap
+  leaves it reserved: the retry (or a run taking the expired lease over) finds the partition
+  and commits it without drawing noise again.
 
 Output partition: ``items.parquet`` (the DP item vocabulary with noisy counts),
 ``funnel.parquet``, ``categories.parquet``, ``release.json`` (what was computed with which
@@ -33,7 +40,8 @@ from privrec_pipeline.dp_stats.bounding import bounded_aggregates
 from privrec_pipeline.dp_stats.noise import NoisyRelease, add_noise
 from privrec_pipeline.dp_stats.params import DPStatsParams
 from privrec_pipeline.dp_stats.report import render_release_page
-from privrec_pipeline.errors import PrivrecError, QualityGateFailed
+from privrec_pipeline.errors import LeaseLost, PrivrecError, QualityGateFailed
+from privrec_pipeline.manifest import pseudonym_fingerprint
 from privrec_pipeline.privacy.accounting import basic_composition, composed_epsilon
 from privrec_pipeline.privacy.ledger import Ledger, Release
 from privrec_pipeline.quality.validate import SUMMARY_FILE, report_uri
@@ -60,8 +68,20 @@ def dp_stats_uri(lake: str, day: dt.date) -> str:
     return lk.partition_uri(lake, "dp_stats", day)
 
 
-def _read_json(fs: LakeFS, uri: str) -> dict[str, Any] | None:
-    return json.loads(fs.read_text(uri)) if fs.exists(uri) else None
+def _read_json(fs: LakeFS, uri: str, release_id: int | None = None) -> dict[str, Any] | None:
+    """The JSON document at ``uri`` (with ``release_id``: only if it belongs to that release)."""
+    doc = json.loads(fs.read_text(uri)) if fs.exists(uri) else None
+    return None if doc is None or (release_id is not None and doc.get("release_id") != release_id) else doc
+
+
+def release_parameters(params: DPStatsParams, pseudonym_key_fingerprint: str) -> dict[str, Any]:
+    """What decides the release's noise beyond its mechanisms: the settings, each statistic's
+    sensitivity and noise scale, and the pseudonym key (one user = one pseudonym only under
+    one key). A resumed reservation must present exactly these."""
+    return {"settings": params.to_dict(), "pseudonym_key_fingerprint": pseudonym_key_fingerprint,
+            "statistics": {name: {"mechanism": b.mechanism, "epsilon": b.epsilon, "delta": b.delta,
+                                  "sensitivity": b.sensitivity, "noise_scale": b.noise_scale}
+                           for name, b in params.plan().items()}}
 
 
 def require_quality_gate(fs: LakeFS, lake: str, day: dt.date) -> None:
@@ -81,13 +101,14 @@ def run_dp_stats(spark: "SparkSession", lake: str, day: dt.date, params: DPStats
     require_quality_gate(fs, lake, day)
     epsilon, delta = params.spent()
     reservation = ledger.reserve(RELEASE_KEY, day, day, params.components(), epsilon=epsilon, delta=delta,
-                                 dag_id=dag_id, run_id=run_id, force=force)
+                                 dag_id=dag_id, run_id=run_id, force=force,
+                                 parameters=release_parameters(params, pseudonym_fingerprint(fs, lake, day)))
     release = reservation.release
     target = dp_stats_uri(lake, day)
     existing = _read_json(fs, f"{target}/{RELEASE_FILE}")
     if existing is not None and existing.get("release_id") == release.id:
         if reservation.status != "reuse":  # written by an attempt that stopped before committing
-            ledger.commit(release.id, {"uri": target})
+            ledger.commit(release.id, {"uri": target}, run_id=run_id)
         log.info("release %s of %s is already in %s: reused, nothing spent", release.id, day, target)
         return DPStatsResult("reuse", target, existing)
     if reservation.status == "reuse":
@@ -96,7 +117,6 @@ def run_dp_stats(spark: "SparkSession", lake: str, day: dt.date, params: DPStats
             f"(found {'release ' + str(existing.get('release_id')) if existing else 'nothing'}); its noise cannot be "
             "drawn again for free: restore the partition, or rerun with force to make (and pay for) a new release"
         )
-    published = False
     try:
         doc = _compute(spark, lake, day, params, release, ledger)
         noisy: NoisyRelease = doc.pop("_tables")
@@ -105,15 +125,23 @@ def run_dp_stats(spark: "SparkSession", lake: str, day: dt.date, params: DPStats
             _write_local(tmp, doc, noisy)
             try:
                 fs.upload_dir(tmp, stage)
-                fs.swap_in(stage, target)
+                # The swap runs under the ledger lock and only while this run holds the lease:
+                # a run whose reservation was taken over never publishes its noise.
+                ledger.commit(release.id, {"uri": target, "items": doc["released"]["items"]}, run_id=run_id,
+                              publish=lambda: fs.swap_in(stage, target))
             except BaseException:
                 fs.delete(stage)
                 raise
-        published = True
-        ledger.commit(release.id, {"uri": target, "items": doc["released"]["items"]})
+    except LeaseLost:
+        raise  # the release belongs to another run now: neither publish nor fail it
     except BaseException as exc:
-        if not published:
-            ledger.fail(release.id, f"{type(exc).__name__} before the release was written")
+        if _read_json(fs, f"{target}/{RELEASE_FILE}", release.id) is None:
+            # Nothing of this release is in place: the reservation is returned. (Killed after
+            # the swap and before the commit, the retry finds the partition and commits it.)
+            try:
+                ledger.fail(release.id, f"{type(exc).__name__} before the release was written", run_id=run_id)
+            except LeaseLost:
+                log.warning("release %s is held by another run now: not marked failed", release.id)
         raise
     log.info("released dp_stats of %s (release %s, epsilon %.4g, delta %.2g): %d items -> %s",
              day, release.id, epsilon, delta, doc["released"]["items"], target)

@@ -99,11 +99,25 @@ def pure_epsilon(component: Component) -> tuple[float, float]:
     return math.inf, 0.0  # Gaussian: no pure guarantee; use epsilon_at
 
 
+def grouped(components: list[Component]) -> list[Component]:
+    """Equal mechanisms merged into one component with the summed count (labels dropped).
+
+    Composition is commutative, so this is the same composition; it lets a ledger of years of
+    daily releases (a few distinct mechanisms, thousands of components) self-compose each
+    distinct PLD once instead of convolving thousands of them."""
+    counts: dict[tuple, int] = {}
+    for c in components:
+        key = (c.mechanism, c.noise_multiplier, c.sampling_rate, c.epsilon, c.delta)
+        counts[key] = counts.get(key, 0) + c.count
+    return [Component(m, count=n, noise_multiplier=nm, sampling_rate=q, epsilon=e, delta=d)
+            for (m, nm, q, e, d), n in counts.items()]
+
+
 def composed_epsilon(components: list[Component], delta: float) -> float:
     """Tight epsilon of the composition of ``components`` at ``delta`` (PLD)."""
     if not components:
         return 0.0
-    composed = reduce(lambda a, b: a.compose(b), (c.pld() for c in components))
+    composed = reduce(lambda a, b: a.compose(b), (c.pld() for c in grouped(components)))
     return float(composed.get_epsilon_for_delta(delta))
 
 
