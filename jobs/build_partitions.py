@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     spark = get_spark(f"privrec-build-partitions-{args.date}", args.master)
     manifest = run_build_partitions(spark, resolve_lake(args.lake), args.date, args.params, run_id=args.run_id)
     print(json.dumps({"step": "build_partitions", "date": manifest.date, "days": manifest.days_used,
-                      "vocabulary": manifest.vocabulary_size, "partitions": manifest.partitions}))
+                      "vocabulary": manifest.vocabulary_size, "partitions": manifest.partitions,
+                      "pseudonym_key_fingerprint": manifest.pseudonym_key_fingerprint}))
     return 0
 
 

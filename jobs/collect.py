@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
                            run_id=args.run_id, allow_empty=args.allow_empty)
     print(json.dumps({"step": "collect", "date": manifest.date, "landing": manifest.landing_records,
                       "bronze": manifest.bronze_records, "quarantined": manifest.quarantined_total,
-                      "duplicates": manifest.duplicates}))
+                      "duplicates": manifest.duplicates, "encryption_key_version": manifest.encryption_key_version,
+                      "encryption_key_fingerprint": manifest.encryption_key_fingerprint}))
     return 0
 
 

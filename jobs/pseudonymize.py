@@ -23,7 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     spark = get_spark(f"privrec-pseudonymize-{args.date}", args.master)
     manifest = run_pseudonymize(spark, resolve_lake(args.lake), args.date, keys, run_id=args.run_id)
     print(json.dumps({"step": "pseudonymize", "date": manifest.date,
-                      "silver": manifest.silver_records}))
+                      "silver": manifest.silver_records, "pseudonym_key_version": manifest.pseudonym_key_version,
+                      "pseudonym_key_fingerprint": manifest.pseudonym_key_fingerprint}))
     return 0
 
 

@@ -111,6 +111,7 @@ def run_collect(spark: "SparkSession", lake: str, day: dt.date, keys: KeyRing, *
             landing_records=landing_records, bronze_records=bronze_records,
             quarantined={r: by_reason.get(r, 0) for r in QUARANTINE_REASONS},
             duplicates=duplicates, encryption_key_version=version,
+            encryption_key_fingerprint=keys.encryption.fingerprint,
             bronze_uri=bronze_uri, quarantine_uri=quarantine_uri, allow_empty=allow_empty,
         )
         manifest.check_balance()
@@ -136,8 +137,14 @@ def read_manifest(spark: "SparkSession", lake: str, step: str, day: dt.date) -> 
 
 def run_pseudonymize(spark: "SparkSession", lake: str, day: dt.date, keys: KeyRing, *,
                      run_id: str = "manual") -> PseudonymizeManifest:
-    """bronze/dt=D -> silver/dt=D + _manifests/pseudonymize/dt=D.json."""
+    """bronze/dt=D -> silver/dt=D + _manifests/pseudonymize/dt=D.json.
+
+    A rerun under another pseudonym key legitimately replaces the day, with new pseudonyms: the
+    manifest records the key's fingerprint, and build_partitions refuses to combine this day
+    with days written under another key.
+    """
     fs = LakeFS(spark)
+    manifest_uri = lk.manifest_uri(lake, "pseudonymize", day)
     collected = read_manifest(spark, lake, "collect", day)
     bronze_uri = lk.partition_uri(lake, "bronze", day)
     silver_uri = lk.partition_uri(lake, "silver", day)
@@ -150,12 +157,15 @@ def run_pseudonymize(spark: "SparkSession", lake: str, day: dt.date, keys: KeyRi
         manifest = PseudonymizeManifest(
             date=day.isoformat(), run_id=run_id, bronze_records=bronze_records,
             silver_records=written.count(), pseudonym_key_version=keys.pseudonym.version,
-            silver_uri=silver_uri, columns=written.columns,
+            pseudonym_key_fingerprint=keys.pseudonym.fingerprint, silver_uri=silver_uri, columns=written.columns,
         )
         manifest.check_balance()
+        # The old manifest names the key of the old silver: it goes before the new silver comes,
+        # so a crash in between leaves no manifest (readers refuse the day) rather than a wrong key.
+        fs.delete(manifest_uri)
         fs.commit_partition(stage, silver_uri)
     except BaseException:
         fs.delete(stage)
         raise
-    fs.write_text_atomic(lk.manifest_uri(lake, "pseudonymize", day), manifest.to_json())
+    fs.write_text_atomic(manifest_uri, manifest.to_json())
     return manifest

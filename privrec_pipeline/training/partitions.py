@@ -108,6 +108,8 @@ class PartitionsManifest:
     holdout: dict[str, int]
     params: dict[str, Any]
     uri: str
+    pseudonym_key_fingerprint: str
+    """The one pseudonym key of every day used (``secrets.key_fingerprint``), for the ledger."""
 
     def to_json(self) -> str:
         import json
@@ -131,12 +133,14 @@ def run_build_partitions(spark: Any, lake: str, day: dt.date, params: PartitionP
     from privrec_pipeline import lake as lk
     from privrec_pipeline.dp_stats.release import RELEASE_FILE, dp_stats_uri
     from privrec_pipeline.errors import PrivrecError
+    from privrec_pipeline.manifest import window_pseudonym_fingerprint
     from privrec_pipeline.quality.validate import SUMMARY_FILE, report_uri
     from privrec_pipeline.spark.lakefs import LakeFS
 
     fs = LakeFS(spark)
+    window = params.window(day)
     days, releases, vocab_files = [], [], []
-    for d in params.window(day):
+    for d in window:
         summary = f"{report_uri(lake, d)}/{SUMMARY_FILE}"
         if not fs.exists(summary) or json.loads(fs.read_text(summary)).get("gate") != "passed":
             continue  # a day that was not validated (or failed) is not trained on
@@ -145,19 +149,13 @@ def run_build_partitions(spark: Any, lake: str, day: dt.date, params: PartitionP
         if fs.exists(release):
             releases.append(int(json.loads(fs.read_text(release))["release_id"]))
             vocab_files.append(f"{dp_stats_uri(lake, d)}/items.parquet")
-    window = params.window(day)
-    # One user must be one pseudonym across the window: after a pseudonym key rotation the same
-    # user would appear as two users, each clipped on its own, doubling that user's privacy loss.
-    versions = {}
-    for d in days:
-        uri = lk.manifest_uri(lake, "pseudonymize", d)
-        versions[d.isoformat()] = json.loads(fs.read_text(uri)).get("pseudonym_key_version") if fs.exists(uri) else None
-    if len(set(versions.values())) > 1:
-        raise PrivrecError(f"the training window {window[0]}..{window[-1]} spans a pseudonym key rotation "
-                           f"({versions}): a user would count as two; train on days of one key version "
-                           "(a window starting after the rotation) or re-pseudonymize the window")
     if not days:
         raise PrivrecError(f"no validated day in the training window {window[0]}..{window[-1]}: nothing to train on")
+    # One user must be one pseudonym across the window: a window over two pseudonym keys (a
+    # rotation, a recreated key file, a worker with its own file: all may be labelled v1)
+    # counts one person as several users, each clipped on its own. Keys are compared by
+    # fingerprint; the error names the days of each key.
+    fingerprint = window_pseudonym_fingerprint(fs, lake, days, f"the training window {window[0]}..{window[-1]}")
     if not vocab_files:
         raise PrivrecError(f"no DP statistics release in the training window {window[0]}..{window[-1]}: there is no "
                            "DP item vocabulary (run dp_stats for these days first)")
@@ -192,7 +190,7 @@ def run_build_partitions(spark: Any, lake: str, day: dt.date, params: PartitionP
             date=day.isoformat(), run_id=run_id, window=[d.isoformat() for d in window],
             days_used=[d.isoformat() for d in days], releases=releases, vocabulary_size=vocabulary.count(),
             partitions=dict(sorted(per_partition.items())), holdout={k: int(held[k]) for k in held.asDict()},
-            params=params.to_dict(), uri=target)
+            params=params.to_dict(), uri=target, pseudonym_key_fingerprint=fingerprint)
         fs.swap_in(stage, target)
     except BaseException:
         fs.delete(stage)
