@@ -91,6 +91,65 @@ def keys_init(path: Path | None = typer.Option(None, "--path", help="Key file (d
     console.print(f"{'created' if created else 'using existing'} key file {target} (mode 0600)")
 
 
+KEY_ROTATION_EFFECTS = {
+    "pseudonym": (
+        "Rotating the pseudonym key starts new pseudonyms: from the next pseudonymize run on, the same person "
+        "gets a new pseudonym. Days pseudonymized before and after the rotation must not be combined in one "
+        "training window or DP release (one person would count as several users and their privacy loss would "
+        "add up): build_partitions refuses such a window by the keys' fingerprints. Train on windows that start "
+        "after the rotation, or rerun pseudonymize for the earlier days with the new key. The old key stays in "
+        "the file, recorded as retired."),
+    "encryption": (
+        "New bronze is encrypted under the new key; the old key stays in the file (recorded as retired) to "
+        "decrypt older bronze. Pseudonyms do not change."),
+}
+
+
+@keys_app.command("rotate")
+def keys_rotate(
+    purpose: str = typer.Option(..., "--purpose", help="pseudonym or encryption."),
+    path: Path | None = typer.Option(None, "--path", help="Key file (default: $PRIVREC_KEY_FILE or ~/.config/privrec/keys.json)."),
+    yes: bool = typer.Option(False, "--yes", help="Rotate the pseudonym key without asking."),
+) -> None:
+    """Make a new random key current under the next version label (v2, v3, ...). Keys are never printed."""
+    from privrec_pipeline.secrets import ENV_KEYS_JSON, KEY_PURPOSES, rotate_key_file
+
+    if purpose not in KEY_PURPOSES:
+        raise typer.BadParameter(f"{purpose!r}: expected one of {', '.join(KEY_PURPOSES)}", param_hint="--purpose")
+    if os.environ.get(ENV_KEYS_JSON) and path is None:
+        _fail(f"keys come from ${ENV_KEYS_JSON} (e.g. the Airflow connection 'privrec_keys'), not from a key file: "
+              "rotate them there (add a new version under 'keys', make it 'current', record the old one under "
+              "'retired'), or pass --path for a key file")
+    console.print(f"[yellow]warning:[/] {KEY_ROTATION_EFFECTS[purpose]}", highlight=False)
+    if purpose == "pseudonym" and not yes and not typer.confirm("Rotate the pseudonym key?", default=False):
+        _fail("not rotated")
+    try:
+        rotation = rotate_key_file(path, purpose)
+    except PrivrecError as exc:
+        _fail(str(exc))
+    console.print(f"rotated the {purpose} key in {rotation.path}: {rotation.old.version} (fingerprint "
+                  f"{rotation.old.fingerprint}) is retired, {rotation.new.version} (fingerprint "
+                  f"{rotation.new.fingerprint}) is current", highlight=False)
+    console.print("Every worker must use this key document: copy it to each (mode 0600) or to the 'privrec_keys' "
+                  "connection; a worker with an older copy keeps using the old key.", highlight=False)
+
+
+@keys_app.command("show")
+def keys_show(path: Path | None = typer.Option(None, "--path", help="Key file (default: $PRIVREC_KEYS_JSON, $PRIVREC_KEY_FILE or ~/.config/privrec/keys.json).")) -> None:
+    """List key versions with their fingerprints (keyed, so they identify a key without revealing it)."""
+    from privrec_pipeline.secrets import key_inventory
+
+    try:
+        source, keys = key_inventory(path=path)
+    except PrivrecError as exc:
+        _fail(str(exc))
+    console.print(f"keys of {source}:", highlight=False)
+    for key in keys:
+        state = f"retired {key.retired_at}" if key.retired_at else key.state
+        console.print(f"  {key.purpose:<10} {key.version:<5} fingerprint {key.fingerprint}  {state}",
+                      highlight=False, soft_wrap=True)
+
+
 @app.command()
 def run(
     date: str = typer.Option(..., "--date", help="Data interval (UTC day) to run, YYYY-MM-DD."),
