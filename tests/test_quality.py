@@ -202,42 +202,50 @@ def test_hex_digest_check_agrees_with_the_pseudonym_regex(spark):
 
 
 def test_pii_prefilter_skips_only_values_the_pii_regex_cannot_match(spark):
-    """The PII check runs the email regex only on values with '@' and the phone, card and IPv4
-    regexes only on values with an ASCII digit; on PII and near-PII text (other scripts'
-    digits and at-signs included) it agrees with one regex of all four patterns."""
+    """The PII check runs the email regex only on ASCII values with '@', the IPv6 regex only
+    on ASCII values with ':', the phone, card and IPv4 regexes only on ASCII values with a
+    digit, and every regex on the NFKC form of other values; on PII and near-PII text (other
+    scripts' digits, full-width forms, at-signs) it agrees with one regex of all patterns
+    over the NFKC form of every value (Python's unicodedata as the reference)."""
     import random
+    import unicodedata
 
     from pyspark.sql import functions as F
 
     from privrec_pipeline.quality.expectations import prefiltered_match_condition
-    from privrec_pipeline.quality.suites import PII_PATTERNS, PII_SCAN
+    from privrec_pipeline.quality.suites import PII_NORMALIZATION, PII_PATTERNS, PII_SCAN
 
     rng = random.Random(9)
     pii = ["jane.doe@example.org", "+1 (555) 123-4567", "4111 1111 1111 1111", "10.0.0.1", "a@b.co",
-           "call 0611234567", "555.123.4567", *[digit * 8 for digit in "0123456789"]]  # each digit alone
-    lookalikes = ["jane.doe\uff20example.org", "\u0665\u0665\u0665\u0661\u0662\u0663\u0664\u0665\u0666\u0667",
-                  "\uff11\uff10.\uff10.\uff10.\uff11", "itm_000557", "kitchen", "pro movies gift", "ab@", "@@",
-                  "x" * 300, "", "é" * 50]
+           "call 0611234567", "555.123.4567", *[digit * 8 for digit in "0123456789"],  # each digit alone
+           "2001:db8::1:2", "fe80::abcd:12", "jane.doe\uff20example.org", "jürgen.müller@bücher.de", "用户@例子.中国",
+           "\u0665\u0665\u0665\u0661\u0662\u0663\u0664\u0665\u0666\u0667", "\uff11\uff10.\uff10.\uff10.\uff11",
+           "\uff0b\uff14\uff19 \uff13\uff10 \uff11\uff12\uff13\uff14\uff15\uff16\uff17\uff18",
+           "\u096f\u096e\u096d\u096c\u096b\u096a\u0969\u0968", "\uff14\uff11\uff11\uff11-1111-1111-1111"]
+    lookalikes = ["itm_000557", "kitchen", "pro movies gift", "ab@", "@@", "x" * 300, "", "é" * 50,
+                  "Grüße aus München", "price 12.50", "2024-01-15", "\u0662\u0660\u0662\u0664", "std::vector",
+                  "10:30", "\uff1a\uff1a", "東京"]
     values = []
-    for _ in range(600):
+    for _ in range(700):
         words = [rng.choice(lookalikes) for _ in range(rng.randint(1, 4))]
         if rng.random() < 0.3:
             words.insert(rng.randint(0, len(words)), rng.choice(pii))
         if rng.random() < 0.3:  # damage one character
             text = list(" ".join(words) or "x")
-            text[rng.randrange(len(text))] = rng.choice("@0 .-\uff20\u0665é")
+            text[rng.randrange(len(text))] = rng.choice("@0 .-:\uff20\u0665é\uff10\uff1a")
             words = ["".join(text)]
         values.append(" ".join(words))
-    df = spark.createDataFrame([(v,) for v in values], "v string")
+    df = spark.createDataFrame([(v, unicodedata.normalize("NFKC", v)) for v in values], "v string, n string")
     assert {p["regex"] for p in PII_SCAN} == set(PII_PATTERNS.values())
     union = "|".join(f"(?:{p})" for p in PII_PATTERNS.values())
-    rows = df.select(prefiltered_match_condition(F.col("v"), PII_SCAN).alias("fast"),
-                     F.col("v").rlike(union).alias("regex")).collect()
+    rows = df.select(prefiltered_match_condition(F.col("v"), PII_SCAN, PII_NORMALIZATION).alias("fast"),
+                     F.col("n").rlike(union).alias("regex")).collect()
     assert [r["fast"] for r in rows] == [r["regex"] for r in rows]
     no_prefilter = [{"regex": p["regex"], "required_chars": ""} for p in PII_SCAN]
-    unfiltered = df.select(prefiltered_match_condition(F.col("v"), no_prefilter).alias("m")).collect()
+    unfiltered = df.select(prefiltered_match_condition(F.col("n"), no_prefilter).alias("m")).collect()
     assert [r["m"] for r in unfiltered] == [r["regex"] for r in rows]
-    assert 100 < sum(r["regex"] for r in rows) < 500
+    assert 100 < sum(r["regex"] for r in rows) < 600
+    assert sum(r["regex"] and not v.isascii() for r, v in zip(rows, values)) > 50  # the normalized path
 
 
 @pytest.mark.parametrize("hashes_on", ["driver", "spark"])

@@ -14,7 +14,10 @@ because the built-in ones cost a large share of the validate step on Spark:
   than the window count over the values of ``expect_column_values_to_be_unique``.
 - ``expect_column_values_to_not_match_regex_list_prefiltered``: no value matches any of a
   list of regexes, each run only on values holding one of the characters every match of it
-  contains (the PII patterns: '@' for the email pattern, an ASCII digit for the others).
+  contains (the PII patterns: '@' for the email pattern, ':' for IPv6, an ASCII digit for
+  the others). With ``normalization: NFKC`` values are matched in their NFKC form, as the
+  scrubber sees them; the prefilters then apply to ASCII values (see
+  ``prefiltered_match_condition``).
 
 All results hold counts only, never values (the privacy rule of the reports).
 """
@@ -118,7 +121,10 @@ def _described(describe: Any) -> Any:
 
 def _regex_list(kwargs: dict) -> tuple[str, dict[str, str]]:
     params = {f"regex_{i}": p["regex"] for i, p in enumerate(kwargs.get("patterns") or [])}
-    return f"values must not match any of these regular expressions: {', '.join('$' + n for n in params)}.", params
+    template = f"values must not match any of these regular expressions: {', '.join('$' + n for n in params)}"
+    if kwargs.get("normalization"):
+        template, params = template + " (in their $normalization form)", {**params, "normalization": kwargs["normalization"]}
+    return template + ".", params
 
 
 class ColumnValuesHexDigest(ColumnMapMetricProvider):
@@ -141,12 +147,36 @@ class ExpectColumnValuesToBeHexDigests(ColumnMapExpectation):
     _prescriptive_renderer = _described(lambda kwargs: (
         "values must be exactly $length lowercase hexadecimal characters.", {"length": kwargs.get("length", 64)}))
 
-def prefiltered_match_condition(column: Any, patterns: list[dict[str, str]]) -> Any:
+NORMALIZATIONS = ("NFKC",)
+
+
+def prefiltered_match_condition(column: Any, patterns: list[dict[str, str]], normalization: str | None = None) -> Any:
     """True where ``column`` matches any of the patterns' ``regex`` (Spark ``rlike``: found
     anywhere). A pattern's regex runs only on values holding one of its ``required_chars``:
     the caller guarantees that the regex cannot match a value without any of them, so the
     result equals ``column.rlike(r1) | column.rlike(r2) | ...``. Patterns with the same
-    ``required_chars`` share one prefilter; empty ``required_chars``: no prefilter."""
+    ``required_chars`` share one prefilter; empty ``required_chars``: no prefilter.
+
+    ``normalization="NFKC"``: the result equals ``nfkc(column).rlike(r1) | ...``. ASCII
+    values are their own NFKC form (no normalization), and the prefilters apply to them: the
+    caller guarantees ``required_chars`` for ASCII text, where e.g. a decimal digit (``\\d``
+    under ``(?U)``) is one of 0-9. Any other value (rare: a character outside ASCII) is
+    normalized once and matched against all regexes as one alternation, without prefilter:
+    Arabic-Indic or Devanagari digits stay digits under NFKC, so an ASCII-digit prefilter
+    would skip them."""
+    from pyspark.sql import functions as F
+
+    if normalization is None:
+        return _prefiltered(column, patterns)
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"unknown normalization {normalization!r}: use one of {NORMALIZATIONS} or none")
+    from privrec_pipeline.transforms.generalize import is_ascii, nfkc
+
+    union = "|".join(f"(?:{p['regex']})" for p in patterns)
+    return F.when(is_ascii(column), _prefiltered(column, patterns)).otherwise(nfkc(column).rlike(union))
+
+
+def _prefiltered(column: Any, patterns: list[dict[str, str]]) -> Any:
     groups: dict[str, list[str]] = {}
     for pattern in patterns:
         groups.setdefault(pattern.get("required_chars") or "", []).append(pattern["regex"])
@@ -168,22 +198,25 @@ def prefiltered_match_condition(column: Any, patterns: list[dict[str, str]]) -> 
 
 class ColumnValuesMatchRegexListPrefiltered(ColumnMapMetricProvider):
     condition_metric_name = PREFILTERED_REGEX_METRIC
-    condition_value_keys = ("patterns",)
+    condition_value_keys = ("patterns", "normalization")
 
     @column_condition_partial(engine=SparkDFExecutionEngine)
-    def _spark(cls, column: Any, patterns: list[dict[str, str]], **kwargs: Any) -> Any:
-        return ~prefiltered_match_condition(column, patterns)
+    def _spark(cls, column: Any, patterns: list[dict[str, str]], normalization: str | None = None,
+               **kwargs: Any) -> Any:
+        return ~prefiltered_match_condition(column, patterns, normalization)
 
 
 class ExpectColumnValuesToNotMatchRegexListPrefiltered(ColumnMapExpectation):
     """Expect no value to match any of the ``patterns`` (each ``{"regex", "required_chars"}``)
     anywhere; a pattern's regex runs only on values holding one of its ``required_chars``,
-    which every match of it must contain."""
+    which every match of it must contain. ``normalization`` ("NFKC" or none): match the
+    values' normalized form (see ``prefiltered_match_condition``)."""
 
     patterns: list[dict[str, str]]
+    normalization: str | None = None
     map_metric: ClassVar[str] = PREFILTERED_REGEX_METRIC
-    success_keys: ClassVar[tuple[str, ...]] = ("patterns", "mostly")
-    args_keys: ClassVar[tuple[str, ...]] = ("column", "patterns")
+    success_keys: ClassVar[tuple[str, ...]] = ("patterns", "normalization", "mostly")
+    args_keys: ClassVar[tuple[str, ...]] = ("column", "patterns", "normalization")
 
     _prescriptive_renderer = _described(_regex_list)
 

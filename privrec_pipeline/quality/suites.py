@@ -23,7 +23,9 @@ from privrec_pipeline.transforms.generalize import (
     EMAIL_PATTERN,
     IP_FAMILIES,
     IPV4_PATTERN,
+    IPV6_PATTERN,
     PHONE_PATTERN,
+    PII_PATTERNS,
 )
 from privrec_pipeline.transforms.pseudonymize import SILVER_COLUMNS
 
@@ -42,17 +44,22 @@ VOCABULARIES: dict[str, tuple[str, ...]] = {
     "device_class": (*[label for label, _ in DEVICE_MARKERS], "unknown"),
     "ip_family": IP_FAMILIES,
 }
-PII_PATTERNS = {"email": EMAIL_PATTERN, "phone": PHONE_PATTERN, "card": CARD_PATTERN, "ipv4": IPV4_PATTERN}
-# Each pattern with the characters every match of it holds: the email pattern a literal '@';
-# the phone, card and IPv4 patterns a \d, which Java's regex (Spark's rlike; no
-# UNICODE_CHARACTER_CLASS flag) reads as [0-9]. A value without them skips that regex. One
-# regex per pattern: Java tries an alternation's lookbehinds at every position, so the
-# four as one regex cost twice as much (BENCHMARKS.md).
+# The scrubber's patterns (privrec_pipeline/transforms/generalize.py), matched against the
+# NFKC form of each value (the form the scrubber wrote), each with the characters every match
+# of it holds in ASCII text: the email pattern a literal '@', the IPv6 pattern ':', the
+# phone, card and IPv4 patterns a decimal digit, which in ASCII text is one of 0-9. An ASCII
+# value without them skips that regex; a value with any other character is normalized and
+# matched against all patterns (expectations.prefiltered_match_condition). One regex per
+# pattern: Java tries an alternation's lookbehinds at every position, so the patterns as
+# one regex cost twice as much (BENCHMARKS.md).
 ASCII_DIGITS = "0123456789"
+PII_NORMALIZATION = "NFKC"
 PII_SCAN: list[dict[str, str]] = [
     {"regex": EMAIL_PATTERN, "required_chars": "@"},
     *({"regex": p, "required_chars": ASCII_DIGITS} for p in (PHONE_PATTERN, CARD_PATTERN, IPV4_PATTERN)),
+    {"regex": IPV6_PATTERN, "required_chars": ":"},
 ]
+assert {p["regex"] for p in PII_SCAN} == set(PII_PATTERNS.values()), "PII_SCAN must cover every PII pattern"
 
 
 @dataclass(frozen=True)
@@ -96,6 +103,7 @@ def suite_parameters(config: QualityConfig, day: dt.date, bounds: RowCountBounds
         "vocabularies": [{"column": c, "values": list(v)} for c, v in VOCABULARIES.items()],
         "scan_columns": [c for c in scan_columns() if c not in config.pii_exempt_columns],
         "pii_patterns": PII_SCAN,
+        "pii_normalization": PII_NORMALIZATION,
         "raw_id_pattern": config.raw_id_pattern,
         "row_count_min": bounds.min_value,
         "row_count_max": bounds.max_value,

@@ -4,9 +4,16 @@ Applied by collect while the plaintext is in hand, before anything is written:
 - user_agent -> ``device_class`` (mobile, tablet, desktop, bot, unknown);
 - ip -> ``ip_family`` (ipv4, ipv6, unknown): no address bits, no region (a coarse region
   needs a GeoIP database; none ships with privrec);
-- search_query -> emails, card numbers, IPv4 addresses and phone numbers replaced by
-  placeholders, then cut to ``MAX_QUERY_CHARS``.
-Everything runs as Spark built-ins in the JVM.
+- search_query -> NFKC-normalized, then emails, card numbers, IPv4 and IPv6 addresses and
+  phone numbers replaced by placeholders, then cut to ``MAX_QUERY_CHARS``.
+Everything runs in the JVM (Spark built-ins; NFKC through ``java_method``, see ``nfkc``).
+
+The PII patterns are written for every script: Java regular expressions (Spark's ``rlike``
+and ``regexp_replace``) with the ``UNICODE_CHARACTER_CLASS`` flag ``(?U)``, under which
+``\\d`` is any decimal digit (Unicode category Nd: Arabic-Indic, Devanagari, ...), ``\\w`` any
+letter, mark, digit or connector and ``\\s`` any Unicode white space (java.util.regex.Pattern).
+NFKC (Unicode Standard Annex #15) runs first, so compatibility forms become their plain
+characters: full-width digits and signs ("＋４９", "＠") become ASCII, "①" becomes "1".
 """
 
 from __future__ import annotations
@@ -21,26 +28,74 @@ MAX_QUERY_CHARS = 256
 # the length on hostile text, so the work per row stays bounded. Anything starting before
 # MAX_QUERY_CHARS and shorter than the margin is still seen whole by the patterns.
 SCRUB_WINDOW_CHARS = 2 * MAX_QUERY_CHARS
-# Patterns shared with the PII scans of the tests and the validation step.
+# Characters normalized before the scrub window is cut. NFKC lengthens text (one ligature
+# can become several letters: the window is cut again after it) or shortens it by composing
+# a letter and its combining marks; this margin covers text of up to two characters per
+# normalized one (a letter with one combining mark).
+NORMALIZE_WINDOW_CHARS = 2 * SCRUB_WINDOW_CHARS
+# ICU4J ships with Spark (collations). Its Normalizer.compose(text, compat=true) is NFKC and
+# is the one NFKC entry point with only String/boolean arguments, which is what Spark's
+# ``java_method`` (reflection) can call; java.text.Normalizer needs an enum argument.
+NFKC_CLASS, NFKC_METHOD = "com.ibm.icu.text.Normalizer", "compose"
+
+# Patterns shared by the scrubber (collect) and the PII scan of the quality gate. Digits,
+# letters and separators of every script: see the module docstring.
+_NOT_IN_WORD = r"[\p{L}\p{M}\p{Nd}]"  # letters, marks and digits of any script
+_SEPARATOR = r"[\s\p{Pd}]"  # Unicode white space or dash punctuation (hyphen, en dash, ...)
 # The lookbehind starts a match only at the beginning of a run of local-part characters
-# (the same matches, without rescanning a long run from each of its positions).
-EMAIL_PATTERN = r"(?<![A-Za-z0-9._%+\-])[A-Za-z0-9._%+\-]+@[A-Za-z0-9.\-]+\.[A-Za-z]{2,}"
+# (the same matches, without rescanning a long run from each of its positions). The
+# top-level domain is letters or marks of any script (``[^\W\d_]``: word characters that
+# are not digits or '_'), so "用户@例子.中国" and "jürgen@bücher.de" match.
+EMAIL_PATTERN = r"(?U)(?<![\w.%+\-])[\w.%+\-]+@[\w.\-]+\.[^\W\d_]{2,}"
 # 13-19 digits, optionally grouped by spaces or dashes (payment card numbers, ISO/IEC 7812).
-CARD_PATTERN = r"\b\d(?:[ \-]?\d){12,18}\b"
+CARD_PATTERN = rf"(?U)\b\d(?:{_SEPARATOR}?\d){{12,18}}\b"
+# A calendar date in digits of any script (four-digit year first or last, day and month of
+# one or two digits, separated by '-', '.' or '/') standing alone: not a phone number,
+# although it is a run of 8 digits. (A phone number written in this shape is not scrubbed.)
+_DATE = r"(?:\d{4}[\-./]\d{1,2}[\-./]\d{1,2}|\d{1,2}[\-./]\d{1,2}[\-./]\d{4})(?!\p{Nd})"
 # 7 or more digits with optional +, spaces, dots, dashes or parentheses between them, not
-# inside a longer word (so hex digests and product codes are not phones).
-PHONE_PATTERN = r"(?<![0-9A-Za-z])\+?\(?\d(?:[\s().\-]*\d){6,}(?![0-9A-Za-z])"
-IPV4_PATTERN = r"\b(?:\d{1,3}\.){3}\d{1,3}\b"
+# inside a longer word (so hex digests and product codes are not phones) and not a date.
+PHONE_PATTERN = rf"(?U)(?<!{_NOT_IN_WORD})(?!{_DATE})\+?\(?\d(?:[\s().\p{{Pd}}]*\d){{6,}}(?!{_NOT_IN_WORD})"
+IPV4_PATTERN = r"(?U)\b(?:\d{1,3}\.){3}\d{1,3}\b"
+# RFC 4291 section 2.2 text forms: eight groups of 1-4 hex digits, or fewer with "::" for a
+# run of zero groups (at least two groups given, so "::" or "::1" alone are not addresses;
+# an embedded IPv4 tail is replaced by IPV4_PATTERN, which runs first). Not inside a word
+# or a longer run of colons, so "std::vector" and times like "10:30:00" are not addresses.
+_HEX = "[0-9A-Fa-f]{1,4}"
+IPV6_PATTERN = (rf"(?U)(?<![\w:])(?:{_HEX}(?::{_HEX}){{7}}|{_HEX}(?::{_HEX}){{0,6}}::{_HEX}(?::{_HEX}){{0,6}}"
+                rf"|{_HEX}(?::{_HEX}){{1,6}}::|::{_HEX}(?::{_HEX}){{1,6}})(?![\w:])")
+PII_PATTERNS: dict[str, str] = {
+    "email": EMAIL_PATTERN, "phone": PHONE_PATTERN, "card": CARD_PATTERN, "ipv4": IPV4_PATTERN, "ipv6": IPV6_PATTERN,
+}
+
+
+def is_ascii(text: "Column") -> "Column":
+    """True where every character is ASCII (one byte each in UTF-8)."""
+    from pyspark.sql import functions as F
+
+    return F.octet_length(text) == F.char_length(text)
+
+
+def nfkc(text: "Column") -> "Column":
+    """NFKC of ``text`` (Unicode Standard Annex #15), computed in the JVM by ICU4J; null
+    stays null. ASCII text is its own NFKC and skips the (reflective) call."""
+    from pyspark.sql import functions as F
+
+    normalized = F.java_method(F.lit(NFKC_CLASS), F.lit(NFKC_METHOD), text, F.lit(True))
+    return F.when(text.isNull() | is_ascii(text), text).otherwise(normalized)
 
 
 def scrub_text(text: "Column") -> "Column":
-    """Replace emails, card numbers, IPv4 addresses and phone numbers (in that order: cards
-    and addresses are also digit runs, so they go before the phone pattern)."""
+    """NFKC, then replace emails, card numbers, IP addresses and phone numbers (in that
+    order: cards and addresses are also digit runs, so they go before the phone pattern).
+    The result is normalized text: what the quality gate checks is what was scrubbed."""
     from pyspark.sql import functions as F
 
-    out = F.regexp_replace(F.substring(text, 1, SCRUB_WINDOW_CHARS), EMAIL_PATTERN, "[email]")
+    window = F.substring(nfkc(F.substring(text, 1, NORMALIZE_WINDOW_CHARS)), 1, SCRUB_WINDOW_CHARS)
+    out = F.regexp_replace(window, EMAIL_PATTERN, "[email]")
     out = F.regexp_replace(out, CARD_PATTERN, "[card]")
     out = F.regexp_replace(out, IPV4_PATTERN, "[ip]")
+    out = F.regexp_replace(out, IPV6_PATTERN, "[ip]")
     out = F.regexp_replace(out, PHONE_PATTERN, "[phone]")
     return F.substring(out, 1, MAX_QUERY_CHARS)
 
