@@ -23,8 +23,10 @@ processes `landing/interactions/dt=D`:
 5. **training** (only on the last day of a training window of **train_window_days**):
    `build_partitions` (Spark: disjoint user partitions over the window's DP vocabulary,
    hold-out), `prepare_training` (noise calibrated to **train_epsilon**, reserved in the
-   ledger), then per round one mapped task per partition (user-level DP update, masked for
-   secure aggregation) and one aggregation; `finish_training` writes the candidate model
+   ledger), one `publish_keys` per partition, `seal_keys` (the run's roster of key
+   fingerprints; its digest reaches the round tasks through XCom), then per round one mapped
+   task per partition (user-level DP update, masked for secure aggregation) and one
+   aggregation that checks every masked update against the roster; `finish_training` writes the candidate model
    and commits the release. Partitions and rounds: `PRIVREC_TRAIN_PARTITIONS` /
    `PRIVREC_TRAIN_ROUNDS`.
 6. **evaluate_and_publish**: hold-out metrics against DP popularity and the published
@@ -202,31 +204,42 @@ def prepare_training() -> dict:
 
 
 @task(map_index_template="partition {{ partition }}", max_active_tis_per_dag=PARTITIONS)
-def publish_keys(partition: int) -> None:
+def publish_keys(partition: int) -> dict:
+    """The partition's public keys into the lake; their fingerprints (public) into XCom."""
     from privrec_pipeline.config import lake_root
     from privrec_pipeline.training.tasks import publish_keys as publish
 
     context = get_current_context()
     context["partition"] = partition
-    publish(lake_root(), _day(context), partition)
+    return publish(lake_root(), _day(context), partition)
+
+
+@task
+def seal_keys(published: list) -> str:
+    """The orchestrator's roster of the run (not a partition's task): the keys in the lake must
+    be the ones publish_keys reported; the roster's digest goes to the round tasks via XCom."""
+    from privrec_pipeline.config import lake_root
+    from privrec_pipeline.training.tasks import seal_keys as seal
+
+    return seal(lake_root(), _day(get_current_context()), list(published))
 
 
 @task(map_index_template="partition {{ partition }}", max_active_tis_per_dag=PARTITIONS)
-def train_partition(round_index: int, partition: int) -> dict:
+def train_partition(round_index: int, roster_digest: str, partition: int) -> dict:
     from privrec_pipeline.config import lake_root
     from privrec_pipeline.training.tasks import train_partition as train
 
     context = get_current_context()
     context["partition"] = partition
-    return train(lake_root(), _day(context), round_index, partition)
+    return train(lake_root(), _day(context), round_index, partition, roster_digest)
 
 
 @task
-def aggregate_round(round_index: int) -> None:
+def aggregate_round(round_index: int, roster_digest: str) -> None:
     from privrec_pipeline.config import lake_root
     from privrec_pipeline.training.tasks import aggregate_round as aggregate
 
-    aggregate(lake_root(), _day(get_current_context()), round_index)
+    aggregate(lake_root(), _day(get_current_context()), round_index, roster_digest)
 
 
 @task
@@ -242,18 +255,22 @@ def _day(context) -> "dt.date":
 
 
 def _training():
-    """build_partitions, then ROUNDS x (PARTITIONS mapped partition tasks -> one aggregation)."""
+    """build_partitions, prepare_training, PARTITIONS x publish_keys, seal_keys, then ROUNDS x
+    (PARTITIONS mapped partition tasks -> one aggregation), each given the sealed roster's
+    digest through XCom (which writers of the lake cannot change)."""
     build = _spark_task(PrivrecSparkSubmitOperator, "build_partitions", "--set",
                         "window_days={{ params.train_window_days }}", "--set", f"partitions={PARTITIONS}",
                         needs_keys=False)
     partitions = list(range(PARTITIONS))
     due = training_due()
-    previous = publish_keys.expand(partition=partitions)
-    due >> build >> prepare_training() >> previous
+    published = publish_keys.expand(partition=partitions)
+    due >> build >> prepare_training() >> published
+    roster = seal_keys(published)
+    previous = roster
     for r in range(ROUNDS):
-        trained = train_partition.override(task_id=f"train_round_{r}").partial(round_index=r).expand(
-            partition=partitions)
-        aggregated = aggregate_round.override(task_id=f"aggregate_round_{r}")(round_index=r)
+        trained = train_partition.override(task_id=f"train_round_{r}").partial(
+            round_index=r, roster_digest=roster).expand(partition=partitions)
+        aggregated = aggregate_round.override(task_id=f"aggregate_round_{r}")(round_index=r, roster_digest=roster)
         previous >> trained >> aggregated
         previous = aggregated
     finished = finish_training()

@@ -93,16 +93,29 @@ def test_nightly_wiring(dagbag):
     assert type(dag.timetable).__name__ == "CronDataIntervalTimetable"  # one run per data interval
     # Only collect and pseudonymize read raw identifiers; later steps never receive keys.
     assert [t.needs_keys for t in tasks] == [True, True, False, False]
-    # Training: skipped unless the day closes a window; P mapped partition tasks per round, then
-    # one aggregation; rounds in order; the candidate last.
-    chain = ["dp_stats", "training_due", "build_partitions", "prepare_training", "publish_keys"]
+    # Training: skipped unless the day closes a window; the partitions publish their keys, the
+    # orchestrator seals them; P mapped partition tasks per round, then one aggregation; rounds
+    # in order; the candidate last.
+    chain = ["dp_stats", "training_due", "build_partitions", "prepare_training", "publish_keys", "seal_keys"]
     rounds = sum(t.task_id.startswith("aggregate_round_") for t in dag.tasks)
     assert rounds >= 1
+    round_tasks = set()
     for r in range(rounds):
         chain += [f"train_round_{r}", f"aggregate_round_{r}"]
+        round_tasks |= {f"train_round_{r}", f"aggregate_round_{r}"}
     chain.append("finish_training")
     for task_id, following in itertools.pairwise(chain):
-        assert dag.get_task(task_id).downstream_task_ids == {following}, task_id
+        # seal_keys hands the roster digest (XCom) to every round task: all of them follow it.
+        expected = round_tasks if task_id == "seal_keys" else {following}
+        assert dag.get_task(task_id).downstream_task_ids == expected, task_id
+    # The roster's digest reaches the partitions and the aggregator through XCom, not the lake;
+    # the partitions' own publish_keys results reach seal_keys the same way.
+    for r in range(rounds):
+        train, aggregate = dag.get_task(f"train_round_{r}"), dag.get_task(f"aggregate_round_{r}")
+        assert train.partial_kwargs["op_kwargs"]["roster_digest"].operator.task_id == "seal_keys"
+        assert aggregate.op_kwargs["roster_digest"].operator.task_id == "seal_keys"
+    assert dag.get_task("seal_keys").op_args[0].operator.task_id == "publish_keys"
+    assert not dag.get_task("seal_keys").is_mapped  # one orchestrator task, not a partition's
     assert dag.get_task("build_partitions").needs_keys is False
     mapped = dag.get_task("train_round_0")
     assert mapped.map_index_template == "partition {{ partition }}" and mapped.max_active_tis_per_dag == 2

@@ -72,21 +72,21 @@ def test_training_tasks_write_an_accounted_candidate_and_fail_closed(partitioned
     config = TrainConfig(mode="distributed", epsilon=6.0, delta=1e-7, rounds=2, batch_size=20, dim=8)
     state = tasks.prepare_training(lake, DAY, config, run_id="run-1", dag_id="privrec_nightly")
     assert state["status"] == "new" and state["plan"]["epsilon"] <= 6.0 * 1.001
-    for k in range(2):
-        tasks.publish_keys(lake, DAY, k)
-    tasks.train_partition(lake, DAY, 0, 0)
+    published = [tasks.publish_keys(lake, DAY, k) for k in range(2)]
+    roster = tasks.seal_keys(lake, DAY, published)  # the digest the DAG passes on through XCom
+    tasks.train_partition(lake, DAY, 0, 0, roster)
     with pytest.raises(SecureAggregationError, match=r"partition\(s\) \[1\] are missing"):
-        tasks.aggregate_round(lake, DAY, 0)  # fails closed: nothing unmasked, no next model
+        tasks.aggregate_round(lake, DAY, 0, roster)  # fails closed: nothing unmasked, no next model
     run = tasks.candidate_folder(lake, DAY) / "run"
     assert not (run / "round=1" / "model.npz").exists()
     masked = run / "round=0" / "masked" / "partition=0.npz"
     first = np.load(masked)["masked"]
-    tasks.train_partition(lake, DAY, 0, 0)  # a retried task masks the same update the same way
+    assert tasks.train_partition(lake, DAY, 0, 0, roster) == {"reused": 1.0}  # a retry reuses the update
     assert np.array_equal(np.load(masked)["masked"], first)
     for r in range(2):
         for k in range(2):
-            tasks.train_partition(lake, DAY, r, k)
-        tasks.aggregate_round(lake, DAY, r)
+            tasks.train_partition(lake, DAY, r, k, roster)
+        tasks.aggregate_round(lake, DAY, r, roster)
     result = tasks.finish_training(lake, DAY)
     model, items, report = read_model(Path(result["candidate"]))
     assert len(items) == model.config.vocab_size == report["vocabulary_size"]
@@ -113,21 +113,48 @@ def test_a_window_without_a_dp_release_is_refused(spark, partitioned):
         run_build_partitions(spark, str(root), DAY.replace(day=1), PartitionParams(window_days=2))
 
 
-def test_privrec_train_runs_outside_airflow_and_reports_the_guarantee(partitioned, tmp_path):
+def test_privrec_train_is_accounted_in_the_ledger_unless_synthetic_and_opted_out(partitioned, tmp_path,
+                                                                                    monkeypatch):
     from typer.testing import CliRunner
 
     from privrec_pipeline.cli import app
+    from privrec_pipeline.config import ledger_url
+    from privrec_pipeline.privacy.ledger import Ledger
 
-    root, _ = partitioned
+    root, manifest = partitioned
+    monkeypatch.setenv("PRIVREC_BUDGET_EPSILON", "1000")  # the fixture's DP release took 30
+    ledger = Ledger(ledger_url(str(root)))
+    before = len(ledger.releases())
     out = tmp_path / "model"
-    result = CliRunner().invoke(app, ["train", "--data", DAY.isoformat(), "--lake", str(root), "--epsilon", "3",
-                                      "--rounds", "1", "--local-steps", "2", "--batch-size", "10", "--dim", "8",
-                                      "--out", str(out)], catch_exceptions=False)
+    args = ["train", "--data", DAY.isoformat(), "--lake", str(root), "--epsilon", "3", "--rounds", "1",
+            "--local-steps", "2", "--batch-size", "10", "--dim", "8"]
+    result = CliRunner().invoke(app, [*args, "--out", str(out)], catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    assert "epsilon per partition" in result.output and "not recorded in the privacy ledger" in result.output
+    assert "epsilon per partition" in result.output and "accounted in the privacy ledger as release" in result.output
     assert "held-out users" in result.output and "recall@20" in result.output
     _, items, report = read_model(out)
     assert report["plan"]["epsilon"] <= 3 * 1.001 and len(items) == report["model"]["vocab_size"]
+    [release] = ledger.releases()[before:]
+    assert (release.release_key, release.state, release.epsilon) == (
+        "training_experiment", "committed", pytest.approx(report["plan"]["epsilon"]))
+    assert [release.window_start.isoformat(), release.window_end.isoformat()] == [manifest.window[0],
+                                                                                  manifest.window[-1]]
+    assert report["ledger"] == {"release_id": release.id}
+
+    # opting out is for synthetic data only, and the output says so
+    opted_out = CliRunner().invoke(app, [*args, "--no-ledger"], catch_exceptions=False)
+    assert opted_out.exit_code == 0 and "NOT accounted in the privacy ledger" in opted_out.output
+    assert len(ledger.releases()) == before + 1
+    marker = lk.landing_partition(str(root), DAY) / "_generation.json"
+    marker.rename(marker.with_name("_generation.json.bak"))
+    try:
+        real = CliRunner().invoke(app, [*args, "--no-ledger"])
+    finally:
+        marker.with_name("_generation.json.bak").rename(marker)
+    assert real.exit_code == 1 and "synthetic data only" in real.output and str(DAY) in real.output
+    nonprivate = CliRunner().invoke(app, [*args, "--mode", "nonprivate"])
+    assert nonprivate.exit_code == 1 and "cannot be accounted" in nonprivate.output
+    assert len(ledger.releases()) == before + 1
     bad = CliRunner().invoke(app, ["train", "--data", str(tmp_path / "nothing")])
     assert bad.exit_code == 1 and "holds no training shards" in bad.output
 

@@ -18,10 +18,37 @@ Machine Learning", CCS), without the dropout recovery (a missing partition fails
 
 If any partition's masked vector is missing, the sum is a random vector; ``aggregate``
 refuses to decode it (the round fails closed).
+
+Who takes part (the roster). Public keys travel through the lake, which more people can
+write than should decide who is in a round. So, after every partition published its keys,
+the orchestrator (not a partition) seals a ``Roster``: the run and, per partition, the
+SHA-256 fingerprint of each round's public key. Its digest (SHA-256 of the roster file's
+bytes) goes to the tasks through the orchestrator's own database (Airflow XCom), not through
+the lake. Partitions and the aggregator check the roster file against that digest, every
+public key against the roster, a partition's own secret against its sealed key (a secret
+replaced after publishing derives other keys: its masks would not cancel), and every masked
+update's metadata (partition, round, run, key fingerprint, roster digest, length) before
+summing. At least ``MIN_PARTIES`` (2) parties are required: one party's "masked" update
+would be its update, in the clear for the aggregator. A masked update is written once per
+(run, round, partition) and never replaced: two different vectors under the same masks
+would give the aggregator their difference in the clear.
+
+Trust model. The aggregator is honest but curious: it follows the protocol and learns only
+the sum of the P updates (and what the global models reveal, which are DP by the plan).
+Partitions follow the protocol: a masked update is uniformly random, so its norm or range
+cannot be checked, and a dishonest partition can poison the sum (any update within the
+fixed-point range, or in distributed mode an update without its noise share). Whoever can
+write the orchestrator's database, or read a partition's secret on its worker, is outside
+the model; a writer of the lake can make a round fail, not change who takes part unnoticed.
+An aggregator colluding with P - 1 partitions learns the remaining one's update (pairwise
+masks hide an update only from parties that do not hold its pair keys).
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,10 +61,30 @@ from privrec_pipeline.errors import PrivrecError
 
 FRACTION_BITS = 24  # fixed-point resolution 2^-24 (about 6e-8) per coordinate
 _LIMIT = 2.0**62  # |sum| must stay below 2^63 after adding up to this many partitions' values
+MIN_PARTIES = 2  # pairwise masking hides an update only among at least two parties
 
 
 class SecureAggregationError(PrivrecError):
     """A round cannot be aggregated (a partition is missing, or values overflow the encoding)."""
+
+
+def require_parties(parties: int) -> None:
+    """Masking needs two parties at least; one party's masked update is its update in the clear."""
+    if parties < MIN_PARTIES:
+        raise SecureAggregationError(
+            f"secure aggregation needs at least {MIN_PARTIES} partitions, got {parties}: a single party's "
+            "update would be visible to the aggregator (there is nobody to share masks with). Set "
+            f"PRIVREC_TRAIN_PARTITIONS to {MIN_PARTIES} or more (build_partitions then splits the users into "
+            "that many disjoint partitions; in local mode each partition's update is DP by itself)")
+
+
+def fingerprint(public: bytes) -> str:
+    """SHA-256 (FIPS 180-4) of a raw X25519 public key, hex: what the roster records."""
+    return hashlib.sha256(public).hexdigest()
+
+
+def _short(digest: str) -> str:
+    return digest[:16]
 
 
 def _hkdf(secret: bytes, info: bytes, length: int = 32) -> bytes:
@@ -103,6 +150,7 @@ def decode(total: np.ndarray, fraction_bits: int = FRACTION_BITS) -> np.ndarray:
 def mask_update(update: np.ndarray, keys: RoundKeys, public_keys: dict[int, bytes], run_id: str,
                 round_index: int, fraction_bits: int = FRACTION_BITS) -> np.ndarray:
     """What partition ``keys.partition`` hands to the aggregator: encoded update + its masks."""
+    require_parties(len(public_keys))
     flat = np.asarray(update, dtype=np.float64).ravel()
     encoded = encode(flat, len(public_keys), fraction_bits)
     return encoded + pairwise_mask(keys, public_keys, run_id, round_index, flat.size)
@@ -111,6 +159,7 @@ def mask_update(update: np.ndarray, keys: RoundKeys, public_keys: dict[int, byte
 def aggregate(masked: dict[int, np.ndarray], partitions: int, fraction_bits: int = FRACTION_BITS) -> np.ndarray:
     """Sum of the partitions' updates, from their masked vectors only. Every partition must be
     present: without one, the masks do not cancel and nothing is decoded (fail closed)."""
+    require_parties(partitions)
     missing = sorted(set(range(partitions)) - set(masked))
     if missing:
         raise SecureAggregationError(
@@ -122,3 +171,128 @@ def aggregate(masked: dict[int, np.ndarray], partitions: int, fraction_bits: int
     for k in range(partitions):
         total = total + masked[k]
     return decode(total, fraction_bits)
+
+
+@dataclass(frozen=True)
+class Roster:
+    """Who takes part in a run: per partition, the fingerprint of each round's public key.
+    Sealed once by the orchestrator; its ``digest`` reaches the tasks outside the lake."""
+
+    run_id: str
+    keys: dict[int, tuple[str, ...]]  # partition -> fingerprint per round
+
+    @classmethod
+    def seal(cls, run_id: str, public_keys: dict[int, list[bytes]]) -> "Roster":
+        require_parties(len(public_keys))
+        if sorted(public_keys) != list(range(len(public_keys))):
+            raise SecureAggregationError(f"partitions must be 0..{len(public_keys) - 1}, got {sorted(public_keys)}")
+        rounds = {len(v) for v in public_keys.values()}
+        if len(rounds) != 1:
+            raise SecureAggregationError(f"partitions published keys for different numbers of rounds: {sorted(rounds)}")
+        return cls(run_id, {k: tuple(fingerprint(p) for p in v) for k, v in public_keys.items()})
+
+    @property
+    def partitions(self) -> int:
+        return len(self.keys)
+
+    @property
+    def rounds(self) -> int:
+        return len(self.keys[0])
+
+    def to_bytes(self) -> bytes:
+        doc = {"run_id": self.run_id, "keys": {str(k): list(v) for k, v in sorted(self.keys.items())}}
+        return json.dumps(doc, indent=2, sort_keys=True).encode("utf-8")
+
+    @staticmethod
+    def digest_of(data: bytes) -> str:
+        return hashlib.sha256(data).hexdigest()
+
+    @classmethod
+    def verified(cls, data: bytes, digest: str, source: str) -> "Roster":
+        """The roster in ``data`` if its SHA-256 is the sealed ``digest``; else fail closed."""
+        actual = cls.digest_of(data)
+        if actual != digest:
+            raise SecureAggregationError(
+                f"{source} does not match the roster sealed for this run (sha256 {_short(actual)}..., sealed "
+                f"{_short(digest)}...): it was changed in the lake after seal_keys. The round fails closed; find "
+                "out who wrote it, then train again in a new run")
+        doc = json.loads(data)
+        return cls(doc["run_id"], {int(k): tuple(v) for k, v in doc["keys"].items()})
+
+    def sealed(self, partition: int, round_index: int) -> str:
+        if partition not in self.keys or not 0 <= round_index < self.rounds:
+            raise SecureAggregationError(
+                f"the roster has no key for partition {partition}, round {round_index} "
+                f"({self.partitions} partitions, {self.rounds} rounds)")
+        return self.keys[partition][round_index]
+
+    def check_public(self, partition: int, round_index: int, public: bytes, source: str) -> None:
+        """A public key read from the lake is the one sealed for (partition, round)."""
+        actual, sealed = fingerprint(public), self.sealed(partition, round_index)
+        if actual != sealed:
+            raise SecureAggregationError(
+                f"the public key of partition {partition} for round {round_index} in {source} is not the sealed "
+                f"one (fingerprint {_short(actual)}..., sealed {_short(sealed)}...): the key file was replaced "
+                "after seal_keys. The round fails closed; find out who wrote it, then train again in a new run")
+
+    def check_own(self, keys: RoundKeys, round_index: int, hint: str = "") -> None:
+        """This worker's secret derives the key sealed for its partition (before masking)."""
+        actual, sealed = fingerprint(keys.public_bytes()), self.sealed(keys.partition, round_index)
+        if actual != sealed:
+            raise SecureAggregationError(
+                f"partition {keys.partition}'s secret on this worker derives another public key for round "
+                f"{round_index} than the sealed one (fingerprint {_short(actual)}..., sealed {_short(sealed)}...): "
+                "the secret changed after publish_keys (a retry on another worker, or a lost secret), so its "
+                f"masks would not cancel. {hint}".rstrip())
+
+
+MASKED_FIELDS = ("partition", "round", "run_id", "key_fingerprint", "roster_digest", "size")
+
+
+@dataclass(frozen=True)
+class MaskedUpdate:
+    """A masked vector and what the aggregator checks before adding it (one .npz file)."""
+
+    partition: int
+    round: int
+    run_id: str
+    key_fingerprint: str
+    roster_digest: str
+    masked: np.ndarray
+
+    def to_bytes(self) -> bytes:
+        buffer = io.BytesIO()
+        np.savez(buffer, masked=self.masked, partition=np.int64(self.partition), round=np.int64(self.round),
+                 run_id=np.str_(self.run_id), key_fingerprint=np.str_(self.key_fingerprint),
+                 roster_digest=np.str_(self.roster_digest), size=np.int64(self.masked.size))
+        return buffer.getvalue()
+
+    @classmethod
+    def load(cls, source, name: str) -> "MaskedUpdate":
+        """Read a masked update (path or file object); ``name`` names it in errors."""
+        with np.load(source, allow_pickle=False) as npz:
+            missing = [f for f in ("masked", *MASKED_FIELDS) if f not in npz.files]
+            if missing:
+                raise SecureAggregationError(f"masked update {name} lacks {missing}: it cannot be checked, "
+                                             "so it is not summed")
+            masked = npz["masked"]
+            if masked.dtype != np.uint64 or masked.ndim != 1 or int(npz["size"]) != masked.size:
+                raise SecureAggregationError(
+                    f"masked update {name} is not a vector of {int(npz['size'])} uint64 values "
+                    f"({masked.dtype}, shape {masked.shape})")
+            return cls(int(npz["partition"]), int(npz["round"]), str(npz["run_id"]), str(npz["key_fingerprint"]),
+                       str(npz["roster_digest"]), masked)
+
+    def check(self, roster: Roster, roster_digest: str, partition: int, round_index: int, size: int,
+              name: str) -> None:
+        """Fail unless this is partition's update of this round and run, masked with its sealed
+        key under this roster, and as long as the model."""
+        expected = {"partition": partition, "round": round_index, "run_id": roster.run_id,
+                    "key_fingerprint": roster.sealed(partition, round_index), "roster_digest": roster_digest,
+                    "size": size}
+        actual = {"partition": self.partition, "round": self.round, "run_id": self.run_id,
+                  "key_fingerprint": self.key_fingerprint, "roster_digest": self.roster_digest,
+                  "size": self.masked.size}
+        wrong = [f"{k} {actual[k]!r} (expected {expected[k]!r})" for k in MASKED_FIELDS if actual[k] != expected[k]]
+        if wrong:
+            raise SecureAggregationError(f"masked update {name} is rejected: {'; '.join(wrong)}")

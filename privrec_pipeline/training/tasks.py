@@ -2,25 +2,30 @@
 
     prepare_training     plan the noise, reserve the run's release in the ledger, round-0 model
     publish_keys (x P)   each partition publishes its X25519 public keys for every round
+    seal_keys            the orchestrator records the roster (key fingerprints) -> its digest (XCom)
     train_partition (x P per round)  the partition's update, masked -> rounds/round=R/masked/
-    aggregate_round      sum of the masked updates (fails closed) -> the next global model
+    aggregate_round      sum of the checked masked updates (fails closed) -> the next global model
     finish_training      the candidate model + training.json, commit the release
 
 State lives in ``models/_candidates/dt=D/run/`` (local lake): the plan, each round's
-global model (``round=R/model.npz``), public keys and masked updates; the candidate model
-goes to ``models/_candidates/dt=D/model/``. Each
-partition's secret (from which its key pairs derive) stays in the partition worker's own
-folder, ``$PRIVREC_HOME/partition-secrets/`` (mode 0600), which the aggregator never reads:
-the aggregator sees masked vectors and their sum only. Every task can be retried: it derives
-the same keys and the same update (seeded by run, round and partition).
+global model (``round=R/model.npz``), public keys, the sealed roster and masked updates; the
+candidate model goes to ``models/_candidates/dt=D/model/``. Each partition's secret (from
+which its key pairs and its noise derive) stays in the partition worker's own folder,
+``$PRIVREC_HOME/partition-secrets/`` (see ``partition_secrets``), which the aggregator never
+reads: the aggregator sees masked vectors and their sum only.
+
+The lake is not trusted to say who takes part: seal_keys returns the roster's digest, which
+the DAG passes to train_partition and aggregate_round through XCom (the Airflow database);
+they refuse a roster file or a key file that no longer matches it, a partition whose secret
+no longer derives its sealed key, and masked updates of another partition, round, run, key
+or length (see ``secure_agg``). Every task can be retried: keys derive from the secret, and
+a masked update already written is reused, never written again.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
-import os
-import secrets as _secrets
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -151,76 +156,197 @@ def _plan(lake: str, day: dt.date) -> tuple[dict[str, Any], TrainConfig, Privacy
     return doc, TrainConfig(**doc["config"]), PrivacyPlan(**doc["plan"])
 
 
-def partition_secret(partition: int, home: Path | None = None) -> bytes:
-    """The partition worker's own secret (created once, mode 0600, never in the lake)."""
-    from privrec_pipeline.config import privrec_home
-
-    folder = (home or privrec_home()) / "partition-secrets"
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path = folder / f"partition-{partition}.key"
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return bytes.fromhex(path.read_text(encoding="ascii").strip())
-    with os.fdopen(fd, "w", encoding="ascii") as fh:
-        fh.write(_secrets.token_hex(32))
-    return bytes.fromhex(path.read_text(encoding="ascii").strip())
+def _keys_file(lake: str, day: dt.date, partition: int) -> Path:
+    return _run(lake, day) / "keys" / f"partition={partition}.json"
 
 
-def publish_keys(lake: str, day: dt.date, partition: int) -> None:
-    from privrec_pipeline.training.secure_agg import RoundKeys
+def _roster_file(lake: str, day: dt.date) -> Path:
+    return _run(lake, day) / "roster.json"
+
+
+def _masked_file(lake: str, day: dt.date, round_index: int, partition: int) -> Path:
+    return _run(lake, day) / f"round={round_index}" / "masked" / f"partition={partition}.npz"
+
+
+def publish_keys(lake: str, day: dt.date, partition: int) -> dict[str, Any]:
+    """Derive the partition's public key of every round from its secret and publish them. Returns
+    their fingerprints (public; the DAG hands them to seal_keys outside the lake)."""
+    from privrec_pipeline.training.partition_secrets import load_or_create
+    from privrec_pipeline.training.secure_agg import (
+        RoundKeys,
+        SecureAggregationError,
+        fingerprint,
+        require_parties,
+    )
 
     if finished(lake, day):
-        return
+        return {}
     doc, config, _ = _plan(lake, day)
-    secret = partition_secret(partition)
-    public = [RoundKeys.derive(secret, doc["run_id"], r, partition).public_bytes().hex() for r in range(config.rounds)]
-    _write_json(_run(lake, day) / "keys" / f"partition={partition}.json", {"partition": partition, "public": public})
+    require_parties(doc["partitions"])
+    secret = load_or_create(partition)
+    public = [RoundKeys.derive(secret, doc["run_id"], r, partition).public_bytes() for r in range(config.rounds)]
+    document = {"partition": partition, "run_id": doc["run_id"], "public": [p.hex() for p in public]}
+    path = _keys_file(lake, day, partition)
+    if _roster_file(lake, day).exists():  # sealed: the published keys may no longer change
+        if not path.exists() or json.loads(path.read_text(encoding="utf-8")) != document:
+            raise SecureAggregationError(
+                f"the keys of this run are sealed ({_roster_file(lake, day)}) and partition {partition}'s secret on "
+                f"this worker derives other keys than {path} holds: run partition {partition}'s tasks on the worker "
+                "holding its secret, or train again in a new run")
+    else:
+        _write_json(path, document)
+    return {"partition": partition, "fingerprints": [fingerprint(p) for p in public]}
 
 
-def _public_keys(lake: str, day: dt.date, partitions: int, round_index: int) -> dict[int, bytes]:
+def seal_keys(lake: str, day: dt.date, published: list[dict[str, Any]] | None = None) -> str:
+    """The orchestrator's step after every publish_keys: record the roster (each partition's
+    key fingerprints per round) in ``run/roster.json``, once, and return its digest (the DAG
+    passes it to every partition and aggregation task through XCom, outside the lake).
+    ``published``: the publish_keys results; the key files must still hold those keys."""
+    from privrec_pipeline.training.partition_secrets import write_once
+    from privrec_pipeline.training.secure_agg import (
+        Roster,
+        SecureAggregationError,
+        fingerprint,
+        require_parties,
+    )
+
+    path = _roster_file(lake, day)
+    if finished(lake, day):
+        return Roster.digest_of(path.read_bytes()) if path.exists() else ""
+    doc, config, _ = _plan(lake, day)
+    partitions = doc["partitions"]
+    require_parties(partitions)
     keys = {}
     for k in range(partitions):
-        path = _run(lake, day) / "keys" / f"partition={k}.json"
+        source = _keys_file(lake, day, k)
+        if not source.exists():
+            raise SecureAggregationError(f"partition {k} has not published its keys ({source}): run publish_keys")
+        published_doc = json.loads(source.read_text(encoding="utf-8"))
+        if (published_doc.get("partition"), published_doc.get("run_id"), len(published_doc.get("public", []))) != (
+                k, doc["run_id"], config.rounds):
+            raise SecureAggregationError(
+                f"{source} is not partition {k}'s keys of run {doc['run_id']!r} for {config.rounds} rounds: "
+                "run publish_keys of this run again")
+        keys[k] = [bytes.fromhex(h) for h in published_doc["public"]]
+    if published is not None:
+        announced = {int(p["partition"]): p["fingerprints"] for p in published if p}
+        for k in range(partitions):
+            if announced.get(k) != [fingerprint(p) for p in keys[k]]:
+                raise SecureAggregationError(
+                    f"the keys in {_keys_file(lake, day, k)} are not the ones partition {k}'s publish_keys task "
+                    "published: the file was replaced in the lake; nothing is sealed. Find out who wrote it, "
+                    f"then run partition {k}'s publish_keys again")
+    data = Roster.seal(doc["run_id"], keys).to_bytes()
+    if not write_once(path, data, mode=0o644) and path.read_bytes() != data:
+        raise SecureAggregationError(
+            f"this run's roster is already sealed ({path}) with other keys than the published ones: keys changed "
+            "after sealing. The run fails closed; train again in a new run")
+    return Roster.digest_of(data)
+
+
+def _sealed_roster(lake: str, day: dt.date, doc: dict[str, Any], config: TrainConfig, digest: str):
+    """run/roster.json, checked against the digest seal_keys returned, and against the plan."""
+    from privrec_pipeline.training.secure_agg import Roster, SecureAggregationError
+
+    path = _roster_file(lake, day)
+    if not path.exists():
+        raise SecureAggregationError(f"no sealed roster at {path}: run seal_keys after every publish_keys")
+    roster = Roster.verified(path.read_bytes(), digest, str(path))
+    if (roster.run_id, roster.partitions, roster.rounds) != (doc["run_id"], doc["partitions"], config.rounds):
+        raise SecureAggregationError(
+            f"the sealed roster is for run {roster.run_id!r} ({roster.partitions} partitions, {roster.rounds} rounds), "
+            f"the plan for run {doc['run_id']!r} ({doc['partitions']} partitions, {config.rounds} rounds): "
+            "train again in a new run")
+    return roster
+
+
+def _public_keys(lake: str, day: dt.date, roster, round_index: int) -> dict[int, bytes]:
+    """Every partition's public key of the round, each checked against the sealed roster."""
+    from privrec_pipeline.training.secure_agg import SecureAggregationError
+
+    keys = {}
+    for k in range(roster.partitions):
+        path = _keys_file(lake, day, k)
         if not path.exists():
-            raise PrivrecError(f"partition {k} has not published its keys ({path})")
+            raise SecureAggregationError(f"partition {k}'s published keys are missing ({path})")
         keys[k] = bytes.fromhex(json.loads(path.read_text(encoding="utf-8"))["public"][round_index])
+        roster.check_public(k, round_index, keys[k], str(path))
     return keys
 
 
-def train_partition(lake: str, day: dt.date, round_index: int, partition: int) -> dict[str, float]:
-    from privrec_pipeline.training.secure_agg import RoundKeys, mask_update
+def _existing_update(path: Path, roster, roster_digest: str, partition: int, round_index: int, size: int):
+    """An already written masked update of (round, partition): reused if it is this roster's
+    (a retry), refused otherwise. Never replaced: two vectors under the same masks would
+    give the aggregator the difference of two updates."""
+    from privrec_pipeline.training.secure_agg import MaskedUpdate, SecureAggregationError
+
+    update = MaskedUpdate.load(path, str(path))
+    try:
+        update.check(roster, roster_digest, partition, round_index, size, str(path))
+    except SecureAggregationError as error:
+        raise SecureAggregationError(
+            f"{error}. A masked update is written once and never replaced (two vectors under the same masks "
+            "would reveal the difference of two updates): train again in a new run") from None
+    return update
+
+
+def train_partition(lake: str, day: dt.date, round_index: int, partition: int, roster_digest: str) -> dict[str, float]:
+    """The partition's DP update of the round, masked with its sealed keys, written once to
+    ``round=R/masked/partition=K.npz`` with its metadata. ``roster_digest``: seal_keys' result."""
+    from privrec_pipeline.training.partition_secrets import load_or_create, secret_path, write_once
+    from privrec_pipeline.training.secure_agg import MaskedUpdate, RoundKeys, mask_update
 
     if finished(lake, day):
         return {}
     doc, config, plan = _plan(lake, day)
+    roster = _sealed_roster(lake, day, doc, config, roster_digest)
+    public = _public_keys(lake, day, roster, round_index)
     run = _run(lake, day)
     state = np.load(run / f"round={round_index}" / "model.npz")["params"]
+    target = _masked_file(lake, day, round_index, partition)
+    if target.exists():  # a retry after the update was written: reuse it
+        _existing_update(target, roster, roster_digest, partition, round_index, state.size)
+        return {"reused": 1.0}
+    secret = load_or_create(partition)
+    keys = RoundKeys.derive(secret, doc["run_id"], round_index, partition)
+    roster.check_own(keys, round_index, hint=(
+        f"Run partition {partition}'s tasks on the worker holding its secret ({secret_path(partition)}); if that "
+        "secret is lost, this run cannot finish: train again in a new run (force_release)"))
     shard = load_shard(_folder(lake, day) / f"partition={partition}")
-    secret = partition_secret(partition)
     delta, stats = partition_update(config, plan, state, doc["vocabulary_size"], shard, round_index=round_index,
                                     partition=partition, partitions=doc["partitions"],
                                     total_users=sum(doc["partition_users"]), secret=secret, run_id=doc["run_id"])
-    keys = RoundKeys.derive(secret, doc["run_id"], round_index, partition)
-    masked = mask_update(delta, keys, _public_keys(lake, day, doc["partitions"], round_index), doc["run_id"],
-                         round_index)
-    _save_array(run / f"round={round_index}" / "masked" / f"partition={partition}.npz", masked=masked)
+    masked = mask_update(delta, keys, public, doc["run_id"], round_index)
+    update = MaskedUpdate(partition, round_index, doc["run_id"], roster.sealed(partition, round_index), roster_digest,
+                          masked)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not write_once(target, update.to_bytes(), mode=0o644):  # another attempt wrote it first: keep that one
+        _existing_update(target, roster, roster_digest, partition, round_index, state.size)
+        return {"reused": 1.0}
     return stats
 
 
-def aggregate_round(lake: str, day: dt.date, round_index: int) -> None:
-    """Sum the masked updates (all partitions or nothing) and step the global model."""
-    from privrec_pipeline.training.secure_agg import aggregate
+def aggregate_round(lake: str, day: dt.date, round_index: int, roster_digest: str) -> None:
+    """Sum the masked updates (all partitions or nothing, each checked against the sealed
+    roster and the model's size) and step the global model."""
+    from privrec_pipeline.training.secure_agg import MaskedUpdate, aggregate
 
     if finished(lake, day):
         return
     doc, config, _ = _plan(lake, day)
+    roster = _sealed_roster(lake, day, doc, config, roster_digest)
     run = _run(lake, day)
     folder = run / f"round={round_index}"
-    masked = {k: np.load(path)["masked"] for k in range(doc["partitions"])
-              if (path := folder / "masked" / f"partition={k}.npz").exists()}
-    total = aggregate(masked, doc["partitions"])
     server = np.load(folder / "model.npz")
+    masked = {}
+    for k in range(doc["partitions"]):
+        path = _masked_file(lake, day, round_index, k)
+        if path.exists():
+            update = MaskedUpdate.load(path, str(path))
+            update.check(roster, roster_digest, k, round_index, server["params"].size, str(path))
+            masked[k] = update.masked
+    total = aggregate(masked, doc["partitions"])
     state = ServerState(server["params"], round_index, server["m"] if "m" in server else None,
                         server["v"] if "v" in server else None)
     state = apply_round(config, state, total, doc["partitions"])
@@ -243,7 +369,7 @@ def finish_training(lake: str, day: dt.date) -> dict[str, Any]:
               "plan": doc["plan"], "config": doc["config"], "partitions": doc["partitions"],
               "vocabulary_size": doc["vocabulary_size"]}
     write_model(candidate, config, doc["vocabulary_size"], params, _folder(lake, day) / "vocabulary", report)
-    open_ledger(lake).commit(doc["release_id"], {"uri": str(candidate)})
+    open_ledger(lake).commit(doc["release_id"], {"uri": str(candidate)}, run_id=doc["run_id"])
     return {"candidate": str(candidate), "epsilon": plan.epsilon, "delta": plan.delta}
 
 
