@@ -161,7 +161,8 @@ def trust_model(plan: dict[str, Any], partitions: int) -> dict[str, Any]:
                    plan["noise_multiplier"] * plan["clip_norm"] / math.sqrt(partitions - tolerance))
     poisoning = ("Secure aggregation hides each partition's update from the aggregator, and so also keeps it from "
                  "being checked: a dishonest partition can poison the sum (its masked update's norm cannot be "
-                 "verified); this affects the model's quality, not the privacy of other partitions' users.")
+                 "verified). That harms the model's quality, not the other partitions' users' privacy: their DP "
+                 "steps hold whatever model a round starts from (adaptive composition).")
     if mode == "local":
         assumption = (f"Each of the {partitions} partitions adds the full noise (std {std:.4g} per coordinate) to its "
                       "own update, so every partition's update is differentially private by itself: the guarantee "
