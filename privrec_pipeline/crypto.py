@@ -12,8 +12,12 @@ the first 12 bytes of HMAC(K_iv, context || 0x00 || plaintext), with K_iv derive
 encryption key. A repeated IV therefore only occurs for the same plaintext in the same
 context (the deterministic-AEAD construction of RFC 5297, "SIV"), which keeps a rerun's
 output identical while never reusing an IV across different plaintexts. The context (column
-name and row key, e.g. ``email|<event_id>``) is bound as additional authenticated data, so a
-ciphertext cannot be moved to another column or row undetected.
+name and row key, e.g. ``identifiers|<event_id>`` in bronze, ``raw_record|<source_file>|<record_position>``
+in quarantine) is bound as additional authenticated data, so a ciphertext cannot be moved to
+another column or row undetected; and as the IV covers the context, equal plaintexts in two
+rows get different ciphertexts whenever the row keys differ. A row key must therefore name
+the row: a key shared by several rows (a file name alone) lets their ciphertexts be swapped
+unnoticed and shows which of them hold equal plaintexts.
 """
 
 from __future__ import annotations
@@ -107,6 +111,15 @@ def encrypt(plaintext: "Column", context: str, key: "Column", iv_ipad: "Column",
     return F.when(plaintext.isNull(), F.lit(None)).otherwise(
         F.aes_encrypt(data, key, F.lit("GCM"), F.lit("DEFAULT"), iv, ctx)
     )
+
+
+def reference_decrypt(key: bytes, blob: bytes, associated_data: bytes) -> bytes:
+    """Decrypt a ciphertext of ``encrypt`` (IV || ciphertext || tag) with the ``cryptography``
+    library's AES-GCM; raises ``cryptography.exceptions.InvalidTag`` when the key or the
+    associated data (the row's context) is not the one it was encrypted with."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    return AESGCM(key).decrypt(blob[:12], blob[12:], associated_data)
 
 
 def aad(context: str, context_suffix: "Column | None" = None) -> "Column":

@@ -8,11 +8,13 @@ import json
 import pytest
 
 from conftest import DAY, good_event, line, partition_snapshot, write_landing
+from privrec_pipeline import crypto
 from privrec_pipeline import lake as lk
 from privrec_pipeline.errors import LandingPartitionError, ManifestMismatchError
 from privrec_pipeline.ingest import run_collect
 from privrec_pipeline.manifest import CollectManifest
 from privrec_pipeline.schema import MAX_RECORD_BYTES, QUARANTINE_REASONS
+from privrec_pipeline.transforms import collect as tc
 
 pytestmark = pytest.mark.spark
 
@@ -115,16 +117,48 @@ def test_numeric_ids_and_edge_cases_are_accepted(spark, lake, collected):
 
 
 def test_quarantine_keeps_raw_line_encrypted_with_source_file(spark, lake, collected, keyring):
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
     q = spark.read.parquet(lk.partition_uri(lake, "quarantine", DAY))
     rows = q.collect()
+    assert list(q.columns) == list(tc.QUARANTINE_COLUMNS)
     assert all(r.source_file.endswith("events-000.jsonl") for r in rows)
-    aead = AESGCM(keyring.encryption.material)
-    raws = {aead.decrypt(bytes(r.raw_record_enc)[:12], bytes(r.raw_record_enc)[12:],
-                         f"raw_record|{r.source_file}".encode()) for r in rows}
+    key = keyring.encryption.material
+    raws = {crypto.reference_decrypt(key, bytes(r.raw_record_enc), tc.raw_record_aad(r.source_file, r.record_position))
+            for r in rows}
     assert {raw for _, _, raw in CASES} == raws
     assert "@example.com" not in " ".join(str(v) for r in rows for v in r)
+
+
+def test_quarantine_ciphertexts_are_bound_to_their_row(spark, lake, keyring):
+    """Equal bad lines at two places get different ciphertexts, each decrypts back to the
+    line with its own row's associated data, and a ciphertext swapped with another row's or
+    moved to another file fails to decrypt."""
+    from cryptography.exceptions import InvalidTag
+
+    bad, other = b"not json at all", line(good_event(7, price="abc"))
+    write_landing(lake, DAY, [line(good_event(1)), bad, line(good_event(2)), bad, other])
+    write_landing(lake, DAY, [bad, line(good_event(3))], name="events-001.jsonl")
+    run_collect(spark, lake, DAY, keyring)
+    rows = spark.read.parquet(lk.partition_uri(lake, "quarantine", DAY)).collect()
+    key = keyring.encryption.material
+
+    def decrypt(blob: bytes, row) -> bytes:
+        return crypto.reference_decrypt(key, blob, tc.raw_record_aad(row.source_file, row.record_position))
+
+    assert len(rows) == 4
+    assert len({bytes(r.raw_record_enc) for r in rows}) == 4  # three equal lines, three ciphertexts
+    assert sorted(decrypt(bytes(r.raw_record_enc), r) for r in rows) == sorted([bad, bad, bad, other])
+    assert len({(r.source_file, r.record_position) for r in rows}) == 4
+    for a in rows:
+        for b in rows:
+            if a is not b:  # b's ciphertext in a's row: swapped equal lines included
+                with pytest.raises(InvalidTag):
+                    decrypt(bytes(b.raw_record_enc), a)
+    first, second = sorted({r.source_file for r in rows})
+    moved = next(r for r in rows if r.source_file == first)
+    with pytest.raises(InvalidTag):  # the same position in the other file
+        crypto.reference_decrypt(key, bytes(moved.raw_record_enc), tc.raw_record_aad(second, moved.record_position))
+    with pytest.raises(InvalidTag):  # the file alone no longer opens it
+        crypto.reference_decrypt(key, bytes(moved.raw_record_enc), f"raw_record|{moved.source_file}".encode())
 
 
 def test_rerun_gives_identical_outputs(spark, lake, keyring, collected):

@@ -91,13 +91,29 @@ def landing_struct() -> "StructType":
     )
 
 
+def record_position() -> "Column":
+    """The ``record_position`` column, a line's place in the run's read of the landing files.
+
+    Spark's ``monotonically_increasing_id`` over the scan (``classify_landing`` applies it to
+    the lines before any other step): the scan partition's index in the upper 31 bits (a
+    partition reads one or more file splits, in a fixed order) and the line's index within
+    the partition in the lower 33. Unique per line within a run; a rerun over the same files
+    with the same split settings (``spark.sql.files.maxPartitionBytes``, ``openCostInBytes``,
+    the default parallelism) gives every line the same position, as it writes the same
+    bronze files. Spark's text reader has no line-number or byte-offset column.
+    """
+    from pyspark.sql import functions as F
+
+    return F.monotonically_increasing_id()
+
+
 def classify_landing(lines: "DataFrame", start: dt.datetime, end: dt.datetime) -> "DataFrame":
     """Parse raw landing lines and decide, per line, accepted or quarantined with a reason.
 
     ``lines`` has ``value`` (the raw line, bytes as read) and ``source_file``. The result has
-    ``reason`` (null when accepted), ``detail``, ``source_file``, the typed fields of the
-    landing contract (``event_time`` as a UTC timestamp) and ``value``, the raw line, kept
-    for rejected records only.
+    ``reason`` (null when accepted), ``detail``, ``source_file``, ``record_position`` (see
+    ``record_position``), the typed fields of the landing contract (``event_time`` as a UTC
+    timestamp) and ``value``, the raw line, kept for rejected records only.
 
     Two paths, one decision: every line is parsed once with the explicit schema (Jackson,
     fast). Lines the parser flags as corrupt, or whose text fields look like a JSON object
@@ -123,13 +139,13 @@ def classify_landing(lines: "DataFrame", start: dt.datetime, end: dt.datetime) -
 
     # Stages are separate projections so each parse runs once per line.
     parsed = lines.select(
-        "value", "source_file",
+        "value", "source_file", record_position().alias("record_position"),
         F.is_valid_utf8("value").alias("_utf8"),
         F.octet_length("value").alias("_bytes"),
         F.from_json("value", landing_struct(), {"columnNameOfCorruptRecord": "_corrupt"}).alias("_j"),
     )
     flat = parsed.select(
-        "value", "source_file", "_utf8", "_bytes",
+        "value", "source_file", "record_position", "_utf8", "_bytes",
         reduce(operator.or_, [
             F.col("_j").isNull(), F.col("_j._corrupt").isNotNull(),
             *[F.substring(f"_j.{n}", 1, 1).isin("{", "[") for n in text_fields],
@@ -153,7 +169,7 @@ def classify_landing(lines: "DataFrame", start: dt.datetime, end: dt.datetime) -
         ])).alias("_wrong"),
     )
     checks = typed_checks.select(
-        "value", "source_file", "_utf8", "_bytes", "_suspect", "_v", "_top", "_wrong",
+        "value", "source_file", "record_position", "_utf8", "_bytes", "_suspect", "_v", "_top", "_wrong",
         _first_field([(f.name, F.col(f.name).isNull()) for f in RAW_FIELDS if f.required]).alias("_missing"),
         # Bytes bound characters from above: count characters only for long values.
         _first_field([(f.name, (F.octet_length(f.name) > F.lit(f.max_chars))
@@ -190,7 +206,8 @@ def classify_landing(lines: "DataFrame", start: dt.datetime, end: dt.datetime) -
 
     # The raw line is kept only where it is needed: in quarantine.
     return checks.select(
-        reason.alias("reason"), detail.alias("detail"), "source_file", *[f.name for f in RAW_FIELDS], "value",
+        reason.alias("reason"), detail.alias("detail"), "source_file", "record_position",
+        *[f.name for f in RAW_FIELDS], "value",
     ).withColumn("value", F.when(F.col("reason").isNotNull(), F.col("value")))
 
 
@@ -226,7 +243,24 @@ BRONZE_COLUMNS = (
     *BRONZE_EVENT_COLUMNS, "identifiers_enc", "enc_key_version", "source_file",
     "device_class", "ip_family", "search_query_scrubbed",
 )
-QUARANTINE_COLUMNS = ("reason", "detail", "source_file", "record_bytes", "raw_record_enc", "enc_key_version")
+QUARANTINE_COLUMNS = (
+    "reason", "detail", "source_file", "record_position", "record_bytes", "raw_record_enc", "enc_key_version",
+)
+RAW_RECORD_CONTEXT = "raw_record"  # AAD label of the quarantine raw-line ciphertext
+
+
+def raw_record_aad(source_file: str | None, record_position: int) -> bytes:
+    """The associated data a quarantine row's ``raw_record_enc`` was encrypted with (for a
+    reviewer decrypting with ``crypto.reference_decrypt``): ``raw_record|<source_file>|<record_position>``."""
+    return f"{RAW_RECORD_CONTEXT}|{source_file or ''}|{record_position}".encode()
+
+
+def _raw_record_suffix() -> "Column":
+    """Per-row part of the raw line's AAD, the row's place: source file and position (the
+    position last, so a '|' in a file name cannot make two places read alike)."""
+    from pyspark.sql import functions as F
+
+    return F.concat_ws("|", F.coalesce(F.col("source_file"), F.lit("")), F.col("record_position").cast("string"))
 
 
 def to_collected(classified: "DataFrame", keys: "DataFrame", key_version: str) -> "DataFrame":
@@ -240,8 +274,11 @@ def to_collected(classified: "DataFrame", keys: "DataFrame", key_version: str) -
     generalized forms (device class, IP family, scrubbed search text), derived while the
     plaintext is in hand so downstream never needs to decrypt.
 
-    Quarantine: reason, detail, source file and the raw line, encrypted (it may hold
-    identifiers), so a reviewer with the key can inspect it and nobody else can.
+    Quarantine: reason, detail, source file, record position and the raw line, encrypted (it
+    may hold identifiers), so a reviewer with the key can inspect it and nobody else can. The
+    ciphertext's associated data names the row's place (``raw_record_aad``): equal lines at
+    two places get different ciphertexts (the synthetic IV covers the AAD), and a ciphertext
+    moved to another row or file fails to decrypt there.
     """
     from pyspark.sql import functions as F
 
@@ -254,7 +291,7 @@ def to_collected(classified: "DataFrame", keys: "DataFrame", key_version: str) -
         return F.when(accepted, column)
 
     return classified.crossJoin(k).select(
-        "reason", "detail", *BRONZE_EVENT_COLUMNS, "source_file",
+        "reason", "detail", *BRONZE_EVENT_COLUMNS, "source_file", "record_position",
         bronze_only(crypto.encrypt(identifiers, IDENTIFIERS_CONTEXT, *enc,
                                    context_suffix=F.col("event_id"))).alias("identifiers_enc"),
         bronze_only(generalize.device_class(F.col("user_agent"))).alias("device_class"),
@@ -262,6 +299,7 @@ def to_collected(classified: "DataFrame", keys: "DataFrame", key_version: str) -
         bronze_only(generalize.scrub_text(F.col("search_query"))).alias("search_query_scrubbed"),
         # ``value`` is kept by classify_landing for rejected lines only.
         F.octet_length("value").alias("record_bytes"),
-        crypto.encrypt(F.col("value"), "raw_record", *enc, context_suffix=F.col("source_file")).alias("raw_record_enc"),
+        crypto.encrypt(F.col("value"), RAW_RECORD_CONTEXT, *enc, context_suffix=_raw_record_suffix())
+        .alias("raw_record_enc"),
         F.col("enc_version").alias("enc_key_version"),
     )
