@@ -99,3 +99,20 @@ def test_each_pattern_matches_its_kind_in_other_scripts(spark):
     got = df.select("kind", "v", *[F.col("v").rlike(p).alias(k) for k, p in PII_PATTERNS.items()]).collect()
     for row in got:
         assert row[row.kind], f"{row.kind} pattern misses {row.v!r}"
+
+
+def test_gate_fold_is_nfkc_for_single_characters_and_keeps_nfkc_text(spark):
+    """The gate's fold (Spark translate) maps each of its characters, supplementary ones
+    included, to the ASCII character Python's NFKC gives, and leaves NFKC text unchanged."""
+    from pyspark.sql import functions as F
+
+    from privrec_pipeline.transforms.generalize import nfkc_fold, nfkc_fold_table
+
+    source, _ = nfkc_fold_table()
+    assert {"\uff20", "\ufe6b", "\uff11", "\u2460", "\u00a0", "\U0001d7ce"} <= set(source)  # ＠ ﹫ １ ① nbsp 𝟎
+    texts = [source, *[t for t, _ in PII_CASES], *LOOKALIKES]
+    df = spark.createDataFrame([(t, _nfkc(t)) for t in texts], "v string, n string")
+    got = df.select(nfkc_fold(F.col("v")).alias("f"), nfkc_fold(F.col("n")).alias("fn")).collect()
+    assert got[0].f == _nfkc(source)
+    assert all(len(c) == 1 and c.isascii() for c in got[0].f)
+    assert [r.fn for r in got] == [_nfkc(t) for t in texts]

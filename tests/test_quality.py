@@ -174,6 +174,17 @@ def test_reports_hold_no_identifier_or_failing_value(spark, day_lake):
             assert needle.encode() not in data, f"{needle} in {path}"
 
 
+def test_pii_in_other_scripts_and_full_width_forms_stops_the_run(spark, day_lake):
+    """Silver values holding PII outside ASCII fail the PII scan: a full-width phone number in
+    the (scrubbed) search text, a non-Latin email in an unscrubbed column."""
+    _rewrite_silver(spark, day_lake, lambda df, F: _first(
+        _first(df, F, "search_query", F.lit("ruf ＋４９ ３０ １２３４５６７８ an")), F, "category", F.lit("用户@例子.中国")))
+    with pytest.raises(QualityGateFailed):
+        _validate(spark, day_lake)
+    summary = json.loads((lk.local_path(lk.partition_uri(str(day_lake), "reports", DAY)) / "summary.json").read_text())
+    assert sorted(summary["failed_critical"]) == ["pii.category", "pii.search_query"]
+
+
 def test_hex_digest_check_agrees_with_the_pseudonym_regex(spark):
     """The regex-free pseudonym check accepts exactly the strings ``[0-9a-f]{64}`` matches."""
     import random

@@ -15,9 +15,9 @@ because the built-in ones cost a large share of the validate step on Spark:
 - ``expect_column_values_to_not_match_regex_list_prefiltered``: no value matches any of a
   list of regexes, each run only on values holding one of the characters every match of it
   contains (the PII patterns: '@' for the email pattern, ':' for IPv6, an ASCII digit for
-  the others). With ``normalization: NFKC`` values are matched in their NFKC form, as the
-  scrubber sees them; the prefilters then apply to ASCII values (see
-  ``prefiltered_match_condition``).
+  the others). With ``normalization: nfkc_fold`` values are matched with their characters'
+  single-character NFKC forms (NFKC text, as the scrubber writes it, unchanged); the
+  prefilters then apply to ASCII values (see ``prefiltered_match_condition``).
 
 All results hold counts only, never values (the privacy rule of the reports).
 """
@@ -147,7 +147,7 @@ class ExpectColumnValuesToBeHexDigests(ColumnMapExpectation):
     _prescriptive_renderer = _described(lambda kwargs: (
         "values must be exactly $length lowercase hexadecimal characters.", {"length": kwargs.get("length", 64)}))
 
-NORMALIZATIONS = ("NFKC",)
+NORMALIZATIONS = ("nfkc_fold",)  # privrec_pipeline.transforms.generalize.nfkc_fold
 
 
 def prefiltered_match_condition(column: Any, patterns: list[dict[str, str]], normalization: str | None = None) -> Any:
@@ -157,23 +157,25 @@ def prefiltered_match_condition(column: Any, patterns: list[dict[str, str]], nor
     result equals ``column.rlike(r1) | column.rlike(r2) | ...``. Patterns with the same
     ``required_chars`` share one prefilter; empty ``required_chars``: no prefilter.
 
-    ``normalization="NFKC"``: the result equals ``nfkc(column).rlike(r1) | ...``. ASCII
-    values are their own NFKC form (no normalization), and the prefilters apply to them: the
-    caller guarantees ``required_chars`` for ASCII text, where e.g. a decimal digit (``\\d``
-    under ``(?U)``) is one of 0-9. Any other value (rare: a character outside ASCII) is
-    normalized once and matched against all regexes as one alternation, without prefilter:
-    Arabic-Indic or Devanagari digits stay digits under NFKC, so an ASCII-digit prefilter
-    would skip them."""
+    ``normalization="nfkc_fold"``: the result equals ``nfkc_fold(column).rlike(r1) | ...``
+    (each character replaced by its NFKC form where that is one ASCII character; on NFKC
+    text, such as what the scrubber wrote, the identity). ASCII values are unchanged by it
+    and the prefilters apply to them: the caller guarantees ``required_chars`` for ASCII
+    text, where e.g. a decimal digit (``\\d`` under ``(?U)``) is one of 0-9. Any other value
+    is folded and matched against all regexes as one alternation, without prefilter: Arabic-
+    Indic or Devanagari digits stay digits under NFKC, so an ASCII-digit prefilter would
+    skip them. (Full NFKC, ``generalize.nfkc``, calls Java by reflection, which Spark treats
+    as non-deterministic and refuses inside the aggregate this condition is counted in.)"""
     from pyspark.sql import functions as F
 
     if normalization is None:
         return _prefiltered(column, patterns)
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"unknown normalization {normalization!r}: use one of {NORMALIZATIONS} or none")
-    from privrec_pipeline.transforms.generalize import is_ascii, nfkc
+    from privrec_pipeline.transforms.generalize import is_ascii, nfkc_fold
 
     union = "|".join(f"(?:{p['regex']})" for p in patterns)
-    return F.when(is_ascii(column), _prefiltered(column, patterns)).otherwise(nfkc(column).rlike(union))
+    return F.when(is_ascii(column), _prefiltered(column, patterns)).otherwise(nfkc_fold(column).rlike(union))
 
 
 def _prefiltered(column: Any, patterns: list[dict[str, str]]) -> Any:
@@ -209,8 +211,8 @@ class ColumnValuesMatchRegexListPrefiltered(ColumnMapMetricProvider):
 class ExpectColumnValuesToNotMatchRegexListPrefiltered(ColumnMapExpectation):
     """Expect no value to match any of the ``patterns`` (each ``{"regex", "required_chars"}``)
     anywhere; a pattern's regex runs only on values holding one of its ``required_chars``,
-    which every match of it must contain. ``normalization`` ("NFKC" or none): match the
-    values' normalized form (see ``prefiltered_match_condition``)."""
+    which every match of it must contain. ``normalization`` ("nfkc_fold" or none): match
+    the values' folded form (see ``prefiltered_match_condition``)."""
 
     patterns: list[dict[str, str]]
     normalization: str | None = None

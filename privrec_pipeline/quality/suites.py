@@ -24,6 +24,7 @@ from privrec_pipeline.transforms.generalize import (
     IP_FAMILIES,
     IPV4_PATTERN,
     IPV6_PATTERN,
+    NFKC_FOLD,
     PHONE_PATTERN,
     PII_PATTERNS,
 )
@@ -44,16 +45,18 @@ VOCABULARIES: dict[str, tuple[str, ...]] = {
     "device_class": (*[label for label, _ in DEVICE_MARKERS], "unknown"),
     "ip_family": IP_FAMILIES,
 }
-# The scrubber's patterns (privrec_pipeline/transforms/generalize.py), matched against the
-# NFKC form of each value (the form the scrubber wrote), each with the characters every match
-# of it holds in ASCII text: the email pattern a literal '@', the IPv6 pattern ':', the
-# phone, card and IPv4 patterns a decimal digit, which in ASCII text is one of 0-9. An ASCII
-# value without them skips that regex; a value with any other character is normalized and
-# matched against all patterns (expectations.prefiltered_match_condition). One regex per
+# The scrubber's patterns (privrec_pipeline/transforms/generalize.py), matched against each
+# value with its characters' single-character NFKC forms (generalize.nfkc_fold: what the
+# scrubber wrote is NFKC and stays as it is; "＠" or "１２３" in an unscrubbed column become
+# ASCII), each with the characters every match of it holds in ASCII text: the email pattern
+# a literal '@', the IPv6 pattern ':', the phone, card and IPv4 patterns a decimal digit,
+# which in ASCII text is one of 0-9. An ASCII value without them skips that regex; a value
+# with any other character is folded and matched against all patterns
+# (expectations.prefiltered_match_condition). One regex per
 # pattern: Java tries an alternation's lookbehinds at every position, so the patterns as
 # one regex cost twice as much (BENCHMARKS.md).
 ASCII_DIGITS = "0123456789"
-PII_NORMALIZATION = "NFKC"
+PII_NORMALIZATION = NFKC_FOLD
 PII_SCAN: list[dict[str, str]] = [
     {"regex": EMAIL_PATTERN, "required_chars": "@"},
     *({"regex": p, "required_chars": ASCII_DIGITS} for p in (PHONE_PATTERN, CARD_PATTERN, IPV4_PATTERN)),

@@ -18,6 +18,7 @@ characters: full-width digits and signs ("＋４９", "＠") become ASCII, "①"
 
 from __future__ import annotations
 
+from functools import cache
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -83,6 +84,39 @@ def nfkc(text: "Column") -> "Column":
 
     normalized = F.java_method(F.lit(NFKC_CLASS), F.lit(NFKC_METHOD), text, F.lit(True))
     return F.when(text.isNull() | is_ascii(text), text).otherwise(normalized)
+
+
+NFKC_FOLD = "nfkc_fold"  # the gate's name of ``nfkc_fold`` (quality/suites.yaml)
+
+
+@cache
+def nfkc_fold_table() -> tuple[str, str]:
+    """(from, to) for Spark's ``translate``: every non-ASCII character whose NFKC form is a
+    single ASCII character, and that character (1,095 pairs in Unicode 14: full-width forms,
+    '﹫', no-break spaces, superscript, subscript, circled and mathematical digits and
+    letters, ...). Computed from Python's unicodedata."""
+    import unicodedata
+
+    pairs = []
+    for code in range(0x80, 0x110000):
+        if 0xD800 <= code < 0xE000:  # surrogates are not characters
+            continue
+        normalized = unicodedata.normalize("NFKC", chr(code))
+        if len(normalized) == 1 and normalized.isascii():
+            pairs.append((chr(code), normalized))
+    return "".join(a for a, _ in pairs), "".join(b for _, b in pairs)
+
+
+def nfkc_fold(text: "Column") -> "Column":
+    """Each character replaced by its NFKC form where that is one ASCII character (Spark's
+    ``translate``: deterministic, so unlike ``nfkc`` allowed inside an aggregate). Identity
+    on NFKC text (NFKC output holds no such character), so on what ``scrub_text`` wrote it
+    changes nothing; elsewhere it covers the compatibility forms that spell PII in ASCII
+    characters ("＠", "１２３", "①"), not NFKC's multi-character expansions ("⑴" -> "(1)")."""
+    from pyspark.sql import functions as F
+
+    source, target = nfkc_fold_table()
+    return F.translate(text, source, target)
 
 
 def scrub_text(text: "Column") -> "Column":
