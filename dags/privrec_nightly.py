@@ -247,7 +247,8 @@ def finish_training() -> dict:
     from privrec_pipeline.config import lake_root
     from privrec_pipeline.training.tasks import finish_training as finish
 
-    return finish(lake_root(), _day(get_current_context()))
+    context = get_current_context()
+    return finish(lake_root(), _day(context), run_id=context["run_id"])
 
 
 def _day(context) -> "dt.date":

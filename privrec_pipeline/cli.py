@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 from pathlib import Path
 
@@ -265,23 +266,32 @@ def train(
     batch_size: int = typer.Option(256, "--batch-size", help="Expected users per step."),
     dim: int = typer.Option(64, "--dim", help="Embedding dimension."),
     clip_norm: float = typer.Option(0.1, "--clip-norm", help="Per-user clipping norm C."),
-    seed: int = typer.Option(0, "--seed", help="Seed of initialization, sampling and noise."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the model's initialization (noise and sampling come from "
+                                               "fresh secrets)."),
     out: Path | None = typer.Option(None, "--out", help="Write the model folder here (default: do not write)."),
+    no_ledger: bool = typer.Option(False, "--no-ledger", help="Do not account the run in the privacy ledger: only "
+                                   "for synthetic data (every day of the window written by `privrec generate`)."),
     lake: str | None = LakeOption,
 ) -> None:
-    """Train on build_partitions' shards outside Airflow (experiments); prints the privacy plan and hold-out metrics."""
+    """Train on build_partitions' shards outside Airflow (experiments), accounted in the privacy ledger as a
+    release of the window (key training_experiment); prints the privacy plan and hold-out metrics."""
+    import uuid
+
     from privrec_pipeline.errors import ConfigurationError
     from privrec_pipeline.lake import local_path
     from privrec_pipeline.training.artifact import write_model
     from privrec_pipeline.training.evaluation import metrics, model_scores
-    from privrec_pipeline.training.federated import TrainConfig, flatten, train_in_process
+    from privrec_pipeline.training.federated import TrainConfig, flatten, plan_privacy, train_in_process
     from privrec_pipeline.training.partitions import training_uri
     from privrec_pipeline.training.tasks import load_holdout, load_shard
 
+    root = lake or lake_root()
     try:
-        folder = local_path(training_uri(lake or lake_root(), dt.date.fromisoformat(data)))
+        day: dt.date | None = dt.date.fromisoformat(data)
+        folder = local_path(training_uri(root, day))
     except ValueError:
         folder = Path(data)
+        day, root = _training_folder_day(folder)
     shard_dirs = sorted(folder.glob("partition=*"), key=lambda p: int(p.name.split("=", 1)[1]))
     if not shard_dirs or not (folder / "vocabulary").exists():
         _fail(f"{folder} holds no training shards (partition=K/ and vocabulary/): run build_partitions first")
@@ -294,16 +304,31 @@ def train(
 
     vocab_size = ds.dataset(str(folder / "vocabulary"), format="parquet").count_rows()
     shards = [load_shard(d) for d in shard_dirs]
-    with console.status(f"training {mode} on {len(shards)} partition(s), {sum(s.users for s in shards):,} users"):
-        result = train_in_process(config, shards, vocab_size, run_id=f"cli-{seed}")
+    run_id = f"cli-{uuid.uuid4().hex[:12]}"
+    release = _experiment_release(root, day, folder, config, plan_privacy(config, [s.users for s in shards]),
+                                  run_id, accounted=not no_ledger, vocab_size=vocab_size)
+    try:
+        with console.status(f"training {mode} on {len(shards)} partition(s), {sum(s.users for s in shards):,} users"):
+            # one process holds every shard here: masking is exercised when there is someone to mask with
+            result = train_in_process(config, shards, vocab_size, run_id=run_id, secure=len(shards) >= 2)
+    except BaseException as exc:
+        if release is not None:
+            release[0].fail(release[1], f"{type(exc).__name__} before training finished", run_id=run_id)
+        raise
     plan = result.plan
+    if release is not None:
+        ledger, release_id = release
+        ledger.commit(release_id, {"out": str(out) if out else None}, run_id=run_id)
+        console.print(f"accounted in the privacy ledger as release {release_id} (training_experiment): "
+                      f"epsilon {plan.epsilon:.4g}, delta {plan.delta:g}", markup=False)
+    else:
+        console.print("NOT accounted in the privacy ledger (--no-ledger): synthetic data only", style="yellow",
+                      markup=False)
     if mode != "nonprivate":
         console.print(f"noise multiplier {plan.noise_multiplier:.4g}, {plan.steps} steps, sampling rates "
                       + ", ".join(f"{q:.3g}" for q in plan.sampling_rates))
         console.print("epsilon per partition: " + ", ".join(f"{e:.3g}" for e in plan.epsilon_per_partition)
                       + f"; the run's guarantee: ({plan.epsilon:.3g}, {plan.delta:g})-DP per user")
-        console.print("[yellow]not recorded in the privacy ledger: experiments only; nightly runs account "
-                      "their models[/]")
     for r, h in enumerate(result.history):
         console.print(f"round {r}: loss {h['loss']:.4f}, users per step {h['sampled']:.1f}, clipped {h['clipped']:.0%}")
     if (folder / "holdout").exists():
@@ -315,8 +340,60 @@ def train(
                 console.print(f"{label} ({split.train.users:,}): " + ", ".join(f"{k} {v:.4f}" for k, v in m.items()))
     if out is not None:
         write_model(out, config, vocab_size, flatten(result.model), folder / "vocabulary",
-                    {"plan": plan.to_dict(), "config": config.__dict__, "data": str(folder), "ledger": None})
+                    {"plan": plan.to_dict(), "config": config.__dict__, "data": str(folder),
+                     "ledger": {"release_id": release[1]} if release else None})
         console.print(f"model: {out}")
+
+
+def _training_folder_day(folder: Path) -> tuple[dt.date | None, str]:
+    """(day, lake) of a build_partitions folder ``<lake>/training/dt=D``; (None, '') elsewhere."""
+    name = folder.resolve().name
+    if name.startswith("dt=") and folder.resolve().parent.name == "training":
+        try:
+            return dt.date.fromisoformat(name[3:]), str(folder.resolve().parent.parent)
+        except ValueError:
+            pass
+    return None, ""
+
+
+def _experiment_release(root: str, day: dt.date | None, folder: Path, config, plan, run_id: str, *,
+                        accounted: bool, vocab_size: int):
+    """Reserve an experiment's training in the ledger (a new release each time: every run draws
+    new noise). With ``accounted`` false, check that the window is synthetic instead. Returns
+    (ledger, release id) or None."""
+    from dataclasses import asdict
+
+    from privrec_pipeline.lake import landing_partition, local_path, manifest_uri
+    from privrec_pipeline.privacy.ledger import open_ledger
+    from privrec_pipeline.training.tasks import training_components
+
+    manifest = local_path(manifest_uri(root, "build_partitions", day)) if day else None
+    if manifest is None or not manifest.exists():
+        _fail(f"{folder} has no build_partitions manifest ({manifest or 'not in a lake: <lake>/training/dt=D'}): "
+              "its data window is unknown, so the run can be neither accounted nor shown to be synthetic")
+    doc = json.loads(manifest.read_text(encoding="utf-8"))
+    start, end = dt.date.fromisoformat(doc["window"][0]), dt.date.fromisoformat(doc["window"][-1])
+    if not accounted:
+        days = [dt.date.fromisoformat(d) for d in doc["days_used"]]  # the days whose data the shards hold
+        real = [d for d in days if not (landing_partition(root, d) / "_generation.json").exists()]
+        if real:
+            _fail("--no-ledger is for synthetic data only: the landing partitions of "
+                  + ", ".join(map(str, real)) + " were not written by `privrec generate` (no _generation.json); "
+                  "train without --no-ledger to account the run")
+        return None
+    if config.mode == "nonprivate":
+        _fail("a non-private model cannot be accounted in the privacy ledger (its epsilon is infinite); train it "
+              "with --no-ledger, on synthetic data only")
+    ledger = open_ledger(root)
+    try:
+        reservation = ledger.reserve(
+            "training_experiment", start, end, training_components(config, plan), epsilon=plan.epsilon,
+            delta=plan.delta, dag_id="privrec train", run_id=run_id, force=True,
+            parameters={"config": asdict(config), "plan": plan.to_dict(), "vocabulary_size": vocab_size,
+                        "pseudonym_key_fingerprint": doc.get("pseudonym_key_fingerprint")})
+    except PrivrecError as exc:
+        _fail(str(exc))
+    return ledger, reservation.release.id
 
 
 @app.command()
@@ -357,6 +434,8 @@ def budget(
                                       help="Window length in days (default: the policy's, 30 unless configured)."),
     at: str | None = typer.Option(None, "--at", help="Last day of the window, YYYY-MM-DD (default: the latest day any release covers)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    verify: bool = typer.Option(False, "--verify", help="Check the ledger's hash chain against its rows; exit 1 "
+                                                        "if any entry or release was edited or deleted."),
     lake: str | None = LakeOption,
 ) -> None:
     """Privacy budget: spent and remaining for the window ending at a day, release by release."""
@@ -370,6 +449,13 @@ def budget(
         ledger = open_ledger(lake)
     except PrivrecError as exc:
         _fail(str(exc))
+    if verify:
+        problems, count, head = ledger.verify()
+        if problems:
+            _fail("the privacy ledger does not verify:\n" + "\n".join(f"- {p}" for p in problems))
+        console.print(f"ledger verified: {count} entries, {len(ledger.releases())} releases; head {head} "
+                      "(keep this hash where the ledger's writers cannot change it)", markup=False)
+        return
     window = window or ledger.policy.window_days
     every = ledger.releases()
     if at:

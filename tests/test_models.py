@@ -36,13 +36,12 @@ def trained(spark, tmp_path_factory, keyring):
         config = TrainConfig(mode="local", epsilon=50.0, delta=1e-6, rounds=3, local_steps=25, batch_size=60,
                              dim=16, local_lr=0.05)
         tasks.prepare_training(lake, DAY, config, run_id="run-1", dag_id="privrec_nightly")
-        for k in range(2):
-            tasks.publish_keys(lake, DAY, k)
+        roster = tasks.seal_keys(lake, DAY, [tasks.publish_keys(lake, DAY, k) for k in range(2)])
         for r in range(3):
             for k in range(2):
-                tasks.train_partition(lake, DAY, r, k)
-            tasks.aggregate_round(lake, DAY, r)
-        tasks.finish_training(lake, DAY)
+                tasks.train_partition(lake, DAY, r, k, roster)
+            tasks.aggregate_round(lake, DAY, r, roster)
+        tasks.finish_training(lake, DAY, run_id="run-1")
     return root
 
 

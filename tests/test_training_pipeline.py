@@ -87,7 +87,7 @@ def test_training_tasks_write_an_accounted_candidate_and_fail_closed(partitioned
         for k in range(2):
             tasks.train_partition(lake, DAY, r, k, roster)
         tasks.aggregate_round(lake, DAY, r, roster)
-    result = tasks.finish_training(lake, DAY)
+    result = tasks.finish_training(lake, DAY, run_id="run-1")
     model, items, report = read_model(Path(result["candidate"]))
     assert len(items) == model.config.vocab_size == report["vocabulary_size"]
     assert report["plan"]["mode"] == "distributed" and report["release_id"] == state["release_id"]
@@ -143,7 +143,7 @@ def test_privrec_train_is_accounted_in_the_ledger_unless_synthetic_and_opted_out
 
     # opting out is for synthetic data only, and the output says so
     opted_out = CliRunner().invoke(app, [*args, "--no-ledger"], catch_exceptions=False)
-    assert opted_out.exit_code == 0 and "NOT accounted in the privacy ledger" in opted_out.output
+    assert opted_out.exit_code == 0 and "NOT accounted in the privacy ledger" in opted_out.output, opted_out.output
     assert len(ledger.releases()) == before + 1
     marker = lk.landing_partition(str(root), DAY) / "_generation.json"
     marker.rename(marker.with_name("_generation.json.bak"))
@@ -174,3 +174,81 @@ def test_a_window_spanning_a_pseudonym_key_rotation_is_refused(spark, partitione
     rotated.write_text(json.dumps({**manifest, "pseudonym_key_version": "v0"}))  # ... under an older key
     with pytest.raises(PrivrecError, match="spans a pseudonym key rotation"):
         run_build_partitions(spark, str(lake), DAY, PartitionParams(window_days=2))
+
+
+def _copy_lake(partitioned, tmp_path, monkeypatch) -> str:
+    import shutil
+
+    root, _ = partitioned
+    lake = tmp_path / "lake"
+    shutil.copytree(root, lake)
+    monkeypatch.setenv("PRIVREC_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PRIVREC_BUDGET_EPSILON", "1000")
+    monkeypatch.setenv("PRIVREC_LEASE_SECONDS", "0")  # every lease has expired: the owner looks dead
+    return str(lake)
+
+
+def test_a_training_resume_under_a_new_run_proves_its_plan_and_draws_no_fresh_noise(partitioned, tmp_path,
+                                                                                     monkeypatch):
+    from privrec_pipeline.errors import LeaseLost, ReleaseMismatch
+    from privrec_pipeline.privacy.ledger import open_ledger
+
+    lake = _copy_lake(partitioned, tmp_path, monkeypatch)
+    config = TrainConfig(mode="local", epsilon=2.0, delta=1e-7, rounds=1, local_steps=2, batch_size=20, dim=8)
+    first = tasks.prepare_training(lake, DAY, config, run_id="run-a", dag_id="d", force=True)
+    published = [tasks.publish_keys(lake, DAY, k) for k in range(2)]
+    roster = tasks.seal_keys(lake, DAY, published)
+    tasks.train_partition(lake, DAY, 0, 0, roster)  # run-a dies after partition 0's update
+    plan_file = tasks.candidate_folder(lake, DAY) / "run" / "plan.json"
+    masked = tasks.candidate_folder(lake, DAY) / "run" / "round=0" / "masked" / "partition=0.npz"
+    plan_bytes, update = plan_file.read_bytes(), np.load(masked)["masked"]
+
+    # run-b with another epsilon must not continue (the ledger holds run-a's epsilon 2)
+    with pytest.raises(ReleaseMismatch, match="config.epsilon: reserved 2.0, now 50.0"):
+        tasks.prepare_training(lake, DAY, TrainConfig(**{**config.__dict__, "epsilon": 50.0}), run_id="run-b",
+                               dag_id="d")
+    assert plan_file.read_bytes() == plan_bytes
+    # with the reserved settings it takes over run-a's state: same run id for keys and noise
+    resumed = tasks.prepare_training(lake, DAY, config, run_id="run-b", dag_id="d")
+    assert resumed["status"] == "resume" and resumed["release_id"] == first["release_id"]
+    assert resumed["run_id"] == "run-a" and plan_file.read_bytes() == plan_bytes
+    assert tasks.train_partition(lake, DAY, 0, 0, roster) == {"reused": 1.0}
+    assert np.array_equal(np.load(masked)["masked"], update)
+    tasks.train_partition(lake, DAY, 0, 1, roster)
+    tasks.aggregate_round(lake, DAY, 0, roster)
+    with pytest.raises(LeaseLost):  # the dead run, come back, cannot publish the model
+        tasks.finish_training(lake, DAY, run_id="run-a")
+    assert not (tasks.candidate_folder(lake, DAY) / "model").exists()
+    tasks.finish_training(lake, DAY, run_id="run-b")
+    [release] = [r for r in open_ledger(lake).releases() if r.id == first["release_id"]]
+    assert release.state == "committed" and release.epsilon == pytest.approx(first["plan"]["epsilon"])
+
+
+def test_killed_after_writing_the_model_the_retry_commits_it(partitioned, tmp_path, monkeypatch):
+    from privrec_pipeline.privacy.ledger import Ledger, open_ledger
+
+    lake = _copy_lake(partitioned, tmp_path, monkeypatch)
+    config = TrainConfig(mode="local", epsilon=2.0, delta=1e-7, rounds=1, local_steps=2, batch_size=20, dim=8)
+    state = tasks.prepare_training(lake, DAY, config, run_id="run-a", dag_id="d", force=True)
+    roster = tasks.seal_keys(lake, DAY, [tasks.publish_keys(lake, DAY, k) for k in range(2)])
+    for k in range(2):
+        tasks.train_partition(lake, DAY, 0, k, roster)
+    tasks.aggregate_round(lake, DAY, 0, roster)
+    real_append = Ledger._append
+
+    def crash_at_commit(self, conn, release_id, event):
+        if event == "committed":
+            raise KeyboardInterrupt("killed after the model was written, before the commit")
+        return real_append(self, conn, release_id, event)
+
+    monkeypatch.setattr(Ledger, "_append", crash_at_commit)
+    with pytest.raises(KeyboardInterrupt):
+        tasks.finish_training(lake, DAY, run_id="run-a")
+    monkeypatch.setattr(Ledger, "_append", real_append)
+    model = tasks.candidate_folder(lake, DAY) / "model" / "model.safetensors"
+    written = model.read_bytes()
+    assert tasks.finished(lake, DAY)
+    assert [r.state for r in open_ledger(lake).releases() if r.id == state["release_id"]] == ["reserved"]
+    result = tasks.finish_training(lake, DAY, run_id="run-a")  # the retry
+    assert "reused" not in result and model.read_bytes() == written
+    assert [r.state for r in open_ledger(lake).releases() if r.id == state["release_id"]] == ["committed"]

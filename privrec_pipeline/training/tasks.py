@@ -101,37 +101,60 @@ def _manifest(lake: str, day: dt.date) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def training_components(config: TrainConfig, plan: PrivacyPlan) -> list:
+    """The ledger's description of a training run: ``plan.steps`` Poisson-sampled Gaussian
+    steps at the largest sampling rate (the worst partition's guarantee)."""
+    from privrec_pipeline.privacy.accounting import Component
+
+    if config.mode == "nonprivate":
+        raise PrivrecError("a non-private model is never released by the pipeline (use `privrec train --no-ledger` "
+                           "on synthetic data for baselines)")
+    return [Component("gaussian", count=plan.steps, noise_multiplier=plan.noise_multiplier,
+                      sampling_rate=max(plan.sampling_rates), label=f"{config.mode} DP training")]
+
+
 def prepare_training(lake: str, day: dt.date, config: TrainConfig, *, run_id: str, dag_id: str,
                      force: bool = False) -> dict[str, Any]:
-    """Plan the noise from the partitions' sizes and reserve the release before any training."""
-    from privrec_pipeline.privacy.accounting import Component
+    """Plan the noise from the partitions' sizes and reserve the release before any training.
+
+    The run state's ``run_id`` (which keys, masks and noise derive from) is the id of the run
+    that reserved the release, whichever run continues it: a run taking over a dead run's
+    reservation (same description, else ``ReleaseMismatch``) reuses its round models and
+    masked updates and regenerates exactly the same noise, never fresh noise under the same
+    charge."""
     from privrec_pipeline.privacy.ledger import open_ledger
+
+    from privrec_pipeline.training.secure_agg import require_parties
 
     manifest = _manifest(lake, day)
     sizes = [manifest["partitions"][str(k)]["users"] for k in range(len(manifest["partitions"]))]
+    require_parties(len(sizes))  # before anything is reserved: one party's "masked" update is in the clear
     plan = plan_privacy(config, sizes)
     window = manifest["window"]
-    components = ([Component("gaussian", count=plan.steps, noise_multiplier=plan.noise_multiplier,
-                             sampling_rate=max(plan.sampling_rates), label=f"{config.mode} DP training")]
-                  if config.mode != "nonprivate" else [])
-    if not components:
-        raise PrivrecError("a non-private model is never released by the pipeline (use `privrec train` for baselines)")
+    components = training_components(config, plan)
     ledger = open_ledger(lake)
-    reservation = ledger.reserve(RELEASE_KEY, dt.date.fromisoformat(window[0]), dt.date.fromisoformat(window[-1]),
-                                 components, epsilon=plan.epsilon, delta=plan.delta, dag_id=dag_id, run_id=run_id,
-                                 force=force)
-    state = {"release_id": reservation.release.id, "status": reservation.status, "plan": plan.to_dict(),
+    reservation = ledger.reserve(
+        RELEASE_KEY, dt.date.fromisoformat(window[0]), dt.date.fromisoformat(window[-1]), components,
+        epsilon=plan.epsilon, delta=plan.delta, dag_id=dag_id, run_id=run_id, force=force,
+        parameters={"config": asdict(config), "plan": plan.to_dict(), "partition_users": sizes,
+                    "vocabulary_size": manifest["vocabulary_size"],
+                    "pseudonym_key_fingerprint": manifest.get("pseudonym_key_fingerprint")})
+    release = reservation.release
+    state = {"release_id": release.id, "status": reservation.status, "plan": plan.to_dict(),
              "config": asdict(config), "partitions": len(sizes), "partition_users": sizes,
-             "vocabulary_size": manifest["vocabulary_size"], "window": window, "run_id": run_id}
+             "vocabulary_size": manifest["vocabulary_size"], "window": window, "run_id": release.run_id}
     run = _run(lake, day)
     if reservation.status == "reuse":
         if not finished(lake, day):
             raise PrivrecError(
-                f"training release {reservation.release.id} of {window[0]}..{window[-1]} is committed, but its model "
+                f"training release {release.id} of {window[0]}..{window[-1]} is committed, but its model "
                 f"is not in {candidate_folder(lake, day)}: its noise cannot be drawn again for free; restore the "
                 "folder, or rerun with force_release to train (and pay for) a new model")
         return state  # the window's model is already trained and committed: nothing to do
-    if reservation.status == "new" and run.exists():
+    existing = json.loads((run / "plan.json").read_text(encoding="utf-8")) if (run / "plan.json").exists() else None
+    if existing is not None and existing.get("release_id") == release.id:
+        return {**existing, "status": reservation.status}  # a resume continues the state it finds
+    if run.exists():
         import shutil
 
         shutil.rmtree(run)  # state of an earlier release of this day (a forced rerun starts over)
@@ -354,22 +377,32 @@ def aggregate_round(lake: str, day: dt.date, round_index: int, roster_digest: st
     _save_array(run / f"round={round_index + 1}" / "model.npz", params=state.params, **extra)
 
 
-def finish_training(lake: str, day: dt.date) -> dict[str, Any]:
-    """Write the candidate model (safetensors) and training.json; commit the ledger release."""
-    from privrec_pipeline.privacy.ledger import open_ledger
+def finish_training(lake: str, day: dt.date, *, run_id: str) -> dict[str, Any]:
+    """Write the candidate model (safetensors) and training.json and commit the ledger release,
+    as one step fenced by the release's lease (``run_id`` must hold it): the model is written
+    under the ledger lock, so a run whose reservation was taken over never writes one. Killed
+    after the model was written and before the commit, the retry commits it as it is."""
+    from privrec_pipeline.privacy.ledger import COMMITTED, open_ledger
     from privrec_pipeline.training.artifact import write_model
 
     doc, config, plan = _plan(lake, day)
     candidate = candidate_folder(lake, day) / "model"
-    if finished(lake, day):
+    ledger = open_ledger(lake)
+    state = next((r.state for r in ledger.releases() if r.id == doc["release_id"]), None)
+    written = finished(lake, day)
+    if written and state == COMMITTED:
         return {"candidate": str(candidate), "epsilon": plan.epsilon, "delta": plan.delta, "reused": True}
-    run = _run(lake, day)
-    params = np.load(run / f"round={config.rounds}" / "model.npz")["params"]
-    report = {"release_id": doc["release_id"], "run_id": doc["run_id"], "window": doc["window"],
-              "plan": doc["plan"], "config": doc["config"], "partitions": doc["partitions"],
-              "vocabulary_size": doc["vocabulary_size"]}
-    write_model(candidate, config, doc["vocabulary_size"], params, _folder(lake, day) / "vocabulary", report)
-    open_ledger(lake).commit(doc["release_id"], {"uri": str(candidate)}, run_id=doc["run_id"])
+
+    def write() -> None:
+        if written:
+            return  # an earlier attempt wrote this release's model and died before committing
+        params = np.load(_run(lake, day) / f"round={config.rounds}" / "model.npz")["params"]
+        report = {"release_id": doc["release_id"], "run_id": doc["run_id"], "window": doc["window"],
+                  "plan": doc["plan"], "config": doc["config"], "partitions": doc["partitions"],
+                  "vocabulary_size": doc["vocabulary_size"]}
+        write_model(candidate, config, doc["vocabulary_size"], params, _folder(lake, day) / "vocabulary", report)
+
+    ledger.commit(doc["release_id"], {"uri": str(candidate)}, run_id=run_id, publish=write)
     return {"candidate": str(candidate), "epsilon": plan.epsilon, "delta": plan.delta}
 
 
