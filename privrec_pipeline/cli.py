@@ -281,7 +281,12 @@ def train(
     from privrec_pipeline.lake import local_path
     from privrec_pipeline.training.artifact import write_model
     from privrec_pipeline.training.evaluation import metrics, model_scores
-    from privrec_pipeline.training.federated import TrainConfig, flatten, plan_privacy, train_in_process
+    from privrec_pipeline.training.federated import (
+        TrainConfig,
+        flatten,
+        plan_privacy,
+        train_in_process,
+    )
     from privrec_pipeline.training.partitions import training_uri
     from privrec_pipeline.training.tasks import load_holdout, load_shard
 

@@ -204,7 +204,7 @@ def test_a_training_resume_under_a_new_run_proves_its_plan_and_draws_no_fresh_no
     plan_bytes, update = plan_file.read_bytes(), np.load(masked)["masked"]
 
     # run-b with another epsilon must not continue (the ledger holds run-a's epsilon 2)
-    with pytest.raises(ReleaseMismatch, match="config.epsilon: reserved 2.0, now 50.0"):
+    with pytest.raises(ReleaseMismatch, match=r"config\.epsilon: reserved 2\.0, now 50\.0"):
         tasks.prepare_training(lake, DAY, TrainConfig(**{**config.__dict__, "epsilon": 50.0}), run_id="run-b",
                                dag_id="d")
     assert plan_file.read_bytes() == plan_bytes

@@ -123,7 +123,6 @@ def prepare_training(lake: str, day: dt.date, config: TrainConfig, *, run_id: st
     masked updates and regenerates exactly the same noise, never fresh noise under the same
     charge."""
     from privrec_pipeline.privacy.ledger import open_ledger
-
     from privrec_pipeline.training.secure_agg import require_parties
 
     manifest = _manifest(lake, day)
