@@ -136,8 +136,10 @@ MODEL_ASSET = Asset("privrec-recommender", uri="privrec://models/privrec-recomme
         "train_mode": Param(
             "local", type="string", enum=["local", "distributed"], title="DP mode",
             description="local: every partition's update is DP by itself (full noise per partition); "
-                        "distributed: each partition adds a share of the noise and only the securely "
-                        "aggregated sum is DP (central-DP utility).",
+                        "distributed: each of P partitions adds N(0, sigma^2 C^2 / (P - t)) and the securely "
+                        "aggregated sum is DP while at most t partitions collude with the aggregator; "
+                        "train_settings.collusion_tolerance t (default P - 1, every share DP by itself) trades "
+                        "noise for trust.",
         ),
         "train_settings": Param(
             {}, type="object", title="Other training settings",
