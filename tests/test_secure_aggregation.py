@@ -217,16 +217,19 @@ def test_a_key_replaced_between_publishing_and_sealing_is_not_sealed(training):
     assert not (run / "roster.json").exists()
 
 
-def test_a_single_party_is_refused(training):
+def test_a_single_party_is_refused(training, tmp_path):
     keys = secure_agg.RoundKeys.derive(b"s" * 32, "run-1", 0, 0)
     with pytest.raises(SecureAggregationError, match=r"at least 2 partitions, got 1: a single party's update"):
         secure_agg.mask_update(np.ones(4), keys, {0: keys.public_bytes()}, "run-1", 0)
     with pytest.raises(SecureAggregationError, match=r"at least 2 partitions, got 1.*PRIVREC_TRAIN_PARTITIONS"):
         secure_agg.aggregate({0: np.zeros(4, dtype=np.uint64)}, 1)
-    lake, run = training(1)
     with pytest.raises(SecureAggregationError, match=r"at least 2 partitions, got 1"):
-        tasks.publish_keys(lake, DAY, 0)
-    assert not (run / "keys").exists()
+        training(1)  # refused by prepare_training, before anything is reserved or any secret is made
+    from privrec_pipeline.privacy.ledger import open_ledger
+
+    lake = str(tmp_path / "lake")
+    assert open_ledger(lake).releases() == []
+    assert not (tmp_path / "worker" / "partition-secrets").exists()
 
 
 def test_a_partition_whose_secret_changed_after_publishing_fails_before_masking(training, tmp_path, monkeypatch):
