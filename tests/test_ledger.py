@@ -270,6 +270,9 @@ def test_an_expired_lease_is_taken_over_and_the_old_owner_is_fenced_off(ledger_u
     assert published == []  # the old owner's output never goes in place
     ledger.commit(a.release.id, {}, run_id="run-b", publish=lambda: published.append("b"))
     assert published == ["b"] and ledger.spend_at(D).epsilon == pytest.approx(1.0, abs=1e-3)
+    with pytest.raises(LeaseLost, match="committed by run run-b"):  # not told its late commit succeeded
+        ledger.commit(a.release.id, {}, run_id="run-a", publish=lambda: published.append("a"))
+    assert published == ["b"]
 
 
 def test_a_failed_publish_commits_nothing(ledger_url):
@@ -289,7 +292,9 @@ def _reserve_and_publish(url: str, run_id: str, start, results) -> None:
     start.wait()
     try:
         r = ledger.reserve("dp_stats", D, D, laplace(1.0), epsilon=1.0, delta=0.0, dag_id="d", run_id=run_id)
-        ledger.commit(r.release.id, {"by": run_id}, run_id=run_id, publish=lambda: results.put(("published", run_id)))
+        if r.status != "reuse":  # as dp_stats does: a committed release is read, not published again
+            ledger.commit(r.release.id, {"by": run_id}, run_id=run_id,
+                          publish=lambda: results.put(("published", run_id)))
         results.put(("done", r.status))
     except ReleaseInProgress:
         results.put(("done", "in progress"))
@@ -362,10 +367,30 @@ def _two_committed_days(url: str) -> Ledger:
 
 def test_the_ledger_is_append_only(ledger_url):
     _two_committed_days(ledger_url)
-    for statement in ("delete from privacy_releases where id = 1", "delete from privacy_ledger_entries",
-                      "update privacy_ledger_entries set body = '{}' where seq = 1"):
+    statements = ["delete from privacy_releases where id = 1", "delete from privacy_ledger_entries",
+                  "update privacy_ledger_entries set body = '{}' where seq = 1"]
+    if ledger_url.startswith("postgresql"):
+        statements += ["truncate privacy_ledger_entries", "truncate privacy_releases"]
+    for statement in statements:
         with pytest.raises(Exception, match="append-only"):
             _sql(ledger_url, statement)
+    # a ledger whose chain was emptied is not re-imported from its (possibly edited) rows
+    _drop_triggers(ledger_url)
+    _sql(ledger_url, "delete from privacy_ledger_entries", "update privacy_ledger_lock set head_seq = 0, head_hash = "
+         f"'{'0' * 64}'", "update privacy_releases set epsilon = 0.001")
+    assert Ledger(ledger_url).verify()[0]
+
+
+def test_descriptions_ignore_the_last_bits_of_derived_numbers():
+    from privrec_pipeline.privacy.ledger import canonical_json, describe
+
+    sigma = 1.2345678901234567
+
+    def doc(s):
+        return canonical_json(describe("training", D, D, [Component("gaussian", noise_multiplier=s)], 1.0, 1e-7,
+                                       {"plan": {"noise_multiplier": s}}))
+
+    assert doc(sigma) == doc(sigma * (1 + 1e-15)) != doc(sigma * (1 + 1e-9))
 
 
 @pytest.mark.parametrize("tamper", ["delete_release", "edit_epsilon", "edit_entry", "cut_tail", "insert_release"])
@@ -419,6 +444,47 @@ def test_lifetime_cap_counts_every_release_ever_made(ledger_url):
     assert policy_from_env({"PRIVREC_BUDGET_LIFETIME_EPSILON": "50"}).lifetime_epsilon == 50.0
     with pytest.raises(ConfigurationError, match="lifetime_epsilon"):
         BudgetPolicy(epsilon=10, lifetime_epsilon=5)
+
+
+def _old_ledger(url: str) -> None:
+    """A ledger as written before descriptions, leases and the chain existed, one open release."""
+    key = "integer primary key autoincrement" if url.startswith("sqlite") else "serial primary key"
+    when = "datetime" if url.startswith("sqlite") else "timestamp with time zone"
+    _sql(url, f"create table privacy_releases (id {key}, release_key varchar(200) not "
+              "null, window_start date not null, window_end date not null, generation integer not null, dag_id "
+              "varchar(250) not null, run_id varchar(250) not null, mechanism text not null, epsilon float not null, "
+              f"delta float not null, state varchar(16) not null, forced integer not null, reserved_at {when} not "
+              f"null, finished_at {when}, result text)",
+         "create table privacy_ledger_lock (id integer primary key, version integer)",
+         "insert into privacy_ledger_lock values (1, 0)",
+         "insert into privacy_releases (release_key, window_start, window_end, generation, dag_id, run_id, mechanism, "
+         "epsilon, delta, state, forced, reserved_at) values ('dp_stats', '2026-01-15', '2026-01-15', 0, 'd', 'old', "
+         "'[{\"mechanism\": \"laplace\", \"noise_multiplier\": 2.0}]', 0.5, 0, 'reserved', 0, "
+         "'2026-01-16 01:30:00')")
+
+
+def _open_ledger(url: str, start, results) -> None:
+    start.wait()
+    try:
+        Ledger(url)
+        results.put("ok")
+    except Exception as exc:  # reported to the test, which shows it
+        results.put(f"{type(exc).__name__}: {exc}")
+
+
+def test_workers_starting_together_migrate_an_old_ledger_once(ledger_url):
+    _old_ledger(ledger_url)
+    ctx = multiprocessing.get_context("spawn")
+    start, results = ctx.Barrier(4), ctx.Queue()
+    procs = [ctx.Process(target=_open_ledger, args=(ledger_url, start, results)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    outcomes = [results.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    assert outcomes == ["ok"] * 4
+    problems, count, _ = Ledger(ledger_url).verify()
+    assert problems == [] and count == 1  # the old release imported once
 
 
 def test_a_ledger_written_before_the_chain_is_imported_and_its_open_reservation_not_resumed(tmp_path):

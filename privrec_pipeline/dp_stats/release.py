@@ -140,8 +140,8 @@ def run_dp_stats(spark: "SparkSession", lake: str, day: dt.date, params: DPStats
             # the swap and before the commit, the retry finds the partition and commits it.)
             try:
                 ledger.fail(release.id, f"{type(exc).__name__} before the release was written", run_id=run_id)
-            except LeaseLost:
-                log.warning("release %s is held by another run now: not marked failed", release.id)
+            except PrivrecError as not_failed:  # e.g. held by another run now: the original error stands
+                log.warning("release %s not marked failed: %s", release.id, not_failed)
         raise
     log.info("released dp_stats of %s (release %s, epsilon %.4g, delta %.2g): %d items -> %s",
              day, release.id, epsilon, delta, doc["released"]["items"], target)

@@ -135,8 +135,11 @@ entries = Table(
     Column("hash", String(64), nullable=False),
 )
 lock = Table("privacy_ledger_lock", metadata, Column("id", Integer, primary_key=True), Column("version", Integer),
-             Column("head_seq", Integer), Column("head_hash", String(64)))
+             Column("head_seq", Integer), Column("head_hash", String(64)),
+             Column("chain_started", Integer))  # 1 once the rows of a pre-chain ledger were imported
 APPEND_ONLY = "the privacy ledger is append-only"
+CHAIN_COLUMNS = tuple(c.name for c in releases.columns)  # what an entry's body records, fixed
+SCHEMA_LOCK_ID = 7_201_426  # pg_advisory_xact_lock key of the schema migration
 
 
 @dataclass(frozen=True)
@@ -224,12 +227,25 @@ def sha256_hex(data: str) -> str:
     return hashlib.sha256(data.encode("utf-8")).hexdigest()
 
 
+def _stable(value: Any) -> Any:
+    """Floats to 12 significant digits: derived numbers (a calibrated sigma, a PLD epsilon) can
+    differ in their last bits between machines and library builds, and a takeover on another
+    worker must still recognise the reserved release."""
+    if isinstance(value, float):
+        return float(f"{value:.12g}")
+    if isinstance(value, dict):
+        return {k: _stable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_stable(v) for v in value]
+    return value
+
+
 def describe(release_key: str, window_start: dt.date, window_end: dt.date, components: list[Component],
              epsilon: float, delta: float, parameters: dict[str, Any] | None) -> dict[str, Any]:
     """The canonical description of a release: everything that decides its noise and cost."""
-    return {"release_key": release_key, "window": [window_start.isoformat(), window_end.isoformat()],
-            "mechanisms": [c.to_dict() for c in components], "epsilon": epsilon, "delta": delta,
-            "parameters": json.loads(canonical_json(parameters or {}))}
+    return _stable({"release_key": release_key, "window": [window_start.isoformat(), window_end.isoformat()],
+                    "mechanisms": [c.to_dict() for c in components], "epsilon": epsilon, "delta": delta,
+                    "parameters": json.loads(canonical_json(parameters or {}))})
 
 
 def _differences(old: Any, new: Any, path: str = "") -> list[str]:
@@ -265,9 +281,12 @@ def _row(row: Any) -> Release:
 
 
 def _row_body(row: Any) -> dict[str, Any]:
-    """A release row as the chain records it (dates and times as UTC ISO strings)."""
+    """A release row as the chain records it (dates and times as UTC ISO strings): the columns
+    of ``CHAIN_COLUMNS`` only, so a column added by a later version does not change the bodies
+    of entries written before it."""
     out: dict[str, Any] = {}
-    for name, value in row._mapping.items():
+    for name in CHAIN_COLUMNS:
+        value = row._mapping[name]
         if isinstance(value, dt.datetime):
             value = _utc(value).isoformat()
         elif isinstance(value, dt.date):
@@ -284,8 +303,12 @@ class Ledger:
     def __init__(self, url: str, policy: BudgetPolicy | None = None, *, lease_seconds: float | None = None) -> None:
         self.url = url
         self.policy = policy or BudgetPolicy()
-        self.lease_seconds = float(lease_seconds if lease_seconds is not None
-                                   else os.environ.get(ENV_LEASE_SECONDS, DEFAULT_LEASE_SECONDS))
+        try:
+            self.lease_seconds = float(lease_seconds if lease_seconds is not None
+                                       else os.environ.get(ENV_LEASE_SECONDS, DEFAULT_LEASE_SECONDS))
+        except ValueError:
+            raise ConfigurationError(f"{ENV_LEASE_SECONDS} must be a number of seconds, not "
+                                     f"{os.environ.get(ENV_LEASE_SECONDS)!r}") from None
         kwargs: dict[str, Any] = {"future": True}
         if url.startswith("sqlite"):
             kwargs["connect_args"] = {"timeout": 60}  # wait for the write lock, don't fail
@@ -300,53 +323,58 @@ class Ledger:
 
     # -- schema -------------------------------------------------------------------------
     def _prepare(self) -> None:
-        metadata.create_all(self.engine)
-        self._add_missing_columns()
+        """Create or migrate the schema in one transaction. On PostgreSQL an advisory lock
+        serializes workers that start together (their DDL would race); SQLite's DDL is
+        retried by the caller."""
         with self.engine.begin() as conn:
+            if self.engine.dialect.name == "postgresql":
+                conn.execute(text(f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK_ID})"))
+            metadata.create_all(conn)
+            self._add_missing_columns(conn)
             if conn.execute(select(lock.c.id)).first() is None:
-                conn.execute(insert(lock).values(id=1, version=0, head_seq=0, head_hash=GENESIS))
-        self._append_only_triggers()
-        with self._locked() as conn:  # a ledger written before the chain existed: record its rows once
-            if conn.execute(select(entries.c.seq).limit(1)).first() is None:
+                conn.execute(insert(lock).values(id=1, version=0, head_seq=0, head_hash=GENESIS, chain_started=0))
+            self._append_only_triggers(conn)
+        with self._locked() as conn:  # serialized: one worker imports a pre-chain ledger's rows, once
+            if not conn.execute(select(lock.c.chain_started).where(lock.c.id == 1)).scalar():
                 for row in conn.execute(select(releases).order_by(releases.c.id)).all():
                     self._append(conn, row.id, "imported")
+                conn.execute(update(lock).where(lock.c.id == 1).values(chain_started=1))
 
-    def _add_missing_columns(self) -> None:
-        inspector = inspect(self.engine)
+    def _add_missing_columns(self, conn: Connection) -> None:
+        inspector = inspect(conn)
         for table in (releases, lock):
             present = {c["name"] for c in inspector.get_columns(table.name)}
             missing = [c for c in table.columns if c.name not in present]
-            if missing:
-                with self.engine.begin() as conn:
-                    for column in missing:
-                        kind = column.type.compile(dialect=self.engine.dialect)
-                        conn.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}"))
-                    if table is lock:
-                        conn.execute(update(lock).values(head_seq=0, head_hash=GENESIS))
+            for column in missing:
+                kind = column.type.compile(dialect=self.engine.dialect)
+                conn.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}"))
+            if table is lock and "head_seq" in {c.name for c in missing}:
+                conn.execute(update(lock).values(head_seq=0, head_hash=GENESIS))
 
-    def _append_only_triggers(self) -> None:
+    def _append_only_triggers(self, conn: Connection) -> None:
         guarded = [("privacy_ledger_entries", "UPDATE"), ("privacy_ledger_entries", "DELETE"),
                    ("privacy_releases", "DELETE")]
-        with self.engine.begin() as conn:
-            if self.engine.dialect.name == "sqlite":
-                for table, op in guarded:
+        if self.engine.dialect.name == "sqlite":
+            for table, op in guarded:
+                conn.execute(text(
+                    f"CREATE TRIGGER IF NOT EXISTS {table}_no_{op.lower()} BEFORE {op} ON {table} "
+                    f"BEGIN SELECT RAISE(ABORT, '{APPEND_ONLY}'); END"))
+        elif self.engine.dialect.name == "postgresql":
+            statement_level = [("privacy_ledger_entries", "TRUNCATE"), ("privacy_releases", "TRUNCATE")]
+            present = {r[0] for r in conn.execute(text(
+                "select tgname from pg_trigger t join pg_class c on c.oid = t.tgrelid "
+                "where c.relname in ('privacy_ledger_entries', 'privacy_releases') "
+                "and pg_table_is_visible(c.oid)"))}
+            if len(present) < len(guarded) + len(statement_level):
+                conn.execute(text(
+                    "CREATE OR REPLACE FUNCTION privrec_ledger_append_only() RETURNS trigger "
+                    f"LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION '{APPEND_ONLY} (% on %)', TG_OP, "
+                    "TG_TABLE_NAME; END $$"))
+                for (table, op), level in [*((g, "ROW") for g in guarded),
+                                           *((g, "STATEMENT") for g in statement_level)]:
                     conn.execute(text(
-                        f"CREATE TRIGGER IF NOT EXISTS {table}_no_{op.lower()} BEFORE {op} ON {table} "
-                        f"BEGIN SELECT RAISE(ABORT, '{APPEND_ONLY}'); END"))
-            elif self.engine.dialect.name == "postgresql":
-                present = {r[0] for r in conn.execute(text(
-                    "select tgname from pg_trigger t join pg_class c on c.oid = t.tgrelid "
-                    "where c.relname in ('privacy_ledger_entries', 'privacy_releases') "
-                    "and pg_table_is_visible(c.oid)"))}
-                if len(present) < len(guarded):
-                    conn.execute(text(
-                        "CREATE OR REPLACE FUNCTION privrec_ledger_append_only() RETURNS trigger "
-                        f"LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION '{APPEND_ONLY} (% on %)', TG_OP, "
-                        "TG_TABLE_NAME; END $$"))
-                    for table, op in guarded:
-                        conn.execute(text(
-                            f"CREATE OR REPLACE TRIGGER {table}_no_{op.lower()} BEFORE {op} ON {table} "
-                            "FOR EACH ROW EXECUTE FUNCTION privrec_ledger_append_only()"))
+                        f"CREATE OR REPLACE TRIGGER {table}_no_{op.lower()} BEFORE {op} ON {table} "
+                        f"FOR EACH {level} EXECUTE FUNCTION privrec_ledger_append_only()"))
 
     @contextmanager
     def _locked(self) -> Iterator[Connection]:
@@ -394,7 +422,7 @@ class Ledger:
     def verify(self) -> tuple[list[str], int, str]:
         """(problems, entries, head hash): problems is empty when the chain, the head and every
         release row agree."""
-        with self.engine.connect() as conn:
+        with self._locked() as conn:  # one consistent view: no mutation lands between the reads
             head = conn.execute(select(lock.c.head_seq, lock.c.head_hash).where(lock.c.id == 1)).one()
             return self._problems(conn), head.head_seq, head.head_hash
 
@@ -557,6 +585,10 @@ class Ledger:
             self._require_intact(conn)
             current = self._get(conn, release_id)
             if current.state == state == COMMITTED:
+                if current.owner != run_id:
+                    raise LeaseLost(
+                        f"release {current.id} was committed by run {current.owner}, not by run {run_id} (which lost "
+                        f"its lease): run {run_id}'s own result is not published")
                 return current  # committing twice (a retried commit) is harmless
             self._require_lease(current, run_id, "commit" if state == COMMITTED else "fail")
             if publish is not None:
