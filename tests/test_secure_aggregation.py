@@ -298,3 +298,38 @@ def test_a_retry_reuses_the_masked_update_and_never_overwrites_it(training, monk
     _rewrite(path, roster_digest="f" * 64)
     with pytest.raises(SecureAggregationError, match=r"written once and never replaced"):
         tasks.train_partition(lake, DAY, 0, 0, digest)
+
+
+def test_a_deleted_update_is_never_recomputed_from_changed_inputs(training):
+    """A lake writer reads partition 0's masked update, deletes it and changes the shard: a second
+    update under the same masks and noise would give away the difference (one user's clipped
+    gradient) without noise. The worker's note outside the lake refuses it."""
+    lake, run = training()
+    digest = _sealed(lake)
+    tasks.train_partition(lake, DAY, 0, 0, digest)
+    path = run / "round=0" / "masked" / "partition=0.npz"
+    first = path.read_bytes()
+    path.unlink()
+    assert "sampled" in tasks.train_partition(lake, DAY, 0, 0, digest)  # same inputs: recomputed, as noted
+    assert np.array_equal(np.load(path)["masked"], np.load(io.BytesIO(first))["masked"])  # the same update again
+    path.unlink()
+    shard = lk.local_path(training_uri(lake, DAY)) / "partition=0" / "part-0.parquet"
+    table = pq.read_table(shard)
+    pq.write_table(table.slice(1), shard)  # one user's row removed
+    with pytest.raises(SecureAggregationError, match=r"recomputing it gives another one"):
+        tasks.train_partition(lake, DAY, 0, 0, digest)
+    assert not path.exists()  # nothing published
+
+
+def test_an_update_the_partition_did_not_write_is_not_used(training, tmp_path, monkeypatch):
+    lake, run = training()
+    digest = _sealed(lake)
+    tasks.train_partition(lake, DAY, 0, 0, digest)
+    path = run / "round=0" / "masked" / "partition=0.npz"
+    planted = path.read_bytes()
+    path.unlink()
+    for note in (tmp_path / "worker" / "partition-secrets" / "masked").iterdir():
+        note.unlink()  # as if partition 0 had never trained this round
+    path.write_bytes(planted)  # a well-formed update put there by someone else
+    with pytest.raises(SecureAggregationError, match=r"has no note of writing one"):
+        tasks.train_partition(lake, DAY, 0, 0, digest)

@@ -260,6 +260,13 @@ class MaskedUpdate:
     roster_digest: str
     masked: np.ndarray
 
+    def digest(self) -> str:
+        """SHA-256 of the content (metadata and vector), independent of the file's bytes."""
+        import hashlib
+
+        head = f"{self.partition}|{self.round}|{self.run_id}|{self.key_fingerprint}|{self.roster_digest}|"
+        return hashlib.sha256(head.encode("utf-8") + np.ascontiguousarray(self.masked).tobytes()).hexdigest()
+
     def to_bytes(self) -> bytes:
         buffer = io.BytesIO()
         np.savez(buffer, masked=self.masked, partition=np.int64(self.partition), round=np.int64(self.round),

@@ -313,11 +313,34 @@ def _existing_update(path: Path, roster, roster_digest: str, partition: int, rou
     return update
 
 
+def _worker_record(run_id: str, round_index: int, partition: int) -> Path:
+    """Where this partition's worker notes the digest of each masked update it wrote: beside its
+    secret, outside the lake (a lake writer can delete the lake's copy, not this note)."""
+    import hashlib
+
+    from privrec_pipeline.training.partition_secrets import secret_path
+
+    run = hashlib.sha256(run_id.encode("utf-8")).hexdigest()[:16]
+    return secret_path(partition).parent / "masked" / f"run-{run}-round={round_index}-partition={partition}.sha256"
+
+
 def train_partition(lake: str, day: dt.date, round_index: int, partition: int, roster_digest: str) -> dict[str, float]:
     """The partition's DP update of the round, masked with its sealed keys, written once to
-    ``round=R/masked/partition=K.npz`` with its metadata. ``roster_digest``: seal_keys' result."""
+    ``round=R/masked/partition=K.npz`` with its metadata. ``roster_digest``: seal_keys' result.
+
+    Under one set of masks a partition publishes one update, ever. Its worker notes the
+    update's digest outside the lake before publishing it; a retry (or a run taking the
+    release over) reuses the lake's copy only if it matches the note, republishes a lost copy
+    only if recomputing gives the noted update, and refuses otherwise: if a lake writer
+    deleted the update and changed the shard or the round model, a second update under the
+    same masks and noise would give away the difference of the two, without noise."""
     from privrec_pipeline.training.partition_secrets import load_or_create, secret_path, write_once
-    from privrec_pipeline.training.secure_agg import MaskedUpdate, RoundKeys, mask_update
+    from privrec_pipeline.training.secure_agg import (
+        MaskedUpdate,
+        RoundKeys,
+        SecureAggregationError,
+        mask_update,
+    )
 
     if finished(lake, day):
         return {}
@@ -327,8 +350,16 @@ def train_partition(lake: str, day: dt.date, round_index: int, partition: int, r
     run = _run(lake, day)
     state = np.load(run / f"round={round_index}" / "model.npz")["params"]
     target = _masked_file(lake, day, round_index, partition)
-    if target.exists():  # a retry after the update was written: reuse it
-        _existing_update(target, roster, roster_digest, partition, round_index, state.size)
+    record = _worker_record(doc["run_id"], round_index, partition)
+    noted = record.read_text(encoding="ascii").strip() if record.exists() else None
+    if target.exists():  # a retry after the update was written: reuse it, if it is the one this worker wrote
+        existing = _existing_update(target, roster, roster_digest, partition, round_index, state.size)
+        if noted != existing.digest():
+            raise SecureAggregationError(
+                f"{target} is not the masked update partition {partition}'s worker wrote "
+                f"({'it has no note of writing one' if noted is None else 'its note says otherwise'}; {record}): "
+                "it was put or replaced in the lake by someone else. Nothing is masked again and it is not used; "
+                "find out who writes the lake, then train again in a new run")
         return {"reused": 1.0}
     secret = load_or_create(partition)
     keys = RoundKeys.derive(secret, doc["run_id"], round_index, partition)
@@ -342,9 +373,20 @@ def train_partition(lake: str, day: dt.date, round_index: int, partition: int, r
     masked = mask_update(delta, keys, public, doc["run_id"], round_index)
     update = MaskedUpdate(partition, round_index, doc["run_id"], roster.sealed(partition, round_index), roster_digest,
                           masked)
+    if noted is not None and noted != update.digest():
+        raise SecureAggregationError(
+            f"partition {partition} already published a masked update for round {round_index} of run "
+            f"{doc['run_id']} ({record}), which is gone from the lake, and recomputing it gives another one: its "
+            "shard or the round's model changed. Publishing a second update under the same masks and noise would "
+            "reveal the difference of the two without noise; refused. Train again in a new run")
+    record.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    write_once(record, update.digest().encode("ascii"), mode=0o600)  # noted before it is published
     target.parent.mkdir(parents=True, exist_ok=True)
     if not write_once(target, update.to_bytes(), mode=0o644):  # another attempt wrote it first: keep that one
-        _existing_update(target, roster, roster_digest, partition, round_index, state.size)
+        if _existing_update(target, roster, roster_digest, partition, round_index, state.size).digest() != \
+                update.digest():
+            raise SecureAggregationError(f"{target} appeared in the lake while partition {partition} was "
+                                         "training and is not its update: refused; train again in a new run")
         return {"reused": 1.0}
     return stats
 
