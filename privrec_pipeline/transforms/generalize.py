@@ -77,13 +77,34 @@ def is_ascii(text: "Column") -> "Column":
     return F.octet_length(text) == F.char_length(text)
 
 
+# Invisible characters NFKC keeps: format characters (Cf: zero-width space and joiners, soft
+# hyphen, word joiner, BOM, bidi marks, ...), the combining grapheme joiner, Hangul fillers and
+# variation selectors (default-ignorable code points, Unicode Standard 5.21). Inserted between
+# the characters of an email or a card number they would hide it from every pattern, so they
+# are removed before matching, in the scrubber and in the gate's fold alike.
+IGNORABLE_PATTERN = ("[\\p{Cf}\\x{034F}\\x{115F}\\x{1160}\\x{3164}\\x{FFA0}\\x{17B4}\\x{17B5}"
+                     "\\x{180B}-\\x{180F}\\x{FE00}-\\x{FE0F}\\x{E0100}-\\x{E01EF}]")
+
+
+@cache
+def ignorable_characters() -> str:
+    """The characters of ``IGNORABLE_PATTERN`` (Python's Unicode database), for ``translate``."""
+    import unicodedata
+
+    extra = {0x034F, 0x115F, 0x1160, 0x3164, 0xFFA0, 0x17B4, 0x17B5, *range(0x180B, 0x1810),
+             *range(0xFE00, 0xFE10), *range(0xE0100, 0xE01F0)}
+    return "".join(chr(c) for c in range(0x80, 0x110000)
+                   if not 0xD800 <= c < 0xE000 and (c in extra or unicodedata.category(chr(c)) == "Cf"))
+
+
 def nfkc(text: "Column") -> "Column":
-    """NFKC of ``text`` (Unicode Standard Annex #15), computed in the JVM by ICU4J; null
-    stays null. ASCII text is its own NFKC and skips the (reflective) call."""
+    """NFKC of ``text`` (Unicode Standard Annex #15), computed in the JVM by ICU4J, without
+    the invisible characters of ``IGNORABLE_PATTERN``; null stays null. ASCII text is its own
+    NFKC and skips the (reflective) call."""
     from pyspark.sql import functions as F
 
     normalized = F.java_method(F.lit(NFKC_CLASS), F.lit(NFKC_METHOD), text, F.lit(True))
-    return F.when(text.isNull() | is_ascii(text), text).otherwise(normalized)
+    return F.when(text.isNull() | is_ascii(text), text).otherwise(F.regexp_replace(normalized, IGNORABLE_PATTERN, ""))
 
 
 NFKC_FOLD = "nfkc_fold"  # the gate's name of ``nfkc_fold`` (quality/suites.yaml)
@@ -112,11 +133,13 @@ def nfkc_fold(text: "Column") -> "Column":
     ``translate``: deterministic, so unlike ``nfkc`` allowed inside an aggregate). Identity
     on NFKC text (NFKC output holds no such character), so on what ``scrub_text`` wrote it
     changes nothing; elsewhere it covers the compatibility forms that spell PII in ASCII
-    characters ("＠", "１２３", "①"), not NFKC's multi-character expansions ("⑴" -> "(1)")."""
+    characters ("＠", "１２３", "①"), not NFKC's multi-character expansions ("⑴" -> "(1)").
+    The invisible characters of ``IGNORABLE_PATTERN`` are removed (``translate`` deletes the
+    characters of its source that have no counterpart in its target)."""
     from pyspark.sql import functions as F
 
     source, target = nfkc_fold_table()
-    return F.translate(text, source, target)
+    return F.translate(text, source + ignorable_characters(), target)
 
 
 def scrub_text(text: "Column") -> "Column":
