@@ -36,12 +36,12 @@ import os
 import re
 import secrets as _random
 import stat
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from privrec_pipeline.durable_files import replace, write_once
 from privrec_pipeline.errors import SecretsError
 
 ENV_KEYS_JSON = "PRIVREC_KEYS_JSON"
@@ -212,27 +212,8 @@ def new_key_document() -> dict[str, Any]:
     return {p: {"current": "v1", "keys": {"v1": _random.token_hex(KEY_BYTES)}} for p in KEY_PURPOSES}
 
 
-def _write_temp(folder: Path, doc: Mapping[str, Any]) -> Path:
-    """The document in a new file of ``folder``, mode 0600 from creation (mkstemp), flushed to disk."""
-    fd, name = tempfile.mkstemp(dir=folder, prefix=".keys-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(doc, fh, indent=2, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-    except BaseException:
-        os.unlink(name)
-        raise
-    return Path(name)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Persist a rename or link in ``folder`` (POSIX: the directory entry needs its own fsync)."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _document_bytes(doc: Mapping[str, Any]) -> bytes:
+    return json.dumps(doc, indent=2, sort_keys=True).encode("utf-8")
 
 
 def init_key_file(path: Path | None = None) -> tuple[Path, bool]:
@@ -246,15 +227,8 @@ def init_key_file(path: Path | None = None) -> tuple[Path, bool]:
     if target.exists():
         return target, False
     target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    temp = _write_temp(target.parent, new_key_document())
-    try:
-        os.link(temp, target)
-    except FileExistsError:
-        return target, False  # created meanwhile by another process: that one is kept
-    finally:
-        temp.unlink()
-    _fsync_dir(target.parent)
-    return target, True
+    # created meanwhile by another process: that one is kept
+    return target, write_once(target, _document_bytes(new_key_document()), mode=0o600)
 
 
 @dataclass(frozen=True)
@@ -312,11 +286,5 @@ def rotate_key_file(path: Path | None, purpose: str) -> Rotation:
         doc[purpose] = {**section, "current": version, "keys": {**section["keys"], version: material},
                         "retired": retired}
         parse_key_document(json.dumps(doc), str(target))  # the new document must load
-        temp = _write_temp(target.parent, doc)
-        try:
-            os.replace(temp, target)
-        except BaseException:
-            temp.unlink(missing_ok=True)
-            raise
-        _fsync_dir(target.parent)
+        replace(target, _document_bytes(doc), mode=0o600)
     return Rotation(target, purpose, old, VersionedKey(version, bytes.fromhex(material)))

@@ -6,8 +6,8 @@ A partition's 32-byte secret keys its secure-aggregation key pairs and its train
 characters), never in the lake. An empty or short secret would be worse than none: anyone
 knowing the run id could derive the masking keys and the noise from it. So:
 
-- creation writes a temporary file (mode 0600) in the same folder, fsyncs it and publishes
-  it with ``os.link``, which fails if the target exists: the first writer wins, a racing
+- creation (``durable_files.write_once``) writes a temporary file (mode 0600) in the same
+  folder, fsyncs it and publishes it with ``os.link``, which fails if the target exists: the first writer wins, a racing
   loser reads the winner's secret, and a crash leaves at most an unused temporary file,
   never a partial target; then the folder is fsynced (the new name survives a power loss);
 - every read checks the file (a regular file, not readable by group or others, exactly 64
@@ -20,9 +20,9 @@ import os
 import re
 import secrets as _secrets
 import stat
-import tempfile
 from pathlib import Path
 
+from privrec_pipeline.durable_files import write_once
 from privrec_pipeline.errors import PrivrecError
 
 SECRET_BYTES = 32
@@ -76,35 +76,3 @@ def read(path: Path) -> bytes:
             f"partition secret {path} is malformed: {length} bytes, expected exactly {2 * SECRET_BYTES} hex "
             f"characters ({SECRET_BYTES} bytes): it was not completely written or was changed; {fix}")
     return bytes.fromhex(data.decode("ascii").strip())
-
-
-def write_once(path: Path, data: bytes, *, mode: int) -> bool:
-    """Publish ``data`` at ``path`` unless a file is already there (no clobber). A temporary
-    file in the same folder is written, fsynced and hard-linked to ``path`` (``link`` fails if
-    ``path`` exists, atomically); then the folder is fsynced. Returns False when ``path``
-    existed: the first writer wins and the caller reads what it wrote."""
-    folder = path.parent
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)  # mode 0600
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            if mode != 0o600:
-                os.fchmod(fh.fileno(), mode)
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            return False
-        _fsync_folder(folder)
-        return True
-    finally:
-        os.unlink(tmp)
-
-
-def _fsync_folder(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -225,7 +225,7 @@ def seal_keys(lake: str, day: dt.date, published: list[dict[str, Any]] | None = 
     key fingerprints per round) in ``run/roster.json``, once, and return its digest (the DAG
     passes it to every partition and aggregation task through XCom, outside the lake).
     ``published``: the publish_keys results; the key files must still hold those keys."""
-    from privrec_pipeline.training.partition_secrets import write_once
+    from privrec_pipeline.durable_files import write_once
     from privrec_pipeline.training.secure_agg import (
         Roster,
         SecureAggregationError,
@@ -334,7 +334,8 @@ def train_partition(lake: str, day: dt.date, round_index: int, partition: int, r
     only if recomputing gives the noted update, and refuses otherwise: if a lake writer
     deleted the update and changed the shard or the round model, a second update under the
     same masks and noise would give away the difference of the two, without noise."""
-    from privrec_pipeline.training.partition_secrets import load_or_create, secret_path, write_once
+    from privrec_pipeline.durable_files import write_once
+    from privrec_pipeline.training.partition_secrets import load_or_create, secret_path
     from privrec_pipeline.training.secure_agg import (
         MaskedUpdate,
         RoundKeys,
