@@ -30,6 +30,34 @@ def spark():
     return session
 
 
+@pytest.fixture()
+def killed_before_commit(monkeypatch):
+    """``with killed_before_commit(): step()`` runs a step that dies right after publishing its
+    output and before the ledger records the commit (the commit transaction is rolled back, as
+    a kill at that point leaves it)."""
+    from contextlib import contextmanager
+
+    from privrec_pipeline.privacy.ledger import Ledger
+
+    real = Ledger._append
+
+    def crash(self, conn, release_id, event):
+        if event == "committed":
+            raise KeyboardInterrupt("killed after publishing, before the commit")
+        return real(self, conn, release_id, event)
+
+    @contextmanager
+    def killed():
+        monkeypatch.setattr(Ledger, "_append", crash)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                yield
+        finally:
+            monkeypatch.setattr(Ledger, "_append", real)
+
+    return killed
+
+
 @pytest.fixture(scope="session")
 def key_document() -> str:
     return json.dumps(new_key_document())

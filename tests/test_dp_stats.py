@@ -293,19 +293,10 @@ def test_a_live_reservation_of_another_run_is_not_computed_twice(spark, day_lake
     assert not lk.local_path(dp_stats_uri(str(day_lake), DAY)).exists()
 
 
-def test_killed_between_swap_and_commit_the_retry_commits_without_new_noise(spark, day_lake, monkeypatch):
+def test_killed_between_swap_and_commit_the_retry_commits_without_new_noise(spark, day_lake, killed_before_commit):
     ledger = _ledger(day_lake)
-    real_append = Ledger._append
-
-    def crash_at_commit(self, conn, release_id, event):
-        if event == "committed":
-            raise KeyboardInterrupt("killed after the swap, before the commit")
-        return real_append(self, conn, release_id, event)
-
-    monkeypatch.setattr(Ledger, "_append", crash_at_commit)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_before_commit():
         run_dp_stats(spark, str(day_lake), DAY, PARAMS, ledger, run_id="run-1")
-    monkeypatch.setattr(Ledger, "_append", real_append)
     [release] = ledger.releases()
     target = dp_stats_uri(str(day_lake), DAY)
     assert release.state == "reserved" and json.loads(Path(target, "release.json").read_text())["release_id"] == \

@@ -224,8 +224,8 @@ def test_a_training_resume_under_a_new_run_proves_its_plan_and_draws_no_fresh_no
     assert release.state == "committed" and release.epsilon == pytest.approx(first["plan"]["epsilon"])
 
 
-def test_killed_after_writing_the_model_the_retry_commits_it(partitioned, tmp_path, monkeypatch):
-    from privrec_pipeline.privacy.ledger import Ledger, open_ledger
+def test_killed_after_writing_the_model_the_retry_commits_it(partitioned, tmp_path, monkeypatch, killed_before_commit):
+    from privrec_pipeline.privacy.ledger import open_ledger
 
     lake = _copy_lake(partitioned, tmp_path, monkeypatch)
     config = TrainConfig(mode="local", epsilon=2.0, delta=1e-7, rounds=1, local_steps=2, batch_size=20, dim=8)
@@ -234,17 +234,8 @@ def test_killed_after_writing_the_model_the_retry_commits_it(partitioned, tmp_pa
     for k in range(2):
         tasks.train_partition(lake, DAY, 0, k, roster)
     tasks.aggregate_round(lake, DAY, 0, roster)
-    real_append = Ledger._append
-
-    def crash_at_commit(self, conn, release_id, event):
-        if event == "committed":
-            raise KeyboardInterrupt("killed after the model was written, before the commit")
-        return real_append(self, conn, release_id, event)
-
-    monkeypatch.setattr(Ledger, "_append", crash_at_commit)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_before_commit():
         tasks.finish_training(lake, DAY, run_id="run-a")
-    monkeypatch.setattr(Ledger, "_append", real_append)
     model = tasks.candidate_folder(lake, DAY) / "model" / "model.safetensors"
     written = model.read_bytes()
     assert tasks.finished(lake, DAY)
