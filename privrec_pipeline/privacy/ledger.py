@@ -313,12 +313,12 @@ class Ledger:
         if url.startswith("sqlite"):
             kwargs["connect_args"] = {"timeout": 60}  # wait for the write lock, don't fail
         self.engine: Engine = create_engine(url, **kwargs)
-        for attempt in range(3):  # tasks starting together may race on the DDL; the loser retries
+        for attempt in range(5):  # tasks starting together may race on SQLite's DDL; the loser retries
             try:
                 self._prepare()
                 break
             except DBAPIError:
-                if attempt == 2:
+                if attempt == 4:
                     raise
 
     # -- schema -------------------------------------------------------------------------
@@ -335,7 +335,10 @@ class Ledger:
                 conn.execute(insert(lock).values(id=1, version=0, head_seq=0, head_hash=GENESIS, chain_started=0))
             self._append_only_triggers(conn)
         with self._locked() as conn:  # serialized: one worker imports a pre-chain ledger's rows, once
-            if not conn.execute(select(lock.c.chain_started).where(lock.c.id == 1)).scalar():
+            state = conn.execute(select(lock.c.head_seq, lock.c.chain_started).where(lock.c.id == 1)).one()
+            if state.head_seq is None:  # the chain columns were just added to an old lock row
+                conn.execute(update(lock).where(lock.c.id == 1).values(head_seq=0, head_hash=GENESIS))
+            if not state.chain_started:
                 for row in conn.execute(select(releases).order_by(releases.c.id)).all():
                     self._append(conn, row.id, "imported")
                 conn.execute(update(lock).where(lock.c.id == 1).values(chain_started=1))
@@ -348,8 +351,6 @@ class Ledger:
             for column in missing:
                 kind = column.type.compile(dialect=self.engine.dialect)
                 conn.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}"))
-            if table is lock and "head_seq" in {c.name for c in missing}:
-                conn.execute(update(lock).values(head_seq=0, head_hash=GENESIS))
 
     def _append_only_triggers(self, conn: Connection) -> None:
         guarded = [("privacy_ledger_entries", "UPDATE"), ("privacy_ledger_entries", "DELETE"),
