@@ -141,6 +141,30 @@ def test_a_publish_killed_before_the_rename_leaves_nothing_visible(lake, monkeyp
     assert pub.publish(lake, DAY, gate=MECHANICS)["published"]  # the retry publishes normally
 
 
+def test_a_publish_killed_before_latest_moves_is_finished_by_the_retry(lake, monkeypatch):
+    import os
+
+    real_replace = os.replace
+
+    def killed(src, dst):
+        if Path(dst).name == LATEST:
+            raise KeyboardInterrupt("killed after the version's rename, before LATEST moved")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(pub.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        pub.publish(lake, DAY, gate=MECHANICS)
+    monkeypatch.undo()
+    root = models_root(lake) / "privrec-recommender"
+    [version] = [p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    assert not (root / LATEST).exists()
+    retry = pub.publish(lake, DAY, gate=MECHANICS)
+    assert retry["reused"] and (root / LATEST).read_text().strip() == version == retry["version"]
+    (root / LATEST).write_text("2999-01-01-r99\n")  # a version published since is never moved back
+    pub.publish(lake, DAY, gate=MECHANICS)
+    assert (root / LATEST).read_text().strip() == "2999-01-01-r99"
+
+
 def test_recommend_uses_the_history_and_rejects_bad_input(lake):
     from typer.testing import CliRunner
 

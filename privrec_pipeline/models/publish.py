@@ -119,6 +119,11 @@ def publish(lake: str, day: dt.date, name: str = DEFAULT_NAME, gate: GateSetting
     root = models_root(lake) / name
     target = root / version
     if (target / "model_card.json").exists():
+        # Published before; a kill between the version's rename and the pointer's move leaves
+        # LATEST behind: the retry finishes the publication (never moving LATEST back past a
+        # version published since).
+        if _version_order(_latest(root)) < _version_order(version):
+            _point_latest(root, version)
         return {"published": True, "version": version, "path": str(target), "reused": True,
                 "reason": "this run's model was already published"}
     evaluation, _ = evaluate_candidate(lake, day, name, gate)
@@ -144,11 +149,29 @@ def publish(lake: str, day: dt.date, name: str = DEFAULT_NAME, gate: GateSetting
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    pointer = root / f".{LATEST}-{uuid.uuid4().hex[:8]}"
-    pointer.write_text(version + "\n", encoding="utf-8")
-    os.replace(pointer, root / LATEST)  # then the pointer moves
+    _point_latest(root, version)  # then the pointer moves
     outcome.update(path=str(target), card=card)
     return outcome
+
+
+def _latest(root: Path) -> str | None:
+    pointer = root / LATEST
+    return pointer.read_text(encoding="utf-8").strip() if pointer.exists() else None
+
+
+def _version_order(version: str | None) -> tuple[str, int]:
+    """Versions are ``<day>-r<release id>``: ordered by day, then release (None first)."""
+    if not version:
+        return ("", -1)
+    day, _, release = version.rpartition("-r")
+    return (day, int(release) if release.isdigit() else -1)
+
+
+def _point_latest(root: Path, version: str) -> None:
+    """Move the LATEST pointer to ``version`` in one step (a temp file renamed over it)."""
+    pointer = root / f".{LATEST}-{uuid.uuid4().hex[:8]}"
+    pointer.write_text(version + "\n", encoding="utf-8")
+    os.replace(pointer, root / LATEST)
 
 
 def trust_model(plan: dict[str, Any], partitions: int) -> dict[str, Any]:
