@@ -49,15 +49,19 @@ if pyspark.__version__ != md.version("pyspark") or client != md.version("pyspark
     raise SystemExit(f"pyspark {md.version('pyspark')} and pyspark-client {client} differ; reinstall with constraints.txt")
 PY
 # Headless Chromium for the browser checks of the reports and the Airflow UI (Playwright
-# drives the system browser; Playwright's own download needs a CDN). Best effort: without
-# it those tests skip and say why.
+# drives the system browser; Playwright's own download needs a CDN). On a developer's
+# machine best effort (without it those tests skip and say why); under CI=true a failure.
+missing_chromium() {
+  echo "$1" >&2
+  if [ "${CI:-}" = "true" ]; then exit 1; fi
+}
 if ! command -v chromium >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "Installing Chromium for browser tests (apt-get install chromium; log: $log)"
     { apt-get install -y -q chromium || { apt-get update -q && apt-get install -y -q chromium; }; } >>"$log" 2>&1 ||
-      echo "Could not install Chromium (see $log); browser tests will be skipped." >&2
+      missing_chromium "Could not install Chromium (see $log); browser tests will be skipped (fail under CI)."
   else
-    echo "Chromium not found: browser tests will be skipped (install the 'chromium' package to run them)." >&2
+    missing_chromium "Chromium not found: browser tests will be skipped (install the 'chromium' package to run them)."
   fi
 fi
 touch .venv/.installed

@@ -73,6 +73,14 @@ def lake(tmp_path: Path) -> str:
     return str(tmp_path / "lake")
 
 
+def unavailable(reason: str) -> None:
+    """A missing service, tool or data set: a skip on a developer's machine, a failure under
+    ``CI=true`` (CI has all of them; a skip there would hide a regression)."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{reason} (CI=true: every service, tool and data set the suite uses must be there)")
+    pytest.skip(reason)
+
+
 def released_day(spark, lake: str, keyring: KeyRing, generator: dict) -> None:
     """A generated DAY through collect, pseudonymize, validate and a DP release (epsilon 30 of
     a 1000 cap: tiny populations release items only with a large budget)."""

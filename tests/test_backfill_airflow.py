@@ -27,7 +27,7 @@ from urllib.parse import quote
 import pytest
 import requests
 
-from conftest import partition_snapshot
+from conftest import partition_snapshot, unavailable
 from privrec_pipeline import lake as lk
 from privrec_pipeline.sources.synthetic import GeneratorConfig, generate_day
 
@@ -126,10 +126,12 @@ def _free_port() -> int:
 def server(tmp_path_factory, key_document):
     """``privrec airflow`` on a fresh PostgreSQL database, with three landing days."""
     database = f"privrec_backfill_{os.getpid()}"
+    from sqlalchemy.exc import OperationalError
+
     try:
         _postgres_database(database)
-    except Exception as exc:  # any connection problem means: no server here
-        pytest.skip(f"PostgreSQL at 127.0.0.1:5432 is not reachable ({type(exc).__name__})")
+    except OperationalError as exc:  # a connection failure means: no server here
+        unavailable(f"PostgreSQL at 127.0.0.1:5432 is not reachable ({type(exc).__name__})")
     root = tmp_path_factory.mktemp("backfill")
     port, password = _free_port(), secrets.token_urlsafe(16)
     (root / "passwords.json").write_text(json.dumps({"admin": password}))
@@ -326,7 +328,7 @@ def test_backfill_dialog_in_the_ui(backfilled, server):
 
     chromium = chromium_path()
     if chromium is None:
-        pytest.skip("no Chromium on PATH (make setup installs Debian's chromium when run as root)")
+        unavailable("no Chromium on PATH (make setup installs Debian's chromium when run as root)")
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1400, "height": 1000})

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import unavailable
 from privrec_pipeline.errors import InputFormatError
 from privrec_pipeline.lake import landing_partition, zone_uri
 from privrec_pipeline.sources import movielens
@@ -52,7 +53,7 @@ def ratings_csv() -> list[list[str]]:
     """The data rows of ml-latest-small's ratings.csv, read with the csv module."""
     path = ML_LATEST_SMALL / "ratings.csv"
     if not path.is_file():
-        pytest.skip(f"MovieLens ml-latest-small not found at {ML_LATEST_SMALL} "
+        unavailable(f"MovieLens ml-latest-small not found at {ML_LATEST_SMALL} "
                     "(download and unpack it into shared/data to run these tests)")
     with path.open(newline="", encoding="utf-8") as fh:
         rows = list(csv.reader(fh))

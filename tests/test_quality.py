@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DAY
+from conftest import DAY, unavailable
 from privrec_pipeline import lake as lk
 from privrec_pipeline.errors import ConfigurationError, QualityGateFailed
 from privrec_pipeline.ingest import run_collect, run_pseudonymize
@@ -353,7 +353,7 @@ def test_trend_report_renders_for_several_days(spark, tmp_path, keyring):
     assert text.count("<svg") == 4 and all(d.isoformat() in text for d in days)
     assert text.count("day report</a>") == 3 and "dt=2026-01-16/index.html" in text
     if chromium_path() is None:
-        pytest.skip("Chromium not installed (make setup installs it where apt-get is available)")
+        unavailable("Chromium not installed (make setup installs it where apt-get is available)")
     facts = screenshot(page.as_uri(), tmp_path / "trend.png")
     assert facts["title"].startswith("privrec data quality")
     assert "Quarantine rate by reason" in facts["text"] and "2026-01-17" in facts["text"]
