@@ -1,0 +1,97 @@
+"""The DP statistics release's noise step (``dp_stats.noise.add_noise``) measured where it is
+wired, on fixed inputs repeated many times: every released number has the Laplace variance
+2 (s / epsilon)^2 of its own sensitivity s and budget share, a one-user item is kept at most
+delta / K of the time, and the bounded mean's error is what its noisy parts predict. The
+expected values are computed by hand here, from the documented defaults, not by the code
+under test. No Spark: the inputs are the aggregates the Spark step would collect."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from privrec_pipeline.dp_stats.noise import add_noise
+from privrec_pipeline.dp_stats.params import DPStatsParams
+
+TYPES = ("view", "add_to_cart", "remove_from_cart", "purchase", "rating")
+RUNS = 2000
+TRUE = {"users": 100_000, "events": 50_000, "funnel": 60_000, "category": 400_000, "purchases": 5_000,
+        "price_sum_centred": 1_000.0}
+
+
+def _aggregates(extra_items: list[tuple[str, int]] = ()):
+    items = pa.table({"item_id": ["itm_big", *[i for i, _ in extra_items]],
+                      "users": [TRUE["users"], *[n for _, n in extra_items]],
+                      **{t: [TRUE["events"]] + [1] * len(extra_items) for t in TYPES}})
+    funnel = pa.table({t: [TRUE["funnel"]] for t in TYPES})
+    categories = pa.table({"category": ["books"], "users": [TRUE["users"]], "events": [TRUE["category"]]})
+    purchases = pa.table({"price_sum_centred": [TRUE["price_sum_centred"]], "purchases": [TRUE["purchases"]]})
+    return items, funnel, categories, purchases
+
+
+def test_the_five_event_types_are_the_ones_counted():
+    from privrec_pipeline.schema import EVENT_TYPES
+
+    assert tuple(EVENT_TYPES) == TYPES  # the funnel's sensitivity below counts them
+
+
+def test_every_released_statistic_has_the_laplace_variance_of_its_share():
+    # epsilon 1 split by the default weights (they sum to 1): items 0.2 users / 0.1 events,
+    # funnel 0.05, category events 0.05, price sum 0.05, purchase count 0.05. Sensitivities
+    # with the defaults K = 5, C = 5, Kc = 5, Cc = 10, M = 10, prices [0, 200]:
+    # users K = 5; item x type table K C = 25; funnel = 5 event types; category events
+    # Kc Cc = 50; purchase count M = 10; centred price sum M (200 - 0) / 2 = 1000.
+    expected = {
+        "item_users": 2 * (5 / 0.2) ** 2,
+        "item_events": 2 * (25 / 0.1) ** 2,
+        "funnel_users": 2 * (5 / 0.05) ** 2,
+        "category_events": 2 * (50 / 0.05) ** 2,
+        "purchase_count": 2 * (10 / 0.05) ** 2,
+        "purchase_price_sum": 2 * (1000 / 0.05) ** 2,
+    }
+    params = DPStatsParams(epsilon=1.0, delta=1e-6)
+    errors: dict[str, list[float]] = {k: [] for k in expected}
+    for _ in range(RUNS):
+        release = add_noise(*_aggregates(), params)
+        [item] = release.items.to_pylist()
+        errors["item_users"].append(item["users"] - TRUE["users"])
+        errors["item_events"].extend(item[t] - TRUE["events"] for t in TYPES)
+        errors["funnel_users"].extend(r["users"] - TRUE["funnel"] for r in release.funnel.to_pylist())
+        errors["category_events"].append(release.categories.to_pylist()[0]["events"] - TRUE["category"])
+        errors["purchase_count"].append(release.purchases["noisy_purchases"] - TRUE["purchases"])
+        errors["purchase_price_sum"].append(release.purchases["noisy_price_sum_centred"] - TRUE["price_sum_centred"])
+    for name, variance in expected.items():
+        sample = np.asarray(errors[name], dtype=float)
+        # Laplace: kurtosis 6, so the sample variance's relative sd is sqrt(5 / n); allow 4 sd.
+        tolerance = 4 * math.sqrt(5 / sample.size)
+        assert abs(sample.mean()) < 4 * math.sqrt(variance / sample.size), name
+        assert sample.var() == pytest.approx(variance, rel=tolerance), name
+
+
+def test_a_one_user_item_is_kept_at_most_delta_over_k_of_the_time():
+    # delta 0.1 (large, so the rate is measurable): item selection gets 0.8 of it, K = 5, so a
+    # single user's item may appear with probability at most 0.08 / 5 = 0.016 (Desfontaines,
+    # Voss, Gipson & Mandayam 2022, truncated geometric thresholding).
+    params = DPStatsParams(epsilon=1.0, delta=0.1)
+    runs, bound = 8_000, 0.8 * 0.1 / 5
+    kept = sum("itm_lonely" in add_noise(*_aggregates([("itm_lonely", 1)]), params).items.column("item_id")
+               .to_pylist() for _ in range(runs))
+    assert kept / runs <= bound + 4 * math.sqrt(bound * (1 - bound) / runs)
+    # ...and an item of many users is kept every time (selection is not "drop everything").
+    assert all("itm_big" in add_noise(*_aggregates(), params).items.column("item_id").to_pylist()
+               for _ in range(100))
+
+
+def test_the_bounded_mean_error_is_what_its_noisy_parts_predict():
+    params = DPStatsParams(epsilon=1.0, delta=1e-6)
+    true_mean = 100 + TRUE["price_sum_centred"] / TRUE["purchases"]  # midpoint of [0, 200] + centred mean
+    means = np.array([add_noise(*_aggregates(), params).purchases["mean_price"] for _ in range(RUNS)])
+    # Delta method: Var(S/N) ~ Var(S)/N^2 + S^2 Var(N)/N^4 with Var(S) = 2 (1000/0.05)^2 and
+    # Var(N) = 2 (10/0.05)^2: 32 + 1.3e-4.
+    variance = 2 * (1000 / 0.05) ** 2 / TRUE["purchases"] ** 2 + \
+        TRUE["price_sum_centred"] ** 2 * 2 * (10 / 0.05) ** 2 / TRUE["purchases"] ** 4
+    assert abs(means.mean() - true_mean) < 4 * math.sqrt(variance / RUNS)
+    assert means.var() == pytest.approx(variance, rel=4 * math.sqrt(5 / RUNS))
