@@ -18,6 +18,21 @@ logging.getLogger("py4j").setLevel(logging.WARNING)
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+DEPLOYMENT_SETTINGS = ("PRIVREC_LEDGER_URL", "PRIVREC_BUDGET_EPSILON", "PRIVREC_BUDGET_DELTA",
+                       "PRIVREC_BUDGET_WINDOW_DAYS", "PRIVREC_BUDGET_LIFETIME_EPSILON", "PRIVREC_LEASE_SECONDS")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_deployment_settings():
+    """Tests choose their own ledger, budget and leases: a deployment's settings exported in
+    the shell that runs the suite must not leak into them."""
+    patch = pytest.MonkeyPatch()
+    for name in DEPLOYMENT_SETTINGS:
+        patch.delenv(name, raising=False)
+    yield
+    patch.undo()
+
+
 @pytest.fixture(scope="session")
 def spark():
     from privrec_pipeline.spark.session import get_spark

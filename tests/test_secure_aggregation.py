@@ -333,3 +333,28 @@ def test_an_update_the_partition_did_not_write_is_not_used(training, tmp_path, m
     path.write_bytes(planted)  # a well-formed update put there by someone else
     with pytest.raises(SecureAggregationError, match=r"has no note of writing one"):
         tasks.train_partition(lake, DAY, 0, 0, digest)
+
+
+def test_what_a_partition_writes_is_masked(training, monkeypatch):
+    """The lake holds the update plus a one-time pad over Z_2^64: uniform bits, uncorrelated
+    with the update, nothing like its fixed-point encoding."""
+    lake, run = training()
+    digest = _sealed(lake)
+    plain = {}
+
+    def capture(*args, **kwargs):
+        delta, stats = partition_update(*args, **kwargs)
+        plain["delta"] = delta
+        return delta, stats
+
+    monkeypatch.setattr(tasks, "partition_update", capture)
+    tasks.train_partition(lake, DAY, 0, 0, digest)
+    masked = np.load(run / "round=0" / "masked" / "partition=0.npz")["masked"]
+    encoded = secure_agg.encode(plain["delta"], 2)
+    assert masked.size == encoded.size >= 100 and not np.any(masked == encoded)
+    bits = np.unpackbits(masked.view(np.uint8))
+    assert abs(bits.mean() - 0.5) < 4 * 0.5 / np.sqrt(bits.size)  # uniform
+    top = (masked >> np.uint64(40)).astype(float)  # high bits: where the pad's randomness dominates
+    r = np.corrcoef(top, plain["delta"])[0, 1]
+    assert abs(r) < 4 / np.sqrt(masked.size)  # uncorrelated with the update
+    assert np.abs(secure_agg.decode(masked) - plain["delta"]).max() > 1e6  # decoding alone reveals nothing
