@@ -65,7 +65,8 @@ def print_run_summary(console: Console, lake: str, day: dt.date, log: Path | Non
             table.add_row(f"  {reason}", f"{n:,}")
     if pseudo:
         table.add_row("silver records", f"{pseudo['silver_records']:,}")
-        table.add_row("pseudonym key version", pseudo["pseudonym_key_version"])
+        table.add_row("pseudonym key", f"{pseudo['pseudonym_key_version']} (fingerprint "
+                      f"{pseudo.get('pseudonym_key_fingerprint') or 'not recorded'})")
     if quality:
         counts = quality["counts"]
         table.add_row("quality gate", f"{quality['gate']} ({counts['passed']}/{counts['evaluated']} expectations)")

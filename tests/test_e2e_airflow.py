@@ -48,7 +48,7 @@ def test_run_succeeds_and_prints_summary(embedded):
     assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
     for expected in ("landing records", "3,000", "quarantined", "silver records", "silver:", "quality gate",
                      "passed (", "quality:", "DP release", "privacy budget", "dp stats:", "candidate model",
-                     "2 x 2", "candidate:", "published model", "membership-inference AUC"):
+                     "2 x 2", "candidate:", "published model", "membership-inference AUC", "(fingerprint "):
         assert expected in first.stdout
 
 
