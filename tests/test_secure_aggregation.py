@@ -127,9 +127,9 @@ def training(tmp_path, monkeypatch):
     monkeypatch.setenv("PRIVREC_BUDGET_EPSILON", "1000")
     monkeypatch.delenv("PRIVREC_LEDGER_URL", raising=False)
 
-    def start(partitions: int = 2) -> tuple[str, Path]:
+    def start(partitions: int = 2, config: TrainConfig = CONFIG) -> tuple[str, Path]:
         lake = _tiny_lake(tmp_path, partitions)
-        tasks.prepare_training(lake, DAY, CONFIG, run_id="run-1", dag_id="privrec_nightly")
+        tasks.prepare_training(lake, DAY, config, run_id="run-1", dag_id="privrec_nightly")
         return lake, tasks.candidate_folder(lake, DAY) / "run"
 
     return start
@@ -303,8 +303,11 @@ def test_a_retry_reuses_the_masked_update_and_never_overwrites_it(training, monk
 def test_a_deleted_update_is_never_recomputed_from_changed_inputs(training):
     """A lake writer reads partition 0's masked update, deletes it and changes the shard: a second
     update under the same masks and noise would give away the difference (one user's clipped
-    gradient) without noise. The worker's note outside the lake refuses it."""
-    lake, run = training()
+    gradient) without noise. The worker's note outside the lake refuses it. (Distributed mode
+    with every user sampled: the update is the noisy gradient itself, so a changed user always
+    changes it; a local Adam step can hide a small change in its signs.)"""
+    lake, run = training(config=TrainConfig(mode="distributed", epsilon=8.0, delta=1e-6, rounds=2,
+                                            batch_size=100, dim=4))
     digest = _sealed(lake)
     tasks.train_partition(lake, DAY, 0, 0, digest)
     path = run / "round=0" / "masked" / "partition=0.npz"
