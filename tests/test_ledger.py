@@ -169,17 +169,25 @@ def _take_last_of_budget(url: str, run_id: str, start, results) -> None:
         results.put(("exceeded", str(exc)))
 
 
-def test_two_processes_cannot_both_take_the_last_of_the_budget(ledger_url):
-    Ledger(ledger_url)  # create the tables first
+def _race(target, url: str, processes: int) -> list:
+    """Run ``target(url, run id, barrier, queue)`` in ``processes`` spawned processes released
+    together by a barrier; what they put on the queue, once all have ended."""
     ctx = multiprocessing.get_context("spawn")
-    start, results = ctx.Barrier(2), ctx.Queue()
-    procs = [ctx.Process(target=_take_last_of_budget, args=(ledger_url, f"run-{i}", start, results))
-             for i in range(2)]
+    start, results = ctx.Barrier(processes), ctx.Queue()
+    procs = [ctx.Process(target=target, args=(url, f"run-{i}", start, results)) for i in range(processes)]
     for p in procs:
         p.start()
-    outcomes = sorted(results.get(timeout=120)[0] for _ in procs)
     for p in procs:
-        p.join(timeout=60)
+        p.join(timeout=120)
+    out = []
+    while not results.empty():
+        out.append(results.get(timeout=5))
+    return out
+
+
+def test_two_processes_cannot_both_take_the_last_of_the_budget(ledger_url):
+    Ledger(ledger_url)  # create the tables first
+    outcomes = sorted(r[0] for r in _race(_take_last_of_budget, ledger_url, 2))
     assert outcomes == ["exceeded", "ok"]
     assert len([r for r in Ledger(ledger_url).releases() if r.state == "reserved"]) == 1
 
@@ -305,17 +313,7 @@ def test_two_processes_of_one_day_publish_one_release(ledger_url):
     """Two runs of the same day at once (a manual trigger beside a backfill): one publishes, the
     other is told the release is in progress or reuses it; never two publications."""
     Ledger(ledger_url)
-    ctx = multiprocessing.get_context("spawn")
-    start, results = ctx.Barrier(2), ctx.Queue()
-    procs = [ctx.Process(target=_reserve_and_publish, args=(ledger_url, f"run-{i}", start, results))
-             for i in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    events = []
-    while not results.empty():
-        events.append(results.get(timeout=5))
+    events = _race(_reserve_and_publish, ledger_url, 2)
     assert len([e for e in events if e[0] == "published"]) == 1, events
     assert sorted(e[1] for e in events if e[0] == "done") in (["in progress", "new"], ["new", "reuse"]), events
     [release] = Ledger(ledger_url).releases()
@@ -464,7 +462,7 @@ def _old_ledger(url: str) -> None:
          "'2026-01-16 01:30:00')")
 
 
-def _open_ledger(url: str, start, results) -> None:
+def _open_ledger(url: str, run_id: str, start, results) -> None:
     start.wait()
     try:
         Ledger(url)
@@ -475,15 +473,7 @@ def _open_ledger(url: str, start, results) -> None:
 
 def test_workers_starting_together_migrate_an_old_ledger_once(ledger_url):
     _old_ledger(ledger_url)
-    ctx = multiprocessing.get_context("spawn")
-    start, results = ctx.Barrier(4), ctx.Queue()
-    procs = [ctx.Process(target=_open_ledger, args=(ledger_url, start, results)) for _ in range(4)]
-    for p in procs:
-        p.start()
-    outcomes = [results.get(timeout=120) for _ in procs]
-    for p in procs:
-        p.join(timeout=60)
-    assert outcomes == ["ok"] * 4
+    assert _race(_open_ledger, ledger_url, 4) == ["ok"] * 4
     problems, count, _ = Ledger(ledger_url).verify()
     assert problems == [] and count == 1  # the old release imported once
 
