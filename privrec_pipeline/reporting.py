@@ -86,7 +86,9 @@ def print_run_summary(console: Console, lake: str, day: dt.date, log: Path | Non
         table.add_row("  partitions x rounds", f"{candidate['partitions']} x {candidate['config']['rounds']}")
         table.add_row("  vocabulary / noise multiplier",
                       f"{candidate['vocabulary_size']:,} items / {plan['noise_multiplier']:.3g}")
-        outcome_path = lk.local_path(lk.partition_uri(lake, "candidates", day)) / "model" / "evaluation.json"
+        from privrec_pipeline.models.publish import operator_record
+
+        outcome_path = operator_record(lake, day)
         if outcome_path.exists():
             outcome = json.loads(outcome_path.read_text(encoding="utf-8"))
             metrics = outcome["evaluation"]["candidate"]

@@ -146,8 +146,10 @@ def test_release_is_written_accounted_and_holds_only_dp_values(spark, day_lake):
     doc = json.loads((out / "release.json").read_text())
     assert doc["epsilon"] == pytest.approx(20.0) and doc["delta"] == pytest.approx(1e-6)
     assert sum(s["epsilon"] for s in doc["statistics"].values()) == pytest.approx(20.0)
-    assert doc["statistics"]["item_users"]["noise_scale"] == pytest.approx(
-        PARAMS.max_items_per_user / doc["statistics"]["item_users"]["epsilon"])
+    # item_users gets 0.2 of epsilon 20 and has sensitivity K = 5: PyDP built b = 5 / 4.
+    assert doc["statistics"]["item_users"]["as_built"]["noise_scale"] == pytest.approx(5 / 4.0)
+    assert doc["statistics"]["item_users"]["as_built"]["library"] == "PyDP LaplaceMechanism"
+    assert doc["statistics"]["item_selection"]["as_built"]["epsilon"] == pytest.approx(8.0)
     assert doc["composition"]["tight_pld"]["epsilon"] <= doc["composition"]["basic"]["epsilon"] + 1e-6
     [release] = ledger.releases()
     assert (release.state, release.id, release.epsilon) == ("committed", doc["release_id"], pytest.approx(20.0))

@@ -95,3 +95,23 @@ def test_the_bounded_mean_error_is_what_its_noisy_parts_predict():
         TRUE["price_sum_centred"] ** 2 * 2 * (10 / 0.05) ** 2 / TRUE["purchases"] ** 4
     assert abs(means.mean() - true_mean) < 4 * math.sqrt(variance / RUNS)
     assert means.var() == pytest.approx(variance, rel=4 * math.sqrt(5 / RUNS))
+
+
+def test_a_mechanism_built_at_other_numbers_than_the_ledger_accounted_fails_the_release():
+    from privrec_pipeline.dp_stats.release import check_as_built
+    from privrec_pipeline.errors import PrivrecError
+    from privrec_pipeline.privacy.mechanisms import LaplaceNoise, PartitionSelection
+
+    params = DPStatsParams(epsilon=1.0, delta=1e-6)
+    plan = params.plan()
+    ok = {"item_users": LaplaceNoise(0.2, 5).describe(), "item_selection": PartitionSelection(0.4, 0.8e-6, 5).describe()}
+    assert check_as_built(plan, ok) == ok
+    with pytest.raises(PrivrecError, match=r"item_users .*epsilon: planned 0\.2, built 0\.4"):
+        check_as_built(plan, {"item_users": LaplaceNoise(0.4, 5).describe()})
+    with pytest.raises(PrivrecError, match=r"noise_scale: planned 25, built 12\.5"):
+        check_as_built(plan, {"item_users": {**LaplaceNoise(0.2, 5).describe(), "noise_scale": 12.5}})
+    with pytest.raises(PrivrecError, match=r"item_selection .*delta: planned 8e-07, built 0\.001"):
+        check_as_built(plan, {"item_selection": PartitionSelection(0.4, 1e-3, 5).describe()})
+    with pytest.raises(PrivrecError, match="not planned"):
+        check_as_built(DPStatsParams(epsilon=1.0, delta=1e-6, epsilon_split={"purchase_count": 0}).plan(),
+                       {"purchase_count": LaplaceNoise(0.05, 10).describe()})

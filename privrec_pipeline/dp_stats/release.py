@@ -23,7 +23,8 @@
 
 Output partition: ``items.parquet`` (the DP item vocabulary with noisy counts),
 ``funnel.parquet``, ``categories.parquet``, ``release.json`` (what was computed with which
-noise) and ``report.html``.
+noise: the planned numbers the ledger accounted and, under ``as_built``, PyDP's own
+description of each mechanism, checked against them) and ``report.html``.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import math
 import tempfile
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -38,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 from privrec_pipeline import lake as lk
 from privrec_pipeline.dp_stats.bounding import bounded_aggregates
 from privrec_pipeline.dp_stats.noise import NoisyRelease, add_noise
-from privrec_pipeline.dp_stats.params import DPStatsParams
+from privrec_pipeline.dp_stats.params import DPStatsParams, StatisticBudget
 from privrec_pipeline.dp_stats.report import render_release_page
 from privrec_pipeline.errors import LeaseLost, PrivrecError, QualityGateFailed
 from privrec_pipeline.manifest import pseudonym_fingerprint
@@ -157,11 +159,11 @@ def _compute(spark: "SparkSession", lake: str, day: dt.date, params: DPStatsPara
     noisy = add_noise(aggregates.items.toArrow(), aggregates.funnel.toArrow(), aggregates.categories.toArrow(),
                       aggregates.purchases.toArrow(), params)
     plan = params.plan()
-    statistics = {}
-    for name, budget in plan.items():
-        statistics[name] = {**noisy.mechanisms.get(name, {}), "mechanism": noisy.mechanisms.get(name, {}).get(
-            "mechanism", budget.mechanism), "epsilon": budget.epsilon, "delta": budget.delta,
-            "sensitivity": budget.sensitivity, "noise_scale": budget.noise_scale}
+    built = check_as_built(plan, noisy.mechanisms)
+    statistics = {name: {"mechanism": budget.mechanism, "epsilon": budget.epsilon, "delta": budget.delta,
+                         "sensitivity": budget.sensitivity, "noise_scale": budget.noise_scale,
+                         "as_built": built.get(name)}
+                  for name, budget in plan.items()}
     components = params.components()
     basic_e, basic_d = basic_composition([(b.epsilon, b.delta) for b in plan.values()])
     doc: dict[str, Any] = {
@@ -190,6 +192,34 @@ def _compute(spark: "SparkSession", lake: str, day: dt.date, params: DPStatsPara
     }
     doc["_tables"] = noisy
     return doc
+
+
+def check_as_built(plan: dict[str, StatisticBudget], built: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """PyDP's own description of each mechanism it drew noise with, checked against the plan
+    the ledger accounted: a mechanism built at another epsilon, sensitivity or scale than the
+    plan (or a planned statistic released without its mechanism) fails the release before
+    anything is written. Statistics that had no key to noise (nothing selected) have none."""
+    unplanned = sorted(set(built) - set(plan))
+    if unplanned:
+        raise PrivrecError(f"dp_stats: mechanisms {unplanned} were used but not planned (nor accounted)")
+    for name, mechanism in built.items():
+        budget = plan[name]
+        expected = {"mechanism": budget.mechanism, "epsilon": budget.epsilon}
+        if budget.mechanism == "laplace":
+            expected.update(l1_sensitivity=budget.sensitivity, noise_scale=budget.noise_scale)
+        else:
+            expected.update(delta=budget.delta, max_partitions_contributed=int(budget.sensitivity))
+        wrong = {k: (v, mechanism.get(k)) for k, v in expected.items()
+                 if not (mechanism.get(k) == v or (isinstance(v, float) and isinstance(mechanism.get(k), float)
+                                                  and math.isclose(mechanism[k], v, rel_tol=1e-9)))}
+        if wrong:
+            raise PrivrecError(f"dp_stats: the {name} mechanism was not built as planned "
+                               + ", ".join(f"{k}: planned {_num(v)}, built {_num(b)}" for k, (v, b) in wrong.items()))
+    return built
+
+
+def _num(value: Any) -> Any:
+    return format(value, ".6g") if isinstance(value, float) else value
 
 
 def _library_versions() -> dict[str, str]:

@@ -2,8 +2,11 @@
 model card and move the ``LATEST`` pointer.
 
     models/<name>/<version>/   model.safetensors, vocabulary.json, training.json,
-                               model_card.json, model_card.md, evaluation.json
+                               model_card.json, model_card.md
     models/<name>/LATEST       the published version (a one-line text file)
+    candidates/dt=D/evaluation.json
+                               the operator's record: exact hold-out metrics, user counts and the
+                               training shards' hash (private; never in the published folder)
 
 The version is ``<day>-r<ledger release id>``: a rerun of the same run finds it and creates
 no second version. The folder is complete before it is renamed into place, and ``LATEST``
@@ -39,6 +42,7 @@ from privrec_pipeline.training.data import Histories
 from privrec_pipeline.training.evaluation import Split
 
 DEFAULT_NAME = "privrec-recommender"
+OPERATOR_RECORD = "evaluation.json"
 
 
 def _code_version() -> str:
@@ -128,8 +132,11 @@ def publish(lake: str, day: dt.date, name: str = DEFAULT_NAME, gate: GateSetting
                 "reason": "this run's model was already published"}
     evaluation, _ = evaluate_candidate(lake, day, name, gate)
     outcome: dict[str, Any] = {"published": evaluation.publish, "version": version if evaluation.publish else None,
-                               "reason": evaluation.reason, "evaluation": evaluation.to_dict()}
-    (candidate / "evaluation.json").write_text(json.dumps(outcome, indent=2, sort_keys=True), encoding="utf-8")
+                               "reason": evaluation.reason, "evaluation": evaluation.to_dict(),
+                               "training_data_sha256": _fingerprint(lk.local_path(training_uri(lake, day)))}
+    # The operator's record (exact hold-out metrics and user counts, the training shards' hash):
+    # beside the candidate model, never copied into the published folder.
+    operator_record(lake, day).write_text(json.dumps(outcome, indent=2, sort_keys=True), encoding="utf-8")
     if not evaluation.publish:
         return outcome
     ledger = open_ledger(lake)
@@ -137,8 +144,7 @@ def publish(lake: str, day: dt.date, name: str = DEFAULT_NAME, gate: GateSetting
     window_end = dt.date.fromisoformat(report["window"][-1])
     spend = ledger.spend_at(window_end)
     manifest = json.loads(lk.local_path(lk.manifest_uri(lake, "build_partitions", day)).read_text(encoding="utf-8"))
-    card = model_card(name, version, report, evaluation, release, spend, manifest,
-                      _fingerprint(lk.local_path(training_uri(lake, day))))
+    card = model_card(name, version, report, evaluation, release, spend, manifest)
     tmp = root / f".{version}-{uuid.uuid4().hex[:8]}"
     tmp.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -203,8 +209,15 @@ def trust_model(plan: dict[str, Any], partitions: int) -> dict[str, Any]:
                             "Braghin 2021, as Opacus secure_mode)"}
 
 
+def operator_record(lake: str, day: dt.date) -> Path:
+    """The day's evaluation with its exact numbers, for operators only (not published)."""
+    from privrec_pipeline.training.tasks import candidate_folder
+
+    return candidate_folder(lake, day) / OPERATOR_RECORD
+
+
 def model_card(name: str, version: str, report: dict[str, Any], evaluation: Evaluation, release: Any, spend: Any,
-               manifest: dict[str, Any], fingerprint: str) -> dict[str, Any]:
+               manifest: dict[str, Any]) -> dict[str, Any]:
     plan, config = report["plan"], report["config"]
     return {
         "name": name, "version": version,
@@ -229,13 +242,11 @@ def model_card(name: str, version: str, report: dict[str, Any], evaluation: Eval
                           f"({report['vocabulary_size']} items)",
             "published_parameters": "item embeddings (in and out), item pooling logits, item biases; no user vectors",
         },
-        "data": {"window": report["window"], "days_used": manifest["days_used"], "dp_releases": manifest["releases"],
-                 "training_data_sha256": fingerprint},
+        "data": {"window": report["window"], "days_used": manifest["days_used"], "dp_releases": manifest["releases"]},
         "metrics": {"protocol": "DESIGN.md: users with >= 5 items, last 20% test, train items excluded",
                     "candidate": evaluation.candidate, "dp_popularity": evaluation.dp_popularity,
                     "previously_published": evaluation.published, "previous_version": evaluation.published_version},
-        "membership_inference": {"attack": "loss threshold (Yeom et al. 2018)", "auc": evaluation.mia_auc,
-                                 "users": evaluation.mia_users},
+        "membership_inference": {"attack": "loss threshold (Yeom et al. 2018)", "auc": evaluation.mia_auc},
         "warnings": evaluation.warnings,
         "code_version": _code_version(),
     }
@@ -284,7 +295,7 @@ Noise source: {t['noise_source']}.
 ## Data
 
 Window {', '.join(card['data']['window'])}; days used {', '.join(card['data']['days_used'])}; DP releases
-{card['data']['dp_releases']}; training data sha256 `{card['data']['training_data_sha256']}`.
+{card['data']['dp_releases']}.
 
 ## Metrics ({m['protocol']})
 
@@ -293,8 +304,7 @@ Window {', '.join(card['data']['window'])}; days used {', '.join(card['data']['d
 {table}
 
 Membership-inference audit ({card['membership_inference']['attack']}): AUC
-{'n/a' if auc is None else f'{auc:.3f}'} over {card['membership_inference']['users']['trained']} training and
-{card['membership_inference']['users']['held_out']} held-out users (0.5 = the attack learns nothing).
+{'n/a' if auc is None else f'{auc:.3f}'} between training and held-out users (0.5 = the attack learns nothing).
 
 Code: {card['code_version']}.
 """
