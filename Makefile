@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export PRIVREC_LAKE ?= $(CURDIR)/lake
 DEMO_DATE ?= 2026-01-15
 
-.PHONY: setup demo test bench airflow lint clean-lake
+.PHONY: setup demo test bench mutants airflow lint clean-lake
 
 $(STAMP): pyproject.toml constraints.txt scripts/setup.sh
 	@bash scripts/setup.sh
@@ -24,11 +24,14 @@ test: $(STAMP)
 bench: $(STAMP)
 	@$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
 
+mutants: $(STAMP)
+	@$(BIN)/python scripts/mutants.py $(MUTANT_ARGS)
+
 airflow: $(STAMP)
 	@$(BIN)/privrec airflow
 
 lint: $(STAMP)
-	@$(BIN)/ruff check privrec_pipeline jobs dags tests benchmarks
+	@$(BIN)/ruff check privrec_pipeline jobs dags tests benchmarks scripts
 
 clean-lake:
 	rm -rf "$(PRIVREC_LAKE)"

@@ -202,7 +202,8 @@ def airflow() -> None:
     ensure_metadata_db(env, home / "migrate.log")
     users = env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS"]
     console.print(f"Airflow home: {home}; lake: {env['PRIVREC_LAKE']}")
-    console.print(f"UI: http://localhost:8080  login: user '{users.split(':')[0]}', password in "
+    port = env.get("AIRFLOW__API__PORT") or "8080"  # Airflow's default; the tests choose free ports
+    console.print(f"UI: http://localhost:{port}  login: user '{users.split(':')[0]}', password in "
                   f"{home / 'simple_auth_manager_passwords.json.generated'} (printed by Airflow below)")
     os.execvpe("airflow", ["airflow", "standalone"], env)
 

@@ -6,6 +6,7 @@ import datetime as dt
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,16 +20,27 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 DEPLOYMENT_SETTINGS = ("PRIVREC_LEDGER_URL", "PRIVREC_BUDGET_EPSILON", "PRIVREC_BUDGET_DELTA",
-                       "PRIVREC_BUDGET_WINDOW_DAYS", "PRIVREC_BUDGET_LIFETIME_EPSILON", "PRIVREC_LEASE_SECONDS")
+                       "PRIVREC_BUDGET_WINDOW_DAYS", "PRIVREC_BUDGET_LIFETIME_EPSILON", "PRIVREC_LEASE_SECONDS",
+                       "PRIVREC_KEYS_JSON", "PRIVREC_TASK_RETRIES", "PRIVREC_TRAIN_PARTITIONS", "PRIVREC_TRAIN_ROUNDS")
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _no_deployment_settings():
-    """Tests choose their own ledger, budget and leases: a deployment's settings exported in
-    the shell that runs the suite must not leak into them."""
+def _no_deployment_settings(tmp_path_factory):
+    """Tests choose their own ledger, budget, leases, keys, lake and home: a deployment's
+    settings exported in the shell that runs the suite must not leak into them, and a test
+    that forgets to choose writes into a throwaway folder, never into the checkout's
+    ``.airflow``/``lake`` (partition secrets there would outlive the run and make the next run
+    depend on this one) nor reads the user's key file. ``PYSPARK_PYTHON`` is set here for
+    every test, not by the ``spark`` fixture on first use, so what a test's subprocesses
+    inherit does not depend on which tests ran before it."""
     patch = pytest.MonkeyPatch()
     for name in DEPLOYMENT_SETTINGS:
         patch.delenv(name, raising=False)
+    scratch = tmp_path_factory.mktemp("session-defaults")
+    patch.setenv("PRIVREC_HOME", str(scratch / "home"))
+    patch.setenv("PRIVREC_LAKE", str(scratch / "lake"))
+    patch.setenv("PRIVREC_KEY_FILE", str(scratch / "no-key-file.json"))  # tests pass their keys explicitly
+    patch.setenv("PYSPARK_PYTHON", sys.executable)  # Spark's Python workers: this interpreter
     yield
     patch.undo()
 
@@ -37,7 +49,6 @@ def _no_deployment_settings():
 def spark():
     from privrec_pipeline.spark.session import get_spark
 
-    os.environ.setdefault("PYSPARK_PYTHON", os.sys.executable)
     session = get_spark("privrec-tests", "local[2]")
     session.conf.set("spark.sql.shuffle.partitions", "2")
     # Not stopped here: the JVM goes with the process, and py4j would log its shutdown to
@@ -94,6 +105,56 @@ def unavailable(reason: str) -> None:
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(f"{reason} (CI=true: every service, tool and data set the suite uses must be there)")
     pytest.skip(reason)
+
+
+PORT_BLOCK = 64  # ports per process block in ``free_ports``
+PORT_FLOOR = 20000
+
+
+def _ephemeral_floor() -> int:
+    """The first port of the kernel's ephemeral range (ports it gives outgoing connections)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default; IANA's dynamic range starts at 49152
+
+
+def free_ports(count: int, exclude: frozenset[int] = frozenset()) -> list[int]:
+    """``count`` distinct TCP ports nothing is bound to now, for servers a test starts.
+
+    Each port is checked by binding it on every IPv4 interface (0.0.0.0), as Airflow's API
+    and log servers bind, and the sockets are held until all are chosen (so the ports are
+    distinct), then closed for the server to take. Between the close and the server's bind
+    another process could take a port; two things make that unlikely, and callers retry the
+    start once on a bind error: the ports lie below the kernel's ephemeral range (outgoing
+    connections, e.g. to PostgreSQL, never get them), and the search starts in a block of
+    this process's own (by PID), so two test runs started together look in different places.
+    """
+    import socket
+
+    first, last = PORT_FLOOR, _ephemeral_floor() - 1
+    blocks = (last - first + 1) // PORT_BLOCK
+    if blocks < 1:  # an unusual ephemeral range: search every unprivileged port
+        first, last, blocks = 1024, 65535, 1
+    start = first + (os.getpid() % blocks) * PORT_BLOCK
+    held: list[socket.socket] = []
+    try:
+        for port in [*range(start, last + 1), *range(first, start)]:
+            if port in exclude:
+                continue
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                sock.bind(("0.0.0.0", port))
+            except OSError:
+                sock.close()
+                continue
+            held.append(sock)
+            if len(held) == count:
+                return [s.getsockname()[1] for s in held]
+        raise RuntimeError(f"no {count} free TCP ports in {first}..{last}")
+    finally:
+        for sock in held:
+            sock.close()
 
 
 def released_day(spark, lake: str, keyring: KeyRing, generator: dict) -> None:

@@ -314,7 +314,7 @@ def test_the_model_card_states_the_trust_model(mode):
     spend = SimpleNamespace(start=dt.date(2026, 1, 1), end=dt.date(2026, 1, 30), epsilon=4.0, basic_epsilon=4.0,
                             policy=SimpleNamespace(epsilon=10.0, delta=1e-5), releases=[release])
     manifest = {"params": {"max_items_per_user": 50}, "days_used": ["2026-01-01"], "releases": [1]}
-    card = pub.model_card("m", "v", report, evaluation, release, spend, manifest, "0" * 64)
+    card = pub.model_card("m", "v", report, evaluation, release, spend, manifest)
     trust = card["privacy"]["trust_model"]
     text = pub.model_card_markdown(card)
     assert "can poison the sum" in text and "norm cannot be verified" in text
