@@ -16,13 +16,15 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import Asset, dag, task
 
+from privrec_pipeline.config import EARLIEST_DAY
+
 MODEL_ASSET = Asset("privrec-recommender", uri="privrec://models/privrec-recommender")
 
 
 @dag(
     dag_id="privrec_batch_recommendations",
     schedule=[MODEL_ASSET],
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    start_date=pendulum.datetime(EARLIEST_DAY.year, EARLIEST_DAY.month, EARLIEST_DAY.day, tz="UTC"),
     catchup=False,
     max_active_runs=1,
     tags=["privrec", "serving"],

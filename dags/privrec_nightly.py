@@ -49,6 +49,7 @@ from pathlib import Path
 import pendulum
 from airflow.sdk import Asset, CronDataIntervalTimetable, Param, dag, get_current_context, task
 
+from privrec_pipeline.config import EARLIEST_DAY
 from privrec_pipeline.orchestration.report_operators import DPStatsOperator, QualityValidateOperator
 from privrec_pipeline.orchestration.spark_operator import PrivrecSparkSubmitOperator
 from privrec_pipeline.spark.session import launch_conf
@@ -71,7 +72,7 @@ MODEL_ASSET = Asset("privrec-recommender", uri="privrec://models/privrec-recomme
 @dag(
     dag_id="privrec_nightly",
     schedule=CronDataIntervalTimetable("30 1 * * *", timezone="UTC"),
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    start_date=pendulum.datetime(EARLIEST_DAY.year, EARLIEST_DAY.month, EARLIEST_DAY.day, tz="UTC"),
     catchup=False,
     max_active_runs=2,
     tags=["privrec", "ingest", "privacy"],
@@ -125,6 +126,11 @@ MODEL_ASSET = Asset("privrec-recommender", uri="privrec://models/privrec-recomme
             description="Models are trained on tumbling windows of this many days, on the run of a "
                         "window's last day (other runs skip training), so each day of a user's data is in "
                         "one training release.",
+        ),
+        "train_vocabulary_size": Param(
+            0, type="integer", minimum=0, title="Training vocabulary size",
+            description="Train on the N items with the most (DP-released) users of the window; 0 trains on every "
+                        "released item: the whole catalog when the lake has one.",
         ),
         "train_epsilon": Param(
             1.0, type="number", exclusiveMinimum=0, title="Epsilon of the model",
@@ -263,7 +269,7 @@ def _training():
     digest through XCom (which writers of the lake cannot change)."""
     build = _spark_task(PrivrecSparkSubmitOperator, "build_partitions", "--set",
                         "window_days={{ params.train_window_days }}", "--set", f"partitions={PARTITIONS}",
-                        needs_keys=False)
+                        "--set", "max_vocabulary={{ params.train_vocabulary_size }}", needs_keys=False)
     partitions = list(range(PARTITIONS))
     due = training_due()
     published = publish_keys.expand(partition=partitions)

@@ -22,6 +22,9 @@ app.add_typer(import_app, name="import")
 app.add_typer(keys_app, name="keys")
 report_app = typer.Typer(help="Reports built from the runs' summaries (no data is read).", no_args_is_help=True)
 app.add_typer(report_app, name="report")
+catalog_app = typer.Typer(help="The item catalog: a public input (items, categories, prices, titles).",
+                          no_args_is_help=True)
+app.add_typer(catalog_app, name="catalog")
 console = Console()
 
 LakeOption = typer.Option(None, "--lake", help="Lake folder or URI (default: $PRIVREC_LAKE or ./lake).")
@@ -35,8 +38,15 @@ def _day(value: str) -> dt.date:
 
 
 def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}")
+    from rich.text import Text
+
+    console.print(Text.assemble(("error:", "bold red"), " ", message), highlight=False)  # Text: no markup, no emoji
     raise typer.Exit(1)
+
+
+def _say(text: str) -> None:
+    """Print text that holds input (ids, paths, file values) as it is: no markup, no emoji."""
+    console.print(text, markup=False, emoji=False, highlight=False)
 
 
 @app.command()
@@ -64,6 +74,42 @@ def generate(
     console.print(f"  -> {report.path}")
 
 
+@catalog_app.command("load")
+def catalog_load(
+    path: Path = typer.Argument(..., help="Catalog file: .csv (header) / .tsv, .jsonl or .parquet with columns "
+                                          "item_id, category and optionally price, title, available."),
+    date: str = typer.Option(..., "--date", help="First day the catalog is in force (YYYY-MM-DD)."),
+    lake: str | None = LakeOption,
+) -> None:
+    """Check a catalog and write it as the catalog from --date on (see docs: catalog format)."""
+    from privrec_pipeline.catalog import read_file, write_snapshot
+
+    try:
+        snap = write_snapshot(lake or lake_root(), _day(date), read_file(path), str(path))
+    except PrivrecError as exc:
+        _fail(str(exc))
+    _say(f"catalog from {snap.day}: {snap.items:,} items in {snap.categories:,} categories -> {snap.uri}")
+
+
+@catalog_app.command("show")
+def catalog_show(
+    date: str | None = typer.Option(None, "--date", help="Day whose catalog to show (default: every snapshot)."),
+    lake: str | None = LakeOption,
+) -> None:
+    """List the catalog's snapshots, or the one in force on --date."""
+    from privrec_pipeline.catalog import read_snapshot, snapshot_days, snapshot_for
+
+    root = lake or lake_root()
+    snaps = ([snapshot_for(root, _day(date))] if date else [read_snapshot(root, d) for d in snapshot_days(root)])
+    snaps = [s for s in snaps if s is not None]
+    if not snaps:
+        _fail(f"no catalog in {root}{' for ' + date if date else ''}: load one with privrec catalog load "
+              "(without a catalog, items are chosen by DP partition selection)")
+    for snap in snaps:
+        _say(f"{snap.day}  {snap.items:>10,} items  {snap.categories:>6,} categories  sha256 {snap.sha256[:12]}  "
+             f"from {snap.source}")
+
+
 @import_app.command("movielens")
 def import_movielens_cmd(
     path: Path = typer.Argument(..., help="ratings.csv (ml-latest) or u.data (ml-100k), or their folder."),
@@ -78,6 +124,11 @@ def import_movielens_cmd(
         _fail(str(exc))
     console.print(f"imported {report.ratings:,} ratings of {report.users:,} users on {report.items:,} items "
                   f"into {report.days:,} day partitions ({report.first_day} .. {report.last_day})")
+    if report.catalog:
+        _say(f"catalog: {report.catalog_items:,} movies from {report.catalog}, in force from {report.first_day}")
+    else:
+        _say("catalog: no movie list (movies.csv / u.item) beside the ratings; items will be chosen by DP "
+             "partition selection (load one with privrec catalog load)")
 
 
 @keys_app.command("init")
@@ -159,16 +210,21 @@ def run(
                                     help="A DAG Param for this run (value as JSON, else text); repeatable."),
 ) -> None:
     """Run the nightly DAG for one day on the embedded default and print a summary."""
+    from privrec_pipeline.config import EARLIEST_DAY
     from privrec_pipeline.orchestration.local import (
         airflow_env,
         dags_test,
         ensure_metadata_db,
         failure_reasons,
+        ran_collect,
     )
     from privrec_pipeline.reporting import print_run_summary
     from privrec_pipeline.settings import parse_key_values
 
     day = _day(date)
+    if day < EARLIEST_DAY:
+        _fail(f"{day} is before {EARLIEST_DAY}, the DAGs' start date: Airflow would mark the run successful without "
+              "running a task; move the data to a later day")
     try:
         conf = {"allow_empty": allow_empty, **parse_key_values(param, "DAG Param")}
     except PrivrecError as exc:
@@ -188,6 +244,9 @@ def run(
             console.print(f"  {reason}", markup=False, highlight=False)
         print_run_summary(console, env["PRIVREC_LAKE"], day, None)  # what did get done, and the report
         _fail(f"privrec_nightly failed for {day} (exit {code}); full log: {log}")
+    if not ran_collect(log.read_text(encoding="utf-8", errors="replace")):
+        _fail(f"privrec_nightly ran no task for {day} although Airflow reported success (is the day before the "
+              f"DAG's start date, or the DAG paused or missing?); full log: {log}")
     print_run_summary(console, env["PRIVREC_LAKE"], day, log)
 
 

@@ -6,6 +6,7 @@ for run knobs (dags/), typed dataclasses inside the library.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 from pathlib import Path
 
@@ -13,6 +14,10 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 """The source checkout (dags/ and jobs/ live beside the package)."""
 
 DAGS_DIR = PROJECT_ROOT / "dags"
+# The DAGs' start date: any day with data since the Unix epoch can run (history of any age:
+# MovieLens days from the 1990s, a shop's old logs). Airflow marks a run of a logical date
+# before a DAG's start date successful without running a task, so no later start date.
+EARLIEST_DAY = dt.date(1970, 1, 1)
 JOBS_DIR = PROJECT_ROOT / "jobs"
 
 ENV_LAKE = "PRIVREC_LAKE"

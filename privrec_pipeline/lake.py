@@ -24,6 +24,7 @@ ZONES = {
     "dp_stats": "gold/dp_stats",
     "training": "training",
     "candidates": "models/_candidates",
+    "catalog": "catalog/items",  # public input: dt=D is the catalog from day D on (catalog.py)
 }
 
 

@@ -77,7 +77,8 @@ def print_run_summary(console: Console, lake: str, day: dt.date, log: Path | Non
     if release:
         table.add_row("DP release", f"#{release['release_id']} epsilon {release['epsilon']:.3g}, "
                                     f"delta {release['delta']:.2g}")
-        table.add_row("  items released (DP vocabulary)", f"{release['released']['items']:,}")
+        keys = (release.get("keys") or {}).get("source", "DP partition selection")
+        table.add_row("  items released", f"{release['released']['items']:,} ({keys})")
     candidate = load_candidate(lake, day)
     if candidate:
         plan = candidate["plan"]
@@ -93,7 +94,9 @@ def print_run_summary(console: Console, lake: str, day: dt.date, log: Path | Non
             outcome = json.loads(outcome_path.read_text(encoding="utf-8"))
             metrics = outcome["evaluation"]["candidate"]
             table.add_row("  Recall@20 / NDCG@10 (hold-out)", f"{metrics['recall@20']:.4f} / {metrics['ndcg@10']:.4f}")
-            table.add_row("  DP popularity Recall@20", f"{outcome['evaluation']['dp_popularity']['recall@20']:.4f}")
+            popularity = outcome["evaluation"]["dp_popularity"]["recall@20"]
+            lift = f" (lift {metrics['recall@20'] / popularity - 1:+.1%})" if popularity > 0 else ""
+            table.add_row("  DP popularity Recall@20", f"{popularity:.4f}{lift}")
             mia = outcome["evaluation"]["mia_auc"]
             table.add_row("  membership-inference AUC", "n/a" if mia is None else f"{mia:.3f}")
             table.add_row("published model", outcome["version"] if outcome["published"]

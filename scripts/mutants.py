@@ -137,6 +137,10 @@ MUTANTS: tuple[Mutant, ...] = (
     # -- DP statistics: partition selection and the budget split ---------------------------
     Mutant("selection_skipped", NOISE_PY, "if key is not None and selection.keep(n)]", "if key is not None]",
            "every candidate item released, a one-user item included", (LONELY,)),
+    Mutant("catalog_unseen_items_hidden", NOISE_PY, "kept = list(range(len(ids)))",
+           "kept = [i for i, n in enumerate(users) if n > 0]",
+           "a catalog item is released only if somebody touched it: its presence reveals that, unnoised",
+           (f"{NOISE}::test_catalog_items_are_all_released_with_the_variance_of_their_share_and_no_other_key",)),
     Mutant("selection_delta_x10", NOISE_PY,
            "return PartitionSelection(budget.epsilon, budget.delta, int(budget.sensitivity)",
            "return PartitionSelection(budget.epsilon, 10 * budget.delta, int(budget.sensitivity)",

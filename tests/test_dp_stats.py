@@ -9,6 +9,7 @@ import re
 import shutil
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -18,6 +19,7 @@ from privrec_pipeline.dp_stats.bounding import bounded_aggregates
 from privrec_pipeline.dp_stats.params import DPStatsParams
 from privrec_pipeline.dp_stats.release import dp_stats_uri, run_dp_stats
 from privrec_pipeline.errors import (
+    ConfigurationError,
     PrivacyBudgetExceeded,
     PrivrecError,
     QualityGateFailed,
@@ -126,6 +128,8 @@ def day_lake(validated_lake, tmp_path) -> Path:
 
 # Generous enough that a 150-user day releases items (threshold about a dozen users).
 PARAMS = DPStatsParams(epsilon=20.0, delta=1e-6)
+# Without the catalog the generator writes: items and categories chosen by partition selection.
+SELECTION = DPStatsParams(epsilon=20.0, delta=1e-6, use_catalog=False)
 
 
 def _ledger(lake: Path, cap: float = 1000.0) -> Ledger:
@@ -138,7 +142,7 @@ def _items(uri: str):
 
 def test_release_is_written_accounted_and_holds_only_dp_values(spark, day_lake):
     ledger = _ledger(day_lake)
-    result = run_dp_stats(spark, str(day_lake), DAY, PARAMS, ledger, run_id="run-1", dag_id="privrec_nightly")
+    result = run_dp_stats(spark, str(day_lake), DAY, SELECTION, ledger, run_id="run-1", dag_id="privrec_nightly")
     assert result.status == "new"
     out = Path(result.uri)
     assert {p.name for p in out.iterdir() if not p.name.startswith(".")} >= {
@@ -173,6 +177,44 @@ def test_release_is_written_accounted_and_holds_only_dp_values(spark, day_lake):
     assert not pseudonyms & set(re.findall(r"[0-9a-f]{64}", text))
     assert str(silver.count()) not in json.dumps(doc["released"])
     assert "Top" in (out / "report.html").read_text() and "<svg" in (out / "report.html").read_text()
+
+
+def test_with_a_catalog_every_catalog_item_is_released_without_selection(spark, day_lake):
+    from privrec_pipeline import catalog as cat
+
+    # The day's catalog: 40 of the generated items (the others' events are left out) and one
+    # item nobody touched, which is released all the same (a public partition).
+    generated = cat.read_items(cat.snapshot_for(str(day_lake), DAY)).to_pylist()
+    listed = [*generated[:40], {"item_id": "itm_never_seen", "category": "books"}]
+    cat.write_snapshot(str(day_lake), DAY, pa.Table.from_pylist(listed), "test catalog")
+    ledger = _ledger(day_lake)
+    result = run_dp_stats(spark, str(day_lake), DAY, PARAMS, ledger, run_id="run-1")
+    doc = result.release
+    assert doc["keys"]["source"] == "catalog (public partitions)" and doc["keys"]["catalog"]["items"] == 41
+    # No selection, so no delta: the selections' weights (0.4 + 0.1 of 1) go to the others.
+    assert "item_selection" not in doc["statistics"] and "category_selection" not in doc["statistics"]
+    assert (doc["epsilon"], doc["delta"]) == (pytest.approx(20.0), 0.0)
+    [release] = ledger.releases()
+    assert (release.epsilon, release.delta) == (pytest.approx(20.0), 0.0)
+    # item_users: weight 0.2 of the remaining 0.5 -> epsilon 8, sensitivity K = 5 -> b = 5 / 8.
+    assert doc["statistics"]["item_users"]["as_built"]["noise_scale"] == pytest.approx(5 / 8)
+    items = {r["item_id"]: r for r in _items(result.uri)}
+    assert set(items) == {r["item_id"] for r in listed}
+    assert abs(items["itm_never_seen"]["users"]) <= 5 / 8 * 40  # noise of a zero count, P(|x| > 40 b) ~ e^-40
+    categories = {r["category"] for r in pq.read_table(f"{result.uri}/categories.parquet").to_pylist()}
+    assert categories == {r["category"] for r in listed}
+    # Exact distinct users of a listed item (the cap K = 5 binds for few users of this day).
+    silver = spark.read.parquet(lk.partition_uri(str(day_lake), "silver", DAY))
+    top = max(listed[:40], key=lambda r: items[r["item_id"]]["users"])["item_id"]
+    exact = silver.where(silver.item_id == top).select("user_pseudonym").distinct().count()
+    assert items[top]["users"] <= exact + 5 / 8 * 40
+    # A resume must present the same catalog: another one is another release description.
+    from privrec_pipeline.dp_stats.release import release_parameters, with_catalog
+
+    params, snapshot, _ = with_catalog(PARAMS, str(day_lake), DAY)
+    assert release_parameters(params, "fp", snapshot)["catalog"]["sha256"] == snapshot.sha256
+    with pytest.raises(ConfigurationError, match="public_items is set from the catalog"):
+        with_catalog(DPStatsParams(public_items=True), str(day_lake), DAY)
 
 
 def test_reruns_reuse_the_release_and_forced_reruns_spend(spark, day_lake):
@@ -233,7 +275,7 @@ def test_a_lost_release_is_not_silently_redrawn(spark, day_lake):
 
 
 def test_public_categories_are_released_without_selection(spark, day_lake):
-    params = DPStatsParams(epsilon=5.0, public_categories=("books", "no-such-category"))
+    params = DPStatsParams(epsilon=5.0, public_categories=("books", "no-such-category"), use_catalog=False)
     result = run_dp_stats(spark, str(day_lake), DAY, params, _ledger(day_lake))
     categories = pq.read_table(f"{result.uri}/categories.parquet").to_pylist()
     assert sorted(r["category"] for r in categories) == ["books", "no-such-category"]
@@ -259,14 +301,15 @@ def test_dp_stats_job_rejects_bad_settings_before_starting_spark(args, message, 
 
 def _killed_reservation(spark, lake: Path, ledger: Ledger, params: DPStatsParams, run_id: str):
     """What a run killed right after reserving leaves behind: an open reservation, no partition."""
-    from privrec_pipeline.dp_stats.release import RELEASE_KEY, release_parameters
+    from privrec_pipeline.dp_stats.release import RELEASE_KEY, release_parameters, with_catalog
     from privrec_pipeline.manifest import pseudonym_fingerprint
     from privrec_pipeline.spark.lakefs import LakeFS
 
+    params, catalog, _ = with_catalog(params, str(lake), DAY)
     epsilon, delta = params.spent()
     return ledger.reserve(RELEASE_KEY, DAY, DAY, params.components(), epsilon=epsilon, delta=delta, dag_id="d",
                           run_id=run_id, parameters=release_parameters(
-                              params, pseudonym_fingerprint(LakeFS(spark), str(lake), DAY))).release
+                              params, pseudonym_fingerprint(LakeFS(spark), str(lake), DAY), catalog)).release
 
 
 def test_a_resumed_release_computes_exactly_what_the_ledger_holds(spark, day_lake):

@@ -115,3 +115,27 @@ def test_a_mechanism_built_at_other_numbers_than_the_ledger_accounted_fails_the_
     with pytest.raises(PrivrecError, match="not planned"):
         check_as_built(DPStatsParams(epsilon=1.0, delta=1e-6, epsilon_split={"purchase_count": 0}).plan(),
                        {"purchase_count": LaplaceNoise(0.05, 10).describe()})
+
+
+def test_catalog_items_are_all_released_with_the_variance_of_their_share_and_no_other_key():
+    # With a catalog (public items and categories) the selections' weights (0.4 + 0.1) go to the
+    # other statistics: item_users gets 0.2 / 0.5 of epsilon 1 = 0.4, b = K / 0.4 = 12.5.
+    params = DPStatsParams(epsilon=1.0, delta=1e-6, public_items=True, public_categories=("books", "toys"))
+    catalog = ["itm_big", "itm_unseen"]  # itm_unseen: nobody touched it, released all the same
+    unseen, big = [], []
+    for _ in range(RUNS):
+        release = add_noise(*_aggregates([("itm_outside", 40)]), params, catalog)
+        items = {r["item_id"]: r for r in release.items.to_pylist()}
+        assert set(items) == set(catalog)  # an item outside the catalog is never a key
+        assert {r["category"] for r in release.categories.to_pylist()} == {"books", "toys"}
+        big.append(items["itm_big"]["users"] - TRUE["users"])
+        unseen.append(items["itm_unseen"]["users"])
+    variance = 2 * (5 / 0.4) ** 2
+    sample = np.asarray(big, dtype=float)
+    assert sample.var() == pytest.approx(variance, rel=4 * math.sqrt(5 / sample.size))
+    # A zero count is clamped at 0 after the noise (post-processing): about half the draws
+    # are 0, the others Laplace's positive half (mean b).
+    zeros = np.mean(np.asarray(unseen) == 0)
+    assert 0.45 < zeros < 0.6 and np.mean([u for u in unseen if u > 0]) == pytest.approx(12.5, rel=0.15)
+    with pytest.raises(ValueError, match="public_items"):
+        add_noise(*_aggregates(), params)  # the flag without the catalog's list

@@ -4,6 +4,7 @@ default (SQLite metadata, spark-submit local), keys from the Airflow connection
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import subprocess
@@ -12,12 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DAY, partition_snapshot
+from conftest import partition_snapshot
 from privrec_pipeline import lake as lk
 from privrec_pipeline.sources.synthetic import GeneratorConfig, generate_day
 
 pytestmark = pytest.mark.airflow
 PRIVREC = str(Path(sys.executable).parent / "privrec")
+# A day of the last century: history of any age runs (Airflow marks a run of a logical date
+# before the DAG's start date successful without running any task).
+DAY = dt.date(1999, 12, 31)
 
 
 @pytest.fixture(scope="module")
@@ -146,6 +150,14 @@ def test_rerun_changes_no_output(embedded):
     assert [partition_snapshot(z) for z in zones] == before
     assert _ledger_rows(root) == ledger_before  # the rerun reused the DP releases: nothing spent
     assert weights.read_bytes() == model_before  # and the trained model
+
+
+def test_a_day_before_the_dags_start_date_is_refused_before_airflow_runs(embedded):
+    _, env, _ = embedded
+    out = subprocess.run([PRIVREC, "run", "--date", "1969-12-31"], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 1
+    assert "1969-12-31 is before 1970-01-01, the DAGs' start date" in out.stdout
 
 
 def test_missing_day_fails_with_a_clear_message(embedded):

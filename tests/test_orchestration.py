@@ -81,3 +81,14 @@ def test_without_key_connection_nothing_is_injected(monkeypatch, operator):
     _connections(monkeypatch, "yarn", None)
     op.execute({})
     assert not captured["env_vars"]
+
+
+def test_a_dags_test_log_without_the_collect_task_is_not_a_run():
+    from privrec_pipeline.orchestration.local import ran_collect
+
+    ran = ("2026-12-02T05:40:01 [info] [DAG TEST] starting task_id=collect map_index=-1 [airflow.sdk] loc=dag.py:1501\n"
+           "2026-12-02T05:40:20 [info] [DAG TEST] end task task_id=collect map_index=-1\n")
+    assert ran_collect(ran) and ran_collect(ran.replace("task_id=collect", "task_id=ingest.collect"))
+    # What Airflow prints for a logical date before the DAG's start date: success, no task.
+    assert not ran_collect("2026-12-02T05:40:01 [info] Dag run succeeded\n")
+    assert not ran_collect("[DAG TEST] starting task_id=collect_report map_index=-1\n")

@@ -110,9 +110,23 @@ def bound_purchases(silver: "DataFrame", params: DPStatsParams, salt: str) -> "D
     return ranked.where(F.col("rank") <= params.max_purchases_per_user).drop("rank")
 
 
-def bounded_aggregates(silver: "DataFrame", params: DPStatsParams, salt: str) -> BoundedAggregates:
+def catalog_events(silver: "DataFrame", catalog: "DataFrame") -> "DataFrame":
+    """The events of catalog items, each with its item's catalog category (the public item ->
+    category map, not the event's own field). Events of other items are dropped before any
+    bounding, so a user's K item slots go to catalog items (PipelineDP drops contributions to
+    non-public partitions the same way); the quality report counts them."""
     from pyspark.sql import functions as F
 
+    return silver.drop(CATEGORY).join(F.broadcast(catalog.select(ITEM, CATEGORY)), ITEM, "inner")
+
+
+def bounded_aggregates(silver: "DataFrame", params: DPStatsParams, salt: str,
+                       catalog: "DataFrame | None" = None) -> BoundedAggregates:
+    """The bounded aggregates of ``silver`` (with ``catalog``: of the catalog's items only)."""
+    from pyspark.sql import functions as F
+
+    if catalog is not None:
+        silver = catalog_events(silver, catalog)
     items = bound_items(silver, params, salt)
     item_aggs = items.groupBy(ITEM).agg(F.count(F.lit(1)).alias("users"),
                                         *[F.sum(t).alias(t) for t in EVENT_TYPES])

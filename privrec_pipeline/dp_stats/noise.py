@@ -45,9 +45,22 @@ def _selected(keys: list[Any], users: list[int], selection: PartitionSelection) 
     return [i for i, (key, n) in enumerate(zip(keys, users, strict=True)) if key is not None and selection.keep(n)]
 
 
+def _public_keys(table: "pa.Table", key: str, public: list[str], columns: list[str]) -> "pa.Table":
+    """One row per public key, in the given order: its bounded values, 0 where it had none
+    (a public key is released whether or not anybody contributed to it); keys outside the
+    list are left out (PipelineDP's public partitions)."""
+    import pyarrow as pa
+
+    observed = {row[key]: row for row in table.select([key, *columns]).to_pylist()}
+    return pa.table({key: pa.array(public, pa.string()),
+                     **{c: pa.array([int((observed.get(k) or {}).get(c) or 0) for k in public], pa.int64())
+                        for c in columns}})
+
+
 def add_noise(items: "pa.Table", funnel: "pa.Table", categories: "pa.Table", purchases: "pa.Table",
-              params: DPStatsParams) -> NoisyRelease:
-    """Select keys and add noise, each statistic with its share of the release's budget."""
+              params: DPStatsParams, public_items: list[str] | None = None) -> NoisyRelease:
+    """Select keys and add noise, each statistic with its share of the release's budget.
+    ``public_items`` (with ``params.public_items``): the catalog's items, every one released."""
     import pyarrow as pa
 
     plan = params.plan()
@@ -55,11 +68,18 @@ def add_noise(items: "pa.Table", funnel: "pa.Table", categories: "pa.Table", pur
     kinds = {"users": pa.int64(), "users_low": pa.int64(), "users_high": pa.int64()}
 
     item_cols: dict[str, list[Any]] = {"item_id": [], **{k: [] for k in kinds}, **{t: [] for t in EVENT_TYPES}}
-    if "item_selection" in plan:
-        selection = _selection(plan["item_selection"], params)
-        mechanisms["item_selection"] = selection.describe()
+    if params.public_items != (public_items is not None):
+        raise ValueError("add_noise: public_items is the catalog's item list exactly when params.public_items")
+    if public_items is not None:
+        items = _public_keys(items, "item_id", public_items, ["users", *EVENT_TYPES])
+    if "item_selection" in plan or public_items is not None:
         ids, users = items.column("item_id").to_pylist(), items.column("users").to_pylist()
-        kept = _selected(ids, users, selection)
+        if public_items is None:
+            selection = _selection(plan["item_selection"], params)
+            mechanisms["item_selection"] = selection.describe()
+            kept = _selected(ids, users, selection)
+        else:
+            kept = list(range(len(ids)))
         item_cols["item_id"] = [ids[i] for i in kept]
         if "item_users" in plan:
             noise = _laplace(plan["item_users"], params)

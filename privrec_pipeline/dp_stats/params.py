@@ -23,7 +23,9 @@ differential-privacy library, ``BoundedMean``): post-processing, no extra budget
 
 Basic composition over the statistics (Dwork & Roth 2014, Thm 3.16) makes the release
 (sum of epsilons, sum of deltas)-DP; the ledger also composes the parts tightly (PLD).
-A weight of 0 leaves a statistic out.
+A weight of 0 leaves a statistic out. With a catalog (public items and categories,
+``public_items`` / ``public_categories``) the two selections are not run: their share of
+epsilon goes to the other statistics and the release is pure epsilon-DP (delta 0).
 """
 
 from __future__ import annotations
@@ -97,6 +99,13 @@ class DPStatsParams:
     public_categories: tuple[str, ...] = ()
     """A public list of categories (e.g. the catalog's): then categories need no selection, and
     events of other categories are not counted. Empty: categories go through partition selection."""
+    use_catalog: bool = True
+    """Use the day's item catalog (``privrec catalog``), when the lake has one, as the public keys of
+    the release: every catalog item and category gets a noisy value and no partition selection
+    (nor its delta) is needed; events of items outside the catalog are left out. False: keys
+    are chosen by partition selection even with a catalog."""
+    public_items: bool = False
+    """Set by the release from the catalog (not a setting): the items are public keys."""
     selection_strategy: str = "truncated_geometric"
     """PyDP partition selection strategy: truncated_geometric, laplace or gaussian."""
     confidence_level: float = 0.95
@@ -141,7 +150,7 @@ class DPStatsParams:
         if sum(w for s, w in eps.items() if s in self.selections() or s not in SELECTIONS) <= 0:
             fail("epsilon_split", "must give a positive weight to at least one statistic")
         for stat, selection in NEEDS.items():
-            if selection == "category_selection" and self.public_categories:
+            if selection not in self.selections():
                 continue
             if eps.get(stat, 0) > 0 and eps.get(selection, 0) <= 0:
                 fail("epsilon_split", f"gives {stat} a weight but not {selection}, which decides its keys")
@@ -167,8 +176,9 @@ class DPStatsParams:
         }[statistic]
 
     def selections(self) -> tuple[str, ...]:
-        """The partition selections this release runs (public categories need none)."""
-        return tuple(s for s in SELECTIONS if not (s == "category_selection" and self.public_categories))
+        """The partition selections this release runs (public items and categories need none)."""
+        public = {"item_selection": self.public_items, "category_selection": bool(self.public_categories)}
+        return tuple(s for s in SELECTIONS if not public[s])
 
     def plan(self) -> dict[str, StatisticBudget]:
         """The statistics with a positive weight and their (epsilon, delta) shares."""

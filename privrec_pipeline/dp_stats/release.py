@@ -34,15 +34,16 @@ import json
 import logging
 import math
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from privrec_pipeline import lake as lk
+from privrec_pipeline.catalog import CatalogSnapshot, read_items, snapshot_for
 from privrec_pipeline.dp_stats.bounding import bounded_aggregates
 from privrec_pipeline.dp_stats.noise import NoisyRelease, add_noise
 from privrec_pipeline.dp_stats.params import DPStatsParams, StatisticBudget
 from privrec_pipeline.dp_stats.report import render_release_page
-from privrec_pipeline.errors import LeaseLost, PrivrecError, QualityGateFailed
+from privrec_pipeline.errors import ConfigurationError, LeaseLost, PrivrecError, QualityGateFailed
 from privrec_pipeline.manifest import pseudonym_fingerprint
 from privrec_pipeline.privacy.accounting import basic_composition, composed_epsilon
 from privrec_pipeline.privacy.ledger import Ledger, Release
@@ -50,6 +51,7 @@ from privrec_pipeline.quality.validate import SUMMARY_FILE, report_uri
 from privrec_pipeline.spark.lakefs import LakeFS
 
 if TYPE_CHECKING:
+    import pyarrow as pa
     from pyspark.sql import SparkSession
 
 log = logging.getLogger(__name__)
@@ -76,14 +78,35 @@ def _read_json(fs: LakeFS, uri: str, release_id: int | None = None) -> dict[str,
     return None if doc is None or (release_id is not None and doc.get("release_id") != release_id) else doc
 
 
-def release_parameters(params: DPStatsParams, pseudonym_key_fingerprint: str) -> dict[str, Any]:
+def release_parameters(params: DPStatsParams, pseudonym_key_fingerprint: str,
+                       catalog: CatalogSnapshot | None = None) -> dict[str, Any]:
     """What decides the release's noise beyond its mechanisms: the settings, each statistic's
-    sensitivity and noise scale, and the pseudonym key (one user = one pseudonym only under
-    one key). A resumed reservation must present exactly these."""
-    return {"settings": params.to_dict(), "pseudonym_key_fingerprint": pseudonym_key_fingerprint,
-            "statistics": {name: {"mechanism": b.mechanism, "epsilon": b.epsilon, "delta": b.delta,
-                                  "sensitivity": b.sensitivity, "noise_scale": b.noise_scale}
-                           for name, b in params.plan().items()}}
+    sensitivity and noise scale, the pseudonym key (one user = one pseudonym only under one
+    key) and the catalog whose items are the public keys. A resumed reservation must present
+    exactly these."""
+    described = {"settings": params.to_dict(), "pseudonym_key_fingerprint": pseudonym_key_fingerprint,
+                 "statistics": {name: {"mechanism": b.mechanism, "epsilon": b.epsilon, "delta": b.delta,
+                                       "sensitivity": b.sensitivity, "noise_scale": b.noise_scale}
+                                for name, b in params.plan().items()}}
+    if catalog is not None:
+        described["catalog"] = {"day": catalog.day.isoformat(), "sha256": catalog.sha256, "items": catalog.items}
+    return described
+
+
+def with_catalog(params: DPStatsParams, lake: str, day: dt.date) -> tuple[DPStatsParams, CatalogSnapshot | None,
+                                                                          "pa.Table | None"]:
+    """The release's settings with the day's catalog as public keys (items and categories), the
+    snapshot and its items; without a catalog (or with ``use_catalog`` off) they are unchanged
+    and keys go through partition selection."""
+    if params.public_items:
+        raise ConfigurationError("DPStatsParams: public_items is set from the catalog, not by hand "
+                                 "(load a catalog with privrec catalog load, or use public_categories)")
+    snapshot = snapshot_for(lake, day) if params.use_catalog else None
+    if snapshot is None:
+        return params, None, None
+    items = read_items(snapshot).select(["item_id", "category"])
+    categories = tuple(sorted(set(items.column("category").to_pylist())))
+    return replace(params, public_items=True, public_categories=categories), snapshot, items
 
 
 def require_quality_gate(fs: LakeFS, lake: str, day: dt.date) -> None:
@@ -101,10 +124,11 @@ def run_dp_stats(spark: "SparkSession", lake: str, day: dt.date, params: DPStats
                  run_id: str = "manual", dag_id: str = "manual", force: bool = False) -> DPStatsResult:
     fs = LakeFS(spark)
     require_quality_gate(fs, lake, day)
+    params, catalog, catalog_items = with_catalog(params, lake, day)
     epsilon, delta = params.spent()
     reservation = ledger.reserve(RELEASE_KEY, day, day, params.components(), epsilon=epsilon, delta=delta,
                                  dag_id=dag_id, run_id=run_id, force=force,
-                                 parameters=release_parameters(params, pseudonym_fingerprint(fs, lake, day)))
+                                 parameters=release_parameters(params, pseudonym_fingerprint(fs, lake, day), catalog))
     release = reservation.release
     target = dp_stats_uri(lake, day)
     existing = _read_json(fs, f"{target}/{RELEASE_FILE}")
@@ -120,7 +144,7 @@ def run_dp_stats(spark: "SparkSession", lake: str, day: dt.date, params: DPStats
             "drawn again for free: restore the partition, or rerun with force to make (and pay for) a new release"
         )
     try:
-        doc = _compute(spark, lake, day, params, release, ledger)
+        doc = _compute(spark, lake, day, params, release, ledger, catalog, catalog_items)
         noisy: NoisyRelease = doc.pop("_tables")
         stage = fs.staging_uri(target)
         with tempfile.TemporaryDirectory(prefix="privrec-dp-stats-") as tmp:
@@ -151,13 +175,15 @@ def run_dp_stats(spark: "SparkSession", lake: str, day: dt.date, params: DPStats
 
 
 def _compute(spark: "SparkSession", lake: str, day: dt.date, params: DPStatsParams, release: Release,
-             ledger: Ledger) -> dict[str, Any]:
+             ledger: Ledger, catalog: CatalogSnapshot | None, catalog_items: "pa.Table | None") -> dict[str, Any]:
     silver_uri = lk.partition_uri(lake, "silver", day)
     silver = spark.read.parquet(silver_uri)
+    public = None if catalog_items is None else spark.createDataFrame(catalog_items.to_pandas())
     # The bounding hash is keyed by the day: reruns bound the same way.
-    aggregates = bounded_aggregates(silver, params, salt=f"privrec-dp-stats-{day.isoformat()}")
+    aggregates = bounded_aggregates(silver, params, salt=f"privrec-dp-stats-{day.isoformat()}", catalog=public)
     noisy = add_noise(aggregates.items.toArrow(), aggregates.funnel.toArrow(), aggregates.categories.toArrow(),
-                      aggregates.purchases.toArrow(), params)
+                      aggregates.purchases.toArrow(), params,
+                      None if catalog_items is None else catalog_items.column("item_id").to_pylist())
     plan = params.plan()
     built = check_as_built(plan, noisy.mechanisms)
     statistics = {name: {"mechanism": budget.mechanism, "epsilon": budget.epsilon, "delta": budget.delta,
@@ -184,6 +210,8 @@ def _compute(spark: "SparkSession", lake: str, day: dt.date, params: DPStatsPara
             "max_purchases_per_user", "price_lower", "price_upper")},
         "params": params.to_dict(),
         "released": {"items": noisy.items.num_rows, "categories": noisy.categories.num_rows},
+        "keys": ({"source": "catalog (public partitions)", "catalog": catalog.to_dict()} if catalog is not None
+                 else {"source": "DP partition selection"}),
         "purchases": noisy.purchases,
         "files": {**{t: f"{t}.parquet" for t in TABLES}, "report": REPORT_FILE,
                   "vocabulary": "items.parquet (item_id, ordered by noisy users)"},

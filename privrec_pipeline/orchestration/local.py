@@ -79,3 +79,12 @@ def failure_reasons(log_text: str, limit: int = 3) -> list[str]:
         if message not in bucket:
             bucket.append(message)
     return (own or other)[:limit]
+
+
+_TASK_STARTED = re.compile(r"\[DAG TEST\] starting task_id=(\S+)")
+
+
+def ran_collect(log_text: str) -> bool:
+    """Whether an ``airflow dags test`` log shows the collect task running (a run of a day
+    before the DAG's start date is reported successful without running any task)."""
+    return any(match.group(1).split(".")[-1] == "collect" for match in _TASK_STARTED.finditer(log_text))

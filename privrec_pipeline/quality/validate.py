@@ -108,7 +108,21 @@ def report_index_uri(lake: str, day: dt.date) -> str:
     return f"{report_uri(lake, day)}/{DOCS_INDEX}"
 
 
-def collect_frame(collect: dict, bronze_read: int, silver_read: int) -> "pd.DataFrame":
+def events_outside_catalog(spark: "SparkSession", lake: str, day: dt.date, silver: "DataFrame") -> int:
+    """Silver events whose item is not in the day's catalog (0 without a catalog): kept in
+    silver, left out of the DP statistics' public partitions, counted in the quality report."""
+    from pyspark.sql import functions as F
+
+    from privrec_pipeline.catalog import read_items, snapshot_for
+
+    snapshot = snapshot_for(lake, day)
+    if snapshot is None:
+        return 0
+    ids = spark.createDataFrame(read_items(snapshot).select(["item_id"]).to_pandas())
+    return silver.select("item_id").join(F.broadcast(ids), "item_id", "left_anti").count()
+
+
+def collect_frame(collect: dict, bronze_read: int, silver_read: int, outside_catalog: int = 0) -> "pd.DataFrame":
     """The one-row table the ``collect`` suite checks (pandas: Great Expectations' pandas
     engine checks one row in milliseconds, where Spark queries cost seconds)."""
     import pandas as pd
@@ -124,6 +138,7 @@ def collect_frame(collect: dict, bronze_read: int, silver_read: int) -> "pd.Data
         "quarantine_rate": quarantined / landing if landing else 0.0,
         "bronze_records_read": bronze_read,
         "silver_records_read": silver_read,
+        "events_outside_catalog": outside_catalog,
     }
     return pd.DataFrame([row]).astype({k: "float64" if k == "quarantine_rate" else "int64" for k in row})
 
@@ -264,6 +279,7 @@ def run_validate(spark: "SparkSession", lake: str, day: dt.date, config: Quality
     # Expectations prepares the silver suite.
     counting = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bronze-count")
     bronze_count = counting.submit(lambda: spark.read.parquet(lk.partition_uri(lake, "bronze", day)).count())
+    outside_catalog = counting.submit(events_outside_catalog, spark, lake, day, silver)
     counting.shutdown(wait=False)
 
     def load_summary(d: dt.date) -> dict | None:
@@ -285,7 +301,8 @@ def run_validate(spark: "SparkSession", lake: str, day: dt.date, config: Quality
         context = _context(f"{tmp}/{DATA_DOCS_DIR}")
         outcomes = _run_suite(context, "silver", silver, silver_specs, ge_run)
         silver_read = _silver_rows(outcomes, silver)
-        outcomes += _run_suite(context, "collect", collect_frame(collect, bronze_count.result(), silver_read),
+        outcomes += _run_suite(context, "collect", collect_frame(collect, bronze_count.result(), silver_read,
+                                                                 outside_catalog.result()),
                                collect_specs, ge_run)
         context.build_data_docs(site_names=["privrec"])
         failed_critical = [o.id for o in outcomes if not o.success and o.severity == "critical"]

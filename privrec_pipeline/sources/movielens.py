@@ -20,6 +20,10 @@ Mapping of one rating to one landing record (DESIGN.md "Raw event (landing) fiel
 - no session_id, category, price, quantity, email, ip, user_agent or search_query: MovieLens
   has none and the fields are optional.
 
+The release's movie list (``movies.csv`` beside ``ratings.csv``, ``u.item`` beside ``u.data``)
+becomes the lake's item catalog (``privrec_pipeline.catalog``), in force from the first
+rating's day: item ids as above, the first listed genre as the category, the title.
+
 Records are written to ``landing/interactions/dt=D/events-000.jsonl.gz`` (gzip JSONL), one
 partition per UTC calendar day of the timestamp, each replaced atomically
 (``LocalPartitionWriter``); within a partition records are ordered by time. Partitions of days
@@ -41,13 +45,17 @@ import json
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import numpy as np
 import pandas as pd
 
+from privrec_pipeline.catalog import ensure_snapshot
 from privrec_pipeline.errors import InputFormatError
 from privrec_pipeline.lake import LocalPartitionWriter, landing_partition
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 LANDING_FILE = "events-000.jsonl.gz"
 COLUMNS = ("user", "item", "rating", "timestamp")
@@ -81,6 +89,10 @@ ML_100K = MovieLensFormat(
     "a u.data of tab-separated user id, item id, rating, timestamp lines without header",
 )
 FORMATS: tuple[MovieLensFormat, ...] = (ML_LATEST, ML_100K)
+MOVIE_FILES = {"ml-latest": "movies.csv", "ml-100k": "u.item"}
+ML_100K_GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
+                  "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller",
+                  "War", "Western")
 HINT = ("pass the ratings.csv of ml-latest / ml-latest-small, the u.data of ml-100k, "
         "or the folder of one of these downloads")
 
@@ -98,6 +110,8 @@ class MovieLensImportReport:
     first_day: str
     last_day: str
     lake: str
+    catalog: str | None = None  # the movie list imported as the catalog (None: not found)
+    catalog_items: int = 0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -140,11 +154,56 @@ def import_movielens(path: str | Path, lake: str) -> MovieLensImportReport:
                 (staging / LANDING_FILE).write_bytes(gzip.compress(data, compresslevel=1, mtime=0))
 
     first, last = (EPOCH + dt.timedelta(days=int(days[i])) for i in (0, -1))
+    movies = _movies_file(file, fmt)
+    catalog_items = 0
+    if movies is not None:
+        # The release's movie list is its public catalog, in force from the first rating's day.
+        catalog_items = ensure_snapshot(lake, first, movie_catalog(movies, fmt), str(movies)).items
     return MovieLensImportReport(
         source=str(file), format=fmt.name, ratings=len(days),
         users=len(np.unique(ratings.user)), items=len(np.unique(ratings.item)),
         days=len(day_starts), first_day=first.isoformat(), last_day=last.isoformat(), lake=lake,
+        catalog=str(movies) if movies else None, catalog_items=catalog_items,
     )
+
+
+def _movies_file(ratings: Path, fmt: MovieLensFormat) -> Path | None:
+    """The release's movie list beside its ratings (movies.csv / u.item), if present."""
+    candidate = ratings.parent / MOVIE_FILES[fmt.name]
+    return candidate if candidate.is_file() else None
+
+
+def movie_catalog(file: Path, fmt: MovieLensFormat) -> "pa.Table":
+    """The movie list as a catalog: ``ml_movie_<id>``, the first listed genre as the category
+    (``unknown`` when none is listed), the title; no price.
+
+    ml-latest ``movies.csv``: ``movieId,title,genres`` with genres separated by ``|``;
+    ml-100k ``u.item``: ``|``-separated, Latin-1, id, title, dates, URL, then 19 genre flags
+    in the order of ``ML_100K_GENRES``."""
+    import pyarrow as pa
+
+    try:
+        if fmt.name == ML_LATEST.name:
+            frame = pd.read_csv(file, dtype={"movieId": "int64", "title": "string", "genres": "string"},
+                                keep_default_na=False)
+            if list(frame.columns) != ["movieId", "title", "genres"]:
+                raise InputFormatError(f"{file}: expected the header 'movieId,title,genres', found "
+                                       f"{','.join(map(str, frame.columns))!r}")
+            ids, titles = frame["movieId"], frame["title"]
+            first_genre = frame["genres"].str.split("|").str[0]
+        else:
+            frame = pd.read_csv(file, sep="|", header=None, encoding="latin-1", dtype=str, keep_default_na=False)
+            if frame.shape[1] != 5 + len(ML_100K_GENRES):
+                raise InputFormatError(f"{file}: expected {5 + len(ML_100K_GENRES)} '|'-separated fields per line "
+                                       f"(ml-100k u.item), found {frame.shape[1]}")
+            ids, titles = frame[0].astype("int64"), frame[1]
+            flags = frame.iloc[:, 5:].to_numpy() == "1"
+            first_genre = pd.Series([ML_100K_GENRES[row.argmax()] if row.any() else "" for row in flags])
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InputFormatError(f"{file}: not a MovieLens movie list ({str(exc).splitlines()[0]})") from exc
+    category = first_genre.where(~first_genre.isin(["", "(no genres listed)", "unknown"]), "unknown")
+    return pa.table({"item_id": [f"ml_movie_{i}" for i in ids], "category": category.astype(str).tolist(),
+                     "title": titles.astype(str).tolist()})
 
 
 def _ratings_file(path: Path) -> Path:

@@ -24,17 +24,28 @@ import datetime as dt
 import gzip
 import json
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from privrec_pipeline.catalog import ensure_snapshot
 from privrec_pipeline.lake import LocalPartitionWriter, landing_partition
 from privrec_pipeline.schema import MAX_RECORD_BYTES, QuarantineReason
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 N_CATEGORIES = 24
 CATEGORY_NAMES = [
     "books", "music", "movies", "games", "toys", "garden", "tools", "kitchen", "sports",
     "outdoor", "beauty", "health", "baby", "pets", "office", "electronics", "computers",
     "phones", "cameras", "fashion", "shoes", "jewelry", "home", "grocery",
+]
+# A noun per category (same order as CATEGORY_NAMES) for the items' public titles.
+CATEGORY_NOUNS = [
+    "novel", "album", "film", "board game", "toy", "planter", "drill", "pan", "ball", "tent", "cream",
+    "vitamin", "stroller", "leash", "notebook", "speaker", "laptop", "phone case", "lens", "jacket", "sneaker",
+    "ring", "lamp", "coffee",
 ]
 QUERY_WORDS = [
     "cheap", "best", "red", "blue", "wireless", "organic", "kids", "gift", "sale", "new",
@@ -135,6 +146,20 @@ def _catalog(n_items: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarra
     popularity = 1.0 / np.arange(1, n_items + 1) ** 1.1
     popularity = popularity[rng.permutation(n_items)]
     return item_ids, category, price, popularity / popularity.sum()
+
+
+def catalog_table(n_items: int, seed: int) -> "pa.Table":
+    """The generator's item catalog (what a shop publishes): id, category, price and a title
+    made of a word, the category's noun and the id's number; every item is available."""
+    import pyarrow as pa
+
+    item_ids, category, price, _ = _catalog(n_items, seed)
+    rng = np.random.default_rng([seed, 0x717E])
+    words = np.array(QUERY_WORDS)[rng.integers(0, len(QUERY_WORDS), size=n_items)]
+    nouns = np.array(CATEGORY_NOUNS)[category]
+    titles = [f"{w.capitalize()} {n} {i}" for i, (w, n) in enumerate(zip(words, nouns, strict=True))]
+    return pa.table({"item_id": item_ids, "category": np.array(CATEGORY_NAMES)[category], "price": price,
+                     "title": titles, "available": np.ones(n_items, dtype=bool)})
 
 
 def _session_start_seconds(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -359,6 +384,9 @@ def generate_day(cfg: GeneratorConfig, lake: str) -> GenerationReport:
         )
         # Hidden from Spark's readers (leading underscore): what was injected, for tests and demos.
         (staging / "_generation.json").write_text(report.to_json(), encoding="utf-8")
+    # The shop's public catalog (one snapshot while the items stay the same).
+    ensure_snapshot(lake, cfg.date, catalog_table(cfg.items, cfg.seed),
+                    f"privrec generate (items {cfg.items}, seed {cfg.seed})")
     return report
 
 

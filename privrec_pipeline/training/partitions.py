@@ -2,8 +2,10 @@
 
 Per user (the privacy unit), from the window's validated days:
 - deduplicated items with an event-type weight (the strongest event on the item);
-- restricted to the DP item vocabulary: the union of the items released by the window's
-  dp_stats releases (items nobody may learn about never get an embedding);
+- restricted to the item vocabulary: the union of the items released by the window's
+  dp_stats releases: with a catalog, every catalog item (public); without one, the items that
+  passed DP partition selection (items nobody may learn about never get an embedding);
+  optionally only the ``max_vocabulary`` items with the most noisy users;
 - capped to the L most recent items (the per-user contribution bound of the training data);
 - split by the evaluation protocol of DESIGN.md: users with at least 5 items give their
   last 20% (at least 1) by time as test items; only the rest is trained on;
@@ -28,7 +30,7 @@ from privrec_pipeline.schema import EventType
 from privrec_pipeline.settings import from_settings
 
 if TYPE_CHECKING:
-    from pyspark.sql import DataFrame
+    from pyspark.sql import DataFrame, SparkSession
 
 USER, ITEM = "user_pseudonym", "item_id"
 # The strongest signal on an item counts (weights are relative; the loss normalizes them).
@@ -46,8 +48,14 @@ class PartitionParams:
     """L: the most recent items of a user kept for training and evaluation."""
     holdout_user_share: float = 0.1
     """Share of users kept out of training entirely (evaluation, membership-inference audit)."""
+    max_vocabulary: int = 0
+    """N: train on the N items with the most (noisy, DP-released) users of the window; 0: every
+    released item (with a catalog: the whole catalog). For very large catalogs."""
 
     def __post_init__(self) -> None:
+        if self.max_vocabulary < 0:
+            raise ConfigurationError(f"PartitionParams: max_vocabulary must be 0 (all) or positive, not "
+                                     f"{self.max_vocabulary}")
         for name in ("window_days", "partitions", "max_items_per_user"):
             if getattr(self, name) < 1:
                 raise ConfigurationError(f"PartitionParams: {name} must be positive, not {getattr(self, name)}")
@@ -94,6 +102,49 @@ def user_items(silver: "DataFrame", vocabulary: "DataFrame", params: PartitionPa
         F.pmod(F.xxhash64(F.lit("privrec-partition"), F.col(USER)), F.lit(params.partitions)).cast("int")
         .alias("partition"),
     )
+
+
+def vocabulary_items(spark: "SparkSession", vocab_files: list[str], limit: int) -> list[str]:
+    """The window's released items (with a catalog: the catalog), sorted, so the same releases
+    give the same indices; with ``limit`` only the ``limit`` with the most noisy users summed
+    over the window's releases (DP values: post-processing)."""
+    from pyspark.sql import functions as F
+
+    released = spark.read.parquet(*vocab_files)
+    if limit:
+        top = (released.groupBy(ITEM).agg(F.sum(F.coalesce(F.col("users"), F.lit(0))).alias("users"))
+               .orderBy(F.col("users").desc(), F.col(ITEM)).limit(limit))
+        return sorted(r[0] for r in top.select(ITEM).collect())
+    return sorted(r[0] for r in released.select(ITEM).distinct().collect())
+
+
+def no_items_message(fs: Any, lake: str, days: list[dt.date], window: list[dt.date]) -> str:
+    """Why the window has no item to train on, from its DP releases (public or DP numbers only)."""
+    import json
+
+    from privrec_pipeline.dp_stats.release import RELEASE_FILE, dp_stats_uri
+
+    reasons = []
+    for d in days:
+        uri = f"{dp_stats_uri(lake, d)}/{RELEASE_FILE}"
+        if not fs.exists(uri):
+            continue
+        doc = json.loads(fs.read_text(uri))
+        selection = doc.get("statistics", {}).get("item_selection") or {}
+        built = selection.get("as_built") or {}
+        if selection:
+            needed = built.get("users_for_half_keep")
+            reasons.append(f"{d}: 0 items passed DP partition selection at epsilon {selection['epsilon']:.3g}"
+                           + (f" (an item needs about {needed:,} users for an even chance)" if needed else ""))
+        else:
+            reasons.append(f"{d}: release {doc.get('release_id')} holds no item")
+    from privrec_pipeline.catalog import snapshot_for
+
+    catalog = ("the releases did not use the lake's catalog (dp_settings use_catalog is off)"
+               if snapshot_for(lake, days[-1]) is not None else "the lake has no item catalog for these days")
+    return (f"no item to train on in {window[0]}..{window[-1]}: " + "; ".join(reasons or ["no release"])
+            + f". Without a catalog, items must pass partition selection ({catalog}): load the shop's catalog "
+              "(privrec catalog load) to release every catalog item, raise dp_epsilon, or use days with more users")
 
 
 @dataclass(frozen=True)
@@ -159,8 +210,9 @@ def run_build_partitions(spark: Any, lake: str, day: dt.date, params: PartitionP
     if not vocab_files:
         raise PrivrecError(f"no DP statistics release in the training window {window[0]}..{window[-1]}: there is no "
                            "DP item vocabulary (run dp_stats for these days first)")
-    # Released items only (small): indexed in sorted order, so the same releases give the same indices.
-    items = sorted(r[0] for r in spark.read.parquet(*vocab_files).select(ITEM).distinct().collect())
+    items = vocabulary_items(spark, vocab_files, params.max_vocabulary)
+    if not items:
+        raise PrivrecError(no_items_message(fs, lake, days, window))
     vocabulary = spark.createDataFrame([(item, i) for i, item in enumerate(items)], "item_id string, item_index long")
     silver = spark.read.parquet(*[lk.partition_uri(lake, "silver", d) for d in days])
     rows = user_items(silver, vocabulary, params).persist()
@@ -181,8 +233,10 @@ def run_build_partitions(spark: Any, lake: str, day: dt.date, params: PartitionP
                                                         F.count(F.lit(1)).alias("items")).collect()}
         missing = [k for k in range(params.partitions) if str(k) not in per_partition]
         if missing:
-            raise PrivrecError(f"partition(s) {missing} have no users in {window[0]}..{window[-1]}: use fewer "
-                               f"partitions than {params.partitions} for this population")
+            raise PrivrecError(
+                f"too few users for {params.partitions} training partitions in {window[0]}..{window[-1]}: "
+                f"partition(s) {missing} hold no user with an item of the vocabulary ({len(items):,} items). Use fewer "
+                "partitions (PRIVREC_TRAIN_PARTITIONS, at least 2), a longer window (train_window_days) or more data")
         held = rows.where(F.col("n") >= MIN_ITEMS).agg(
             F.countDistinct(F.when(F.col("holdout_user"), F.col(USER))).alias("held_out_users"),
             F.countDistinct(F.when(~F.col("holdout_user"), F.col(USER))).alias("evaluated_training_users")).first()
