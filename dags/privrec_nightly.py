@@ -90,6 +90,11 @@ MODEL_ASSET = Asset("privrec-recommender", uri="privrec://models/privrec-recomme
             description="Accept a missing or empty landing partition (a day without traffic) "
                         "instead of failing the run.",
         ),
+        "unknown_items": Param(
+            "quarantine", type="string", enum=["quarantine", "keep"], title="Events of items outside the catalog",
+            description="With an item catalog: quarantine such events (reason unknown_item), or keep them in silver "
+                        "(the quality report counts them; the DP statistics leave them out).",
+        ),
         "quarantine_rate_max": Param(
             0.05, type="number", minimum=0, maximum=1, title="Largest quarantine rate",
             description="Validation fails the day when collect quarantined a larger share of the "
@@ -171,7 +176,8 @@ MODEL_ASSET = Asset("privrec-recommender", uri="privrec://models/privrec-recomme
     },
 )
 def privrec_nightly() -> None:
-    collect = _spark_task(PrivrecSparkSubmitOperator, "collect", "--allow-empty", "{{ params.allow_empty }}")
+    collect = _spark_task(PrivrecSparkSubmitOperator, "collect", "--allow-empty", "{{ params.allow_empty }}",
+                          "--unknown-items", "{{ params.unknown_items }}")
     pseudonymize = _spark_task(PrivrecSparkSubmitOperator, "pseudonymize")
     validate = _spark_task(
         QualityValidateOperator, "validate", "--allow-empty", "{{ params.allow_empty }}",

@@ -1,6 +1,7 @@
 """Spark job: collect one day of landing logs into bronze + quarantine (+ manifest).
 
     spark-submit jobs/collect.py --date 2026-01-15 [--lake URI] [--allow-empty [true|false]]
+        [--unknown-items quarantine|keep]
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import base_parser, parse_bool, resolve_lake
-from privrec_pipeline.ingest import run_collect
+from privrec_pipeline.ingest import UNKNOWN_ITEMS, run_collect
 from privrec_pipeline.secrets import load_keyring
 from privrec_pipeline.spark.session import get_spark
 
@@ -21,11 +22,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--allow-empty", nargs="?", const="true", default="false", type=parse_bool,
                         help="accept a missing or empty landing partition (a day without traffic)")
+    parser.add_argument("--unknown-items", choices=UNKNOWN_ITEMS, default="quarantine",
+                        help="records of items outside the day's catalog: quarantine them (reason unknown_item) or "
+                             "keep them (validate counts them; the DP statistics leave them out)")
     args = parser.parse_args(argv)
     keys = load_keyring()
     spark = get_spark(f"privrec-collect-{args.date}", args.master)
     manifest = run_collect(spark, resolve_lake(args.lake), args.date, keys,
-                           run_id=args.run_id, allow_empty=args.allow_empty)
+                           run_id=args.run_id, allow_empty=args.allow_empty, unknown_items=args.unknown_items)
     print(json.dumps({"step": "collect", "date": manifest.date, "landing": manifest.landing_records,
                       "bronze": manifest.bronze_records, "quarantined": manifest.quarantined_total,
                       "duplicates": manifest.duplicates, "encryption_key_version": manifest.encryption_key_version,

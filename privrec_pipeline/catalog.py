@@ -30,6 +30,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,6 +41,7 @@ from privrec_pipeline.errors import InputFormatError
 if TYPE_CHECKING:
     import pyarrow as pa
 
+log = logging.getLogger(__name__)
 ITEMS_FILE = "items.parquet"
 META_FILE = "_catalog.json"
 REQUIRED = ("item_id", "category")
@@ -212,8 +214,18 @@ def zone_uri(lake: str) -> str:
     return lk.zone_uri(lake, "catalog")
 
 
+def is_local(lake: str) -> bool:
+    return lake.startswith("file://") or "://" not in lake
+
+
 def snapshot_days(lake: str) -> list[dt.date]:
-    """The days of the catalog's snapshots, oldest first (local lake)."""
+    """The days of the catalog's snapshots, oldest first. Catalogs are read on local lakes
+    only for now: on an object store or HDFS there is none (keys then go through partition
+    selection, as without a catalog), and a warning says so."""
+    if not is_local(lake):
+        log.warning("the item catalog is read on local lakes only: %s has none for privrec (items are chosen by "
+                    "DP partition selection)", lake)
+        return []
     root = lk.local_path(zone_uri(lake))
     days = []
     if root.is_dir():

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from privrec_pipeline import lake as lk
 from privrec_pipeline.crypto import key_frame
-from privrec_pipeline.errors import LandingPartitionError, PrivrecError
+from privrec_pipeline.errors import ConfigurationError, LandingPartitionError, PrivrecError
 from privrec_pipeline.manifest import CollectManifest, PseudonymizeManifest
 from privrec_pipeline.schema import QUARANTINE_REASONS
 from privrec_pipeline.secrets import KeyRing
@@ -58,10 +58,22 @@ def _no_landing(day: dt.date, landing: str, problem: str) -> LandingPartitionErr
     )
 
 
+UNKNOWN_ITEMS = ("quarantine", "keep")
+
+
 def run_collect(spark: "SparkSession", lake: str, day: dt.date, keys: KeyRing, *,
-                run_id: str = "manual", allow_empty: bool = False) -> CollectManifest:
-    """landing/dt=D -> bronze/dt=D + quarantine/dt=D + _manifests/collect/dt=D.json."""
+                run_id: str = "manual", allow_empty: bool = False, unknown_items: str = "quarantine") -> CollectManifest:
+    """landing/dt=D -> bronze/dt=D + quarantine/dt=D + _manifests/collect/dt=D.json.
+
+    With a catalog in force for D, ``unknown_items="quarantine"`` quarantines records of items
+    outside it (reason ``unknown_item``); ``"keep"`` keeps them (validate counts them, and the
+    DP statistics leave them out). Without a catalog every item is accepted."""
     from pyspark.sql import functions as F
+
+    from privrec_pipeline.catalog import read_items, snapshot_for
+
+    if unknown_items not in UNKNOWN_ITEMS:
+        raise ConfigurationError(f"unknown_items must be one of {UNKNOWN_ITEMS}, not {unknown_items!r}")
 
     fs = LakeFS(spark)
     interval = DataInterval(day)
@@ -76,7 +88,11 @@ def run_collect(spark: "SparkSession", lake: str, day: dt.date, keys: KeyRing, *
 
     lines = spark.read.text([f.uri for f in files]) if files else spark.createDataFrame([], "value string")
     lines = lines.select("value", F.input_file_name().alias("source_file"))
-    classified = tc.classify_landing(lines, interval.start, interval.end)
+    catalog = snapshot_for(lake, day)
+    catalog_items = None
+    if catalog is not None and unknown_items == "quarantine":
+        catalog_items = spark.createDataFrame(read_items(catalog).select(["item_id"]).to_pandas())
+    classified = tc.classify_landing(lines, interval.start, interval.end, catalog_items)
 
     version = keys.encryption.version
     bronze_uri = lk.partition_uri(lake, "bronze", day)
@@ -113,6 +129,8 @@ def run_collect(spark: "SparkSession", lake: str, day: dt.date, keys: KeyRing, *
             duplicates=duplicates, encryption_key_version=version,
             encryption_key_fingerprint=keys.encryption.fingerprint,
             bronze_uri=bronze_uri, quarantine_uri=quarantine_uri, allow_empty=allow_empty,
+            unknown_items=unknown_items if catalog is not None else "keep",
+            catalog={"day": catalog.day.isoformat(), "sha256": catalog.sha256} if catalog is not None else None,
         )
         manifest.check_balance()
         fs.commit_partition(bronze_stage, bronze_uri)

@@ -37,6 +37,8 @@ class CollectManifest:
     quarantine_uri: str
     allow_empty: bool = False
     encryption_key_fingerprint: str = ""  # always set by run_collect (older manifests lack it)
+    unknown_items: str = "keep"  # what collect did with items outside the catalog (keep | quarantine)
+    catalog: dict[str, Any] | None = None  # the catalog snapshot checked against (day, sha256), if any
     step: str = "collect"
 
     @property

@@ -77,6 +77,7 @@ class QuarantineReason(StrEnum):
     OVERSIZE_FIELD = "oversize_field"
     UNKNOWN_EVENT_TYPE = "unknown_event_type"
     EVENT_TIME_OUTSIDE_INTERVAL = "event_time_outside_interval"
+    UNKNOWN_ITEM = "unknown_item"  # not in the day's catalog (only with unknown_items=quarantine)
 
 
 QUARANTINE_REASONS: tuple[str, ...] = tuple(r.value for r in QuarantineReason)

@@ -10,7 +10,7 @@ import pytest
 from conftest import DAY, good_event, line, partition_snapshot, write_landing
 from privrec_pipeline import crypto
 from privrec_pipeline import lake as lk
-from privrec_pipeline.errors import LandingPartitionError, ManifestMismatchError
+from privrec_pipeline.errors import ConfigurationError, LandingPartitionError, ManifestMismatchError
 from privrec_pipeline.ingest import run_collect
 from privrec_pipeline.manifest import CollectManifest
 from privrec_pipeline.schema import MAX_RECORD_BYTES, QUARANTINE_REASONS
@@ -76,7 +76,31 @@ def test_every_malformed_kind_is_quarantined_with_its_reason(spark, lake, collec
     oversize = [r for r in got if r[0] == "oversize_record"]
     assert [r for r in got if r[0] != "oversize_record"] == want
     assert len(oversize) == 1
-    assert set(r for r, _, _ in CASES) == set(QUARANTINE_REASONS)  # the cases cover every reason
+    # The cases cover every reason (unknown_item needs a catalog: tested below).
+    assert set(r for r, _, _ in CASES) | {"unknown_item"} == set(QUARANTINE_REASONS)
+
+
+def test_with_a_catalog_unknown_items_are_quarantined_or_kept_by_the_setting(spark, lake, keyring):
+    import pyarrow as pa
+
+    from privrec_pipeline import catalog as cat
+
+    # The catalog lists itm_0000 .. itm_0011; good_event(i) uses itm_{i % 13}: i = 12 and 25 are unknown.
+    cat.write_snapshot(lake, DAY, pa.table({"item_id": [f"itm_{k:04d}" for k in range(12)],
+                                            "category": ["books"] * 12}), "test")
+    bad_and_unknown = line(good_event(300, event_type="click", item_id="itm_0012"))  # first reason wins
+    write_landing(lake, DAY, [line(good_event(i)) for i in range(26)] + [bad_and_unknown])
+    manifest = run_collect(spark, lake, DAY, keyring, run_id="test")
+    assert manifest.quarantined["unknown_item"] == 2 and manifest.quarantined["unknown_event_type"] == 1
+    assert manifest.bronze_records == 24 and manifest.unknown_items == "quarantine"
+    assert manifest.catalog["sha256"] == cat.snapshot_for(lake, DAY).sha256
+    q = spark.read.parquet(lk.partition_uri(lake, "quarantine", DAY)).where("reason = 'unknown_item'")
+    assert sorted(r.detail for r in q.collect()) == ["item_id", "item_id"]
+    assert q.where("raw_record_enc is null").count() == 0  # the raw line is kept (encrypted)
+    kept = run_collect(spark, lake, DAY, keyring, run_id="test", unknown_items="keep")
+    assert kept.quarantined["unknown_item"] == 0 and kept.bronze_records == 26
+    with pytest.raises(ConfigurationError, match="unknown_items must be one of"):
+        run_collect(spark, lake, DAY, keyring, unknown_items="drop")
 
 
 def test_manifest_balances_and_counts_duplicates(collected):

@@ -340,6 +340,9 @@ def _bad_record(kind: str, good: dict, cfg: GeneratorConfig, i: int) -> bytes:
         day = cfg.date + dt.timedelta(days=-1 if i % 2 == 0 else 1)
         rec["event_time"] = f"{day}T12:00:00Z"
         return json.dumps(rec).encode("utf-8")
+    if kind == "unknown_item":  # an item the generator's catalog does not list
+        rec["item_id"] = f"itm_discontinued_{i:06d}"
+        return json.dumps(rec).encode("utf-8")
     raise ValueError(f"unknown bad record kind {kind!r}")
 
 

@@ -107,7 +107,8 @@ def record_position() -> "Column":
     return F.monotonically_increasing_id()
 
 
-def classify_landing(lines: "DataFrame", start: dt.datetime, end: dt.datetime) -> "DataFrame":
+def classify_landing(lines: "DataFrame", start: dt.datetime, end: dt.datetime,
+                     catalog_items: "DataFrame | None" = None) -> "DataFrame":
     """Parse raw landing lines and decide, per line, accepted or quarantined with a reason.
 
     ``lines`` has ``value`` (the raw line, bytes as read) and ``source_file``. The result has
@@ -120,6 +121,10 @@ def classify_landing(lines: "DataFrame", start: dt.datetime, end: dt.datetime) -
     or array, are "suspect" and re-parsed as VARIANT to name the exact problem (malformed,
     not an object, which field has which wrong type). Suspect lines are rare, so the
     precise path costs almost nothing on clean data.
+
+    With ``catalog_items`` (a DataFrame of the day's catalog ``item_id``s, broadcast), an
+    otherwise valid record whose item is not in the catalog is quarantined as
+    ``unknown_item`` (the last rule: a record with another problem keeps that reason).
     """
     from pyspark.sql import functions as F
 
@@ -197,6 +202,10 @@ def classify_landing(lines: "DataFrame", start: dt.datetime, end: dt.datetime) -
         (R.EVENT_TIME_OUTSIDE_INTERVAL,
          (event_time < F.lit(start)) | (event_time >= F.lit(end)), F.lit("event_time")),
     ]
+    if catalog_items is not None:
+        known = F.broadcast(catalog_items.select(F.col("item_id").alias("_catalog_item")).distinct())
+        checks = checks.join(known, checks["item_id"] == known["_catalog_item"], "left")
+        rules.append((R.UNKNOWN_ITEM, F.col("_catalog_item").isNull(), F.lit("item_id")))
     # One code per record: the first rule that holds (CASE WHEN evaluates in order).
     reason = F.when(rules[0][1], F.lit(rules[0][0].value))
     detail = F.when(rules[0][1], rules[0][2])
