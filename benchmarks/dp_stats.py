@@ -112,12 +112,17 @@ def _groupby(silver: "DataFrame") -> int:
 
 
 def _dp(silver: "DataFrame", params: Any, salt: str = "bench") -> Any:
-    from privrec_pipeline.dp_stats.bounding import bounded_aggregates
+    from privrec_pipeline.dp_stats.bounding import bounded_aggregates, items_per_user_histogram
+    from privrec_pipeline.dp_stats.bounds import dropped_contributions
     from privrec_pipeline.dp_stats.noise import add_noise
 
     aggs = bounded_aggregates(silver, params, salt)
+    dropped = None
+    if "bounding_bias" in params.plan():
+        histogram = items_per_user_histogram(silver, params.bias_cap())
+        dropped = dropped_contributions(histogram, params.max_items_per_user, params.bias_cap())
     return add_noise(aggs.items.toArrow(), aggs.funnel.toArrow(), aggs.categories.toArrow(),
-                     aggs.purchases.toArrow(), params)
+                     aggs.purchases.toArrow(), params, dropped=dropped)
 
 
 def _pipeline_dp(spark: "SparkSession", silver: "DataFrame", params: Any) -> int:

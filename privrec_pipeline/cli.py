@@ -367,7 +367,10 @@ def train(
         _fail(str(exc))
     import pyarrow.dataset as ds
 
+    from privrec_pipeline.training.data import read_vocabulary
+
     vocab_size = ds.dataset(str(folder / "vocabulary"), format="parquet").count_rows()
+    item_category = read_vocabulary(folder / "vocabulary", vocab_size).item_category  # None: no catalog
     shards = [load_shard(d) for d in shard_dirs]
     run_id = f"cli-{uuid.uuid4().hex[:12]}"
     release = _experiment_release(root, day, folder, config, plan_privacy(config, [s.users for s in shards]),
@@ -375,7 +378,8 @@ def train(
     try:
         with console.status(f"training {mode} on {len(shards)} partition(s), {sum(s.users for s in shards):,} users"):
             # one process holds every shard here: masking is exercised when there is someone to mask with
-            result = train_in_process(config, shards, vocab_size, run_id=run_id, secure=len(shards) >= 2)
+            result = train_in_process(config, shards, vocab_size, run_id=run_id, secure=len(shards) >= 2,
+                                      item_category=item_category)
     except BaseException as exc:
         if release is not None:
             release[0].fail(release[1], f"{type(exc).__name__} before training finished", run_id=run_id)

@@ -66,6 +66,7 @@ TRAIN = "tests/test_training.py"
 TRAIN_NOISE = "tests/test_training_noise.py"
 SECAGG = "tests/test_secure_aggregation.py"
 LEDGER = "tests/test_ledger.py"
+BOUNDS_TEST = "tests/test_dp_bounds.py"
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,7 @@ class Mutant:
 MECHANISMS = "privrec_pipeline/privacy/mechanisms.py"
 PARAMS = "privrec_pipeline/dp_stats/params.py"
 NOISE_PY = "privrec_pipeline/dp_stats/noise.py"
+BOUNDS_PY = "privrec_pipeline/dp_stats/bounds.py"
 BOUNDING_PY = "privrec_pipeline/dp_stats/bounding.py"
 DP_PY = "privrec_pipeline/training/dp.py"
 FEDERATED = "privrec_pipeline/training/federated.py"
@@ -99,6 +101,15 @@ ACCOUNTING = "privrec_pipeline/privacy/accounting.py"
 LEDGER_PY = "privrec_pipeline/privacy/ledger.py"
 
 MUTANTS: tuple[Mutant, ...] = (
+    Mutant("auto_bounds_choice_not_charged", PARAMS,
+           "epsilon = self.epsilon * (1 - self.bounds_epsilon_share) if auto else self.epsilon",
+           "epsilon = self.epsilon",
+           "with bounds='auto' the statistics spend the whole epsilon and the choice of K comes on top, uncharged",
+           (f"{BOUNDS_TEST}::test_the_ledger_is_charged_the_choice_and_the_bias_as_planned",)),
+    Mutant("auto_bounds_score_without_sensitivity", BOUNDS_PY,
+           "        return float(self.upper)\n", "        return 1.0\n",
+           "the exponential mechanism choosing K ignores the score's sensitivity U (U x the stated epsilon)",
+           (f"{BOUNDS_TEST}::test_the_choice_is_epsilon_dp_between_neighbouring_days",)),
     # -- DP statistics: Laplace noise ------------------------------------------------------
     Mutant("laplace_counts_unnoised", MECHANISMS,
            "return int(self._mechanism.add_noise(int(value)))", "return int(value)",
@@ -154,8 +165,8 @@ MUTANTS: tuple[Mutant, ...] = (
            "create_partition_strategy(self.strategy, 2 * self.epsilon, self.delta, self.max_partitions)",
            "PyDP's strategy built at 2x the selection's epsilon",
            (f"{MECH}::test_partition_selection_follows_the_truncated_geometric_probabilities",)),
-    Mutant("budget_split_unnormalized", PARAMS, "epsilon=self.epsilon * weights[name] / eps_total,",
-           "epsilon=self.epsilon * weights[name],",
+    Mutant("budget_split_unnormalized", PARAMS, "epsilon=epsilon * weights[name] / eps_total,",
+           "epsilon=epsilon * weights[name],",
            "statistics' epsilons sum to more than the release's when weights do not sum to 1",
            (f"{MECH}::test_statistics_can_be_left_out_and_public_categories_need_no_selection", STATS_LEDGER)),
     Mutant("delta_split_unnormalized", PARAMS,

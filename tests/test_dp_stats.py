@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -27,6 +28,7 @@ from privrec_pipeline.errors import (
     ReleaseMismatch,
 )
 from privrec_pipeline.ingest import run_collect, run_pseudonymize
+from privrec_pipeline.privacy.accounting import Component
 from privrec_pipeline.privacy.ledger import BudgetPolicy, Ledger
 from privrec_pipeline.quality.config import QualityConfig
 from privrec_pipeline.quality.validate import run_validate
@@ -150,10 +152,16 @@ def test_release_is_written_accounted_and_holds_only_dp_values(spark, day_lake):
     doc = json.loads((out / "release.json").read_text())
     assert doc["epsilon"] == pytest.approx(20.0) and doc["delta"] == pytest.approx(1e-6)
     assert sum(s["epsilon"] for s in doc["statistics"].values()) == pytest.approx(20.0)
-    # item_users gets 0.2 of epsilon 20 and has sensitivity K = 5: PyDP built b = 5 / 4.
-    assert doc["statistics"]["item_users"]["as_built"]["noise_scale"] == pytest.approx(5 / 4.0)
+    # item_users gets 0.2 / 1.02 of epsilon 20 (the default weights sum to 1.02) and has
+    # sensitivity K = 5: PyDP built b = 5 / (20 x 0.2 / 1.02).
+    assert doc["statistics"]["item_users"]["as_built"]["noise_scale"] == pytest.approx(5 / (20 * 0.2 / 1.02))
     assert doc["statistics"]["item_users"]["as_built"]["library"] == "PyDP LaplaceMechanism"
-    assert doc["statistics"]["item_selection"]["as_built"]["epsilon"] == pytest.approx(8.0)
+    assert doc["statistics"]["item_selection"]["as_built"]["epsilon"] == pytest.approx(20 * 0.4 / 1.02)
+    # The bounding bias (fixed K = 5): a DP share of dropped contributions, shown on the page.
+    assert doc["bounding"]["max_items_per_user"] == 5 and 0 <= doc["bounding"]["dropped_share"] <= 1
+    assert doc["bounds"]["chosen"] == "by hand"
+    assert "interval of the bounded count" in (out / "report.html").read_text()
+    assert "Bounding bias" in (out / "report.html").read_text()
     assert doc["composition"]["tight_pld"]["epsilon"] <= doc["composition"]["basic"]["epsilon"] + 1e-6
     [release] = ledger.releases()
     assert (release.state, release.id, release.epsilon) == ("committed", doc["release_id"], pytest.approx(20.0))
@@ -191,23 +199,24 @@ def test_with_a_catalog_every_catalog_item_is_released_without_selection(spark, 
     result = run_dp_stats(spark, str(day_lake), DAY, PARAMS, ledger, run_id="run-1")
     doc = result.release
     assert doc["keys"]["source"] == "catalog (public partitions)" and doc["keys"]["catalog"]["items"] == 41
-    # No selection, so no delta: the selections' weights (0.4 + 0.1 of 1) go to the others.
+    # No selection, so no delta: the selections' weights (0.4 + 0.1 of 1.02) go to the others.
     assert "item_selection" not in doc["statistics"] and "category_selection" not in doc["statistics"]
     assert (doc["epsilon"], doc["delta"]) == (pytest.approx(20.0), 0.0)
     [release] = ledger.releases()
     assert (release.epsilon, release.delta) == (pytest.approx(20.0), 0.0)
-    # item_users: weight 0.2 of the remaining 0.5 -> epsilon 8, sensitivity K = 5 -> b = 5 / 8.
-    assert doc["statistics"]["item_users"]["as_built"]["noise_scale"] == pytest.approx(5 / 8)
+    # item_users: weight 0.2 of the remaining 0.52 -> epsilon 20 x 0.2 / 0.52, sensitivity K = 5.
+    b = 5 / (20 * 0.2 / 0.52)
+    assert doc["statistics"]["item_users"]["as_built"]["noise_scale"] == pytest.approx(b)
     items = {r["item_id"]: r for r in _items(result.uri)}
     assert set(items) == {r["item_id"] for r in listed}
-    assert abs(items["itm_never_seen"]["users"]) <= 5 / 8 * 40  # noise of a zero count, P(|x| > 40 b) ~ e^-40
+    assert abs(items["itm_never_seen"]["users"]) <= b * 40  # noise of a zero count, P(|x| > 40 b) ~ e^-40
     categories = {r["category"] for r in pq.read_table(f"{result.uri}/categories.parquet").to_pylist()}
     assert categories == {r["category"] for r in listed}
     # Exact distinct users of a listed item (the cap K = 5 binds for few users of this day).
     silver = spark.read.parquet(lk.partition_uri(str(day_lake), "silver", DAY))
     top = max(listed[:40], key=lambda r: items[r["item_id"]]["users"])["item_id"]
     exact = silver.where(silver.item_id == top).select("user_pseudonym").distinct().count()
-    assert items[top]["users"] <= exact + 5 / 8 * 40
+    assert items[top]["users"] <= exact + b * 40
     # A resume must present the same catalog: another one is another release description.
     from privrec_pipeline.dp_stats.release import release_parameters, with_catalog
 
@@ -350,3 +359,50 @@ def test_killed_between_swap_and_commit_the_retry_commits_without_new_noise(spar
     retry = run_dp_stats(spark, str(day_lake), DAY, PARAMS, ledger, run_id="run-1")
     assert retry.status == "reuse" and _items(target) == noisy  # committed as it was, no second draw
     assert [r.state for r in ledger.releases()] == ["committed"] and ledger.verify()[0] == []
+
+
+AUTO = DPStatsParams(epsilon=20.0, delta=1e-6, bounds="auto", max_items_upper=30)
+
+
+def test_auto_bounds_choose_k_privately_and_report_the_bias(spark, day_lake):
+    from privrec_pipeline.dp_stats.release import release_parameters, with_catalog
+    from privrec_pipeline.privacy.accounting import pure_epsilon
+
+    ledger = _ledger(day_lake)
+    result = run_dp_stats(spark, str(day_lake), DAY, AUTO, ledger, run_id="run-1")
+    doc = result.release
+    k = doc["bounds"]["max_items_per_user"]
+    assert 1 <= k <= 30 and doc["bounds"]["chosen"] == "auto (exponential mechanism, epsilon 1, K in 1..30)"
+    assert doc["bounding"]["max_items_per_user"] == k and 0 <= doc["bounding"]["dropped_share"] <= 1
+    # The choice costs 0.05 of epsilon (pure), the statistics share the rest; the ledger was
+    # charged exactly the plan, the selection as an (epsilon, 0) component.
+    stats = doc["statistics"]
+    assert stats["item_bounds"]["as_built"]["mechanism"] == "exponential"
+    assert stats["item_bounds"]["epsilon"] == pytest.approx(1.0) and stats["item_bounds"]["delta"] == 0.0
+    assert stats["item_users"]["as_built"]["l1_sensitivity"] == k  # noise built with the chosen K
+    assert sum(s["epsilon"] for s in stats.values()) == pytest.approx(20.0)
+    charged = {c["label"]: pure_epsilon(Component.from_dict(c)) for c in doc["mechanism_components"]}
+    assert charged["item_bounds"] == (pytest.approx(1.0), 0.0)
+    assert charged["bounding_bias"][0] == pytest.approx(stats["bounding_bias"]["epsilon"])
+    [release] = ledger.releases()
+    assert (release.epsilon, release.delta) == (pytest.approx(20.0), 0.0)
+    # The reserved description holds nothing that depends on K.
+    params, snapshot, _ = with_catalog(AUTO, str(day_lake), DAY)
+    described = release_parameters(params, "fp", snapshot)["statistics"]
+    assert described["item_users"]["sensitivity"] == described["item_users"]["noise_scale"] == "auto"
+    assert described["item_users"]["epsilon"] == pytest.approx(stats["item_users"]["epsilon"])
+    # Without a catalog the number of items is private: auto bounds are refused before reserving.
+    with pytest.raises(ConfigurationError, match="bounds 'auto' needs the day's catalog"):
+        run_dp_stats(spark, str(day_lake), DAY, replace(AUTO, use_catalog=False), ledger, run_id="run-2", force=True)
+    assert len(ledger.releases()) == 1
+
+
+def test_a_resumed_auto_release_must_present_the_reserved_settings(spark, day_lake):
+    ledger = Ledger(f"sqlite:///{day_lake}/ledger.db", BudgetPolicy(epsilon=1000.0, delta=1e-3), lease_seconds=0)
+    reserved = _killed_reservation(spark, day_lake, ledger, AUTO, "run-1")
+    for other in (replace(AUTO, bounds_epsilon_share=0.1), replace(AUTO, max_items_upper=40), PARAMS):
+        with pytest.raises(ReleaseMismatch, match="force_release"):
+            run_dp_stats(spark, str(day_lake), DAY, other, ledger, run_id="run-2")
+    resumed = run_dp_stats(spark, str(day_lake), DAY, AUTO, ledger, run_id="run-2")
+    assert resumed.status == "resume" and resumed.release["release_id"] == reserved.id
+    assert resumed.release["bounds"]["chosen"].startswith("auto")

@@ -19,7 +19,12 @@ from privrec_pipeline.dp_stats.params import DPStatsParams
 TYPES = ("view", "add_to_cart", "remove_from_cart", "purchase", "rating")
 RUNS = 2000
 TRUE = {"users": 100_000, "events": 50_000, "funnel": 60_000, "category": 400_000, "purchases": 5_000,
-        "price_sum_centred": 1_000.0}
+        "price_sum_centred": 1_000.0, "dropped": 100_000}
+
+
+def _add_noise(*args, **kwargs):
+    """add_noise with the bounding's dropped count (the bounding_bias statistic's input)."""
+    return add_noise(*args, dropped=TRUE["dropped"], **kwargs)
 
 
 def _aggregates(extra_items: list[tuple[str, int]] = ()):
@@ -39,11 +44,12 @@ def test_the_five_event_types_are_the_ones_counted():
 
 
 def test_every_released_statistic_has_the_laplace_variance_of_its_share():
-    # epsilon 1 split by the default weights (they sum to 1): items 0.2 users / 0.1 events,
-    # funnel 0.05, category events 0.05, price sum 0.05, purchase count 0.05. Sensitivities
+    # epsilon 1.02 split by the default weights (they sum to 1.02): items 0.2 users / 0.1 events,
+    # funnel 0.05, category events 0.05, price sum 0.05, purchase count 0.05, bounding bias 0.02. Sensitivities
     # with the defaults K = 5, C = 5, Kc = 5, Cc = 10, M = 10, prices [0, 200]:
     # users K = 5; item x type table K C = 25; funnel = 5 event types; category events
-    # Kc Cc = 50; purchase count M = 10; centred price sum M (200 - 0) / 2 = 1000.
+    # Kc Cc = 50; purchase count M = 10; centred price sum M (200 - 0) / 2 = 1000; dropped
+    # contributions B - K = 100 - 5 = 95 (a user's items clamped to U = 100).
     expected = {
         "item_users": 2 * (5 / 0.2) ** 2,
         "item_events": 2 * (25 / 0.1) ** 2,
@@ -51,11 +57,12 @@ def test_every_released_statistic_has_the_laplace_variance_of_its_share():
         "category_events": 2 * (50 / 0.05) ** 2,
         "purchase_count": 2 * (10 / 0.05) ** 2,
         "purchase_price_sum": 2 * (1000 / 0.05) ** 2,
+        "bounding_bias": 2 * (95 / 0.02) ** 2,
     }
-    params = DPStatsParams(epsilon=1.0, delta=1e-6)
+    params = DPStatsParams(epsilon=1.02, delta=1e-6)
     errors: dict[str, list[float]] = {k: [] for k in expected}
     for _ in range(RUNS):
-        release = add_noise(*_aggregates(), params)
+        release = _add_noise(*_aggregates(), params)
         [item] = release.items.to_pylist()
         errors["item_users"].append(item["users"] - TRUE["users"])
         errors["item_events"].extend(item[t] - TRUE["events"] for t in TYPES)
@@ -63,6 +70,7 @@ def test_every_released_statistic_has_the_laplace_variance_of_its_share():
         errors["category_events"].append(release.categories.to_pylist()[0]["events"] - TRUE["category"])
         errors["purchase_count"].append(release.purchases["noisy_purchases"] - TRUE["purchases"])
         errors["purchase_price_sum"].append(release.purchases["noisy_price_sum_centred"] - TRUE["price_sum_centred"])
+        errors["bounding_bias"].append(release.bounding["noisy_dropped"] - TRUE["dropped"])
     for name, variance in expected.items():
         sample = np.asarray(errors[name], dtype=float)
         # Laplace: kurtosis 6, so the sample variance's relative sd is sqrt(5 / n); allow 4 sd.
@@ -77,18 +85,18 @@ def test_a_one_user_item_is_kept_at_most_delta_over_k_of_the_time():
     # Voss, Gipson & Mandayam 2022, truncated geometric thresholding).
     params = DPStatsParams(epsilon=1.0, delta=0.1)
     runs, bound = 8_000, 0.8 * 0.1 / 5
-    kept = sum("itm_lonely" in add_noise(*_aggregates([("itm_lonely", 1)]), params).items.column("item_id")
+    kept = sum("itm_lonely" in _add_noise(*_aggregates([("itm_lonely", 1)]), params).items.column("item_id")
                .to_pylist() for _ in range(runs))
     assert kept / runs <= bound + 4 * math.sqrt(bound * (1 - bound) / runs)
     # ...and an item of many users is kept every time (selection is not "drop everything").
-    assert all("itm_big" in add_noise(*_aggregates(), params).items.column("item_id").to_pylist()
+    assert all("itm_big" in _add_noise(*_aggregates(), params).items.column("item_id").to_pylist()
                for _ in range(100))
 
 
 def test_the_bounded_mean_error_is_what_its_noisy_parts_predict():
-    params = DPStatsParams(epsilon=1.0, delta=1e-6)
+    params = DPStatsParams(epsilon=1.02, delta=1e-6)  # weights sum to 1.02: shares are the weights
     true_mean = 100 + TRUE["price_sum_centred"] / TRUE["purchases"]  # midpoint of [0, 200] + centred mean
-    means = np.array([add_noise(*_aggregates(), params).purchases["mean_price"] for _ in range(RUNS)])
+    means = np.array([_add_noise(*_aggregates(), params).purchases["mean_price"] for _ in range(RUNS)])
     # Delta method: Var(S/N) ~ Var(S)/N^2 + S^2 Var(N)/N^4 with Var(S) = 2 (1000/0.05)^2 and
     # Var(N) = 2 (10/0.05)^2: 32 + 1.3e-4.
     variance = 2 * (1000 / 0.05) ** 2 / TRUE["purchases"] ** 2 + \
@@ -102,7 +110,7 @@ def test_a_mechanism_built_at_other_numbers_than_the_ledger_accounted_fails_the_
     from privrec_pipeline.errors import PrivrecError
     from privrec_pipeline.privacy.mechanisms import LaplaceNoise, PartitionSelection
 
-    params = DPStatsParams(epsilon=1.0, delta=1e-6)
+    params = DPStatsParams(epsilon=1.02, delta=1e-6)  # weights sum to 1.02: shares are the weights
     plan = params.plan()
     ok = {"item_users": LaplaceNoise(0.2, 5).describe(), "item_selection": PartitionSelection(0.4, 0.8e-6, 5).describe()}
     assert check_as_built(plan, ok) == ok
@@ -119,12 +127,12 @@ def test_a_mechanism_built_at_other_numbers_than_the_ledger_accounted_fails_the_
 
 def test_catalog_items_are_all_released_with_the_variance_of_their_share_and_no_other_key():
     # With a catalog (public items and categories) the selections' weights (0.4 + 0.1) go to the
-    # other statistics: item_users gets 0.2 / 0.5 of epsilon 1 = 0.4, b = K / 0.4 = 12.5.
-    params = DPStatsParams(epsilon=1.0, delta=1e-6, public_items=True, public_categories=("books", "toys"))
+    # other statistics: item_users gets 0.2 / 0.52 of epsilon 1.04 = 0.4, b = K / 0.4 = 12.5.
+    params = DPStatsParams(epsilon=1.04, delta=1e-6, public_items=True, public_categories=("books", "toys"))
     catalog = ["itm_big", "itm_unseen"]  # itm_unseen: nobody touched it, released all the same
     unseen, big = [], []
     for _ in range(RUNS):
-        release = add_noise(*_aggregates([("itm_outside", 40)]), params, catalog)
+        release = _add_noise(*_aggregates([("itm_outside", 40)]), params, catalog)
         items = {r["item_id"]: r for r in release.items.to_pylist()}
         assert set(items) == set(catalog)  # an item outside the catalog is never a key
         assert {r["category"] for r in release.categories.to_pylist()} == {"books", "toys"}
@@ -138,4 +146,4 @@ def test_catalog_items_are_all_released_with_the_variance_of_their_share_and_no_
     zeros = np.mean(np.asarray(unseen) == 0)
     assert 0.45 < zeros < 0.6 and np.mean([u for u in unseen if u > 0]) == pytest.approx(12.5, rel=0.15)
     with pytest.raises(ValueError, match="public_items"):
-        add_noise(*_aggregates(), params)  # the flag without the catalog's list
+        _add_noise(*_aggregates(), params)  # the flag without the catalog's list

@@ -32,8 +32,8 @@ DAY = dt.date(2026, 1, 15)
 REL = 1e-6
 POLICY = BudgetPolicy(epsilon=1000.0, delta=1e-6, window_days=30)  # a cap that never binds here
 
-# epsilon 2 split by the default weights (0.4, 0.2, 0.1, 0.05, 0.1, 0.05, 0.05, 0.05: they sum
-# to 1), delta 1e-8 split 0.8 / 0.2 between the two partition selections.
+# epsilon 2.04 split by the default weights (0.4, 0.2, 0.1, 0.05, 0.1, 0.05, 0.05, 0.05, 0.02: they
+# sum to 1.02), delta 1e-8 split 0.8 / 0.2 between the two partition selections.
 DEFAULT_PLAN = {
     "item_selection": ("approx_dp", 0.8, 0.8e-8),
     "item_users": ("laplace", 0.4, 0.0),
@@ -43,17 +43,19 @@ DEFAULT_PLAN = {
     "category_events": ("laplace", 0.1, 0.0),
     "purchase_price_sum": ("laplace", 0.1, 0.0),
     "purchase_count": ("laplace", 0.1, 0.0),
+    "bounding_bias": ("laplace", 0.04, 0.0),
 }
 # Laplace statistics only (no partition selection): weights 1 : 2 : 1 of epsilon 1.
 LAPLACE_ONLY_SPLIT = {"item_selection": 0, "item_users": 0, "item_events": 0, "category_selection": 0,
-                      "category_events": 0, "funnel_users": 1, "purchase_price_sum": 2, "purchase_count": 1}
+                      "category_events": 0, "funnel_users": 1, "purchase_price_sum": 2, "purchase_count": 1,
+                      "bounding_bias": 0}
 LAPLACE_ONLY_PLAN = {
     "funnel_users": ("laplace", 0.25, 0.0),
     "purchase_price_sum": ("laplace", 0.5, 0.0),
     "purchase_count": ("laplace", 0.25, 0.0),
 }
 DP_STATS_CASES = {
-    "default split": (DPStatsParams(epsilon=2.0, delta=1e-8), DEFAULT_PLAN),
+    "default split": (DPStatsParams(epsilon=2.04, delta=1e-8), DEFAULT_PLAN),
     "laplace only": (DPStatsParams(epsilon=1.0, delta=1e-8, epsilon_split=LAPLACE_ONLY_SPLIT), LAPLACE_ONLY_PLAN),
 }
 

@@ -178,11 +178,12 @@ def test_the_gate_refuses_a_candidate_worse_than_the_published_model(lake):
 def test_the_gate_refuses_a_candidate_that_does_not_beat_dp_popularity(lake):
     import torch
 
-    from privrec_pipeline.training.artifact import read_model, write_model
+    from privrec_pipeline.training.artifact import model_vocabulary, read_model, write_model
     from privrec_pipeline.training.federated import flatten
 
     candidate = tasks.candidate_folder(lake, DAY) / "model"
     model, items, report = read_model(candidate)
+    assert model.config.categories > 0  # the synthetic lake has a catalog: the model has a category component
     from privrec_pipeline.models.evaluate import dp_popularity_counts
 
     # The candidate ranks exactly like DP popularity: every parameter zero, the biases its
@@ -192,7 +193,7 @@ def test_the_gate_refuses_a_candidate_that_does_not_beat_dp_popularity(lake):
         for p in model.parameters():
             p.zero_()
         model.item_out.bias.copy_(torch.as_tensor(counts, dtype=torch.float32))
-    write_model(candidate, TrainConfig(**report["config"]), len(items), flatten(model), items,
+    write_model(candidate, TrainConfig(**report["config"]), len(items), flatten(model), model_vocabulary(candidate),
                 {k: v for k, v in report.items() if k != "model"})
     outcome = pub.publish(lake, DAY)
     assert not outcome["published"] and "does not beat DP popularity" in outcome["reason"]

@@ -67,14 +67,14 @@ def _aggregates(item_users: dict[str, int]):
 
 
 def test_an_item_is_kept_at_the_keep_probability_of_its_planned_selection_budget():
-    # epsilon 1, delta 0.1 (large, so that rates are measurable): item selection gets 0.4 of
-    # epsilon and 0.8 of delta (the default split), K = 5 items per user.
-    params = DPStatsParams(epsilon=1.0, delta=0.1)
+    # epsilon 1.02, delta 0.1 (large, so that rates are measurable): item selection gets 0.4 of
+    # epsilon (the default weights sum to 1.02) and 0.8 of delta (the default split), K = 5 items per user.
+    params = DPStatsParams(epsilon=1.02, delta=0.1)
     sizes, per_size, runs = (1, 4, 10, 20), 250, 16
     candidates = {f"itm_{n}_{i}": n for n in sizes for i in range(per_size)}
     kept = dict.fromkeys(sizes, 0)
     for _ in range(runs):
-        for item in add_noise(*_aggregates(candidates), params).items.column("item_id").to_pylist():
+        for item in add_noise(*_aggregates(candidates), params, dropped=0).items.column("item_id").to_pylist():
             kept[candidates[item]] += 1
     draws = per_size * runs
     for n in sizes:
@@ -93,11 +93,12 @@ def _shares(weights: dict[str, float], epsilon: float, delta: float) -> dict[str
 
 @pytest.mark.parametrize("settings, weights", [
     ({}, {"item_selection": 0.4, "item_users": 0.2, "item_events": 0.1, "funnel_users": 0.05,
-          "category_selection": 0.1, "category_events": 0.05, "purchase_price_sum": 0.05, "purchase_count": 0.05}),
+          "category_selection": 0.1, "category_events": 0.05, "purchase_price_sum": 0.05, "purchase_count": 0.05,
+          "bounding_bias": 0.02}),
     # user weights that do not sum to 1, and public categories (no category selection)
     ({"epsilon_split": {"item_selection": 0.8}, "public_categories": ("books",)},
      {"item_selection": 0.8, "item_users": 0.2, "item_events": 0.1, "funnel_users": 0.05, "category_events": 0.05,
-      "purchase_price_sum": 0.05, "purchase_count": 0.05}),
+      "purchase_price_sum": 0.05, "purchase_count": 0.05, "bounding_bias": 0.02}),
 ], ids=["default_split", "own_weights"])
 def test_the_ledger_charges_a_dp_stats_release_what_each_statistic_spends(settings, weights):
     params = DPStatsParams(epsilon=1.0, delta=1e-8, **settings)

@@ -43,18 +43,33 @@ def _histories(n_users: int, seed: int = 0, max_len: int = 8) -> Histories:
     return Histories.from_lists(rows, weights)
 
 
-def _model(dropout: float = 0.0, seed: int = 1) -> ItemModel:
-    model = ItemModel(ModelConfig(vocab_size=V, dim=8, input_dropout=dropout, init_scale=0.5), seed=seed)
-    with torch.no_grad():  # non-trivial pooling logits and biases
+K = 5  # categories of the model with a category component (item j in category j % K)
+
+
+def _model(dropout: float = 0.0, seed: int = 1, categories: bool = False) -> ItemModel:
+    if categories:
+        model = ItemModel(ModelConfig(vocab_size=V, dim=8, input_dropout=dropout, init_scale=0.5, categories=K),
+                          seed=seed, item_category=np.arange(V) % K)
+    else:
+        model = ItemModel(ModelConfig(vocab_size=V, dim=8, input_dropout=dropout, init_scale=0.5), seed=seed)
+    with torch.no_grad():  # non-trivial pooling logits and biases (and category parameters)
         model.pool_logit.weight.normal_(0, 1, generator=torch.Generator().manual_seed(2))
         model.item_out.bias.normal_(0, 1, generator=torch.Generator().manual_seed(3))
+        if categories:
+            model.cat_in.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(4))
+            model.cat_bias.weight.normal_(0, 1, generator=torch.Generator().manual_seed(5))
     return model
 
 
-def test_closed_form_norms_equal_autograd_per_user_gradients():
-    model, h = _model(), _histories(12)
+@pytest.mark.parametrize("categories", [False, True], ids=["items", "items+categories"])
+@pytest.mark.parametrize("keep", [1.0, 0.5], ids=["all-inputs", "input-dropout"])
+def test_closed_form_norms_equal_autograd_per_user_gradients(categories, keep):
+    model, h = _model(categories=categories), _histories(12)
+    if categories:
+        assert [n for n, _ in model.named_parameters()][:4] == ["item_in.weight", "pool_logit.weight",
+                                                                "item_out.weight", "item_out.bias"]
     batch = Batch(*h.batch(np.arange(h.users)))
-    losses, cache = user_losses(model, batch, None, keep=1.0)
+    losses, cache = user_losses(model, batch, torch.Generator().manual_seed(7), keep=keep)
     closed = per_user_grad_norms(model, batch, cache)
     for u in range(h.users):
         model.zero_grad()
@@ -70,11 +85,14 @@ def _summed_gradient(model: ItemModel, h: Histories, clip: float) -> torch.Tenso
     return torch.cat([p.grad.reshape(-1).clone() for p in model.parameters()])
 
 
-def test_clipping_bounds_any_users_influence_even_adversarial_ones():
+@pytest.mark.parametrize("categories", [False, True], ids=["items", "items+categories"])
+def test_clipping_bounds_any_users_influence_even_adversarial_ones(categories):
     clip = 0.7
     normal = _histories(20)
-    adversaries = Histories.from_lists([list(range(V)), [5], [7, 8]], [[100.0] * V, [1e6], [1e-6, 1e6]])
-    model = _model()
+    # ... including one piling everything on one category (items 0, 5, 10, ... are category 0)
+    adversaries = Histories.from_lists([list(range(V)), [5], [7, 8], list(range(0, V, K))],
+                                       [[100.0] * V, [1e6], [1e-6, 1e6], [1e3] * len(range(0, V, K))])
+    model = _model(categories=categories)
     without = _summed_gradient(model, normal, clip)
     for a in range(adversaries.users):
         rows = [normal.row(u).tolist() for u in range(normal.users)] + [adversaries.row(a).tolist()]

@@ -84,7 +84,7 @@ def test_training_noise_and_sampling_do_not_come_from_torch_generators(mode, mon
     plan = replace(plan_privacy(config, [h.users]), sampling_rates=[0.5])  # sampling too (the noise: q = 1's)
     model = new_model(config, V)  # the public initialization (the config's seed) may use torch
     start = flatten(model)
-    monkeypatch.setattr(federated, "new_model", lambda config, vocab: copy.deepcopy(model))
+    monkeypatch.setattr(federated, "new_model", lambda config, vocab, item_category=None: copy.deepcopy(model))
 
     class Refused:  # a class, so that annotations such as ``torch.Generator | None`` still evaluate
         def __init__(self, *args, **kwargs):

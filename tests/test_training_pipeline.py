@@ -32,6 +32,10 @@ def partitioned(spark, tmp_path_factory, keyring):
     return root, manifest
 
 
+def manifest_categories(lake: str) -> int:
+    return json.loads(lk.local_path(lk.manifest_uri(lake, "build_partitions", DAY)).read_text())["categories"]
+
+
 def _rows(folder: Path):
     return ds.dataset(str(folder), format="parquet", partitioning="hive").to_table().to_pandas()
 
@@ -43,6 +47,16 @@ def test_partitions_are_disjoint_over_the_dp_vocabulary_with_the_protocol_holdou
     released = ds.dataset(str(lk.local_path(lk.partition_uri(str(root), "dp_stats", DAY)) / "items.parquet")).to_table()
     assert set(vocab["item_id"]) == set(released.column("item_id").to_pylist())
     assert sorted(vocab["item_index"]) == list(range(len(vocab))) == list(range(manifest.vocabulary_size))
+    # The generator's lake has a catalog: every vocabulary item carries its catalog category.
+    from privrec_pipeline.catalog import read_items, snapshot_for
+
+    catalog = read_items(snapshot_for(str(root), DAY)).to_pandas().set_index("item_id")["category"]
+    names = _rows(folder / "categories").sort_values("category_index")
+    assert names["category_index"].tolist() == list(range(len(names))) and len(names) == manifest.categories > 1
+    assert names["category"].tolist() == sorted(names["category"])
+    category = dict(zip(names["category_index"], names["category"], strict=True))
+    assert all(category[c] == catalog.get(item, "") for item, c in zip(vocab["item_id"], vocab["category_index"],
+                                                                        strict=True))
     shards = [_rows(folder / f"partition={k}") for k in range(2)]
     users = [set(s["user_pseudonym"]) for s in shards]
     assert users[0] and users[1] and not users[0] & users[1]  # disjoint
@@ -90,6 +104,7 @@ def test_training_tasks_write_an_accounted_candidate_and_fail_closed(partitioned
     result = tasks.finish_training(lake, DAY, run_id="run-1")
     model, items, report = read_model(Path(result["candidate"]))
     assert len(items) == model.config.vocab_size == report["vocabulary_size"]
+    assert model.config.categories == manifest_categories(lake) > 1 and len(model.item_category) == len(items)
     assert report["plan"]["mode"] == "distributed" and report["release_id"] == state["release_id"]
     from privrec_pipeline.privacy.ledger import open_ledger
 

@@ -154,3 +154,16 @@ def exact_statistics(silver: "DataFrame") -> BoundedAggregates:
     purchases = silver.where(F.col("event_type") == EventType.PURCHASE).agg(
         F.sum("price").alias("price_sum_centred"), F.count(F.lit(1)).alias("purchases"))
     return BoundedAggregates(items, funnel, categories, purchases)
+
+
+def items_per_user_histogram(silver: "DataFrame", cap: int, catalog: "DataFrame | None" = None) -> dict[int, int]:
+    """{c: number of users with c distinct items (c clamped to ``cap``)}, over the events that
+    item bounding sees (with ``catalog``: catalog items only). A few hundred rows at most,
+    collected to the driver to choose K and count what bounding dropped; never released."""
+    from pyspark.sql import functions as F
+
+    if catalog is not None:
+        silver = catalog_events(silver, catalog)
+    per_user = (silver.where(F.col(USER).isNotNull() & F.col(ITEM).isNotNull())
+                .groupBy(USER).agg(F.least(F.countDistinct(ITEM), F.lit(cap)).alias("c")))
+    return {int(r["c"]): int(r["n"]) for r in per_user.groupBy("c").agg(F.count(F.lit(1)).alias("n")).collect()}

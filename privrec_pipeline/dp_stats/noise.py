@@ -25,6 +25,7 @@ class NoisyRelease:
     funnel: "pa.Table"  # event_type, users, users_low, users_high
     categories: "pa.Table"  # category, events, events_low, events_high
     purchases: dict[str, Any]  # mean price and its noisy parts (empty when not released)
+    bounding: dict[str, Any]  # K and the noisy share of contributions it dropped (empty when not released)
     mechanisms: dict[str, dict[str, Any]]  # statistic -> PyDP mechanism description
 
 
@@ -36,9 +37,10 @@ def _selection(budget: StatisticBudget, params: DPStatsParams) -> PartitionSelec
     return PartitionSelection(budget.epsilon, budget.delta, int(budget.sensitivity), params.selection_strategy)
 
 
-def _count_with_interval(noise: LaplaceNoise, value: int) -> tuple[int, int, int]:
+def _count_with_interval(noise: LaplaceNoise, value: int) -> tuple[int, int, int, int]:
+    """(noisy clamped at 0, interval low, interval high, noisy before the clamp)."""
     noisy = noise.count(value)
-    return max(noisy, 0), max(round(noisy - noise.half_width), 0), max(round(noisy + noise.half_width), 0)
+    return max(noisy, 0), max(round(noisy - noise.half_width), 0), max(round(noisy + noise.half_width), 0), noisy
 
 
 def _selected(keys: list[Any], users: list[int], selection: PartitionSelection) -> list[int]:
@@ -58,9 +60,12 @@ def _public_keys(table: "pa.Table", key: str, public: list[str], columns: list[s
 
 
 def add_noise(items: "pa.Table", funnel: "pa.Table", categories: "pa.Table", purchases: "pa.Table",
-              params: DPStatsParams, public_items: list[str] | None = None) -> NoisyRelease:
+              params: DPStatsParams, public_items: list[str] | None = None,
+              dropped: int | None = None) -> NoisyRelease:
     """Select keys and add noise, each statistic with its share of the release's budget.
-    ``public_items`` (with ``params.public_items``): the catalog's items, every one released."""
+    ``public_items`` (with ``params.public_items``): the catalog's items, every one released.
+    ``dropped``: the (user, item) contributions bounding dropped, each user's items clamped to
+    ``params.bias_cap()`` (needed when the plan has ``bounding_bias``)."""
     import pyarrow as pa
 
     plan = params.plan()
@@ -68,6 +73,9 @@ def add_noise(items: "pa.Table", funnel: "pa.Table", categories: "pa.Table", pur
     kinds = {"users": pa.int64(), "users_low": pa.int64(), "users_high": pa.int64()}
 
     item_cols: dict[str, list[Any]] = {"item_id": [], **{k: [] for k in kinds}, **{t: [] for t in EVENT_TYPES}}
+    if ("bounding_bias" in plan) != (dropped is not None):
+        raise ValueError("add_noise: dropped is the bounding's dropped count exactly when bounding_bias is planned")
+    noisy_kept: int | None = None  # sum of the noisy (unclamped) item user counts
     if params.public_items != (public_items is not None):
         raise ValueError("add_noise: public_items is the catalog's item list exactly when params.public_items")
     if public_items is not None:
@@ -87,6 +95,7 @@ def add_noise(items: "pa.Table", funnel: "pa.Table", categories: "pa.Table", pur
             triples = [_count_with_interval(noise, users[i]) for i in kept]
             for j, name in enumerate(kinds):
                 item_cols[name] = [t[j] for t in triples]
+            noisy_kept = sum(t[3] for t in triples)
         if "item_events" in plan:
             # One mechanism for the whole (item x event type) table: a user changes the table
             # by at most K x C in L1 over all its cells together.
@@ -111,7 +120,7 @@ def add_noise(items: "pa.Table", funnel: "pa.Table", categories: "pa.Table", pur
         row = funnel.to_pylist()[0] if funnel.num_rows else {}
         for t in EVENT_TYPES:  # event types are public keys: no selection needed
             funnel_cols["event_type"].append(t)
-            for name, value in zip(kinds, _count_with_interval(noise, int(row.get(t) or 0)), strict=True):
+            for name, value in zip(kinds, _count_with_interval(noise, int(row.get(t) or 0))[:3], strict=True):
                 funnel_cols[name].append(value)
     funnel_table = pa.table({"event_type": pa.array(funnel_cols["event_type"], pa.string()),
                              **{k: pa.array(funnel_cols[k], v) for k, v in kinds.items()}})
@@ -134,7 +143,7 @@ def add_noise(items: "pa.Table", funnel: "pa.Table", categories: "pa.Table", pur
         noise = _laplace(plan["category_events"], params)
         mechanisms["category_events"] = noise.describe()
         triples = [_count_with_interval(noise, n) for n in cat_events]
-        for j, name in enumerate(("events", "events_low", "events_high")):
+        for j, name in enumerate(("events", "events_low", "events_high")):  # (not the unclamped 4th)
             cat_cols[name] = [t[j] for t in triples]
     n_cats = len(cat_cols["category"])
     cat_table = pa.table({"category": pa.array(cat_cols["category"], pa.string()),
@@ -143,8 +152,21 @@ def add_noise(items: "pa.Table", funnel: "pa.Table", categories: "pa.Table", pur
     if "category_events" in plan and n_cats:
         cat_table = cat_table.sort_by([("events", "descending"), ("category", "ascending")])
 
+    bounding: dict[str, Any] = {}
+    if "bounding_bias" in plan:
+        noise = _laplace(plan["bounding_bias"], params)
+        mechanisms["bounding_bias"] = noise.describe()
+        noisy_dropped = noise.count(int(dropped))
+        # Share of contributions dropped = dropped / (kept + dropped), with kept the sum of the
+        # noisy item user counts (each kept (user, item) is one user of one item): post-processing.
+        # Without item_users (or a catalog, then kept counts only the selected items) it is
+        # missing or an overestimate.
+        total = None if noisy_kept is None else max(noisy_kept, 0) + max(noisy_dropped, 0)
+        bounding = {"max_items_per_user": params.max_items_per_user, "noisy_dropped": max(noisy_dropped, 0),
+                    "dropped_share": (min(max(noisy_dropped / total, 0.0), 1.0) if total else None),
+                    "epsilon": plan["bounding_bias"].epsilon, "items_per_user_clamp": params.bias_cap()}
     return NoisyRelease(item_table, funnel_table, cat_table, _mean_price(purchases, params, plan, mechanisms),
-                        mechanisms)
+                        bounding, mechanisms)
 
 
 def _mean_price(purchases: "pa.Table", params: DPStatsParams, plan: dict[str, StatisticBudget],

@@ -15,9 +15,20 @@ sensitivity (the amount one user can change it):
 | category_events     | events per category                         | Laplace             | L1 = Kc x Cc           |
 | purchase_price_sum  | sum of clamped purchase prices, centred     | Laplace             | L1 = M x (hi - lo) / 2 |
 | purchase_count      | purchases (denominator of the mean price)   | Laplace             | L1 = M                 |
+| bounding_bias       | (user, item) contributions dropped by K     | Laplace             | L1 = B - K             |
+| item_bounds         | K itself, when ``bounds="auto"``            | exponential         | U (score)              |
 
 (K = max_items_per_user, C = max_events_per_item, Kc = max_categories_per_user,
-Cc = max_events_per_category, M = max_purchases_per_user, [lo, hi] the price clamp.)
+Cc = max_events_per_category, M = max_purchases_per_user, [lo, hi] the price clamp,
+U = max_items_upper, B = max(U, K + 1) the clamp of a user's item count in the dropped count.)
+The share of contributions dropped by bounding (the bias, reported beside the noise) is the
+noisy dropped count over (noisy dropped + the sum of the noisy item user counts): post-processing.
+
+Bounds: ``bounds="fixed"`` uses K as set. ``bounds="auto"`` (needs a catalog: the number of
+items enters the choice) chooses K from the data with PipelineDP's exponential mechanism
+(``dp_stats.bounds``) at ``bounds_epsilon_share`` x epsilon (statistic ``item_bounds``, pure DP);
+the other statistics split the rest. The reserved description then says "auto" for the
+sensitivities that depend on K (their ledger components, 1 / epsilon_i, do not).
 The mean price is noisy sum / noisy count + midpoint (the normalized bounded mean of Google's
 differential-privacy library, ``BoundedMean``): post-processing, no extra budget.
 
@@ -41,8 +52,12 @@ from privrec_pipeline.schema import EVENT_TYPES
 from privrec_pipeline.settings import from_settings
 
 SELECTIONS = ("item_selection", "category_selection")
-COUNTS = ("item_users", "item_events", "funnel_users", "category_events", "purchase_price_sum", "purchase_count")
+COUNTS = ("item_users", "item_events", "funnel_users", "category_events", "purchase_price_sum", "purchase_count",
+          "bounding_bias")
 STATISTICS = (*SELECTIONS, *COUNTS)
+ITEM_BOUNDS = "item_bounds"  # the exponential mechanism choosing K (bounds="auto"), outside the split
+BOUNDS_MODES = ("fixed", "auto")
+DEPENDS_ON_K = ("item_selection", "item_users", "item_events", "bounding_bias")
 NEEDS = {  # a statistic is released only for keys its selection kept
     "item_users": "item_selection", "item_events": "item_selection", "category_events": "category_selection",
 }
@@ -51,6 +66,7 @@ NEEDS = {  # a statistic is released only for keys its selection kept
 DEFAULT_EPSILON_SPLIT = {
     "item_selection": 0.4, "item_users": 0.2, "item_events": 0.1, "funnel_users": 0.05,
     "category_selection": 0.1, "category_events": 0.05, "purchase_price_sum": 0.05, "purchase_count": 0.05,
+    "bounding_bias": 0.02,
 }
 DEFAULT_DELTA_SPLIT = {"item_selection": 0.8, "category_selection": 0.2}
 
@@ -60,7 +76,7 @@ class StatisticBudget:
     """One statistic's share of the release and the noise it gets."""
 
     name: str
-    mechanism: str  # "laplace" or "partition_selection"
+    mechanism: str  # "laplace", "partition_selection" or "exponential"
     epsilon: float
     delta: float
     sensitivity: float  # L1 for Laplace; l0 (keys per user) for selection
@@ -74,6 +90,7 @@ class StatisticBudget:
         or partition selection as an (epsilon, delta)-DP mechanism."""
         if self.mechanism == "laplace":
             return Component("laplace", noise_multiplier=1.0 / self.epsilon, label=self.name)
+        # Partition selection, and the exponential mechanism (pure: delta 0).
         return Component("approx_dp", epsilon=self.epsilon, delta=self.delta, label=self.name)
 
 
@@ -86,7 +103,14 @@ class DPStatsParams:
     delta: float = 1e-8
     """Delta of the whole release (spent by partition selection only)."""
     max_items_per_user: int = 5
-    """K: items a user contributes to (the user's most used ones; the rest are dropped)."""
+    """K: items a user contributes to (the user's most used ones; the rest are dropped). With
+    ``bounds="auto"`` it is chosen from the data instead (this value is then unused)."""
+    bounds: str = "fixed"
+    """"fixed": K as set; "auto": K chosen privately (exponential mechanism, needs a catalog)."""
+    bounds_epsilon_share: float = 0.05
+    """Share of epsilon spent on choosing K when ``bounds="auto"``."""
+    max_items_upper: int = 100
+    """U: the largest K "auto" may choose; also clamps a user's item count in the dropped count."""
     max_events_per_item: int = 5
     """C: events of one user counted per item (rarest event types are kept first)."""
     max_categories_per_user: int = 5
@@ -135,6 +159,12 @@ class DPStatsParams:
             fail("selection_strategy", f"must be one of {SELECTION_STRATEGIES}")
         if not 0 < self.confidence_level < 1:
             fail("confidence_level", "must be in (0, 1)")
+        if self.bounds not in BOUNDS_MODES:
+            fail("bounds", f"must be one of {BOUNDS_MODES}")
+        if not 0 < self.bounds_epsilon_share < 1:
+            fail("bounds_epsilon_share", "must be in (0, 1)")
+        if self.max_items_upper < 1:
+            fail("max_items_upper", "must be positive")
         for name, known in (("epsilon_split", STATISTICS), ("delta_split", SELECTIONS)):
             weights = getattr(self, name)
             unknown = sorted(set(weights) - set(known))
@@ -149,6 +179,8 @@ class DPStatsParams:
         eps = self.epsilon_split
         if sum(w for s, w in eps.items() if s in self.selections() or s not in SELECTIONS) <= 0:
             fail("epsilon_split", "must give a positive weight to at least one statistic")
+        if self.bounds == "auto" and eps.get("item_users", 0) <= 0:
+            fail("bounds", "'auto' scores K by the noise of item_users, which needs a positive weight")
         for stat, selection in NEEDS.items():
             if selection not in self.selections():
                 continue
@@ -173,7 +205,14 @@ class DPStatsParams:
             "item_selection": k, "item_users": k, "item_events": k * c, "funnel_users": len(EVENT_TYPES),
             "category_selection": kc, "category_events": kc * cc,
             "purchase_price_sum": m * (self.price_upper - self.price_lower) / 2, "purchase_count": m,
+            "bounding_bias": self.bias_cap() - k, ITEM_BOUNDS: self.max_items_upper,
         }[statistic]
+
+    def bias_cap(self) -> int:
+        """B: a user's distinct items are clamped to B in the dropped count (sensitivity B - K)."""
+        from privrec_pipeline.dp_stats.bounds import bias_cap
+
+        return bias_cap(self.max_items_upper, self.max_items_per_user)
 
     def selections(self) -> tuple[str, ...]:
         """The partition selections this release runs (public items and categories need none)."""
@@ -185,15 +224,21 @@ class DPStatsParams:
         weights = {s: w for s, w in self.epsilon_split.items()
                    if w > 0 and (s in self.selections() or s not in SELECTIONS)}
         eps_total = sum(weights.values())
+        # bounds="auto": the choice of K gets its share first, the statistics split the rest.
+        auto = self.bounds == "auto"
+        epsilon = self.epsilon * (1 - self.bounds_epsilon_share) if auto else self.epsilon
         used = [s for s in STATISTICS if s in weights]
         selections = [s for s in SELECTIONS if s in used]
         delta_total = sum(self.delta_split.get(s, 0) for s in selections)
         plan = {}
+        if auto:
+            plan[ITEM_BOUNDS] = StatisticBudget(ITEM_BOUNDS, "exponential", self.epsilon * self.bounds_epsilon_share,
+                                                0.0, self.sensitivity(ITEM_BOUNDS))
         for name in used:
             selection = name in SELECTIONS
             plan[name] = StatisticBudget(
                 name=name, mechanism="partition_selection" if selection else "laplace",
-                epsilon=self.epsilon * weights[name] / eps_total,
+                epsilon=epsilon * weights[name] / eps_total,
                 delta=self.delta * self.delta_split[name] / delta_total if selection else 0.0,
                 sensitivity=self.sensitivity(name),
             )

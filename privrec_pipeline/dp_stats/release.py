@@ -39,9 +39,15 @@ from typing import TYPE_CHECKING, Any
 
 from privrec_pipeline import lake as lk
 from privrec_pipeline.catalog import CatalogSnapshot, read_items, snapshot_for
-from privrec_pipeline.dp_stats.bounding import bounded_aggregates
+from privrec_pipeline.dp_stats.bounding import bounded_aggregates, items_per_user_histogram
+from privrec_pipeline.dp_stats.bounds import choose_max_items, dropped_contributions
 from privrec_pipeline.dp_stats.noise import NoisyRelease, add_noise
-from privrec_pipeline.dp_stats.params import DPStatsParams, StatisticBudget
+from privrec_pipeline.dp_stats.params import (
+    DEPENDS_ON_K,
+    ITEM_BOUNDS,
+    DPStatsParams,
+    StatisticBudget,
+)
 from privrec_pipeline.dp_stats.report import render_release_page
 from privrec_pipeline.errors import ConfigurationError, LeaseLost, PrivrecError, QualityGateFailed
 from privrec_pipeline.manifest import pseudonym_fingerprint
@@ -83,10 +89,18 @@ def release_parameters(params: DPStatsParams, pseudonym_key_fingerprint: str,
     """What decides the release's noise beyond its mechanisms: the settings, each statistic's
     sensitivity and noise scale, the pseudonym key (one user = one pseudonym only under one
     key) and the catalog whose items are the public keys. A resumed reservation must present
-    exactly these."""
+    exactly these. With ``bounds="auto"`` K is chosen after the reservation, from the data: the
+    sensitivities and noise scales that depend on it are described as "auto" (the ledger's
+    components, noise multipliers 1 / epsilon_i, do not depend on K)."""
+    auto = params.bounds == "auto"
+
+    def k_dependent(name: str, value: Any) -> Any:
+        return "auto" if auto and name in DEPENDS_ON_K and value is not None else value
+
     described = {"settings": params.to_dict(), "pseudonym_key_fingerprint": pseudonym_key_fingerprint,
                  "statistics": {name: {"mechanism": b.mechanism, "epsilon": b.epsilon, "delta": b.delta,
-                                       "sensitivity": b.sensitivity, "noise_scale": b.noise_scale}
+                                       "sensitivity": k_dependent(name, b.sensitivity),
+                                       "noise_scale": k_dependent(name, b.noise_scale)}
                                 for name, b in params.plan().items()}}
     if catalog is not None:
         described["catalog"] = {"day": catalog.day.isoformat(), "sha256": catalog.sha256, "items": catalog.items}
@@ -125,6 +139,12 @@ def run_dp_stats(spark: "SparkSession", lake: str, day: dt.date, params: DPStats
     fs = LakeFS(spark)
     require_quality_gate(fs, lake, day)
     params, catalog, catalog_items = with_catalog(params, lake, day)
+    if params.bounds == "auto" and not params.public_items:
+        # The score weighs the noise of every item count: without public items, how many
+        # items there are is itself private (and partition selection's threshold moves with K).
+        raise ConfigurationError("DPStatsParams: bounds 'auto' needs the day's catalog (public items; load one with "
+                                 "privrec catalog load and keep use_catalog on), or set max_items_per_user by hand "
+                                 "(bounds 'fixed')")
     epsilon, delta = params.spent()
     reservation = ledger.reserve(RELEASE_KEY, day, day, params.components(), epsilon=epsilon, delta=delta,
                                  dag_id=dag_id, run_id=run_id, force=force,
@@ -179,11 +199,31 @@ def _compute(spark: "SparkSession", lake: str, day: dt.date, params: DPStatsPara
     silver_uri = lk.partition_uri(lake, "silver", day)
     silver = spark.read.parquet(silver_uri)
     public = None if catalog_items is None else spark.createDataFrame(catalog_items.to_pandas())
+    reserved = params.components()
+    histogram, chosen = None, None
+    if params.bounds == "auto" or "bounding_bias" in params.plan():
+        # Distinct items per user (clamped): never released; used by the exponential mechanism
+        # choosing K and for the dropped count of the bounding_bias statistic.
+        histogram = items_per_user_histogram(silver, max(params.max_items_upper, params.max_items_per_user) + 1,
+                                             public)
+    if params.bounds == "auto":
+        plan = params.plan()
+        chosen = choose_max_items(histogram, len(catalog_items), plan[ITEM_BOUNDS].epsilon,
+                                  plan["item_users"].epsilon, params.max_items_upper)
+        params = replace(params, max_items_per_user=chosen.k)
+        log.info("dp_stats of %s: K = %d chosen by the exponential mechanism (epsilon %.4g)", day, chosen.k,
+                 chosen.epsilon)
+    if params.components() != reserved:  # K changes sensitivities only, never the ledger's components
+        raise PrivrecError("dp_stats: the chosen bounds changed the release's ledger components")
     # The bounding hash is keyed by the day: reruns bound the same way.
     aggregates = bounded_aggregates(silver, params, salt=f"privrec-dp-stats-{day.isoformat()}", catalog=public)
+    dropped = (None if "bounding_bias" not in params.plan()
+               else dropped_contributions(histogram, params.max_items_per_user, params.bias_cap()))
     noisy = add_noise(aggregates.items.toArrow(), aggregates.funnel.toArrow(), aggregates.categories.toArrow(),
                       aggregates.purchases.toArrow(), params,
-                      None if catalog_items is None else catalog_items.column("item_id").to_pylist())
+                      None if catalog_items is None else catalog_items.column("item_id").to_pylist(), dropped)
+    if chosen is not None:
+        noisy.mechanisms[ITEM_BOUNDS] = chosen.description
     plan = params.plan()
     built = check_as_built(plan, noisy.mechanisms)
     statistics = {name: {"mechanism": budget.mechanism, "epsilon": budget.epsilon, "delta": budget.delta,
@@ -205,9 +245,12 @@ def _compute(spark: "SparkSession", lake: str, day: dt.date, params: DPStatsPara
         },
         "mechanism_components": [c.to_dict() for c in components],
         "statistics": statistics,
-        "bounds": {k: getattr(params, k) for k in (
+        "bounds": {**{k: getattr(params, k) for k in (
             "max_items_per_user", "max_events_per_item", "max_categories_per_user", "max_events_per_category",
             "max_purchases_per_user", "price_lower", "price_upper")},
+            "chosen": ("by hand" if chosen is None else
+                       f"auto (exponential mechanism, epsilon {chosen.epsilon:.4g}, K in 1..{params.max_items_upper})")},
+        "bounding": noisy.bounding,
         "params": params.to_dict(),
         "released": {"items": noisy.items.num_rows, "categories": noisy.categories.num_rows},
         "keys": ({"source": "catalog (public partitions)", "catalog": catalog.to_dict()} if catalog is not None
@@ -235,6 +278,8 @@ def check_as_built(plan: dict[str, StatisticBudget], built: dict[str, dict[str, 
         expected = {"mechanism": budget.mechanism, "epsilon": budget.epsilon}
         if budget.mechanism == "laplace":
             expected.update(l1_sensitivity=budget.sensitivity, noise_scale=budget.noise_scale)
+        elif budget.mechanism == "exponential":
+            expected.update(delta=0.0, global_sensitivity=budget.sensitivity)
         else:
             expected.update(delta=budget.delta, max_partitions_contributed=int(budget.sensitivity))
         wrong = {k: (v, mechanism.get(k)) for k, v in expected.items()

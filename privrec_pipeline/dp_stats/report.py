@@ -14,7 +14,7 @@ from privrec_pipeline.charts import PALETTE, pyplot, to_svg
 TOP_ITEMS = 20
 
 
-def _top_items_chart(items: list[dict[str, Any]], level: float) -> str:
+def _top_items_chart(items: list[dict[str, Any]], level: float, k: int) -> str:
     plt = pyplot()
     top = items[:TOP_ITEMS][::-1]  # largest at the top of a horizontal bar chart
     fig, ax = plt.subplots(figsize=(10, 0.32 * len(top) + 1.2), dpi=96)
@@ -23,7 +23,8 @@ def _top_items_chart(items: list[dict[str, Any]], level: float) -> str:
     high = [r["users_high"] - r["users"] for r in top]
     ax.barh(range(len(top)), users, xerr=[low, high], color=PALETTE[0], ecolor="#333", capsize=3)
     ax.set_yticks(range(len(top)), [str(r["item_id"])[:40] for r in top], fontsize=9)
-    ax.set_xlabel(f"distinct users (noisy; bars: {level:.0%} confidence interval)")
+    ax.set_xlabel(f"distinct users (noisy; bars: {level:.0%} interval of the bounded count, "
+                  f"each user counted for at most {k} items)")
     ax.set_title(f"Top {len(top)} items by distinct users", loc="left", fontsize=12, fontweight="bold")
     ax.set_xlim(left=0)
     ax.grid(axis="x", alpha=0.3)
@@ -36,11 +37,12 @@ def render_release_page(release: dict[str, Any], items: list[dict[str, Any]], fu
                         categories: list[dict[str, Any]]) -> str:
     e = html.escape
     level = release["confidence_level"]
-    chart = (_top_items_chart(items, level) if items and items[0].get("users") is not None
+    k = release["bounds"]["max_items_per_user"]
+    chart = (_top_items_chart(items, level, k) if items and items[0].get("users") is not None
              else "<p>No item passed partition selection (or item counts are not released).</p>")
     budget_rows = "".join(
         f"<tr><td>{e(name)}</td><td>{e(m['mechanism'])}</td><td class=n>{m['epsilon']:.4g}</td>"
-        f"<td class=n>{m.get('delta', 0):.2g}</td><td class=n>{m['sensitivity']:g}</td>"
+        f"<td class=n>{m.get('delta', 0):.2g}</td><td class=n>{m['sensitivity']:g}</td>"  # (after K is chosen)
         f"<td class=n>{'' if m.get('noise_scale') is None else format(m['noise_scale'], '.4g')}</td></tr>"
         for name, m in release["statistics"].items())
     funnel_rows = "".join(f"<tr><td>{e(r['event_type'])}</td><td class=n>{r['users']:,}</td>"
@@ -53,6 +55,15 @@ def render_release_page(release: dict[str, Any], items: list[dict[str, Any]], fu
                   f"<b>{price['mean_price']:.2f}</b> over about {price['noisy_purchases']:,} purchases.</p>"
                   if price else "")
     total = release["epsilon"], release["delta"]
+    bounding = release.get("bounding") or {}
+    share = bounding.get("dropped_share")
+    bias_line = (
+        f"<p>Bounding bias: each user counts for at most {k} items (K, {e(release['bounds'].get('chosen', 'by hand'))})"
+        f"; about <b>{share:.1%}</b> of (user, item) contributions were dropped by this bound (a DP estimate, "
+        f"epsilon {bounding['epsilon']:.3g}), so the bounded item user counts (and their intervals) miss that share of "
+        f"contributions in total, unevenly across items, on top of the noise the intervals show.</p>" if share is not None else
+        f"<p>Bounding: each user counts for at most {k} items (K); the share of contributions this drops "
+        f"is not released.</p>")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <title>privrec DP statistics {e(release['date'])}</title>
@@ -71,12 +82,15 @@ td.n {{ text-align: right; font-variant-numeric: tabular-nums; }}
 user-level differential privacy (privacy unit: {e(release['privacy_unit'])}, one day), epsilon {total[0]:.4g},
 delta {total[1]:.2g}.
 Every number on this page is noisy; {len(items):,} items and {len(categories):,} categories passed partition selection.</p>
+{bias_line}
 {chart}
 <h2>Funnel: distinct users per event type</h2>
-<table><thead><tr><th>event type</th><th>users</th><th>{level:.0%} interval</th></tr></thead>
+<table><thead><tr><th>event type</th><th>users</th><th>{level:.0%} interval of the count (each user counted once per event type)</th></tr></thead>
 <tbody>{funnel_rows}</tbody></table>
 <h2>Categories: events</h2>
-<table><thead><tr><th>category</th><th>events</th><th>{level:.0%} interval</th></tr></thead>
+<table><thead><tr><th>category</th><th>events</th>
+<th>{level:.0%} interval of the bounded count (at most {release['bounds']['max_categories_per_user']} categories and
+{release['bounds']['max_events_per_category']} events per category per user)</th></tr></thead>
 <tbody>{cat_rows}</tbody></table>
 {price_line}
 <h2>Budget of this release</h2>

@@ -240,7 +240,11 @@ def model_card(name: str, version: str, report: dict[str, Any], evaluation: Eval
                                     "per_user_gradient_norm": plan["clip_norm"]},
             "vocabulary": "items released by DP partition selection in the window's dp_stats releases "
                           f"({report['vocabulary_size']} items)",
-            "published_parameters": "item embeddings (in and out), item pooling logits, item biases; no user vectors",
+            "published_parameters": "item embeddings (in and out), item pooling logits, item biases"
+                                    + (f"; category embeddings (in and out) and biases of the catalog's "
+                                       f"{report['model']['categories']} categories"
+                                       if report.get("model", {}).get("categories") else "")
+                                    + "; no user vectors",
         },
         "data": {"window": report["window"], "days_used": manifest["days_used"], "dp_releases": manifest["releases"]},
         "metrics": {"protocol": "DESIGN.md: users with >= 5 items, last 20% test, train items excluded",

@@ -1,7 +1,9 @@
 """The trained model on disk: item-side weights as safetensors, the vocabulary, a report.
 
-    <folder>/model.safetensors   item_in, pool_logit, item_out.weight, item_out.bias (float32)
-    <folder>/vocabulary.json     item ids in index order (the DP item vocabulary)
+    <folder>/model.safetensors   item_in, pool_logit, item_out.weight, item_out.bias (float32), with
+                                 categories also cat_in, cat_out, cat_bias
+    <folder>/vocabulary.json     item ids in index order (the DP item vocabulary); with categories
+                                 {"items": [...], "categories": [...], "item_category": [...]}
     <folder>/training.json       the run's privacy plan, settings, window and release id
 
 Only item-side parameters exist in the model, so nothing in the folder belongs to a user.
@@ -20,34 +22,38 @@ from typing import Any
 import numpy as np
 
 from privrec_pipeline.errors import PrivrecError
+from privrec_pipeline.training.data import Vocabulary, read_vocabulary
 from privrec_pipeline.training.federated import TrainConfig, load_flat, new_model
 from privrec_pipeline.training.model import ItemModel, ModelConfig
 
 WEIGHTS, VOCABULARY, REPORT = "model.safetensors", "vocabulary.json", "training.json"
 
 
-def _vocabulary(folder: Path, size: int) -> list[str]:
-    import pyarrow.dataset as ds
-
-    table = ds.dataset(str(folder), format="parquet").to_table().to_pandas().sort_values("item_index")
-    items = table["item_id"].tolist()
-    if table["item_index"].tolist() != list(range(size)):
-        raise PrivrecError(f"vocabulary at {folder} does not index 0..{size - 1}")
-    return items
-
-
-def write_model(target: Path, config: TrainConfig, vocab_size: int, params: np.ndarray, vocabulary: Path | list[str],
-                report: dict[str, Any]) -> Path:
+def write_model(target: Path, config: TrainConfig, vocab_size: int, params: np.ndarray,
+                vocabulary: Path | list[str] | Vocabulary, report: dict[str, Any]) -> Path:
+    """``vocabulary``: build_partitions' vocabulary folder, the item ids, or a ``Vocabulary``
+    (its item -> category map builds the model with categories, as ``new_model`` did in training)."""
     from safetensors.torch import save_file
 
-    model = new_model(config, vocab_size)
+    if isinstance(vocabulary, list):
+        vocabulary = Vocabulary(vocabulary)
+    elif not isinstance(vocabulary, Vocabulary):
+        try:
+            vocabulary = read_vocabulary(vocabulary, vocab_size)
+        except ValueError as error:
+            raise PrivrecError(str(error)) from None
+    model = new_model(config, vocab_size, vocabulary.item_category)
     load_flat(model, params)
-    items = vocabulary if isinstance(vocabulary, list) else _vocabulary(vocabulary, vocab_size)
+    items: Any = vocabulary.items
+    if model.item_category is not None:
+        items = {"items": vocabulary.items, "categories": vocabulary.categories,
+                 "item_category": [int(c) for c in vocabulary.item_category]}
     tmp = target.parent / f".{target.name}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     try:
         save_file({name: p.detach().float().contiguous() for name, p in model.named_parameters()}, str(tmp / WEIGHTS),
-                  metadata={"format": "privrec-item-model", "dim": str(config.dim), "vocab_size": str(vocab_size)})
+                  metadata={"format": "privrec-item-model", "dim": str(config.dim), "vocab_size": str(vocab_size),
+                            "categories": str(model.config.categories)})
         (tmp / VOCABULARY).write_text(json.dumps(items), encoding="utf-8")
         (tmp / REPORT).write_text(json.dumps({**report, "model": asdict(model.config)}, indent=2, sort_keys=True),
                                   encoding="utf-8")
@@ -70,7 +76,18 @@ def read_model(folder: Path) -> tuple[ItemModel, list[str], dict[str, Any]]:
     if not (folder / WEIGHTS).exists():
         raise PrivrecError(f"no model at {folder} ({WEIGHTS} missing)")
     report = json.loads((folder / REPORT).read_text(encoding="utf-8"))
-    items = json.loads((folder / VOCABULARY).read_text(encoding="utf-8"))
-    model = ItemModel(ModelConfig(**report["model"]))
+    vocabulary = model_vocabulary(folder)  # with categories or (the item-only format) without
+    config = ModelConfig(**report["model"])
+    model = ItemModel(config, item_category=vocabulary.item_category if config.categories else None)
     model.load_state_dict(load_file(str(folder / WEIGHTS)))
-    return model, items, report
+    return model, vocabulary.items, report
+
+
+def model_vocabulary(folder: Path) -> Vocabulary:
+    """A saved model's vocabulary: item ids and, with categories, the category names and the
+    item -> category map (what ``write_model`` needs to write the same model again)."""
+    vocabulary = json.loads((folder / VOCABULARY).read_text(encoding="utf-8"))
+    if isinstance(vocabulary, dict):
+        return Vocabulary(vocabulary["items"], vocabulary["categories"],
+                          np.asarray(vocabulary["item_category"], dtype=np.int64))
+    return Vocabulary(vocabulary)

@@ -59,3 +59,51 @@ class Histories:
         weights = np.where(mask, self.weights[index] if len(self.weights) else 0.0, 0.0)
         return torch.from_numpy(items.astype(np.int64)), torch.from_numpy(mask), torch.from_numpy(
             weights.astype(np.float32))
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """The training vocabulary: item ids in index order and, when the lake has a catalog, the
+    public item -> category map (``item_category`` int [V] indexing ``categories``)."""
+
+    items: list[str]
+    categories: list[str] | None = None
+    item_category: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if (self.categories is None) != (self.item_category is None):
+            raise ValueError("Vocabulary: categories and item_category go together")
+        if self.item_category is not None and (len(self.item_category) != len(self.items) or (
+                len(self.items) and not 0 <= int(self.item_category.min()) <= int(self.item_category.max())
+                < len(self.categories))):
+            raise ValueError(f"Vocabulary: item_category must map {len(self.items)} items to "
+                             f"0..{len(self.categories) - 1}")
+
+    @property
+    def size(self) -> int:
+        return len(self.items)
+
+
+CATEGORIES_FOLDER = "categories"
+
+
+def read_vocabulary(folder, size: int | None = None) -> Vocabulary:
+    """build_partitions' ``vocabulary/`` folder (item_index, item_id[, category_index]) and, if it
+    has category indices, the sibling ``categories/`` folder (category_index, category)."""
+    from pathlib import Path
+
+    import pyarrow.dataset as ds
+
+    folder = Path(folder)
+    frame = ds.dataset(str(folder), format="parquet").to_table().to_pandas().sort_values("item_index")
+    expected = len(frame) if size is None else size
+    if frame["item_index"].tolist() != list(range(expected)):
+        raise ValueError(f"vocabulary at {folder} does not index 0..{expected - 1}")
+    items = frame["item_id"].tolist()
+    if "category_index" not in frame.columns:
+        return Vocabulary(items)
+    names = ds.dataset(str(folder.parent / CATEGORIES_FOLDER), format="parquet").to_table().to_pandas() \
+        .sort_values("category_index")
+    if names["category_index"].tolist() != list(range(len(names))):
+        raise ValueError(f"categories at {folder.parent / CATEGORIES_FOLDER} do not index 0..{len(names) - 1}")
+    return Vocabulary(items, names["category"].tolist(), frame["category_index"].to_numpy(np.int64))

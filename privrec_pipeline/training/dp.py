@@ -11,15 +11,26 @@ which the DP analysis does not rely on, uses a torch generator.
 
 Per-user norms in closed form ("ghost clipping", Goodfellow 2015; Li et al. 2022, "Large
 Language Models Can Be Strong Differentially Private Learners", ICLR). With r = dL/ds (the
-softmax residual, [B, V]), u the user vector, g = E_out^T r = dL/du, alpha the pooling
-weights over the user's distinct items j:
+softmax residual, [B, V]), u the user vector, alpha the pooling weights over the user's
+distinct items j (``Histories`` rows hold distinct items; padding has alpha = 0), e_j the
+input representation of item j and g = dL/du = sum_i r_i (E_out[i] + C_out[c(i)]):
 
     ||dL/db||^2     = ||r||^2
     ||dL/dE_out||^2 = ||r||^2 ||u||^2                 (dL/dE_out = r u^T is rank one)
     ||dL/dE_in||^2  = ||g||^2 sum_j alpha_j^2          (row j is alpha_j g)
-    ||dL/da||^2     = sum_j alpha_j^2 ((E_in[j] - u) . g)^2
+    ||dL/da||^2     = sum_j alpha_j^2 ((e_j - u) . g)^2
 
-so the norms cost one extra [B, V] x [V, d] product, never a [B, V, d] tensor. The clipped
+With categories (``ItemModel`` with K > 0: e_j = E_in[j] + C_in[c(j)], s_i = (E_out[i] +
+C_out[c(i)]) . u + b_i + cb[c(i)]), let R = r summed by category ([B, K], R_k = sum_{c(i)=k}
+r_i); the category parameters are separate tensors, so their squared norms add:
+
+    ||dL/dcb||^2    = ||R||^2                         (dL/dcb_k = R_k)
+    ||dL/dC_out||^2 = ||R||^2 ||u||^2                 (dL/dC_out = R u^T is rank one)
+    ||dL/dC_in||^2  = ||g||^2 sum_k (sum_{j in H, c(j)=k} alpha_j)^2   (row k is (sum alpha_j) g)
+
+so the norms cost one extra [B, V] x [V, d] product (with categories also a [B, V] -> [B, K]
+sum), never a [B, V, d] tensor. The category map is public (the catalog), and the category
+parameters are clipped with the rest and get noise like every parameter (``add_noise``). The clipped
 sum is then the gradient of sum_u min(1, C / ||grad_u||) L_u: one ordinary backward pass.
 The embedding gradients stay sparse in what they touch (rows of the users' items).
 """
@@ -48,7 +59,7 @@ def user_losses(model: ItemModel, batch: Batch, generator: torch.Generator | Non
     keep = 1.0 - model.config.input_dropout if keep is None else keep
     inputs = dropout_mask(batch.mask, keep, generator)
     u, alpha = model.user_vectors(batch.items, inputs)
-    log_p = torch.log_softmax(model.item_out(u), dim=-1)
+    log_p = torch.log_softmax(model.scores(u), dim=-1)
     y = target_matrix(batch.items, batch.mask, batch.weights, model.config.vocab_size)
     losses = -(y * log_p).sum(dim=1)
     return losses, {"u": u, "alpha": alpha, "log_p": log_p, "y": y}
@@ -56,15 +67,24 @@ def user_losses(model: ItemModel, batch: Batch, generator: torch.Generator | Non
 
 @torch.no_grad()
 def per_user_grad_norms(model: ItemModel, batch: Batch, cache: dict[str, torch.Tensor]) -> torch.Tensor:
-    """L2 norm of each user's gradient over all trainable parameters (closed form, see above)."""
+    """L2 norm of each user's gradient over all trainable parameters (closed form, see the
+    module docstring; ghost clipping, Li et al. 2022)."""
     u, alpha, y = cache["u"].detach(), cache["alpha"].detach(), cache["y"]
     r = cache["log_p"].detach().exp() * y.sum(dim=1, keepdim=True) - y  # dL/ds of -sum y log softmax(s)
-    g = r @ model.item_out.weight  # [B, d]
+    g = r @ model.output_layer()[0]  # [B, d]: E_out^T r (+ C_out^T R with categories)
+    categories = model.item_category
+    if categories is not None:
+        # R [B, K]: the residual summed over each category's items.
+        R = torch.zeros(r.shape[0], model.config.categories, dtype=r.dtype).index_add_(1, categories, r)
     r2, u2, g2 = (r * r).sum(1), (u * u).sum(1), (g * g).sum(1)
-    e_dot_g = torch.einsum("bld,bd->bl", model.item_in(batch.items), g)
+    e_dot_g = torch.einsum("bld,bd->bl", model.input_embeddings(batch.items), g)
     u_dot_g = (u * g).sum(1, keepdim=True)
     a2 = alpha * alpha
     norm2 = r2 * (1.0 + u2) + g2 * a2.sum(1) + (a2 * (e_dot_g - u_dot_g) ** 2).sum(1)
+    if categories is not None:
+        # Pooling weight per category of the history (padding has alpha = 0, so it adds nothing).
+        alpha_k = torch.zeros_like(R).scatter_add_(1, categories[batch.items], alpha)
+        norm2 = norm2 + (R * R).sum(1) * (1.0 + u2) + g2 * (alpha_k * alpha_k).sum(1)
     return norm2.clamp_min(0.0).sqrt()
 
 

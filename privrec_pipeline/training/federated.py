@@ -73,6 +73,10 @@ class TrainConfig:
     server_lr: float = 0.01
     seed: int = 0
     """Initialization of the model (public); the noise is keyed by the partitions' secrets."""
+    category_features: bool = True
+    """With a vocabulary that maps items to catalog categories, give the model a category component
+    (``ItemModel`` with categories): items nobody interacted with are scored by their category.
+    False: the item-only model even when categories are known."""
     collusion_tolerance: int | None = None
     """t, distributed mode only: the guarantee holds if at most t of the P partitions collude
     with the aggregator or leave out their noise share; each partition adds N(0, sigma^2 C^2 /
@@ -162,7 +166,13 @@ def dropout_generator(secret: bytes, run_id: str, round_index: int, partition: i
     return torch.Generator().manual_seed(seed)
 
 
-def new_model(config: TrainConfig, vocab_size: int) -> ItemModel:
+def new_model(config: TrainConfig, vocab_size: int, item_category: np.ndarray | None = None) -> ItemModel:
+    """The model of a run; ``item_category`` (int [V], categories 0..K-1, K = its max + 1): the
+    vocabulary's public item -> category map, used if ``config.category_features``."""
+    if item_category is not None and config.category_features and len(item_category):
+        category = np.asarray(item_category, dtype=np.int64)
+        return ItemModel(ModelConfig(vocab_size=vocab_size, dim=config.dim, input_dropout=config.input_dropout,
+                                     categories=int(category.max()) + 1), seed=config.seed, item_category=category)
     return ItemModel(ModelConfig(vocab_size=vocab_size, dim=config.dim, input_dropout=config.input_dropout),
                      seed=config.seed)
 
@@ -172,6 +182,10 @@ def flatten(model: ItemModel) -> np.ndarray:
 
 
 def load_flat(model: ItemModel, flat: np.ndarray) -> None:
+    size = sum(p.numel() for p in model.parameters())
+    if flat.size != size:  # e.g. a model built with categories, a vector without (or the reverse)
+        raise ConfigurationError(f"a parameter vector of {flat.size} values does not fit the model's {size} "
+                                 f"({model.config})")
     offset = 0
     with torch.no_grad():
         for p in model.parameters():
@@ -182,9 +196,10 @@ def load_flat(model: ItemModel, flat: np.ndarray) -> None:
 
 def partition_update(config: TrainConfig, plan: PrivacyPlan, global_params: np.ndarray, vocab_size: int,
                      shard: Histories, *, round_index: int, partition: int, partitions: int,
-                     total_users: int, secret: bytes, run_id: str) -> tuple[np.ndarray, dict[str, float]]:
+                     total_users: int, secret: bytes, run_id: str,
+                     item_category: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, float]]:
     """One partition's work in one round: its update (new - old parameters) and diagnostics."""
-    model = new_model(config, vocab_size)
+    model = new_model(config, vocab_size, item_category)
     load_flat(model, global_params)
     if partitions != plan.partitions:
         raise ConfigurationError(f"the plan was made for {plan.partitions} partitions, this round has {partitions}")
@@ -250,7 +265,7 @@ class TrainingResult:
 
 
 def train_in_process(config: TrainConfig, shards: list[Histories], vocab_size: int, *, run_id: str = "local",
-                     secure: bool = True) -> TrainingResult:
+                     secure: bool = True, item_category: np.ndarray | None = None) -> TrainingResult:
     """Every round of every partition in this process, through the same functions the DAG's
     tasks call (and, with ``secure``, through masked secure aggregation)."""
     import secrets as _secrets
@@ -259,7 +274,7 @@ def train_in_process(config: TrainConfig, shards: list[Histories], vocab_size: i
 
     partitions = len(shards)
     plan = plan_privacy(config, [s.users for s in shards])
-    state = ServerState(flatten(new_model(config, vocab_size)))
+    state = ServerState(flatten(new_model(config, vocab_size, item_category)))
     partition_secrets = [_secrets.token_bytes(32) for _ in range(partitions)]
     total_users = sum(s.users for s in shards)
     history = []
@@ -270,12 +285,12 @@ def train_in_process(config: TrainConfig, shards: list[Histories], vocab_size: i
         for k, shard in enumerate(shards):
             delta, s = partition_update(config, plan, state.params, vocab_size, shard, round_index=r, partition=k,
                                         partitions=partitions, total_users=total_users,
-                                        secret=partition_secrets[k], run_id=run_id)
+                                        secret=partition_secrets[k], run_id=run_id, item_category=item_category)
             updates[k] = secure_agg.mask_update(delta, keys[k], public, run_id, r) if secure else delta
             stats.append(s)
         total = secure_agg.aggregate(updates, partitions) if secure else sum(updates.values())
         state = apply_round(config, state, total, partitions)
         history.append({k: float(np.mean([s[k] for s in stats])) for k in ("loss", "clipped", "sampled")})
-    model = new_model(config, vocab_size)
+    model = new_model(config, vocab_size, item_category)
     load_flat(model, state.params)
     return TrainingResult(model, plan, history)

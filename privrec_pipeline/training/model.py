@@ -9,6 +9,17 @@ and items are scored by ``s = E_out u + b``. Every trainable parameter belongs t
 (``E_in``, ``a``, ``E_out``, ``b``), so publishing the model publishes no user vector; a
 user's vector is computed at serving time from that user's history.
 
+With a public item -> category map c (the catalog's categories, ``ModelConfig.categories``
+K > 0), each item's representation also has a category component shared by the items of its
+category, so an item nobody interacted with is still scored by its category (and rare items
+share signal under DP noise):
+
+    e_j = E_in[j] + C_in[c(j)],   s_i = (E_out[i] + C_out[c(i)]) . u + b_i + cb[c(i)]
+
+``C_in``, ``C_out`` [K, d] and ``cb`` [K, 1] are category-side parameters (public structure,
+nothing per user); the map itself is a non-trainable buffer. K = 0 is the model without them
+(the same parameters, in the same order).
+
 Training loss per user (multinomial likelihood of the history, as Mult-DAE: Liang et al.
 2018, "Variational Autoencoders for Collaborative Filtering", WWW): with input dropout on
 the history, ``L_u = -(1 / |H|) sum_{i in H} w_i log softmax(s)_i`` over the full vocabulary,
@@ -29,13 +40,17 @@ class ModelConfig:
     dim: int = 64
     input_dropout: float = 0.5
     init_scale: float = 0.05
+    categories: int = 0
+    """K: number of item categories (0: no category component)."""
 
 
 class ItemModel(nn.Module):
     """Item embeddings in and out, item biases, item pooling logits (nn.Embedding / nn.Linear,
-    so Opacus can wrap the same model for the benchmark)."""
+    so Opacus can wrap the same model for the benchmark); with ``config.categories`` K > 0,
+    category embeddings in and out and category biases, and ``item_category`` (int [V], values
+    in 0..K-1) maps each item to its category."""
 
-    def __init__(self, config: ModelConfig, seed: int = 0) -> None:
+    def __init__(self, config: ModelConfig, seed: int = 0, item_category=None) -> None:
         super().__init__()
         self.config = config
         generator = torch.Generator().manual_seed(seed)
@@ -47,6 +62,50 @@ class ItemModel(nn.Module):
                 weight.copy_(torch.randn(weight.shape, generator=generator) * config.init_scale)
             self.pool_logit.weight.zero_()
             self.item_out.bias.zero_()
+        if config.categories:
+            if item_category is None:
+                raise ValueError(f"ItemModel: {config.categories} categories need an item_category map")
+            category = torch.as_tensor(item_category, dtype=torch.long).reshape(-1)
+            if len(category) != config.vocab_size or (len(category) and (
+                    int(category.min()) < 0 or int(category.max()) >= config.categories)):
+                raise ValueError(f"ItemModel: item_category must map {config.vocab_size} items to "
+                                 f"0..{config.categories - 1}")
+            # Registered after the item parameters: parameters() lists the item ones first, as without categories.
+            self.cat_in = nn.Embedding(config.categories, config.dim)
+            self.cat_out = nn.Embedding(config.categories, config.dim)
+            self.cat_bias = nn.Embedding(config.categories, 1)
+            with torch.no_grad():
+                self.cat_in.weight.zero_()  # items start as their own embedding alone
+                self.cat_out.weight.copy_(torch.randn(self.cat_out.weight.shape, generator=generator)
+                                          * config.init_scale)
+                self.cat_bias.weight.zero_()
+            self.register_buffer("item_category", category.clone(), persistent=False)
+        elif item_category is not None:
+            raise ValueError("ItemModel: an item_category map needs config.categories > 0")
+        else:
+            self.item_category = None
+
+    def input_embeddings(self, items: torch.Tensor) -> torch.Tensor:
+        """e_j for item indices ``items`` (any shape) -> [..., d]."""
+        e = self.item_in(items)
+        if self.item_category is not None:
+            e = e + self.cat_in(self.item_category[items])
+        return e
+
+    def output_layer(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The effective output weights [V, d] and biases [V]: E_out[i] + C_out[c(i)], b_i + cb[c(i)]."""
+        if self.item_category is None:
+            return self.item_out.weight, self.item_out.bias
+        return (self.item_out.weight + self.cat_out.weight[self.item_category],
+                self.item_out.bias + self.cat_bias.weight[self.item_category, 0])
+
+    def scores(self, u: torch.Tensor) -> torch.Tensor:
+        """Scores [B, V] of every item for user vectors u [B, d]."""
+        if self.item_category is None:
+            return self.item_out(u)
+        # Gathering [V, d] rows is cheaper than gathering [B, V] per-category scores (B > d).
+        weight, bias = self.output_layer()
+        return nn.functional.linear(u, weight, bias)
 
     def user_vectors(self, items: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """u [B, d] and the pooling weights alpha [B, L] for padded histories ``items`` [B, L]
@@ -54,13 +113,13 @@ class ItemModel(nn.Module):
         logits = self.pool_logit(items).squeeze(-1).masked_fill(~mask, float("-inf"))
         alpha = torch.softmax(logits, dim=-1)
         alpha = torch.nan_to_num(alpha, nan=0.0)  # empty rows: all -inf
-        u = torch.einsum("bl,bld->bd", alpha, self.item_in(items))
+        u = torch.einsum("bl,bld->bd", alpha, self.input_embeddings(items))
         return u, alpha
 
     def forward(self, items: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Scores [B, V] of every item for each padded history."""
         u, _ = self.user_vectors(items, mask)
-        return self.item_out(u)
+        return self.scores(u)
 
 
 def dropout_mask(mask: torch.Tensor, keep: float, generator: torch.Generator | None) -> torch.Tensor:

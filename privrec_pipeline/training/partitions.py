@@ -17,6 +17,10 @@ Per user (the privacy unit), from the window's validated days:
 Layout: ``training/dt=D/partition=K/`` (user_pseudonym, item_index, weight, position),
 ``training/dt=D/holdout/`` (user_pseudonym, item_index, role history|test, trained),
 ``training/dt=D/vocabulary/`` (item_index, item_id), and ``_manifests/build_partitions/dt=D.json``.
+When the lake has a catalog for day D, the vocabulary also has ``category_index`` (the item's
+catalog category; items the catalog does not list get the unknown category ``""``, which no
+catalog category can be) and ``training/dt=D/categories/`` (category_index, category) names the
+categories: the distinct categories of the vocabulary's items, sorted (public: the catalog).
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ USER, ITEM = "user_pseudonym", "item_id"
 EVENT_WEIGHTS = {EventType.VIEW: 1.0, EventType.REMOVE_FROM_CART: 0.5, EventType.ADD_TO_CART: 2.0,
                  EventType.PURCHASE: 4.0, EventType.RATING: 2.0}
 MIN_ITEMS, TEST_SHARE = 5, 0.2  # DESIGN.md evaluation protocol
+UNKNOWN_CATEGORY = ""  # items outside the catalog (a catalog category is never empty)
+CATEGORIES_FOLDER = "categories"  # training/dt=D/categories/ (read by training.data.read_vocabulary)
 
 
 @dataclass(frozen=True)
@@ -118,6 +124,23 @@ def vocabulary_items(spark: "SparkSession", vocab_files: list[str], limit: int) 
     return sorted(r[0] for r in released.select(ITEM).distinct().collect())
 
 
+def item_categories(lake: str, day: dt.date, items: list[str]) -> tuple[list[str], list[int]] | None:
+    """(category names, category index of each of ``items``) from the catalog in force on ``day``
+    (None: the lake has no catalog then). Names: the distinct categories of ``items``, sorted;
+    an item the catalog does not list is in ``UNKNOWN_CATEGORY``."""
+    from privrec_pipeline.catalog import read_items, snapshot_for
+
+    snapshot = snapshot_for(lake, day)
+    if snapshot is None:
+        return None
+    table = read_items(snapshot)
+    catalog = dict(zip(table.column("item_id").to_pylist(), table.column("category").to_pylist(), strict=True))
+    of_item = [catalog.get(item, UNKNOWN_CATEGORY) for item in items]
+    names = sorted(set(of_item))
+    index = {name: i for i, name in enumerate(names)}
+    return names, [index[name] for name in of_item]
+
+
 def no_items_message(fs: Any, lake: str, days: list[dt.date], window: list[dt.date]) -> str:
     """Why the window has no item to train on, from its DP releases (public or DP numbers only)."""
     import json
@@ -161,6 +184,8 @@ class PartitionsManifest:
     uri: str
     pseudonym_key_fingerprint: str
     """The one pseudonym key of every day used (``secrets.key_fingerprint``), for the ledger."""
+    categories: int = 0
+    """Item categories of the vocabulary (from the catalog; 0: no catalog, no category_index)."""
 
     def to_json(self) -> str:
         import json
@@ -213,7 +238,14 @@ def run_build_partitions(spark: Any, lake: str, day: dt.date, params: PartitionP
     items = vocabulary_items(spark, vocab_files, params.max_vocabulary)
     if not items:
         raise PrivrecError(no_items_message(fs, lake, days, window))
-    vocabulary = spark.createDataFrame([(item, i) for i, item in enumerate(items)], "item_id string, item_index long")
+    categories = item_categories(lake, day, items)
+    if categories is None:
+        vocabulary = spark.createDataFrame([(item, i) for i, item in enumerate(items)],
+                                           "item_id string, item_index long")
+    else:
+        vocabulary = spark.createDataFrame([(item, i, c) for i, (item, c) in enumerate(zip(items, categories[1],
+                                                                                            strict=True))],
+                                           "item_id string, item_index long, category_index long")
     silver = spark.read.parquet(*[lk.partition_uri(lake, "silver", d) for d in days])
     rows = user_items(silver, vocabulary, params).persist()
     target = training_uri(lake, day)
@@ -228,6 +260,9 @@ def run_build_partitions(spark: Any, lake: str, day: dt.date, params: PartitionP
             (~F.col("holdout_user")).alias("trained"),
         ).write.parquet(f"{stage}/holdout")
         vocabulary.coalesce(1).write.parquet(f"{stage}/vocabulary")
+        if categories is not None:
+            spark.createDataFrame(list(enumerate(categories[0])), "category_index long, category string") \
+                .coalesce(1).write.parquet(f"{stage}/{CATEGORIES_FOLDER}")
         per_partition = {str(r["partition"]): {"users": int(r["users"]), "items": int(r["items"])} for r in
                          train.groupBy("partition").agg(F.countDistinct(USER).alias("users"),
                                                         F.count(F.lit(1)).alias("items")).collect()}
@@ -244,7 +279,8 @@ def run_build_partitions(spark: Any, lake: str, day: dt.date, params: PartitionP
             date=day.isoformat(), run_id=run_id, window=[d.isoformat() for d in window],
             days_used=[d.isoformat() for d in days], releases=releases, vocabulary_size=vocabulary.count(),
             partitions=dict(sorted(per_partition.items())), holdout={k: int(held[k]) for k in held.asDict()},
-            params=params.to_dict(), uri=target, pseudonym_key_fingerprint=fingerprint)
+            params=params.to_dict(), uri=target, pseudonym_key_fingerprint=fingerprint,
+            categories=len(categories[0]) if categories is not None else 0)
         fs.swap_in(stage, target)
     except BaseException:
         fs.delete(stage)

@@ -94,6 +94,19 @@ def load_shard(folder: Path) -> Histories:
     return Histories(indptr, frame["item_index"].to_numpy(np.int64), frame["weight"].to_numpy(np.float32))
 
 
+def _item_category(lake: str, day: dt.date, size: int) -> np.ndarray | None:
+    """The vocabulary's public item -> category map (None: build_partitions had no catalog)."""
+    from privrec_pipeline.training.data import read_vocabulary
+
+    folder = _folder(lake, day) / "vocabulary"
+    if not folder.exists():
+        return None  # finish_training, which writes the vocabulary into the model, names the problem
+    try:
+        return read_vocabulary(folder, size).item_category
+    except ValueError as error:
+        raise PrivrecError(f"{error}: run build_partitions again") from None
+
+
 def _manifest(lake: str, day: dt.date) -> dict[str, Any]:
     path = lk.local_path(lk.manifest_uri(lake, "build_partitions", day))
     if not path.exists():
@@ -160,7 +173,8 @@ def prepare_training(lake: str, day: dt.date, config: TrainConfig, *, run_id: st
     _write_json(run / "plan.json", state)
     initial = run / "round=0" / "model.npz"
     if not initial.exists():
-        _save_array(initial, params=flatten(new_model(config, manifest["vocabulary_size"])))
+        model = new_model(config, manifest["vocabulary_size"], _item_category(lake, day, manifest["vocabulary_size"]))
+        _save_array(initial, params=flatten(model))
     return state
 
 
@@ -370,7 +384,8 @@ def train_partition(lake: str, day: dt.date, round_index: int, partition: int, r
     shard = load_shard(_folder(lake, day) / f"partition={partition}")
     delta, stats = partition_update(config, plan, state, doc["vocabulary_size"], shard, round_index=round_index,
                                     partition=partition, partitions=doc["partitions"],
-                                    total_users=sum(doc["partition_users"]), secret=secret, run_id=doc["run_id"])
+                                    total_users=sum(doc["partition_users"]), secret=secret, run_id=doc["run_id"],
+                                    item_category=_item_category(lake, day, doc["vocabulary_size"]))
     masked = mask_update(delta, keys, public, doc["run_id"], round_index)
     update = MaskedUpdate(partition, round_index, doc["run_id"], roster.sealed(partition, round_index), roster_digest,
                           masked)
