@@ -238,8 +238,10 @@ def model_card(name: str, version: str, report: dict[str, Any], evaluation: Eval
             "trust_model": trust_model(plan, report["partitions"]),
             "contribution_bounds": {"max_items_per_user": manifest["params"]["max_items_per_user"],
                                     "per_user_gradient_norm": plan["clip_norm"]},
-            "vocabulary": "items released by DP partition selection in the window's dp_stats releases "
-                          f"({report['vocabulary_size']} items)",
+            "vocabulary": (f"the shop's public item catalog ({report['vocabulary_size']} items)"
+                           if manifest.get("categories") else
+                           "items released by DP partition selection in the window's dp_stats releases "
+                           f"({report['vocabulary_size']} items)"),
             "published_parameters": "item embeddings (in and out), item pooling logits, item biases"
                                     + (f"; category embeddings (in and out) and biases of the catalog's "
                                        f"{report['model']['categories']} categories"
