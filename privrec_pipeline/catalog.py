@@ -4,7 +4,14 @@
     catalog/items/dt=D/_catalog.json    source, counts, sha256 of items.parquet
 
 A snapshot dated D is the catalog from day D on, until a later snapshot: the catalog of a
-day is its latest snapshot dated on or before it (``snapshot_for``). Because the catalog is
+day is its latest snapshot dated on or before it (``snapshot_for``).
+
+The DP guarantee of a release over public keys holds for a catalog that does not depend on
+the event logs privrec processes: the shop's published item list, or a dataset's published
+movie list (MovieLens' ``movies.csv`` lists the movies rated or tagged in that release; it is
+published with it, so using it reveals nothing an observer does not already have). A list
+built from the item ids seen in the events is not public: a one-user item would appear
+because of that user. Such a list must not be loaded as a catalog. Because the catalog is
 public, its items and categories are *public partitions* of the DP statistics (every item
 gets a noisy value and no partition selection is needed) and the training vocabulary; only
 without a catalog does the item set itself need private selection.
@@ -254,14 +261,20 @@ def read_snapshot(lake: str, day: dt.date) -> CatalogSnapshot:
 def read_items(snapshot: CatalogSnapshot) -> "pa.Table":
     """The snapshot's items, checked against the digest recorded when it was written (a file
     replaced in the lake is refused, not used as the public item set)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     path = lk.local_path(snapshot.uri) / ITEMS_FILE
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    data = path.read_bytes()  # parsed from the bytes that were hashed: no window for a swap
+    digest = hashlib.sha256(data).hexdigest()
     if digest != snapshot.sha256:
         raise CatalogError(f"{path}: the catalog file changed after it was written (sha256 {digest[:12]}, "
                            f"recorded {snapshot.sha256[:12]}); load the catalog again with privrec catalog load")
-    return pq.read_table(path, schema=schema())
+    table = pq.read_table(pa.BufferReader(data), schema=schema())
+    found = problems(table)  # a duplicated id would be a key released twice, with two noises
+    if found:
+        raise CatalogError(f"{path}: not a usable catalog: " + "; ".join(found))
+    return table
 
 
 def write_snapshot(lake: str, day: dt.date, table: "pa.Table", source: str) -> CatalogSnapshot:

@@ -177,3 +177,22 @@ def test_cli_loads_and_shows_the_catalog_and_prints_input_as_text(tmp_path):
     assert shown.exit_code == 0 and f"{DAY}" in shown.output and str(source) in shown.output.replace("\n", "")
     missing = CliRunner().invoke(app, ["catalog", "show", "--lake", str(tmp_path / "none")])
     assert missing.exit_code == 1 and "privrec catalog load" in missing.output
+
+
+def test_a_snapshot_doctored_with_its_digest_still_cannot_list_an_item_twice(tmp_path):
+    import hashlib
+
+    import pyarrow.parquet as pq
+
+    lake = str(tmp_path / "lake")
+    cat.write_snapshot(lake, DAY, pa.table({"item_id": ["a", "b"], "category": ["x", "y"]}), "t")
+    folder = tmp_path / "lake" / "catalog" / "items" / f"dt={DAY}"
+    # Someone with write access replaces the items and the recorded digest together: a
+    # duplicated id would be one key released twice (two independent noises).
+    pq.write_table(cat.normalize(pa.table({"item_id": ["a", "a"], "category": ["x", "x"]}), "t"),
+                   folder / cat.ITEMS_FILE)
+    meta = json.loads((folder / cat.META_FILE).read_text())
+    meta["sha256"] = hashlib.sha256((folder / cat.ITEMS_FILE).read_bytes()).hexdigest()
+    (folder / cat.META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(cat.CatalogError, match="appear more than once"):
+        cat.read_items(cat.snapshot_for(lake, DAY))

@@ -189,8 +189,9 @@ def run_dp_stats(spark: "SparkSession", lake: str, day: dt.date, params: DPStats
             except PrivrecError as not_failed:  # e.g. held by another run now: the original error stands
                 log.warning("release %s not marked failed: %s", release.id, not_failed)
         raise
-    log.info("released dp_stats of %s (release %s, epsilon %.4g, delta %.2g): %d items -> %s",
-             day, release.id, epsilon, delta, doc["released"]["items"], target)
+    log.info("released dp_stats of %s (release %s, epsilon %.4g, delta %.2g, K %d %s): %d items -> %s",
+             day, release.id, epsilon, delta, doc["bounds"]["max_items_per_user"], doc["bounds"]["chosen"],
+             doc["released"]["items"], target)
     return DPStatsResult(reservation.status, target, doc)
 
 
@@ -210,9 +211,9 @@ def _compute(spark: "SparkSession", lake: str, day: dt.date, params: DPStatsPara
         plan = params.plan()
         chosen = choose_max_items(histogram, len(catalog_items), plan[ITEM_BOUNDS].epsilon,
                                   plan["item_users"].epsilon, params.max_items_upper)
+        # Not logged here: a draw of an attempt that fails before its release is published must
+        # leave no trace (logs are outputs); the committed release.json records the K it used.
         params = replace(params, max_items_per_user=chosen.k)
-        log.info("dp_stats of %s: K = %d chosen by the exponential mechanism (epsilon %.4g)", day, chosen.k,
-                 chosen.epsilon)
     if params.components() != reserved:  # K changes sensitivities only, never the ledger's components
         raise PrivrecError("dp_stats: the chosen bounds changed the release's ledger components")
     # The bounding hash is keyed by the day: reruns bound the same way.

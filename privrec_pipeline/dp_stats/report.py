@@ -40,6 +40,8 @@ def render_release_page(release: dict[str, Any], items: list[dict[str, Any]], fu
     k = release["bounds"]["max_items_per_user"]
     chart = (_top_items_chart(items, level, k) if items and items[0].get("users") is not None
              else "<p>No item passed partition selection (or item counts are not released).</p>")
+    keys = ("are released: the catalog's, public keys, every one with a noisy value"
+            if (release.get("keys") or {}).get("catalog") else "passed partition selection")
     budget_rows = "".join(
         f"<tr><td>{e(name)}</td><td>{e(m['mechanism'])}</td><td class=n>{m['epsilon']:.4g}</td>"
         f"<td class=n>{m.get('delta', 0):.2g}</td><td class=n>{m['sensitivity']:g}</td>"  # (after K is chosen)
@@ -81,7 +83,7 @@ td.n {{ text-align: right; font-variant-numeric: tabular-nums; }}
 <p class=sub>Release {release['release_id']} (generation {release['generation']}{', forced' if release['forced'] else ''}):
 user-level differential privacy (privacy unit: {e(release['privacy_unit'])}, one day), epsilon {total[0]:.4g},
 delta {total[1]:.2g}.
-Every number on this page is noisy; {len(items):,} items and {len(categories):,} categories passed partition selection.</p>
+Every number on this page is noisy; {len(items):,} items and {len(categories):,} categories {keys}.</p>
 {bias_line}
 {chart}
 <h2>Funnel: distinct users per event type</h2>

@@ -148,7 +148,8 @@ def publish(lake: str, day: dt.date, name: str = DEFAULT_NAME, gate: GateSetting
     tmp = root / f".{version}-{uuid.uuid4().hex[:8]}"
     tmp.parent.mkdir(parents=True, exist_ok=True)
     try:
-        shutil.copytree(candidate, tmp)
+        # The model's files only: an operator record left in the folder by an older version stays out.
+        shutil.copytree(candidate, tmp, ignore=shutil.ignore_patterns(OPERATOR_RECORD))
         (tmp / "model_card.json").write_text(json.dumps(card, indent=2, sort_keys=True), encoding="utf-8")
         (tmp / "model_card.md").write_text(model_card_markdown(card), encoding="utf-8")
         tmp.rename(target)  # the complete version appears at once
@@ -238,7 +239,10 @@ def model_card(name: str, version: str, report: dict[str, Any], evaluation: Eval
             "trust_model": trust_model(plan, report["partitions"]),
             "contribution_bounds": {"max_items_per_user": manifest["params"]["max_items_per_user"],
                                     "per_user_gradient_norm": plan["clip_norm"]},
-            "vocabulary": (f"the shop's public item catalog ({report['vocabulary_size']} items)"
+            "vocabulary": (f"items of the public item catalog released by the window's dp_stats releases "
+                           f"({report['vocabulary_size']} items"
+                           + (f", the {manifest['params']['max_vocabulary']} with the most noisy users)"
+                              if manifest["params"].get("max_vocabulary") else ")")
                            if manifest.get("categories") else
                            "items released by DP partition selection in the window's dp_stats releases "
                            f"({report['vocabulary_size']} items)"),
