@@ -114,6 +114,12 @@ CARD_KEYS = {
 }
 
 
+# Keys whose numbers are configuration or accounted ledger values, never counts of the data.
+PUBLIC_CARD_KEYS = ("privacy.model.", "privacy.window_per_ledger.", "privacy.clipping_norm", "privacy.steps",
+                    "privacy.rounds", "privacy.local_steps", "privacy.partitions", "privacy.trust_model.partitions",
+                    "privacy.trust_model.collusion_tolerance", "privacy.contribution_bounds.", "created_from.")
+
+
 def _leaves(value, path=""):
     if isinstance(value, dict):
         for key, inner in value.items():
@@ -148,14 +154,13 @@ def test_the_model_card_holds_only_allowed_keys_and_no_exact_count_of_the_data(l
     exact = {n for p in sizes for n in p.values()} | set(manifest["holdout"].values())
     exact |= {sum(p["users"] for p in sizes), sum(p["users"] for p in sizes) + manifest["holdout"]["held_out_users"]}
     assert min(exact) > 30, exact  # the fixture's counts are not small numbers a setting could equal
-    # Settings are public: the fixture's epsilon 50 may equal a count by chance.
-    settings = json.loads((folder / "training.json").read_text())["config"]
-    public = {int(v) for v in _numbers(settings) if float(v).is_integer()}
-    leaked = {path: v for path, v in _leaves(card) for n in _numbers(v) if n in exact - public}
+    # Ledger values and settings are public (accounted or configured): the fixture's epsilon 50
+    # (or the window's 30 + 50) may equal a count by chance (partitions follow the session's key).
+    leaked = {path: v for path, v in _leaves(card) if not path.startswith(PUBLIC_CARD_KEYS)
+              for n in _numbers(v) if n in exact}
     assert not leaked, f"exact counts in the model card: {leaked}"
     markdown = (folder / "model_card.md").read_text()
-    integers = {int(n) for n in re.findall(r"(?<![\d.])\d+(?!\.?\d)", markdown)}  # not parts of decimals
-    assert not (integers - public) & exact, (integers - public) & exact
+    assert markdown == pub.model_card_markdown(card)  # nothing in it beyond the checked card
     # Nothing that tells two neighbouring training sets apart with certainty (a data hash).
     for text in (json.dumps(card), markdown):
         assert not re.search(r"\b[0-9a-f]{64}\b", text)
