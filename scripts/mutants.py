@@ -519,15 +519,12 @@ def markdown(outcomes: list[Outcome], code: str, seconds: float, baseline: float
 
 
 def record(section: str, path: Path = BENCHMARKS_MD) -> None:
-    """Replace the mutants section of BENCHMARKS.md (between the markers), or append it."""
-    text = path.read_text(encoding="utf-8")
-    start, end = SECTION
-    if start in text and end in text:
-        head, rest = text.split(start, 1)
-        text = head + section + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text, encoding="utf-8")
+    """Replace the mutants section of BENCHMARKS.md (between the markers), or append it: the
+    benchmarks' own section writer."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.ingest import update_markdown
+
+    update_markdown(section, path, SECTION)
 
 
 def main(argv: list[str] | None = None) -> int:
