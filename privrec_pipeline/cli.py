@@ -6,6 +6,7 @@ import datetime as dt
 import json
 import os
 from pathlib import Path
+from typing import NoReturn
 
 import typer
 from rich.console import Console
@@ -37,7 +38,7 @@ def _day(value: str) -> dt.date:
         raise typer.BadParameter(f"{value!r} is not a date (YYYY-MM-DD)") from None
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     from rich.text import Text
 
     console.print(Text.assemble(("error:", "bold red"), " ", message), highlight=False)  # Text: no markup, no emoji
@@ -114,16 +115,24 @@ def catalog_show(
 def import_movielens_cmd(
     path: Path = typer.Argument(..., help="ratings.csv (ml-latest) or u.data (ml-100k), or their folder."),
     lake: str | None = LakeOption,
+    replay_days: int = typer.Option(0, "--replay-days", min=0,
+                                    help="Replay the ratings, in time order and the same number a day, on this many "
+                                         "consecutive days ending on --replay-end (0: the ratings' own days)."),
+    replay_end: str | None = typer.Option(None, "--replay-end", help="Last day of the replay, YYYY-MM-DD."),
 ) -> None:
-    """Turn MovieLens ratings into landing partitions, one per UTC day."""
-    from privrec_pipeline.sources.movielens import import_movielens
+    """Turn MovieLens ratings into landing partitions, one per UTC day (or replayed onto N days)."""
+    from privrec_pipeline.sources.movielens import Replay, import_movielens
 
+    if bool(replay_days) != (replay_end is not None):
+        _fail("--replay-days and --replay-end go together (a replay needs its number of days and its last day)")
     try:
-        report = import_movielens(path, lake or lake_root())
+        replay = Replay(replay_days, _day(replay_end)) if replay_days else None
+        report = import_movielens(path, lake or lake_root(), replay)
     except PrivrecError as exc:
         _fail(str(exc))
+    replayed = " (replayed, same number of ratings a day)" if report.replayed_days else ""
     console.print(f"imported {report.ratings:,} ratings of {report.users:,} users on {report.items:,} items "
-                  f"into {report.days:,} day partitions ({report.first_day} .. {report.last_day})")
+                  f"into {report.days:,} day partitions ({report.first_day} .. {report.last_day}){replayed}")
     if report.catalog:
         _say(f"catalog: {report.catalog_items:,} movies from {report.catalog}, in force from {report.first_day}")
     else:
@@ -202,14 +211,49 @@ def keys_show(path: Path | None = typer.Option(None, "--path", help="Key file (d
                       highlight=False, soft_wrap=True)
 
 
+ParamOption = typer.Option([], "--param", "-p", metavar="NAME=VALUE",
+                           help="A DAG Param for the run(s) (value as JSON, else text); repeatable.")
+
+
 @app.command()
 def run(
     date: str = typer.Option(..., "--date", help="Data interval (UTC day) to run, YYYY-MM-DD."),
     allow_empty: bool = typer.Option(False, "--allow-empty", help="Accept a day without landing data."),
-    param: list[str] = typer.Option([], "--param", "-p", metavar="NAME=VALUE",
-                                    help="A DAG Param for this run (value as JSON, else text); repeatable."),
+    param: list[str] = ParamOption,
 ) -> None:
     """Run the nightly DAG for one day on the embedded default and print a summary."""
+    day = _day(date)
+    _run_days([day], _run_conf(allow_empty, param))
+
+
+@app.command()
+def backfill(
+    start: str = typer.Option(..., "--start", help="First UTC day to run, YYYY-MM-DD."),
+    end: str = typer.Option(..., "--end", help="Last UTC day to run (included), YYYY-MM-DD."),
+    allow_empty: bool = typer.Option(False, "--allow-empty", help="Accept days without landing data."),
+    param: list[str] = ParamOption,
+) -> None:
+    """Run the nightly DAG for every day from --start to --end, in order, on the embedded default.
+
+    Stops at the first failed day (the days before it are done; rerun from that day). On an
+    Airflow deployment, backfill from the UI or the REST API instead."""
+    first, last = _day(start), _day(end)
+    if last < first:
+        _fail(f"--end {last} is before --start {first}")
+    _run_days([first + dt.timedelta(days=i) for i in range((last - first).days + 1)], _run_conf(allow_empty, param))
+
+
+def _run_conf(allow_empty: bool, param: list[str]) -> dict:
+    from privrec_pipeline.settings import parse_key_values
+
+    try:
+        return {"allow_empty": allow_empty, **parse_key_values(param, "DAG Param")}
+    except PrivrecError as exc:
+        _fail(str(exc))
+
+
+def _run_days(days: list[dt.date], conf: dict) -> None:
+    """Run privrec_nightly for each day with ``airflow dags test``; print each day's summary."""
     from privrec_pipeline.config import EARLIEST_DAY
     from privrec_pipeline.orchestration.local import (
         airflow_env,
@@ -219,35 +263,32 @@ def run(
         ran_collect,
     )
     from privrec_pipeline.reporting import print_run_summary
-    from privrec_pipeline.settings import parse_key_values
 
-    day = _day(date)
-    if day < EARLIEST_DAY:
-        _fail(f"{day} is before {EARLIEST_DAY}, the DAGs' start date: Airflow would mark the run successful without "
-              "running a task; move the data to a later day")
-    try:
-        conf = {"allow_empty": allow_empty, **parse_key_values(param, "DAG Param")}
-    except PrivrecError as exc:
-        _fail(str(exc))
+    if days[0] < EARLIEST_DAY:
+        _fail(f"{days[0]} is before {EARLIEST_DAY}, the DAGs' start date: Airflow would mark the run successful "
+              "without running a task; move the data to a later day")
     env = airflow_env()
     log_dir = privrec_home() / "runs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    log = log_dir / f"privrec_nightly-{day}.log"
-    log.write_bytes(b"")
-    with console.status("preparing Airflow metadata (first run only)"):
-        ensure_metadata_db(env, log)
-    with console.status(f"running privrec_nightly for {day} (airflow dags test)"):
-        code = dags_test("privrec_nightly", day.isoformat(), env, log, conf=conf)
-    if code != 0:
-        reasons = failure_reasons(log.read_text(encoding="utf-8", errors="replace"))
-        for reason in reasons:
-            console.print(f"  {reason}", markup=False, highlight=False)
-        print_run_summary(console, env["PRIVREC_LAKE"], day, None)  # what did get done, and the report
-        _fail(f"privrec_nightly failed for {day} (exit {code}); full log: {log}")
-    if not ran_collect(log.read_text(encoding="utf-8", errors="replace")):
-        _fail(f"privrec_nightly ran no task for {day} although Airflow reported success (is the day before the "
-              f"DAG's start date, or the DAG paused or missing?); full log: {log}")
-    print_run_summary(console, env["PRIVREC_LAKE"], day, log)
+    for n, day in enumerate(days, 1):
+        log = log_dir / f"privrec_nightly-{day}.log"
+        log.write_bytes(b"")
+        with console.status("preparing Airflow metadata (first run only)"):
+            ensure_metadata_db(env, log)
+        progress = f" (day {n} of {len(days)})" if len(days) > 1 else ""
+        with console.status(f"running privrec_nightly for {day}{progress} (airflow dags test)"):
+            code = dags_test("privrec_nightly", day.isoformat(), env, log, conf=conf)
+        rest = (f"; {days[0]} .. {days[n - 2]} are done, rerun from {day}" if n > 1 else "")
+        if code != 0:
+            reasons = failure_reasons(log.read_text(encoding="utf-8", errors="replace"))
+            for reason in reasons:
+                console.print(f"  {reason}", markup=False, highlight=False)
+            print_run_summary(console, env["PRIVREC_LAKE"], day, None)  # what did get done, and the report
+            _fail(f"privrec_nightly failed for {day} (exit {code}); full log: {log}{rest}")
+        if not ran_collect(log.read_text(encoding="utf-8", errors="replace")):
+            _fail(f"privrec_nightly ran no task for {day} although Airflow reported success (is the day before "
+                  f"the DAG's start date, or the DAG paused or missing?); full log: {log}{rest}")
+        print_run_summary(console, env["PRIVREC_LAKE"], day, log)
 
 
 @app.command()

@@ -230,3 +230,56 @@ def test_ratings_csv_without_header_is_rejected(tmp_path: Path) -> None:
 def test_folder_without_ratings_is_rejected(tmp_path: Path) -> None:
     with pytest.raises(InputFormatError, match=r"neither ratings\.csv nor u\.data"):
         import_movielens(tmp_path, str(tmp_path / "lake"))
+
+
+REPLAY_END = dt.date(2026, 3, 7)
+
+
+def test_a_replay_moves_every_rating_onto_n_days_in_order(imported: tuple[MovieLensImportReport, str],
+                                                         tmp_path: Path) -> None:
+    """Replay: the same events (same ids), the same number each day, on the N days ending on the
+    replay's end, each user's history in its original order."""
+    report, lake = imported
+    replay_lake = str(tmp_path / "replay")
+    replayed = import_movielens(ML_LATEST_SMALL, replay_lake, movielens.Replay(7, REPLAY_END))
+    assert (replayed.days, replayed.replayed_days, replayed.ratings) == (7, 7, report.ratings)
+    assert (replayed.first_day, replayed.last_day) == ("2026-03-01", "2026-03-07")
+
+    original = {json.loads(line)["event_id"]: json.loads(line)
+                for lines in landing_lines(lake).values() for line in lines}
+    moved = landing_lines(replay_lake)
+    assert sorted(moved) == [f"dt={REPLAY_END - dt.timedelta(days=6 - i)}" for i in range(7)]
+    sizes = [len(lines) for lines in moved.values()]
+    assert sum(sizes) == report.ratings and max(sizes) - min(sizes) <= 1
+    events = [json.loads(line) for lines in moved.values() for line in lines]
+    assert {e["event_id"] for e in events} == set(original)  # ids keep the source's timestamp
+    for part, lines in moved.items():
+        assert all(json.loads(line)["event_time"].startswith(part[3:]) for line in lines)
+    by_user_source: dict[str, list[str]] = {}
+    by_user_replay: dict[str, list[str]] = {}
+    for e in sorted(original.values(), key=lambda e: e["event_time"]):
+        by_user_source.setdefault(e["user_id"], []).append(e["event_time"])
+    for e in sorted(events, key=lambda e: (e["event_time"], original[e["event_id"]]["event_time"])):
+        by_user_replay.setdefault(e["user_id"], []).append(original[e["event_id"]]["event_time"])
+        assert {k: v for k, v in e.items() if k != "event_time"} == \
+            {k: v for k, v in original[e["event_id"]].items() if k != "event_time"}
+    assert by_user_replay == by_user_source  # replayed order = source order, user by user
+
+
+def test_a_replay_needs_days_and_an_end(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from privrec_pipeline.cli import app
+    from privrec_pipeline.errors import ConfigurationError
+
+    path = tmp_path / "ratings.csv"
+    path.write_text(HEADER + GOOD)
+    result = CliRunner().invoke(app, ["import", "movielens", str(path), "--lake", str(tmp_path / "l"),
+                                      "--replay-days", "3"])
+    assert result.exit_code == 1 and "--replay-days and --replay-end go together" in result.output
+    with pytest.raises(ConfigurationError, match="start before 1970-01-01"):
+        movielens.Replay(10, dt.date(1970, 1, 5))
+    result = CliRunner().invoke(app, ["import", "movielens", str(path), "--lake", str(tmp_path / "l"),
+                                      "--replay-days", "3", "--replay-end", "2026-01-03"])
+    assert result.exit_code == 0, result.output
+    assert sorted(landing_lines(str(tmp_path / "l"))) == ["dt=2026-01-01"]  # one rating: the first day

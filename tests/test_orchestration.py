@@ -92,3 +92,42 @@ def test_a_dags_test_log_without_the_collect_task_is_not_a_run():
     # What Airflow prints for a logical date before the DAG's start date: success, no task.
     assert not ran_collect("2026-12-02T05:40:01 [info] Dag run succeeded\n")
     assert not ran_collect("[DAG TEST] starting task_id=collect_report map_index=-1\n")
+
+
+def test_a_backfill_runs_its_days_in_order_and_stops_at_the_first_failure(monkeypatch, tmp_path):
+    """`privrec backfill`: one `dags test` per day, in order; a failed day stops the backfill and
+    the message says which days are done and where to rerun from."""
+    from typer.testing import CliRunner
+
+    from privrec_pipeline import reporting
+    from privrec_pipeline.cli import app
+    from privrec_pipeline.orchestration import local
+
+    ran: list[str] = []
+    summaries: list[str] = []
+
+    def dags_test(dag_id, day, env, log, conf=None):
+        ran.append(day)
+        assert conf == {"allow_empty": False, "train_window_days": 3}
+        log.write_text("[DAG TEST] starting task_id=collect map_index=-1\n")
+        return 1 if day == "2026-01-03" else 0
+
+    monkeypatch.setenv("PRIVREC_HOME", str(tmp_path))
+    monkeypatch.setattr(local, "airflow_env", lambda: {"PRIVREC_LAKE": str(tmp_path / "lake")})
+    monkeypatch.setattr(local, "ensure_metadata_db", lambda env, log: None)
+    monkeypatch.setattr(local, "dags_test", dags_test)
+    monkeypatch.setattr(reporting, "print_run_summary", lambda console, lake, day, log: summaries.append(str(day)))
+    result = CliRunner().invoke(app, ["backfill", "--start", "2026-01-01", "--end", "2026-01-04",
+                                      "-p", "train_window_days=3"])
+    assert result.exit_code == 1
+    assert ran == ["2026-01-01", "2026-01-02", "2026-01-03"] and summaries == ran
+    assert "privrec_nightly failed for 2026-01-03" in result.output
+    assert "2026-01-01 .. 2026-01-02 are done, rerun from 2026-01-03" in result.output
+
+    ran.clear()
+    result = CliRunner().invoke(app, ["backfill", "--start", "2026-01-04", "--end", "2026-01-05",
+                                      "-p", "train_window_days=3"])
+    assert result.exit_code == 0, result.output
+    assert ran == ["2026-01-04", "2026-01-05"]
+    result = CliRunner().invoke(app, ["backfill", "--start", "2026-01-05", "--end", "2026-01-04"])
+    assert result.exit_code == 1 and "is before --start" in result.output
