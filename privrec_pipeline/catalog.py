@@ -134,8 +134,11 @@ def normalize(table: "pa.Table", source: str) -> "pa.Table":
                 values = values.cast(pa.string())
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
                 raise CatalogError(f"{source}: column {field.name} is {values.type}, not text") from exc
-            values = pc.utf8_trim_whitespace(values)
-            values = pc.if_else(pc.equal(values, ""), pa.scalar(None, pa.string()), values)
+            trimmed = pc.utf8_trim_whitespace(values)
+            # Item ids are kept as written: events name items exactly, so an id with surrounding
+            # spaces is a problem to fix (``problems``), not something to repair silently.
+            values = pc.if_else(pc.equal(trimmed, ""), pa.scalar(None, pa.string()),
+                                values if field.name == "item_id" else trimmed)
         elif pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
             values = _parse_text(values, field, source)
         else:
@@ -199,7 +202,14 @@ def problems(table: "pa.Table") -> list[str]:
         if rows:
             found.append(f"{len(rows):,} row(s) without {column} (rows {', '.join(str(r + 1) for r in rows[:EXAMPLES])}"
                          f"{', ...' if len(rows) > EXAMPLES else ''})")
-    counts = pc.value_counts(table.column("item_id").drop_null())
+    ids = table.column("item_id")
+    spaced = pc.fill_null(pc.not_equal(pc.utf8_trim_whitespace(ids), ids), False)
+    rows = pc.indices_nonzero(spaced.combine_chunks() if isinstance(spaced, pa.ChunkedArray) else spaced).to_pylist()
+    if rows:
+        found.append(f"{len(rows):,} item_id(s) with leading or trailing whitespace ("
+                     + ", ".join(f"row {r + 1} {ids[r].as_py()!r}" for r in rows[:EXAMPLES])
+                     + "); events must name items exactly as the catalog does")
+    counts = pc.value_counts(ids.drop_null())
     repeated = [(v.as_py(), c.as_py()) for v, c in zip(counts.field("values"), counts.field("counts"), strict=True)
                 if c.as_py() > 1]
     if repeated:

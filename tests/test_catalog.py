@@ -52,6 +52,7 @@ def test_json_lines_and_parquet_catalogs_read_the_same(tmp_path):
     ("item_id,category\na,x\nb,y\na,z\nb,x\na,x\n", r"2 item_id\(s\) appear more than once \('a' x3, 'b' x2\)"),
     ("item_id,category\na,x\n,y\n  ,z\n", r"2 row\(s\) without item_id \(rows 2, 3\)"),
     ("item_id,category\na,x\nb,\n", r"1 row\(s\) without category \(rows 2\)"),
+    ("item_id,category\na,x\n b ,y\n", r"1 item_id\(s\) with leading or trailing whitespace \(row 2 ' b '\)"),
     ("item_id,category,price\na,x,-1\nb,y,1\n", r"price\(s\) negative or not finite \(row 1 -1\.0\)"),
     ("item_id,category,price\na,x,cheap\n", r"value\(s\) of price are not a number \(row 1 'cheap'\)"),
     ("item_id,category,available\na,x,maybe\n", r"available are not true/false"),

@@ -194,11 +194,58 @@ def load_flat(model: ItemModel, flat: np.ndarray) -> None:
             offset += n
 
 
+@dataclass
+class LocalOptimizerState:
+    """A partition's local Adam moments, carried from one round to the next (local and
+    nonprivate mode): ``m`` and ``v`` (float32, the flat parameter layout) and Adam's step count.
+
+    Post-processing: in local mode they are functions of the partition's own noisy gradients,
+    every one of which the accountant already counts as released (DP-SGD's analysis covers
+    publishing every noisy step; Abadi et al. 2016), so keeping them costs no privacy. They are
+    still the partition's own (about as revealing as its update, which secure aggregation hides):
+    the DAG keeps them beside the partition's secret, never in the lake (``tasks``)."""
+
+    m: np.ndarray | None = field(default=None, repr=False)
+    v: np.ndarray | None = field(default=None, repr=False)
+    steps: int = 0
+
+
+def _load_adam(optimizer: torch.optim.Optimizer, model: ItemModel, state: LocalOptimizerState) -> None:
+    params, offset = list(model.parameters()), 0
+    if state.m is None or state.v is None or state.m.size != state.v.size \
+            or state.m.size != sum(p.numel() for p in params):
+        raise ConfigurationError(f"a local optimizer state of {None if state.m is None else state.m.size} values "
+                                 f"does not fit the model ({model.config})")
+    for p in params:
+        n = p.numel()
+        optimizer.state[p] = {
+            "step": torch.tensor(float(state.steps)),
+            "exp_avg": torch.from_numpy(np.array(state.m[offset:offset + n], dtype=np.float32)).reshape(p.shape),
+            "exp_avg_sq": torch.from_numpy(np.array(state.v[offset:offset + n], dtype=np.float32)).reshape(p.shape)}
+        offset += n
+
+
+def _save_adam(optimizer: torch.optim.Optimizer, model: ItemModel, state: LocalOptimizerState) -> None:
+    params = list(model.parameters())
+    moments = [optimizer.state.get(p) for p in params]
+    if any(not m for m in moments):  # no step taken (every step skipped in nonprivate mode): keep the state
+        return
+    state.m = torch.cat([m["exp_avg"].reshape(-1) for m in moments]).numpy().astype(np.float32)
+    state.v = torch.cat([m["exp_avg_sq"].reshape(-1) for m in moments]).numpy().astype(np.float32)
+    state.steps = int(float(moments[0]["step"]))
+
+
 def partition_update(config: TrainConfig, plan: PrivacyPlan, global_params: np.ndarray, vocab_size: int,
                      shard: Histories, *, round_index: int, partition: int, partitions: int,
                      total_users: int, secret: bytes, run_id: str,
-                     item_category: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, float]]:
-    """One partition's work in one round: its update (new - old parameters) and diagnostics."""
+                     item_category: np.ndarray | None = None,
+                     local_state: LocalOptimizerState | None = None) -> tuple[np.ndarray, dict[str, float]]:
+    """One partition's work in one round: its update (new - old parameters) and diagnostics.
+
+    ``local_state`` (local and nonprivate mode): the partition's Adam moments from its previous
+    round, updated in place for the next one (an empty state: the first round, a fresh Adam).
+    Without it every round starts a fresh Adam, whose first steps on noise-dominated gradients
+    are about sign steps: a random walk of about ``local_lr`` per step and coordinate."""
     model = new_model(config, vocab_size, item_category)
     load_flat(model, global_params)
     if partitions != plan.partitions:
@@ -209,6 +256,8 @@ def partition_update(config: TrainConfig, plan: PrivacyPlan, global_params: np.n
     denominator = q * (total_users if config.mode == "distributed" else shard.users)
     noise = plan.noise_std_per_partition
     optimizer = torch.optim.Adam(model.parameters(), lr=config.local_lr) if config.mode != "distributed" else None
+    if optimizer is not None and local_state is not None and local_state.steps:
+        _load_adam(optimizer, model, local_state)
     stats = {"loss": 0.0, "clipped": 0.0, "sampled": 0.0}
     for _ in range(config.steps_per_round):
         sampled = np.flatnonzero(random.bernoulli(shard.users, q))  # Poisson sampling
@@ -231,6 +280,8 @@ def partition_update(config: TrainConfig, plan: PrivacyPlan, global_params: np.n
         stats["sampled"] += len(sampled) / config.steps_per_round
     if config.mode == "distributed":  # the update is minus the noisy gradient share
         return -torch.cat([p.grad.reshape(-1) for p in model.parameters()]).double().numpy(), stats
+    if local_state is not None:
+        _save_adam(optimizer, model, local_state)
     return flatten(model) - global_params, stats
 
 
@@ -278,6 +329,7 @@ def train_in_process(config: TrainConfig, shards: list[Histories], vocab_size: i
     partition_secrets = [_secrets.token_bytes(32) for _ in range(partitions)]
     total_users = sum(s.users for s in shards)
     history = []
+    local_states = [LocalOptimizerState() for _ in range(partitions)]  # each partition's own (see tasks)
     for r in range(config.rounds):
         updates, stats = {}, []
         keys = [secure_agg.RoundKeys.derive(partition_secrets[k], run_id, r, k) for k in range(partitions)]
@@ -285,7 +337,8 @@ def train_in_process(config: TrainConfig, shards: list[Histories], vocab_size: i
         for k, shard in enumerate(shards):
             delta, s = partition_update(config, plan, state.params, vocab_size, shard, round_index=r, partition=k,
                                         partitions=partitions, total_users=total_users,
-                                        secret=partition_secrets[k], run_id=run_id, item_category=item_category)
+                                        secret=partition_secrets[k], run_id=run_id, item_category=item_category,
+                                        local_state=local_states[k])
             updates[k] = secure_agg.mask_update(delta, keys[k], public, run_id, r) if secure else delta
             stats.append(s)
         total = secure_agg.aggregate(updates, partitions) if secure else sum(updates.values())
