@@ -223,6 +223,15 @@ def test_a_training_resume_under_a_new_run_proves_its_plan_and_draws_no_fresh_no
         tasks.prepare_training(lake, DAY, TrainConfig(**{**config.__dict__, "epsilon": 50.0}), run_id="run-b",
                                dag_id="d")
     assert plan_file.read_bytes() == plan_bytes
+    # nor over another catalog's categories (build_partitions rerun): the model would have another shape
+    manifest_file = lk.local_path(lk.manifest_uri(lake, "build_partitions", DAY))
+    manifest_bytes = manifest_file.read_bytes()
+    manifest = json.loads(manifest_bytes)
+    assert manifest["categories"] > 0
+    manifest_file.write_text(json.dumps({**manifest, "categories": manifest["categories"] + 1}))
+    with pytest.raises(ReleaseMismatch, match=rf"categories: reserved {manifest['categories']}, now "):
+        tasks.prepare_training(lake, DAY, config, run_id="run-b", dag_id="d")
+    manifest_file.write_bytes(manifest_bytes)
     # with the reserved settings it takes over run-a's state: same run id for keys and noise
     resumed = tasks.prepare_training(lake, DAY, config, run_id="run-b", dag_id="d")
     assert resumed["status"] == "resume" and resumed["release_id"] == first["release_id"]

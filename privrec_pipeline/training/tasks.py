@@ -150,6 +150,8 @@ def prepare_training(lake: str, day: dt.date, config: TrainConfig, *, run_id: st
         epsilon=plan.epsilon, delta=plan.delta, dag_id=dag_id, run_id=run_id, force=force,
         parameters={"config": asdict(config), "plan": plan.to_dict(), "partition_users": sizes,
                     "vocabulary_size": manifest["vocabulary_size"],
+                    # The model's shape: a resume over another set of categories is another release.
+                    "categories": manifest.get("categories", 0) if config.category_features else 0,
                     "pseudonym_key_fingerprint": manifest.get("pseudonym_key_fingerprint")})
     release = reservation.release
     state = {"release_id": release.id, "status": reservation.status, "plan": plan.to_dict(),
