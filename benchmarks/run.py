@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-from benchmarks import dp_stats, ingest, training
+from benchmarks import dp_stats, ingest, movielens_pipeline, training
 
-BENCHMARKS: dict[str, ModuleType] = {m.NAME: m for m in (ingest, dp_stats, training)}
+BENCHMARKS: dict[str, ModuleType] = {m.NAME: m for m in (ingest, dp_stats, training, movielens_pipeline)}
 
 
 def invocation(argv: list[str]) -> str:

@@ -46,6 +46,13 @@ def budget_line(lake: str, day: dt.date) -> str | None:
             f"{spend.remaining:.3g} remaining")
 
 
+def _popularity_bounds(lake: str, window: list[str]) -> str:
+    """The K (items per user) of the window's DP item counts, which DP popularity ranks by."""
+    ks = sorted({r["bounds"]["max_items_per_user"] for d in window
+                 if (r := load_dp_release(lake, dt.date.fromisoformat(d)))})
+    return f" (K {', '.join(map(str, ks))})" if ks else ""
+
+
 def print_run_summary(console: Console, lake: str, day: dt.date, log: Path | None) -> None:
     collect = load_manifest(lake, "collect", day)
     pseudo = load_manifest(lake, "pseudonymize", day)
@@ -96,7 +103,8 @@ def print_run_summary(console: Console, lake: str, day: dt.date, log: Path | Non
             table.add_row("  Recall@20 / NDCG@10 (hold-out)", f"{metrics['recall@20']:.4f} / {metrics['ndcg@10']:.4f}")
             popularity = outcome["evaluation"]["dp_popularity"]["recall@20"]
             lift = f" (lift {metrics['recall@20'] / popularity - 1:+.1%})" if popularity > 0 else ""
-            table.add_row("  DP popularity Recall@20", f"{popularity:.4f}{lift}")
+            table.add_row(f"  DP popularity Recall@20{_popularity_bounds(lake, candidate['window'])}",
+                          f"{popularity:.4f}{lift}")
             mia = outcome["evaluation"]["mia_auc"]
             table.add_row("  membership-inference AUC", "n/a" if mia is None else f"{mia:.3f}")
             table.add_row("published model", outcome["version"] if outcome["published"]
