@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 
 from privrec_pipeline.dp_stats.bounds import (
+    CategoryEventsScore,
     ItemBoundScore,
+    choose_category_events,
     choose_max_items,
     dropped_contributions,
     selection_probabilities,
@@ -96,10 +98,13 @@ def test_the_ledger_is_charged_the_choice_and_the_bias_as_planned():
     charged = {c.label: pure_epsilon(c) for c in params.components()}
     assert set(charged) == set(plan) and "item_bounds" in plan and "bounding_bias" in plan
     assert charged["item_bounds"] == (pytest.approx(0.1), 0.0)  # 0.05 of 2, pure
+    assert charged["category_bounds"] == (pytest.approx(0.1), 0.0)  # T: another 0.05 of 2
     assert plan["item_bounds"].mechanism == "exponential" and plan["item_bounds"].sensitivity == U
-    # The statistics split the other 0.95 by their weights (selections out: 0.52 in total).
-    assert charged["item_users"][0] == pytest.approx(1.9 * 0.2 / 0.52)
-    assert charged["bounding_bias"][0] == pytest.approx(1.9 * 0.02 / 0.52)
+    assert plan["category_bounds"].mechanism == "exponential" and plan["category_bounds"].sensitivity == 100
+    # The statistics split the other 0.9 by their weights (selections out: 0.52 in total).
+    assert charged["item_users"][0] == pytest.approx(1.8 * 0.2 / 0.52)
+    assert charged["category_events"][0] == pytest.approx(1.8 * 0.05 / 0.52)
+    assert charged["bounding_bias"][0] == pytest.approx(1.8 * 0.02 / 0.52)
     for name, budget in plan.items():
         assert charged[name] == (pytest.approx(budget.epsilon), budget.delta)
     assert params.spent() == (pytest.approx(2.0), 0.0)
@@ -107,12 +112,25 @@ def test_the_ledger_is_charged_the_choice_and_the_bias_as_planned():
     # Whatever K is chosen, the ledger components (reserved before) are the same...
     for k in (1, 7, 100):
         assert replace(params, max_items_per_user=k).components() == params.components()
-    # ...and the noise uses it: sensitivities follow K, the bias's is B - K.
-    chosen = replace(params, max_items_per_user=7).plan()
+    for t in (1, 9, 100):  # ...nor whatever T
+        assert replace(params, max_category_events_per_user=t).components() == params.components()
+    # ...and the noise uses it: sensitivities follow K, the bias's is B - K, the categories' T.
+    chosen = replace(params, max_items_per_user=7, max_category_events_per_user=9, max_events_per_category=9).plan()
     assert chosen["item_users"].sensitivity == 7 and chosen["bounding_bias"].sensitivity == U - 7
+    assert chosen["category_events"].sensitivity == 9
+    # Without public categories only K is chosen (the number of categories would be private),
+    # and the statistics get 0.95.
+    items_only = DPStatsParams(epsilon=2.0, bounds="auto", public_items=True)
+    assert items_only.bound_choices() == ("item_bounds",)
+    assert sum(b.epsilon for n, b in items_only.plan().items() if n != "item_bounds") == pytest.approx(1.9)
     # Fixed bounds: no choice, the bias is still reported (B = max(U, K + 1)).
     fixed = DPStatsParams(epsilon=2.0, max_items_per_user=150)
     assert "item_bounds" not in fixed.plan() and fixed.plan()["bounding_bias"].sensitivity == 1
+    # The default chooses them exactly when the release has a catalog (public items).
+    assert DPStatsParams().bounds == "auto_if_catalog" and DPStatsParams().bound_choices() == ()
+    assert DPStatsParams(public_items=True, public_categories=("c",)).bound_choices() == (
+        "item_bounds", "category_bounds")
+    assert DPStatsParams(public_items=True, public_categories=("c",), bounds="fixed").bound_choices() == ()
 
 
 def test_the_reserved_description_does_not_depend_on_k():
@@ -137,6 +155,50 @@ def test_auto_bounds_need_item_users_and_sane_settings():
     with pytest.raises(ConfigurationError, match="bounds must be one of"):
         DPStatsParams(bounds="magic")
     with pytest.raises(ConfigurationError, match="bounds_epsilon_share must be in"):
-        DPStatsParams(bounds="auto", bounds_epsilon_share=1.0)
+        DPStatsParams(bounds="auto", bounds_epsilon_share=0.5)  # two choices would take it all
+    with pytest.raises(ConfigurationError, match="max_category_events_per_user must be a positive integer"):
+        DPStatsParams(max_category_events_per_user=0)
     with pytest.raises(ConfigurationError, match="needs a positive weight"):
         DPStatsParams(bounds="auto", epsilon_split={"item_users": 0})
+
+
+# Events per user in public categories: 1,000 users with 6, 2,000 with 30, 20 heavy ones with 100.
+EVENTS = {6: 1000, 30: 2000, 100: 20}
+CATEGORIES = 24
+
+
+def _hand_category_score(t: int, eps_events: float, upper: int = U) -> float:
+    # The same score for T: -0.5 P sqrt(2) t / eps - 0.5 sum_u max(min(e_u, Uc) - t, 0)
+    return -0.5 * CATEGORIES * math.sqrt(2) * t / eps_events - 0.5 * sum(
+        n * max(min(e, upper) - t, 0) for e, n in EVENTS.items())
+
+
+def test_the_category_bound_balances_the_noise_of_the_categories_and_the_dropped_events():
+    # eps = 24 sqrt(2) / 1000: one more unit of T costs 0.5 x 1000 in the score (noise of 24
+    # categories) and keeps one more event (0.5 each) of every user above T: 2,020 users below
+    # 30, 20 above. So T = 30, and every step away from it costs about 500.
+    eps_events = CATEGORIES * math.sqrt(2) / 1000
+    hand = [_hand_category_score(t, eps_events) for t in range(1, U + 1)]
+    assert int(np.argmax(hand)) + 1 == 30
+    score = CategoryEventsScore(EVENTS, CATEGORIES, eps_events, U)
+    shift = [score.score(t) - h for t, h in zip(range(1, U + 1), hand, strict=True)]
+    assert max(shift) - min(shift) == pytest.approx(0, abs=1e-6)
+    assert selection_probabilities(score, 5.0)[29] > 0.9
+    picks = Counter(choose_category_events(EVENTS, CATEGORIES, 5.0, eps_events, U).k for _ in range(50))
+    assert picks[30] >= 40
+    # A tiny epsilon for the events makes their noise dominate: T goes to 1.
+    tiny = np.array(selection_probabilities(CategoryEventsScore(EVENTS, CATEGORIES, 1e-5, U), 5.0))
+    assert tiny[:3].sum() > 0.9
+
+
+@pytest.mark.parametrize("extra", [U, 7, 1, 250])
+def test_the_category_choice_is_epsilon_dp_between_neighbouring_days(extra):
+    for eps_select in (0.05, 1.0):
+        for eps_events in (0.05, 1.0):
+            p, q = (np.array(selection_probabilities(CategoryEventsScore(h, CATEGORIES, eps_events, U), eps_select))
+                    for h in (EVENTS, {**EVENTS, extra: EVENTS.get(extra, 0) + 1}))
+            both = (p > 1e-300) & (q > 1e-300)
+            assert both.any() and np.max(np.abs(np.log(p[both]) - np.log(q[both]))) <= eps_select + 1e-9
+            hand = np.array([_hand_category_score(t, eps_events) for t in range(1, U + 1)]) * eps_select / U
+            hand = np.exp(hand - hand.max())
+            np.testing.assert_allclose(p, hand / hand.sum(), rtol=1e-9, atol=1e-300)

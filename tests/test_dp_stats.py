@@ -99,6 +99,24 @@ def test_one_user_with_10000_events_changes_any_count_by_at_most_the_bound(spark
     assert abs(shift) <= params.max_purchases_per_user * (params.price_upper - params.price_lower) / 2
 
 
+def test_a_category_total_cap_bounds_a_users_category_events(spark):
+    # T = 7 with Kc and Cc lifted (as chosen bounds set them): the heavy user's 10,000 events in
+    # 12 categories add at most 7 events to the category table in total (L1 = T), from its most
+    # used categories first, and the other users' counts stay as they were.
+    params = DPStatsParams(max_categories_per_user=12, max_events_per_category=7, max_category_events_per_user=7)
+    assert params.plan()["category_events"].sensitivity == 7
+    base = spark.createDataFrame(_events(), COLUMNS)
+    with_heavy = base.unionByName(spark.createDataFrame(_heavy_user(), COLUMNS))
+    without, heavy = (_collect(bounded_aggregates(df, params, "salt"))["categories"] for df in (base, with_heavy))
+    gained = {c: heavy[c]["events"] - without.get(c, {}).get("events", 0) for c in heavy}
+    assert all(g >= 0 for g in gained.values()) and sum(gained.values()) == 7
+    # Every light user (6 events in 4 categories) keeps all of its events under T = 7.
+    assert sum(r["events"] for r in without.values()) == 40 * 6
+    # A smaller T keeps fewer of a light user's events, never more than T of anybody's.
+    small = _collect(bounded_aggregates(base, replace(params, max_category_events_per_user=2), "salt"))
+    assert sum(r["events"] for r in small["categories"].values()) == 40 * 2
+
+
 def test_bounding_keeps_rare_event_types_and_is_the_same_on_every_run(spark):
     params = DPStatsParams(max_items_per_user=1, max_events_per_item=2)
     rows = [(f"v{i}", HEAVY, "item-a", "c", "view", 1.0) for i in range(50)] + \
@@ -128,8 +146,9 @@ def day_lake(validated_lake, tmp_path) -> Path:
     return target
 
 
-# Generous enough that a 150-user day releases items (threshold about a dozen users).
-PARAMS = DPStatsParams(epsilon=20.0, delta=1e-6)
+# Generous enough that a 150-user day releases items (threshold about a dozen users). Bounds fixed
+# by hand (the default chooses them when the day has a catalog: AUTO below).
+PARAMS = DPStatsParams(epsilon=20.0, delta=1e-6, bounds="fixed")
 # Without the catalog the generator writes: items and categories chosen by partition selection.
 SELECTION = DPStatsParams(epsilon=20.0, delta=1e-6, use_catalog=False)
 
@@ -361,7 +380,7 @@ def test_killed_between_swap_and_commit_the_retry_commits_without_new_noise(spar
     assert [r.state for r in ledger.releases()] == ["committed"] and ledger.verify()[0] == []
 
 
-AUTO = DPStatsParams(epsilon=20.0, delta=1e-6, bounds="auto", max_items_upper=30)
+AUTO = DPStatsParams(epsilon=20.0, delta=1e-6, bounds="auto", max_items_upper=30, max_category_events_upper=40)
 
 
 def test_auto_bounds_choose_k_privately_and_report_the_bias(spark, day_lake):
@@ -372,17 +391,23 @@ def test_auto_bounds_choose_k_privately_and_report_the_bias(spark, day_lake):
     result = run_dp_stats(spark, str(day_lake), DAY, AUTO, ledger, run_id="run-1")
     doc = result.release
     k = doc["bounds"]["max_items_per_user"]
-    assert 1 <= k <= 30 and doc["bounds"]["chosen"] == "auto (exponential mechanism, epsilon 1, K in 1..30)"
+    assert 1 <= k <= 30 and doc["bounds"]["chosen"] == (
+        "auto (exponential mechanism, epsilon 1, K in 1..30; epsilon 1, T in 1..40)")
+    t = doc["bounds"]["max_category_events_per_user"]
+    assert 1 <= t <= 40 and doc["bounds"]["max_events_per_category"] == t
+    assert doc["bounds"]["max_categories_per_user"] == len(doc["params"]["public_categories"])  # T alone binds
     assert doc["bounding"]["max_items_per_user"] == k and 0 <= doc["bounding"]["dropped_share"] <= 1
-    # The choice costs 0.05 of epsilon (pure), the statistics share the rest; the ledger was
-    # charged exactly the plan, the selection as an (epsilon, 0) component.
+    # Each choice costs 0.05 of epsilon (pure), the statistics share the rest; the ledger was
+    # charged exactly the plan, each choice as an (epsilon, 0) component.
     stats = doc["statistics"]
-    assert stats["item_bounds"]["as_built"]["mechanism"] == "exponential"
-    assert stats["item_bounds"]["epsilon"] == pytest.approx(1.0) and stats["item_bounds"]["delta"] == 0.0
+    for choice in ("item_bounds", "category_bounds"):
+        assert stats[choice]["as_built"]["mechanism"] == "exponential"
+        assert stats[choice]["epsilon"] == pytest.approx(1.0) and stats[choice]["delta"] == 0.0
     assert stats["item_users"]["as_built"]["l1_sensitivity"] == k  # noise built with the chosen K
+    assert stats["category_events"]["as_built"]["l1_sensitivity"] == t  # ... and T
     assert sum(s["epsilon"] for s in stats.values()) == pytest.approx(20.0)
     charged = {c["label"]: pure_epsilon(Component.from_dict(c)) for c in doc["mechanism_components"]}
-    assert charged["item_bounds"] == (pytest.approx(1.0), 0.0)
+    assert charged["item_bounds"] == charged["category_bounds"] == (pytest.approx(1.0), 0.0)
     assert charged["bounding_bias"][0] == pytest.approx(stats["bounding_bias"]["epsilon"])
     [release] = ledger.releases()
     assert (release.epsilon, release.delta) == (pytest.approx(20.0), 0.0)
@@ -390,6 +415,12 @@ def test_auto_bounds_choose_k_privately_and_report_the_bias(spark, day_lake):
     params, snapshot, _ = with_catalog(AUTO, str(day_lake), DAY)
     described = release_parameters(params, "fp", snapshot)["statistics"]
     assert described["item_users"]["sensitivity"] == described["item_users"]["noise_scale"] == "auto"
+    assert described["category_events"]["sensitivity"] == "auto"
+    # The default settings choose the bounds the same way when the day has a catalog, and fix
+    # them when it has none.
+    default, _, _ = with_catalog(DPStatsParams(), str(day_lake), DAY)
+    assert default.bound_choices() == ("item_bounds", "category_bounds")
+    assert DPStatsParams(use_catalog=False).bound_choices() == ()
     assert described["item_users"]["epsilon"] == pytest.approx(stats["item_users"]["epsilon"])
     # Without a catalog the number of items is private: auto bounds are refused before reserving.
     with pytest.raises(ConfigurationError, match="bounds 'auto' needs the day's catalog"):
@@ -406,3 +437,23 @@ def test_a_resumed_auto_release_must_present_the_reserved_settings(spark, day_la
     resumed = run_dp_stats(spark, str(day_lake), DAY, AUTO, ledger, run_id="run-2")
     assert resumed.status == "resume" and resumed.release["release_id"] == reserved.id
     assert resumed.release["bounds"]["chosen"].startswith("auto")
+
+
+def test_the_user_summary_is_the_histograms_and_the_funnel_of_the_bounding(spark):
+    # One job computes what the release needs besides the bounded aggregates: it must be the
+    # per-user histograms and exactly the funnel bounded_aggregates computes.
+    from privrec_pipeline.dp_stats.bounding import (
+        category_events_per_user_histogram,
+        items_per_user_histogram,
+        user_summary,
+    )
+
+    params = DPStatsParams(public_categories=("cat-0", "cat-1", "cat-5"))
+    rows = _events() + _heavy_user() + [("n-1", None, "item-1", "cat-0", "view", 1.0),
+                                        ("n-2", HEAVY, None, "cat-1", "purchase", 1.0)]
+    df = spark.createDataFrame(rows, COLUMNS)
+    summary = user_summary(df, params, 50, 30)
+    assert summary.items == items_per_user_histogram(df, 50) == {6: 40, 50: 1}
+    assert summary.category_events == category_events_per_user_histogram(df, params, 30)
+    assert summary.category_events == {4: 40, 30: 1}  # 4 of the 6 events of _events are in cat-0 or cat-1
+    assert summary.funnel == _collect(bounded_aggregates(df, params, "salt"))["funnel"]

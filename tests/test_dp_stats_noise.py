@@ -8,6 +8,7 @@ under test. No Spark: the inputs are the aggregates the Spark step would collect
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
@@ -127,8 +128,10 @@ def test_a_mechanism_built_at_other_numbers_than_the_ledger_accounted_fails_the_
 
 def test_catalog_items_are_all_released_with_the_variance_of_their_share_and_no_other_key():
     # With a catalog (public items and categories) the selections' weights (0.4 + 0.1) go to the
-    # other statistics: item_users gets 0.2 / 0.52 of epsilon 1.04 = 0.4, b = K / 0.4 = 12.5.
-    params = DPStatsParams(epsilon=1.04, delta=1e-6, public_items=True, public_categories=("books", "toys"))
+    # other statistics: item_users gets 0.2 / 0.52 of epsilon 1.04 = 0.4, b = K / 0.4 = 12.5
+    # (bounds fixed by hand: chosen bounds would take their share first, below).
+    params = DPStatsParams(epsilon=1.04, delta=1e-6, public_items=True, public_categories=("books", "toys"),
+                           bounds="fixed")
     catalog = ["itm_big", "itm_unseen"]  # itm_unseen: nobody touched it, released all the same
     unseen, big = [], []
     for _ in range(RUNS):
@@ -147,3 +150,30 @@ def test_catalog_items_are_all_released_with_the_variance_of_their_share_and_no_
     assert 0.45 < zeros < 0.6 and np.mean([u for u in unseen if u > 0]) == pytest.approx(12.5, rel=0.15)
     with pytest.raises(ValueError, match="public_items"):
         _add_noise(*_aggregates(), params)  # the flag without the catalog's list
+
+
+def test_a_category_total_cap_sets_the_sensitivity_of_the_category_events():
+    # Chosen bounds with a catalog (the default "auto_if_catalog"): K and T take 0.05 of epsilon
+    # 1.04 each, the statistics split the other 0.936 by their weights (sum 0.52 without the
+    # selections): category_events gets 0.936 x 0.05 / 0.52 = 0.09. With T = 7 chosen (Kc and Cc
+    # lifted to the 2 categories and 7 events), a user changes the category table by at most
+    # 7 in L1 (PipelineDP's max_contributions): b = 7 / 0.09.
+    params = DPStatsParams(epsilon=1.04, delta=1e-6, public_items=True, public_categories=("books", "toys"))
+    plan = params.plan()
+    assert plan["item_bounds"].epsilon == plan["category_bounds"].epsilon == pytest.approx(0.052)
+    assert plan["category_bounds"].mechanism == "exponential" and plan["category_bounds"].sensitivity == 100
+    assert plan["category_events"].epsilon == pytest.approx(0.09)
+    chosen = replace(params, max_category_events_per_user=7, max_events_per_category=7, max_categories_per_user=2)
+    assert chosen.components() == params.components()  # T never changes what the ledger was told
+    errors = []
+    for _ in range(RUNS):
+        release = _add_noise(*_aggregates(), chosen, ["itm_big"])
+        errors.append({r["category"]: r["events"] for r in release.categories.to_pylist()}["books"]
+                      - TRUE["category"])
+    sample = np.asarray(errors, dtype=float)
+    variance = 2 * (7 / 0.09) ** 2
+    assert abs(sample.mean()) < 4 * math.sqrt(variance / sample.size)
+    assert sample.var() == pytest.approx(variance, rel=4 * math.sqrt(5 / sample.size))
+    # T below Kc x Cc caps the sensitivity at T; above it, Kc x Cc stays the bound.
+    assert DPStatsParams(max_category_events_per_user=12).plan()["category_events"].sensitivity == 12
+    assert DPStatsParams(max_category_events_per_user=80).plan()["category_events"].sensitivity == 50

@@ -58,6 +58,25 @@ DP_STATS_CASES = {
     "default split": (DPStatsParams(epsilon=2.04, delta=1e-8), DEFAULT_PLAN),
     "laplace only": (DPStatsParams(epsilon=1.0, delta=1e-8, epsilon_split=LAPLACE_ONLY_SPLIT), LAPLACE_ONLY_PLAN),
 }
+# With a catalog (public items and categories) the default settings choose K and T: two
+# exponential mechanisms, pure (epsilon, 0)-DP, at 0.05 of epsilon 2.08 each (0.104); the
+# statistics split the other 1.872 by their weights without the selections (sum 0.52):
+# 1.872 x w / 0.52 = 3.6 w. No selection: delta 0.
+CATALOG_PLAN = {
+    "item_bounds": ("approx_dp", 0.104, 0.0),
+    "category_bounds": ("approx_dp", 0.104, 0.0),
+    "item_users": ("laplace", 0.72, 0.0),
+    "item_events": ("laplace", 0.36, 0.0),
+    "funnel_users": ("laplace", 0.18, 0.0),
+    "category_events": ("laplace", 0.18, 0.0),
+    "purchase_price_sum": ("laplace", 0.18, 0.0),
+    "purchase_count": ("laplace", 0.18, 0.0),
+    "bounding_bias": ("laplace", 0.072, 0.0),
+}
+CATALOG_CASES = {
+    "catalog, chosen bounds": (DPStatsParams(epsilon=2.08, delta=1e-8, public_items=True,
+                                             public_categories=("books", "toys")), CATALOG_PLAN),
+}
 
 
 def assert_same_cost(recorded: float, computed: float, what: str) -> None:
@@ -128,9 +147,9 @@ def _check_dp_stats_cost(ledger: Ledger, params: DPStatsParams, plan: dict) -> N
     assert tight <= basic_epsilon + 1e-9
 
 
-@pytest.mark.parametrize("case", DP_STATS_CASES)
+@pytest.mark.parametrize("case", {**DP_STATS_CASES, **CATALOG_CASES})
 def test_dp_stats_release_costs_exactly_its_statistics(tmp_path, case):
-    params, plan = DP_STATS_CASES[case]
+    params, plan = {**DP_STATS_CASES, **CATALOG_CASES}[case]
     ledger = _ledger(tmp_path)
     assert _dp_stats_reservation(ledger, params).spends
     _check_dp_stats_cost(ledger, params, plan)

@@ -10,7 +10,9 @@ events would move every count by 10,000. Per user (the privacy unit):
   no other user can change which of a user's items count (and popular items, where counts
   are useful, keep most of their users);
 - categories: at most Cc events per (user, category), at most Kc categories per user, the
-  same way;
+  same way; with T set, at most T events of the user over all its kept categories together,
+  taken from its most used categories first (a cumulative cap: L1 = min(Kc Cc, T), as
+  PipelineDP's ``max_contributions`` bounds a privacy unit's total contributions);
 - purchase prices: clamped to [lo, hi]; at most M purchases per user (hash of the event id).
 Events without a user or key (null item, null category) contribute to no key.
 
@@ -83,17 +85,35 @@ def bound_items(silver: "DataFrame", params: DPStatsParams, salt: str) -> "DataF
             .withColumn("first_of_user", F.col("rank") == 1).drop("rank"))
 
 
-def bound_categories(silver: "DataFrame", params: DPStatsParams, salt: str) -> "DataFrame":
-    """One row per kept (user, category) with the capped event count."""
+def _category_events(silver: "DataFrame", params: DPStatsParams) -> "DataFrame":
+    """The events the category statistic counts: with a user and a (public) category."""
     from pyspark.sql import functions as F
 
     events = silver.where(F.col(USER).isNotNull() & F.col(CATEGORY).isNotNull())
     if params.public_categories:  # other categories are not keys of the release
         events = events.where(F.col(CATEGORY).isin(list(params.public_categories)))
-    per = (events.groupBy(USER, CATEGORY).agg(F.count(F.lit(1)).alias("events")))
+    return events
+
+
+def bound_categories(silver: "DataFrame", params: DPStatsParams, salt: str) -> "DataFrame":
+    """One row per kept (user, category) with the capped event count."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    per = (_category_events(silver, params).groupBy(USER, CATEGORY).agg(F.count(F.lit(1)).alias("events")))
     ranked = per.select(USER, CATEGORY, F.least(F.col("events"), F.lit(params.max_events_per_category)).alias("events"),
                         _rank_within_user(F.col(CATEGORY), salt, F.col("events")).alias("rank"))
-    return ranked.where(F.col("rank") <= params.max_categories_per_user).drop("rank")
+    kept = ranked.where(F.col("rank") <= params.max_categories_per_user)
+    total = params.max_category_events_per_user
+    if total is None:
+        return kept.drop("rank")
+    # T: the user's categories in rank order take what is left of T (a running sum of the
+    # events of the categories ranked before), so the user's kept events add up to <= T.
+    before = F.coalesce(F.sum("events").over(
+        Window.partitionBy(USER).orderBy("rank").rowsBetween(Window.unboundedPreceding, -1)), F.lit(0))
+    capped = kept.select(USER, CATEGORY, F.least(F.col("events"), F.greatest(F.lit(total) - before, F.lit(0)))
+                         .alias("events"))
+    return capped.where(F.col("events") > 0)
 
 
 def bound_purchases(silver: "DataFrame", params: DPStatsParams, salt: str) -> "DataFrame":
@@ -156,6 +176,12 @@ def exact_statistics(silver: "DataFrame") -> BoundedAggregates:
     return BoundedAggregates(items, funnel, categories, purchases)
 
 
+def _histogram(per_user: "DataFrame") -> dict[int, int]:
+    from pyspark.sql import functions as F
+
+    return {int(r["c"]): int(r["n"]) for r in per_user.groupBy("c").agg(F.count(F.lit(1)).alias("n")).collect()}
+
+
 def items_per_user_histogram(silver: "DataFrame", cap: int, catalog: "DataFrame | None" = None) -> dict[int, int]:
     """{c: number of users with c distinct items (c clamped to ``cap``)}, over the events that
     item bounding sees (with ``catalog``: catalog items only). A few hundred rows at most,
@@ -164,6 +190,61 @@ def items_per_user_histogram(silver: "DataFrame", cap: int, catalog: "DataFrame 
 
     if catalog is not None:
         silver = catalog_events(silver, catalog)
-    per_user = (silver.where(F.col(USER).isNotNull() & F.col(ITEM).isNotNull())
-                .groupBy(USER).agg(F.least(F.countDistinct(ITEM), F.lit(cap)).alias("c")))
-    return {int(r["c"]): int(r["n"]) for r in per_user.groupBy("c").agg(F.count(F.lit(1)).alias("n")).collect()}
+    return _histogram(silver.where(F.col(USER).isNotNull() & F.col(ITEM).isNotNull())
+                      .groupBy(USER).agg(F.least(F.countDistinct(ITEM), F.lit(cap)).alias("c")))
+
+
+@dataclass(frozen=True)
+class UserSummary:
+    """Per-user counts the release needs besides the bounded aggregates, from one Spark job
+    (collected to the driver, never released as such): the histograms of distinct items and
+    of category events per user (clamped), and the funnel (users with an event of each type)."""
+
+    items: dict[int, int]  # {c: users with c distinct items}, c >= 1
+    category_events: dict[int, int]  # {c: users with c events in (public) categories}, c >= 1
+    funnel: dict[str, int]  # event type -> users with such an event (of an item)
+
+
+def user_summary(silver: "DataFrame", params: DPStatsParams, item_cap: int, event_cap: int,
+                 catalog: "DataFrame | None" = None) -> UserSummary:
+    """``items_per_user_histogram``, ``category_events_per_user_histogram`` and the funnel of
+    ``bounded_aggregates`` (a user counts once per event type it has, on an item) in one job:
+    one groupBy user, then one groupBy of the (clamped) pair of counts."""
+    from pyspark.sql import functions as F
+
+    if catalog is not None:
+        silver = catalog_events(silver, catalog)
+    item_ok = F.col(ITEM).isNotNull()
+    category_ok = F.col(CATEGORY).isNotNull()
+    if params.public_categories:
+        category_ok = category_ok & F.col(CATEGORY).isin(list(params.public_categories))
+    per_user = silver.where(F.col(USER).isNotNull()).groupBy(USER).agg(
+        F.least(F.countDistinct(F.when(item_ok, F.col(ITEM))), F.lit(item_cap)).alias("ci"),
+        F.least(F.count(F.when(category_ok, 1)), F.lit(event_cap)).alias("ce"),
+        *[F.max(F.when(item_ok & (F.col("event_type") == t), 1).otherwise(0)).alias(f"has_{t}")
+          for t in EVENT_TYPES])
+    rows = per_user.groupBy("ci", "ce").agg(F.count(F.lit(1)).alias("n"),
+                                            *[F.sum(f"has_{t}").alias(t) for t in EVENT_TYPES]).collect()
+    items: dict[int, int] = {}
+    events: dict[int, int] = {}
+    funnel = {t: 0 for t in EVENT_TYPES}
+    for r in rows:
+        if r["ci"]:
+            items[int(r["ci"])] = items.get(int(r["ci"]), 0) + int(r["n"])
+        if r["ce"]:
+            events[int(r["ce"])] = events.get(int(r["ce"]), 0) + int(r["n"])
+        for t in EVENT_TYPES:
+            funnel[t] += int(r[t] or 0)
+    return UserSummary(items, events, funnel)
+
+
+def category_events_per_user_histogram(silver: "DataFrame", params: DPStatsParams, cap: int,
+                                       catalog: "DataFrame | None" = None) -> dict[int, int]:
+    """{c: number of users with c events in (public) categories (c clamped to ``cap``)}, over
+    the events that category bounding sees: to choose T; collected, never released."""
+    from pyspark.sql import functions as F
+
+    if catalog is not None:
+        silver = catalog_events(silver, catalog)
+    return _histogram(_category_events(silver, params).groupBy(USER)
+                      .agg(F.least(F.count(F.lit(1)), F.lit(cap)).alias("c")))

@@ -18,6 +18,12 @@ samples k with probability proportional to exp(epsilon_select * score(k) / U): p
 epsilon_select-DP. The mechanism only needs P, the per-user histogram of c_u (capped),
 computed in Spark, collected to the driver and never released.
 
+The category statistic's bound T (events of one user over all public categories, its L1
+sensitivity; PipelineDP's ``max_contributions``) is chosen the same way
+(``choose_category_events``): the same score with P = the number of public categories,
+std(t) = sqrt(2) t / epsilon_category_events, c_u = the user's events in public categories
+(with Kc and Cc lifted, a total cap t drops exactly max(c_u - t, 0) of them) and U = Uc.
+
 Without a catalog P (the number of candidate items) is itself private, so automatic bounds
 require a catalog (``DPStatsParams`` with ``public_items``); see ``release.run_dp_stats``.
 
@@ -50,9 +56,9 @@ def dropped_contributions(histogram: Mapping[int, int], k: int, cap: int) -> int
     return sum(max(min(c, cap) - k, 0) * n for c, n in histogram.items())
 
 
-class ItemBoundScore(ExponentialMechanism.ScoringFunction):
-    """PipelineDP's ``L0ScoringFunction`` score for K = k (Laplace noise, linf = 1), on a
-    histogram of distinct items per user. ``score`` returns the score minus the largest score
+class ContributionBoundScore(ExponentialMechanism.ScoringFunction):
+    """PipelineDP's ``L0ScoringFunction`` score for a bound k (Laplace noise of sensitivity k on
+    each of P public partitions), on a histogram {c: users with c contributions}. ``score`` returns the score minus the largest score
     over the candidates: the same distribution (the exponential mechanism normalizes, so a
     constant shift cancels) without exp() underflowing to 0 for every candidate on large days
     (PipelineDP's ``_calculate_probabilities`` does not shift)."""
@@ -60,7 +66,7 @@ class ItemBoundScore(ExponentialMechanism.ScoringFunction):
     def __init__(self, histogram: Mapping[int, int], partitions: int, epsilon_users: float, upper: int):
         super().__init__()
         if partitions < 1 or upper < 1 or not epsilon_users > 0:
-            raise ValueError("ItemBoundScore: needs partitions >= 1, upper >= 1 and epsilon_users > 0")
+            raise ValueError(f"{type(self).__name__}: needs partitions >= 1, upper >= 1 and a positive epsilon")
         self.histogram = {int(c): int(n) for c, n in histogram.items()}
         self.partitions, self.epsilon_users, self.upper = partitions, epsilon_users, upper
         self._shift = max(self.raw_score(k) for k in self.candidates())
@@ -88,6 +94,15 @@ class ItemBoundScore(ExponentialMechanism.ScoringFunction):
         return True  # adding a user lowers (or keeps) every score: PipelineDP then uses eps / sensitivity
 
 
+class ItemBoundScore(ContributionBoundScore):
+    """K: c_u = distinct (catalog) items of user u, P = catalog items, epsilon of item_users."""
+
+
+class CategoryEventsScore(ContributionBoundScore):
+    """T: c_u = events of user u in public categories, P = public categories, epsilon of
+    category_events (std(t) = sqrt(2) t / epsilon: Laplace of L1 sensitivity t)."""
+
+
 @dataclass(frozen=True)
 class ChosenBound:
     k: int
@@ -100,12 +115,22 @@ def selection_probabilities(score: ItemBoundScore, epsilon: float) -> list[float
     return [float(p) for p in ExponentialMechanism(score)._calculate_probabilities(epsilon, score.candidates())]
 
 
-def choose_max_items(histogram: Mapping[int, int], partitions: int, epsilon_select: float, epsilon_users: float,
-                     upper: int) -> ChosenBound:
-    """K chosen by PipelineDP's exponential mechanism at ``epsilon_select`` (pure DP)."""
-    score = ItemBoundScore(histogram, partitions, epsilon_users, upper)
+def _choose(score: ContributionBoundScore, epsilon_select: float) -> ChosenBound:
     k = int(ExponentialMechanism(score).apply(epsilon_select, score.candidates()))
     return ChosenBound(k, epsilon_select, {
         "mechanism": "exponential", "epsilon": epsilon_select, "delta": 0.0,
-        "global_sensitivity": score.global_sensitivity, "candidates": [1, upper], "partitions": partitions,
-        "library": "PipelineDP ExponentialMechanism (L0ScoringFunction score)"})
+        "global_sensitivity": score.global_sensitivity, "candidates": [1, score.upper],
+        "partitions": score.partitions, "library": "PipelineDP ExponentialMechanism (L0ScoringFunction score)"})
+
+
+def choose_max_items(histogram: Mapping[int, int], partitions: int, epsilon_select: float, epsilon_users: float,
+                     upper: int) -> ChosenBound:
+    """K chosen by PipelineDP's exponential mechanism at ``epsilon_select`` (pure DP)."""
+    return _choose(ItemBoundScore(histogram, partitions, epsilon_users, upper), epsilon_select)
+
+
+def choose_category_events(histogram: Mapping[int, int], categories: int, epsilon_select: float,
+                           epsilon_events: float, upper: int) -> ChosenBound:
+    """T chosen by PipelineDP's exponential mechanism at ``epsilon_select`` (pure DP), from the
+    histogram of events per user in public categories (clamped)."""
+    return _choose(CategoryEventsScore(histogram, categories, epsilon_events, upper), epsilon_select)

@@ -39,11 +39,18 @@ from typing import TYPE_CHECKING, Any
 
 from privrec_pipeline import lake as lk
 from privrec_pipeline.catalog import CatalogSnapshot, read_items, snapshot_for
-from privrec_pipeline.dp_stats.bounding import bounded_aggregates, items_per_user_histogram
-from privrec_pipeline.dp_stats.bounds import choose_max_items, dropped_contributions
+from privrec_pipeline.dp_stats.bounding import bounded_aggregates, user_summary
+from privrec_pipeline.dp_stats.bounds import (
+    ChosenBound,
+    choose_category_events,
+    choose_max_items,
+    dropped_contributions,
+)
 from privrec_pipeline.dp_stats.noise import NoisyRelease, add_noise
 from privrec_pipeline.dp_stats.params import (
+    CATEGORY_BOUNDS,
     DEPENDS_ON_K,
+    DEPENDS_ON_T,
     ITEM_BOUNDS,
     DPStatsParams,
     StatisticBudget,
@@ -54,11 +61,12 @@ from privrec_pipeline.manifest import pseudonym_fingerprint
 from privrec_pipeline.privacy.accounting import basic_composition, composed_epsilon
 from privrec_pipeline.privacy.ledger import Ledger, Release
 from privrec_pipeline.quality.validate import SUMMARY_FILE, report_uri
+from privrec_pipeline.schema import EVENT_TYPES
 from privrec_pipeline.spark.lakefs import LakeFS
 
 if TYPE_CHECKING:
     import pyarrow as pa
-    from pyspark.sql import SparkSession
+    from pyspark.sql import DataFrame, SparkSession
 
 log = logging.getLogger(__name__)
 RELEASE_KEY = "dp_stats"
@@ -89,13 +97,15 @@ def release_parameters(params: DPStatsParams, pseudonym_key_fingerprint: str,
     """What decides the release's noise beyond its mechanisms: the settings, each statistic's
     sensitivity and noise scale, the pseudonym key (one user = one pseudonym only under one
     key) and the catalog whose items are the public keys. A resumed reservation must present
-    exactly these. With ``bounds="auto"`` K is chosen after the reservation, from the data: the
-    sensitivities and noise scales that depend on it are described as "auto" (the ledger's
-    components, noise multipliers 1 / epsilon_i, do not depend on K)."""
-    auto = params.bounds == "auto"
+    exactly these. With chosen bounds K (and T) are chosen after the reservation, from the data:
+    the sensitivities and noise scales that depend on them are described as "auto" (the ledger's
+    components, noise multipliers 1 / epsilon_i, do not depend on K or T)."""
+    choices = params.bound_choices()
+    chosen = ((DEPENDS_ON_K if ITEM_BOUNDS in choices else ())
+              + (DEPENDS_ON_T if CATEGORY_BOUNDS in choices else ()))
 
     def k_dependent(name: str, value: Any) -> Any:
-        return "auto" if auto and name in DEPENDS_ON_K and value is not None else value
+        return "auto" if name in chosen and value is not None else value
 
     described = {"settings": params.to_dict(), "pseudonym_key_fingerprint": pseudonym_key_fingerprint,
                  "statistics": {name: {"mechanism": b.mechanism, "epsilon": b.epsilon, "delta": b.delta,
@@ -195,36 +205,59 @@ def run_dp_stats(spark: "SparkSession", lake: str, day: dt.date, params: DPStats
     return DPStatsResult(reservation.status, target, doc)
 
 
+def compute_release(silver: "DataFrame", params: DPStatsParams, salt: str,
+                    catalog_items: "pa.Table | None" = None, public: "DataFrame | None" = None,
+                    ) -> tuple[DPStatsParams, NoisyRelease, dict[str, ChosenBound]]:
+    """Choose the bounds (if chosen), bound, aggregate and add noise: the release's numbers, the
+    settings they were computed with (the chosen K and T in them) and the choices made.
+    ``catalog_items`` (item_id, category) with ``public`` (the same as a DataFrame): the catalog."""
+    import pyarrow as pa
+
+    reserved = params.components()
+    choices: dict[str, ChosenBound] = {}
+    plan = params.plan()
+    # Distinct items and category events per user (clamped), and the funnel, in one job: the
+    # histograms are never released; the exponential mechanisms choosing K and T use them, and
+    # the dropped count of the bounding_bias statistic.
+    summary = user_summary(silver, params, max(params.max_items_upper, params.max_items_per_user) + 1,
+                           params.max_category_events_upper + 1, public)
+    # Not logged here: a draw of an attempt that fails before its release is published must
+    # leave no trace (logs are outputs); the committed release.json records the bounds it used.
+    if ITEM_BOUNDS in plan:
+        choices[ITEM_BOUNDS] = choose_max_items(summary.items, len(catalog_items), plan[ITEM_BOUNDS].epsilon,
+                                                plan["item_users"].epsilon, params.max_items_upper)
+        params = replace(params, max_items_per_user=choices[ITEM_BOUNDS].k)
+    if CATEGORY_BOUNDS in plan:
+        upper = params.max_category_events_upper
+        choices[CATEGORY_BOUNDS] = choose_category_events(summary.category_events, len(params.public_categories),
+                                                          plan[CATEGORY_BOUNDS].epsilon,
+                                                          plan["category_events"].epsilon, upper)
+        t = choices[CATEGORY_BOUNDS].k
+        # T alone bounds a user: Kc and Cc are lifted (every public category, T events in one).
+        params = replace(params, max_category_events_per_user=t, max_events_per_category=t,
+                         max_categories_per_user=len(params.public_categories))
+    if params.components() != reserved:  # K, T change sensitivities only, never the ledger's components
+        raise PrivrecError("dp_stats: the chosen bounds changed the release's ledger components")
+    aggregates = bounded_aggregates(silver, params, salt=salt, catalog=public)
+    dropped = (None if "bounding_bias" not in params.plan()
+               else dropped_contributions(summary.items, params.max_items_per_user, params.bias_cap()))
+    funnel = pa.table({t: [summary.funnel[t]] for t in EVENT_TYPES})  # = aggregates.funnel, without its job
+    noisy = add_noise(aggregates.items.toArrow(), funnel, aggregates.categories.toArrow(),
+                      aggregates.purchases.toArrow(), params,
+                      None if catalog_items is None else catalog_items.column("item_id").to_pylist(), dropped)
+    for name, choice in choices.items():
+        noisy.mechanisms[name] = choice.description
+    return params, noisy, choices
+
+
 def _compute(spark: "SparkSession", lake: str, day: dt.date, params: DPStatsParams, release: Release,
              ledger: Ledger, catalog: CatalogSnapshot | None, catalog_items: "pa.Table | None") -> dict[str, Any]:
     silver_uri = lk.partition_uri(lake, "silver", day)
     silver = spark.read.parquet(silver_uri)
     public = None if catalog_items is None else spark.createDataFrame(catalog_items.to_pandas())
-    reserved = params.components()
-    histogram, chosen = None, None
-    if params.bounds == "auto" or "bounding_bias" in params.plan():
-        # Distinct items per user (clamped): never released; used by the exponential mechanism
-        # choosing K and for the dropped count of the bounding_bias statistic.
-        histogram = items_per_user_histogram(silver, max(params.max_items_upper, params.max_items_per_user) + 1,
-                                             public)
-    if params.bounds == "auto":
-        plan = params.plan()
-        chosen = choose_max_items(histogram, len(catalog_items), plan[ITEM_BOUNDS].epsilon,
-                                  plan["item_users"].epsilon, params.max_items_upper)
-        # Not logged here: a draw of an attempt that fails before its release is published must
-        # leave no trace (logs are outputs); the committed release.json records the K it used.
-        params = replace(params, max_items_per_user=chosen.k)
-    if params.components() != reserved:  # K changes sensitivities only, never the ledger's components
-        raise PrivrecError("dp_stats: the chosen bounds changed the release's ledger components")
     # The bounding hash is keyed by the day: reruns bound the same way.
-    aggregates = bounded_aggregates(silver, params, salt=f"privrec-dp-stats-{day.isoformat()}", catalog=public)
-    dropped = (None if "bounding_bias" not in params.plan()
-               else dropped_contributions(histogram, params.max_items_per_user, params.bias_cap()))
-    noisy = add_noise(aggregates.items.toArrow(), aggregates.funnel.toArrow(), aggregates.categories.toArrow(),
-                      aggregates.purchases.toArrow(), params,
-                      None if catalog_items is None else catalog_items.column("item_id").to_pylist(), dropped)
-    if chosen is not None:
-        noisy.mechanisms[ITEM_BOUNDS] = chosen.description
+    params, noisy, choices = compute_release(silver, params, f"privrec-dp-stats-{day.isoformat()}",
+                                             catalog_items, public)
     plan = params.plan()
     built = check_as_built(plan, noisy.mechanisms)
     statistics = {name: {"mechanism": budget.mechanism, "epsilon": budget.epsilon, "delta": budget.delta,
@@ -248,9 +281,8 @@ def _compute(spark: "SparkSession", lake: str, day: dt.date, params: DPStatsPara
         "statistics": statistics,
         "bounds": {**{k: getattr(params, k) for k in (
             "max_items_per_user", "max_events_per_item", "max_categories_per_user", "max_events_per_category",
-            "max_purchases_per_user", "price_lower", "price_upper")},
-            "chosen": ("by hand" if chosen is None else
-                       f"auto (exponential mechanism, epsilon {chosen.epsilon:.4g}, K in 1..{params.max_items_upper})")},
+            "max_category_events_per_user", "max_purchases_per_user", "price_lower", "price_upper")},
+            "chosen": _chosen_text(params, choices)},
         "bounding": noisy.bounding,
         "params": params.to_dict(),
         "released": {"items": noisy.items.num_rows, "categories": noisy.categories.num_rows},
@@ -264,6 +296,15 @@ def _compute(spark: "SparkSession", lake: str, day: dt.date, params: DPStatsPara
     }
     doc["_tables"] = noisy
     return doc
+
+
+def _chosen_text(params: DPStatsParams, choices: dict[str, ChosenBound]) -> str:
+    if not choices:
+        return "by hand"
+    ranges = {ITEM_BOUNDS: f"K in 1..{params.max_items_upper}",
+              CATEGORY_BOUNDS: f"T in 1..{params.max_category_events_upper}"}
+    return "auto (exponential mechanism, " + "; ".join(
+        f"epsilon {c.epsilon:.4g}, {ranges[name]}" for name, c in choices.items()) + ")"
 
 
 def check_as_built(plan: dict[str, StatisticBudget], built: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:

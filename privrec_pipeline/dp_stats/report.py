@@ -91,8 +91,7 @@ Every number on this page is noisy; {len(items):,} items and {len(categories):,}
 <tbody>{funnel_rows}</tbody></table>
 <h2>Categories: events</h2>
 <table><thead><tr><th>category</th><th>events</th>
-<th>{level:.0%} interval of the bounded count (at most {release['bounds']['max_categories_per_user']} categories and
-{release['bounds']['max_events_per_category']} events per category per user)</th></tr></thead>
+<th>{level:.0%} interval of the bounded count ({e(_category_bounds(release['bounds']))})</th></tr></thead>
 <tbody>{cat_rows}</tbody></table>
 {price_line}
 <h2>Budget of this release</h2>
@@ -101,6 +100,17 @@ Every number on this page is noisy; {len(items):,} items and {len(categories):,}
 <p class=sub>Contribution bounds per user: {e(_bounds(release['bounds']))}.</p>
 </body></html>
 """
+
+
+def _category_bounds(bounds: dict[str, Any]) -> str:
+    total = bounds.get("max_category_events_per_user")
+    per = (f"at most {bounds['max_categories_per_user']} categories and {bounds['max_events_per_category']} "
+           "events per category per user")
+    if total is None:
+        return per
+    if total == bounds["max_events_per_category"]:  # chosen T: Kc and Cc lifted
+        return f"at most {total} events per user over all categories, its most used categories first"
+    return f"{per}, at most {total} in total"
 
 
 def _bounds(bounds: dict[str, Any]) -> str:
