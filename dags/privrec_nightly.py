@@ -119,12 +119,15 @@ MODEL_ASSET = Asset("privrec-recommender", uri="privrec://models/privrec-recomme
         ),
         "dp_delta": Param(
             1e-8, type="number", exclusiveMinimum=0, maximum=0.001, title="Delta of the day's DP statistics",
-            description="Spent by the partition selections of items and categories.",
+            description="Spent by the partition selections of items and categories (none with an item "
+                        "catalog: its items and categories are public partitions, and the release has delta 0).",
         ),
         "dp_settings": Param(
             {}, type="object", title="Other DP statistics settings",
             description="Settings of privrec_pipeline/dp_stats/params.py, e.g. "
-                        '{"max_items_per_user": 5, "price_upper": 500, "public_categories": ["books"]}.',
+                        '{"bounds": "fixed", "max_items_per_user": 5, "price_upper": 500, "public_categories": ["books"]} '
+                        '(bounds: "auto_if_catalog", the default, chooses K and the category cap privately when '
+                        'the day has a catalog).',
         ),
         "train_window_days": Param(
             7, type="integer", minimum=1, title="Training window (days)",
