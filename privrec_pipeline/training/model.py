@@ -48,9 +48,12 @@ class ItemModel(nn.Module):
     """Item embeddings in and out, item biases, item pooling logits (nn.Embedding / nn.Linear,
     so Opacus can wrap the same model for the benchmark); with ``config.categories`` K > 0,
     category embeddings in and out and category biases, and ``item_category`` (int [V], values
-    in 0..K-1) maps each item to its category."""
+    in 0..K-1) maps each item to its category. ``item_init`` ([V, d], optional): public initial
+    values of both item tables (``E_in`` and ``E_out``) instead of the random draw; it only sets
+    starting values (no parameter is added or frozen), so the DP norms and noise are unchanged."""
 
-    def __init__(self, config: ModelConfig, seed: int = 0, item_category=None) -> None:
+    def __init__(self, config: ModelConfig, seed: int = 0, item_category=None,
+                 item_init: torch.Tensor | None = None) -> None:
         super().__init__()
         self.config = config
         generator = torch.Generator().manual_seed(seed)
@@ -62,6 +65,16 @@ class ItemModel(nn.Module):
                 weight.copy_(torch.randn(weight.shape, generator=generator) * config.init_scale)
             self.pool_logit.weight.zero_()
             self.item_out.bias.zero_()
+            if item_init is not None:
+                # Public initial item vectors (e.g. ``content_prior``: the catalog's text): both
+                # tables start from them instead of the random draw (drawn anyway, so the
+                # category parameters below get the same values as without an init).
+                init = torch.as_tensor(item_init, dtype=torch.float32)
+                if tuple(init.shape) != (config.vocab_size, config.dim) or not bool(torch.isfinite(init).all()):
+                    raise ValueError(f"ItemModel: item_init must be a finite [{config.vocab_size}, {config.dim}] "
+                                     f"matrix, not {tuple(init.shape)}")
+                self.item_in.weight.copy_(init)
+                self.item_out.weight.copy_(init)
         if config.categories:
             if item_category is None:
                 raise ValueError(f"ItemModel: {config.categories} categories need an item_category map")
