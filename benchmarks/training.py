@@ -9,12 +9,18 @@ batch B as there are users / B) of the same model and data,
 Target: privrec DP <= 1.5x nonprivate.
 
 Quality (Recall@20, NDCG@10, HR@10 on the protocol's test items, every user evaluated):
-popularity, DP popularity (Laplace, K items per user), EASE, ALS, the non-private model, and
-the DP model at epsilon 1, 4 and 8 (delta 1e-6) in local and distributed mode, over 2
-partitions, on ml-latest-small and on a synthetic population (>= 100k users, several days).
+popularity, DP popularity at epsilon 1 (``evaluation.dp_popularity_counts``: Gaussian on
+per-user L2-normalized counts, and Laplace with the per-user bound K chosen privately), EASE,
+ALS, the non-private model, and the DP model at epsilon 1, 4 and 8 (delta 1e-6) in local and
+distributed mode, over 2 partitions, on ml-latest-small and on a synthetic population (>= 100k
+users, several days, the full catalog with its public item -> category map).
+
+Lift retained = (DP model - popularity) / (non-private model - popularity) in Recall@20: the
+share of what the model learns beyond popularity that survives DP.
 Targets: the non-private model within 10% of the better of EASE and ALS on ml-latest-small;
-at epsilon 8 on the synthetic population the DP model keeps >= 80% of the non-private
-Recall@20; on ml-latest-small the DP model is no worse than DP popularity.
+on the synthetic population lift retained >= 50% at epsilon 4 and >= 70% at epsilon 8, in
+both modes; on ml-latest-small the DP model at epsilon 8 is no worse than the better DP
+popularity.
 """
 
 from __future__ import annotations
@@ -62,6 +68,18 @@ def movielens_split(folder: Path):
                           len(items.cat.categories))
 
 
+SYNTHETIC_ITEMS, SYNTHETIC_SEED = 2000, 7
+
+
+def synthetic_categories(items: int = SYNTHETIC_ITEMS, seed: int = SYNTHETIC_SEED) -> np.ndarray:
+    """The synthetic catalog's public item -> category map (int [items]; item index = catalog row),
+    what build_partitions gives training when the lake has a catalog."""
+    from privrec_pipeline.sources.synthetic import CATEGORY_NAMES, catalog_table
+
+    index = {name: k for k, name in enumerate(CATEGORY_NAMES)}
+    return np.array([index[c] for c in catalog_table(items, seed).column("category").to_pylist()], dtype=np.int64)
+
+
 def synthetic_split(users: int, days: int, events_per_day: int):
     """Several generated days of one population (purchases and carts weigh more than views)."""
     from privrec_pipeline.sources.synthetic import GeneratorConfig, day_events
@@ -72,11 +90,12 @@ def synthetic_split(users: int, days: int, events_per_day: int):
     start = dt.date(2026, 1, 1)
     for d in range(days):
         day = start + dt.timedelta(days=d)
-        ev = day_events(GeneratorConfig(date=day, events=events_per_day, users=users, items=2000, seed=7))
+        ev = day_events(GeneratorConfig(date=day, events=events_per_day, users=users, items=SYNTHETIC_ITEMS,
+                                        seed=SYNTHETIC_SEED))
         weights = np.vectorize(lambda t: EVENT_WEIGHTS[t])(ev.event_type).astype(np.float32)
         parts.append((ev.user, ev.item, day.toordinal() * 86400.0 + ev.seconds, weights))
     u, i, t, w = (np.concatenate([p[k] for p in parts]) for k in range(4))
-    return temporal_split(u.astype(np.int64), i.astype(np.int64), t, 2000, w)
+    return temporal_split(u.astype(np.int64), i.astype(np.int64), t, SYNTHETIC_ITEMS, w)
 
 
 def shards_of(split, partitions: int):
@@ -178,7 +197,15 @@ def _model_metrics(result, split) -> dict[str, float]:
     return metrics(lambda users: scores(users, split.train), split)
 
 
-def quality(name: str, split, console: "Console", settings: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+def lift_retained(model: float, popularity: float, nonprivate: float) -> float | None:
+    """(model - popularity) / (non-private model - popularity): the share of the non-private model's
+    gain over popularity that a DP model keeps (None if the non-private model does not beat popularity)."""
+    gain = nonprivate - popularity
+    return (model - popularity) / gain if gain > 0 else None
+
+
+def quality(name: str, split, console: "Console", settings: dict[str, dict[str, Any]],
+            item_category: np.ndarray | None = None) -> list[dict[str, Any]]:
     import torch
 
     from privrec_pipeline.training import evaluation as ev
@@ -195,10 +222,15 @@ def quality(name: str, split, console: "Console", settings: dict[str, dict[str, 
     start = time.perf_counter()
     add("popularity", "-", ev.metrics(ev.popularity_scores(ev.item_user_counts(split)), split),
         time.perf_counter() - start)
-    k = settings["dp_popularity_k"]
-    start = time.perf_counter()
-    add("DP popularity", 1.0, ev.metrics(ev.popularity_scores(ev.dp_popularity_counts(split, 1.0, k)), split),
-        time.perf_counter() - start, f"K={k}")
+    for mechanism in ev.DP_POPULARITY_MECHANISMS:
+        start = time.perf_counter()
+        pop = ev.dp_popularity_counts(split, DP_POPULARITY_EPSILON, DELTA, mechanism=mechanism)
+        note = (f"Gaussian (analytic), each user's items L2-normalized, delta {DELTA:g}, noise std {pop.noise_std:.2f}"
+                if mechanism == "gaussian" else
+                f"Laplace, K={pop.max_items_per_user} chosen privately (exponential mechanism, "
+                f"{pop.description['bound_selection']['epsilon']:.2f} of epsilon), noise std {pop.noise_std:.1f}")
+        add(f"DP popularity ({mechanism})", DP_POPULARITY_EPSILON, ev.metrics(ev.popularity_scores(pop.counts), split),
+            time.perf_counter() - start, note)
     if settings.get("ease", True):
         start = time.perf_counter()
         add("EASE", "-", ev.metrics(ev.ease_scores(split), split), time.perf_counter() - start)
@@ -207,21 +239,27 @@ def quality(name: str, split, console: "Console", settings: dict[str, dict[str, 
     shards, _ = shards_of(split, 2)
     start = time.perf_counter()
     result = train_in_process(TrainConfig(mode="nonprivate", **settings["nonprivate"]), [split.train],
-                              split.vocab_size, secure=False)
+                              split.vocab_size, secure=False, item_category=item_category)
     add("model, non-private", "-", _model_metrics(result, split), time.perf_counter() - start)
     for mode in ("local", "distributed"):
         for eps in EPSILONS:
             start = time.perf_counter()
             result = train_in_process(TrainConfig(mode=mode, epsilon=eps, delta=DELTA, **settings[mode]), shards,
-                                      split.vocab_size, run_id=f"bench-{mode}-{eps}")
+                                      split.vocab_size, run_id=f"bench-{mode}-{eps}", item_category=item_category)
             add(f"model, DP {mode}", eps, _model_metrics(result, split), time.perf_counter() - start,
                 f"sigma {result.plan.noise_multiplier:.2f}, eps per partition "
                 + "/".join(f"{e:.2f}" for e in result.plan.epsilon_per_partition))
+    popularity = rows[0]["recall@20"]
+    nonprivate = next(r["recall@20"] for r in rows if r["method"] == "model, non-private")
+    for r in rows:
+        if r["method"].startswith("model"):
+            lift = lift_retained(r["recall@20"], popularity, nonprivate)
+            r["lift_retained"] = None if lift is None else round(lift, 4)
     return rows
 
 
+DP_POPULARITY_EPSILON = 1.0
 MOVIELENS_SETTINGS = {
-    "dp_popularity_k": 100,
     "nonprivate": {"rounds": 1, "local_steps": 300, "batch_size": 128, "dim": 128, "input_dropout": 0.8,
                    "local_lr": 0.005},
     "local": {"rounds": 10, "local_steps": 10, "batch_size": 64, "dim": 128, "input_dropout": 0.7,
@@ -229,14 +267,20 @@ MOVIELENS_SETTINGS = {
     "distributed": {"rounds": 100, "batch_size": 128, "dim": 128, "input_dropout": 0.7, "server_lr": 0.005,
                     "clip_norm": 0.1},
 }
+# DP models take larger Adam steps than the non-private one: on noise-dominated gradients Adam's
+# normalized step (~ lr (s + noise) / noise std per coordinate) moves a coordinate by only about
+# lr s / noise std towards the signal s per step, so at lr 0.005 300 steps barely leave the random
+# initialization (measured on this population: local 13-16% and distributed 51% lift retained at
+# epsilon 8; local 0.02 and distributed 0.01 keep >= 90%). Local mode's per-partition Adam sees
+# sqrt(P) more noise per step than the server's Adam on the mean in distributed mode, hence its
+# larger rate.
 SYNTHETIC_SETTINGS = {
-    "dp_popularity_k": 50,
     "ease": True,
     "nonprivate": {"rounds": 1, "local_steps": 300, "batch_size": 512, "dim": 64, "input_dropout": 0.5,
                    "local_lr": 0.005},
     "local": {"rounds": 10, "local_steps": 30, "batch_size": 1024, "dim": 64, "input_dropout": 0.5,
-              "local_lr": 0.005, "clip_norm": 0.1},
-    "distributed": {"rounds": 300, "batch_size": 2048, "dim": 64, "input_dropout": 0.5, "server_lr": 0.005,
+              "local_lr": 0.02, "clip_norm": 0.1},
+    "distributed": {"rounds": 300, "batch_size": 2048, "dim": 64, "input_dropout": 0.5, "server_lr": 0.01,
                     "clip_norm": 0.1},
 }
 
@@ -261,7 +305,8 @@ def run(args: argparse.Namespace, console: "Console", command: str) -> int:
         result["synthetic"] = {"users_evaluated": synthetic.train.users, "items": synthetic.vocab_size,
                                "days": args.synthetic_days, "events_per_day": args.synthetic_events_per_day,
                                "population": args.synthetic_users}
-        rows += quality(f"synthetic {args.synthetic_users // 1000}k users", synthetic, console, SYNTHETIC_SETTINGS)
+        rows += quality(f"synthetic {args.synthetic_users // 1000}k users", synthetic, console, SYNTHETIC_SETTINGS,
+                        synthetic_categories())
     result["quality"] = rows
     result["settings"] = {"movielens": MOVIELENS_SETTINGS, "synthetic": SYNTHETIC_SETTINGS}
     json_path = out / "bench-training.json"
@@ -282,23 +327,33 @@ def _verdicts(rows: list[dict[str, Any]]) -> list[str]:
         ok = model["recall@20"] >= 0.9 * best
         lines.append(f"non-private model / best of EASE and ALS (Recall@20, ml-latest-small) = "
                      f"{model['recall@20'] / best:.1%} (target >= 90%: {'met' if ok else 'NOT met'})")
-    dp_pop = get(ml, "DP popularity", 1.0)
+    pops = [r for r in rows if r["data"] == ml and r["method"].startswith("DP popularity")]
+    dp_pop = max(pops, key=lambda r: r["recall@20"]) if pops else None
     for mode in ("local", "distributed"):
         dp = get(ml, f"model, DP {mode}", 8.0)
         if dp and dp_pop:
             ok = dp["recall@20"] >= dp_pop["recall@20"]
-            lines.append(f"ml-latest-small, DP {mode} at epsilon 8 vs DP popularity (Recall@20): "
-                         f"{dp['recall@20']:.4f} vs {dp_pop['recall@20']:.4f} ({'met' if ok else 'NOT met'})")
+            lines.append(f"ml-latest-small, DP {mode} at epsilon 8 vs the better {dp_pop['method']} at epsilon "
+                         f"{dp_pop['epsilon']} (Recall@20): {dp['recall@20']:.4f} vs {dp_pop['recall@20']:.4f} "
+                         f"({'met' if ok else 'NOT met'})")
     synth = next((r["data"] for r in rows if r["data"].startswith("synthetic")), None)
     if synth:
-        base = get(synth, "model, non-private")
         for mode in ("local", "distributed"):
-            dp = get(synth, f"model, DP {mode}", 8.0)
-            if dp and base:
-                share = dp["recall@20"] / base["recall@20"]
-                lines.append(f"{synth}, DP {mode} at epsilon 8 keeps {share:.1%} of the non-private Recall@20 "
-                             f"(target >= 80%: {'met' if share >= 0.8 else 'NOT met'})")
+            for eps, target in LIFT_TARGETS.items():
+                dp = get(synth, f"model, DP {mode}", eps)
+                if dp and "lift_retained" in dp:
+                    share = dp["lift_retained"]
+                    lines.append(f"{synth}, DP {mode} at epsilon {eps:g}: lift retained "
+                                 + ("n/a (the non-private model does not beat popularity): NOT met" if share is None
+                                    else f"{share:.1%} (target >= {target:.0%}: {'met' if share >= target else 'NOT met'})"))
     return lines
+
+
+LIFT_TARGETS = {4.0: 0.5, 8.0: 0.7}  # lift retained on the synthetic population, per epsilon
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0%}"
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -326,11 +381,13 @@ def markdown(result: dict[str, Any]) -> str:
         lines += [
             "",
             "Quality under the DESIGN.md protocol (every user with >= 5 items; last 20% test). DP models: "
-            f"delta {DELTA:g}, 2 partitions, secure aggregation; DP popularity: Laplace, epsilon 1.",
+            f"delta {DELTA:g}, 2 partitions, secure aggregation. Lift retained = (model - popularity) / "
+            "(non-private model - popularity) in Recall@20.",
             "",
-            "| data | method | epsilon | Recall@20 | NDCG@10 | HR@10 | s | note |",
-            "|---|---|---:|---:|---:|---:|---:|---|",
-            *[f"| {r['data']} | {r['method']} | {r['epsilon']} | {r['recall@20']:.4f} | {r['ndcg@10']:.4f} | "
+            "| data | method | epsilon | Recall@20 | lift retained | NDCG@10 | HR@10 | s | note |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---|",
+            *[f"| {r['data']} | {r['method']} | {r['epsilon']} | {r['recall@20']:.4f} | "
+              f"{_percent(r.get('lift_retained'))} | {r['ndcg@10']:.4f} | "
               f"{r['hr@10']:.4f} | {r['seconds']} | {r['note']} |" for r in result["quality"]],
             "",
             *[f"**{line}**\n" for line in _verdicts(result["quality"])],

@@ -5,9 +5,10 @@ least 5 items; per user, sorted by time, the last 20% (at least 1) are test; sco
 items, exclude the user's train items, rank. Recall@20 = hits / min(20, |test|), NDCG@10
 (binary relevance), HR@10, averaged over users.
 
-Baselines: popularity, DP popularity (Laplace on per-user-bounded counts, PyDP), EASE
-(Steck 2019, "Embarrassingly Shallow Autoencoders for Sparse Data", WWW; closed form) and
-ALS (Hu, Koren & Volinsky 2008, the ``implicit`` package).
+Baselines: popularity, DP popularity (``dp_popularity_counts``: Gaussian on per-user
+L2-normalized counts, or Laplace on counts bounded to K items per user with K chosen privately;
+PyDP and PipelineDP), EASE (Steck 2019, "Embarrassingly Shallow Autoencoders for Sparse Data",
+WWW; closed form) and ALS (Hu, Koren & Volinsky 2008, the ``implicit`` package).
 """
 
 from __future__ import annotations
@@ -105,15 +106,80 @@ def popularity_scores(counts: np.ndarray) -> "callable":
     return lambda users: row.expand(len(users), -1)
 
 
-def dp_popularity_counts(split: Split, epsilon: float, max_items_per_user: int) -> np.ndarray:
-    """Popularity with user-level DP: each user counts on at most K items (L1 sensitivity K),
-    PyDP Laplace noise of scale K / epsilon on every item's count (the vocabulary is public
-    here: the benchmark's items)."""
+@dataclass(frozen=True)
+class DpPopularity:
+    """DP item scores for the popularity baseline and how they were released."""
+
+    counts: np.ndarray  # [V] noisy scores (only their order matters for ranking)
+    mechanism: str  # "gaussian" or "laplace"
+    epsilon: float  # the whole release's, bound selection included
+    delta: float
+    noise_std: float  # per item
+    max_items_per_user: int | None  # K (laplace); None: every item, L2-normalized (gaussian)
+    description: dict
+
+
+DP_POPULARITY_MECHANISMS = ("gaussian", "laplace")
+
+
+def dp_popularity_counts(split: Split, epsilon: float, delta: float = 1e-6, *, mechanism: str = "gaussian",
+                         max_items_per_user: int | None = None, selection_share: float = 0.1,
+                         max_items_upper: int = 200) -> DpPopularity:
+    """Popularity with user-level DP over the public vocabulary (the benchmark's items).
+
+    ``gaussian`` ((epsilon, delta)-DP): each user's vector of distinct train items is scaled to
+    L2 norm 1 (weight 1 / sqrt(n_u) on each of the user's n_u items), so adding or removing a
+    user moves the vector of item sums by at most 1 in L2 and no user's items are dropped;
+    Gaussian noise with the analytic calibration of Balle & Wang 2018 ("Improving the Gaussian
+    Mechanism for Differential Privacy: Analytical Calibration and Optimal Denoising", ICML; the
+    smallest std whose privacy profile meets (epsilon, delta)), PyDP's ``GaussianMechanism``
+    (Google's differential-privacy library computes that std and samples securely).
+
+    ``laplace`` (pure epsilon-DP): each user counts on at most K items (a random subset; L1
+    sensitivity K), PyDP Laplace noise of scale K / epsilon_counts. K = ``max_items_per_user``,
+    or if None chosen privately from the data: PipelineDP's exponential mechanism with its L0
+    scoring (``dp_stats.bounds.choose_max_items``, candidates 1..``max_items_upper``) spending
+    ``selection_share`` of epsilon, the counts the rest (basic composition)."""
     from privrec_pipeline.privacy.mechanisms import LaplaceNoise
 
-    noise = LaplaceNoise(epsilon, float(max_items_per_user))
+    if mechanism not in DP_POPULARITY_MECHANISMS:
+        raise ValueError(f"dp_popularity_counts: mechanism must be one of {DP_POPULARITY_MECHANISMS}, not {mechanism!r}")
+    if not (epsilon > 0 and math.isfinite(epsilon)):
+        raise ValueError(f"dp_popularity_counts: epsilon must be positive and finite, not {epsilon}")
+    h = split.train
+    lengths = np.diff(h.indptr)
+    if mechanism == "gaussian":
+        from pydp.algorithms.numerical_mechanisms import GaussianMechanism
+
+        if not 0 < delta < 1:
+            raise ValueError(f"dp_popularity_counts: the Gaussian mechanism needs delta in (0, 1), not {delta}")
+        user_weight = 1.0 / np.sqrt(np.maximum(lengths, 1))  # ||user's vector||_2 = 1
+        sums = np.bincount(h.items, weights=np.repeat(user_weight, lengths), minlength=split.vocab_size)
+        gaussian = GaussianMechanism(epsilon, delta, 1.0)  # L2 sensitivity 1
+        counts = np.array([gaussian.add_noise(float(c)) for c in sums])
+        return DpPopularity(counts, "gaussian", epsilon, delta, float(gaussian.std), None, {
+            "mechanism": "gaussian", "epsilon": epsilon, "delta": delta, "l2_sensitivity": 1.0,
+            "noise_stddev": float(gaussian.std), "contribution": "each user's items scaled to L2 norm 1",
+            "library": "PyDP GaussianMechanism (analytic calibration, Balle & Wang 2018)"})
+    chosen = None
+    epsilon_counts = epsilon
+    if max_items_per_user is None:
+        from collections import Counter
+
+        from privrec_pipeline.dp_stats.bounds import choose_max_items
+
+        if not 0 < selection_share < 1:
+            raise ValueError(f"dp_popularity_counts: selection_share must be in (0, 1), not {selection_share}")
+        epsilon_counts = epsilon * (1 - selection_share)
+        histogram = Counter(np.minimum(lengths, max_items_upper).tolist())
+        chosen = choose_max_items(histogram, split.vocab_size, epsilon * selection_share, epsilon_counts,
+                                  max_items_upper)
+        max_items_per_user = chosen.k
+    noise = LaplaceNoise(epsilon_counts, float(max_items_per_user))
     counts = item_user_counts(split, max_items_per_user)
-    return np.array([noise.sum(c) for c in counts])
+    return DpPopularity(np.array([noise.sum(c) for c in counts]), "laplace", epsilon, 0.0,
+                        math.sqrt(noise.variance), max_items_per_user,
+                        {**noise.describe(), "bound_selection": chosen.description if chosen else None})
 
 
 def ease_scores(split: Split, l2: float = 500.0) -> "callable":

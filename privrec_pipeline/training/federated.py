@@ -8,7 +8,11 @@ applies it with the server optimizer.
 - ``local``: each step adds the full noise (sigma C), so every partition's update is DP by
   itself, accounted over rounds x local_steps steps at its own sampling rate; the run's
   guarantee is the worst partition's. Local optimizer Adam (fresh per round), server FedAvg
-  (the mean of the updates).
+  (the mean of the updates). Under DP noise Adam's normalized step moves a coordinate by only
+  about ``local_lr`` x signal / noise std per step towards the signal, so a DP run needs a larger
+  ``local_lr`` than the non-private one (measured in ``benchmarks/training.py``). Keeping each
+  partition's Adam moments across rounds (post-processing, no privacy cost) measured no better
+  there, so a round starts a fresh Adam and the partition keeps no state between rounds.
 - ``distributed``: one step per round; each partition adds N(0, sigma^2 C^2 / (P - t)), so
   any P - t honest shares together carry the full noise (central DP-SGD over all users,
   accounted over ``rounds`` steps at q = batch / all users), valid if at most t partitions
@@ -194,58 +198,11 @@ def load_flat(model: ItemModel, flat: np.ndarray) -> None:
             offset += n
 
 
-@dataclass
-class LocalOptimizerState:
-    """A partition's local Adam moments, carried from one round to the next (local and
-    nonprivate mode): ``m`` and ``v`` (float32, the flat parameter layout) and Adam's step count.
-
-    Post-processing: in local mode they are functions of the partition's own noisy gradients,
-    every one of which the accountant already counts as released (DP-SGD's analysis covers
-    publishing every noisy step; Abadi et al. 2016), so keeping them costs no privacy. They are
-    still the partition's own (about as revealing as its update, which secure aggregation hides):
-    the DAG keeps them beside the partition's secret, never in the lake (``tasks``)."""
-
-    m: np.ndarray | None = field(default=None, repr=False)
-    v: np.ndarray | None = field(default=None, repr=False)
-    steps: int = 0
-
-
-def _load_adam(optimizer: torch.optim.Optimizer, model: ItemModel, state: LocalOptimizerState) -> None:
-    params, offset = list(model.parameters()), 0
-    if state.m is None or state.v is None or state.m.size != state.v.size \
-            or state.m.size != sum(p.numel() for p in params):
-        raise ConfigurationError(f"a local optimizer state of {None if state.m is None else state.m.size} values "
-                                 f"does not fit the model ({model.config})")
-    for p in params:
-        n = p.numel()
-        optimizer.state[p] = {
-            "step": torch.tensor(float(state.steps)),
-            "exp_avg": torch.from_numpy(np.array(state.m[offset:offset + n], dtype=np.float32)).reshape(p.shape),
-            "exp_avg_sq": torch.from_numpy(np.array(state.v[offset:offset + n], dtype=np.float32)).reshape(p.shape)}
-        offset += n
-
-
-def _save_adam(optimizer: torch.optim.Optimizer, model: ItemModel, state: LocalOptimizerState) -> None:
-    params = list(model.parameters())
-    moments = [optimizer.state.get(p) for p in params]
-    if any(not m for m in moments):  # no step taken (every step skipped in nonprivate mode): keep the state
-        return
-    state.m = torch.cat([m["exp_avg"].reshape(-1) for m in moments]).numpy().astype(np.float32)
-    state.v = torch.cat([m["exp_avg_sq"].reshape(-1) for m in moments]).numpy().astype(np.float32)
-    state.steps = int(float(moments[0]["step"]))
-
-
 def partition_update(config: TrainConfig, plan: PrivacyPlan, global_params: np.ndarray, vocab_size: int,
                      shard: Histories, *, round_index: int, partition: int, partitions: int,
                      total_users: int, secret: bytes, run_id: str,
-                     item_category: np.ndarray | None = None,
-                     local_state: LocalOptimizerState | None = None) -> tuple[np.ndarray, dict[str, float]]:
-    """One partition's work in one round: its update (new - old parameters) and diagnostics.
-
-    ``local_state`` (local and nonprivate mode): the partition's Adam moments from its previous
-    round, updated in place for the next one (an empty state: the first round, a fresh Adam).
-    Without it every round starts a fresh Adam, whose first steps on noise-dominated gradients
-    are about sign steps: a random walk of about ``local_lr`` per step and coordinate."""
+                     item_category: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, float]]:
+    """One partition's work in one round: its update (new - old parameters) and diagnostics."""
     model = new_model(config, vocab_size, item_category)
     load_flat(model, global_params)
     if partitions != plan.partitions:
@@ -256,8 +213,6 @@ def partition_update(config: TrainConfig, plan: PrivacyPlan, global_params: np.n
     denominator = q * (total_users if config.mode == "distributed" else shard.users)
     noise = plan.noise_std_per_partition
     optimizer = torch.optim.Adam(model.parameters(), lr=config.local_lr) if config.mode != "distributed" else None
-    if optimizer is not None and local_state is not None and local_state.steps:
-        _load_adam(optimizer, model, local_state)
     stats = {"loss": 0.0, "clipped": 0.0, "sampled": 0.0}
     for _ in range(config.steps_per_round):
         sampled = np.flatnonzero(random.bernoulli(shard.users, q))  # Poisson sampling
@@ -280,8 +235,6 @@ def partition_update(config: TrainConfig, plan: PrivacyPlan, global_params: np.n
         stats["sampled"] += len(sampled) / config.steps_per_round
     if config.mode == "distributed":  # the update is minus the noisy gradient share
         return -torch.cat([p.grad.reshape(-1) for p in model.parameters()]).double().numpy(), stats
-    if local_state is not None:
-        _save_adam(optimizer, model, local_state)
     return flatten(model) - global_params, stats
 
 
@@ -329,7 +282,6 @@ def train_in_process(config: TrainConfig, shards: list[Histories], vocab_size: i
     partition_secrets = [_secrets.token_bytes(32) for _ in range(partitions)]
     total_users = sum(s.users for s in shards)
     history = []
-    local_states = [LocalOptimizerState() for _ in range(partitions)]  # each partition's own (see tasks)
     for r in range(config.rounds):
         updates, stats = {}, []
         keys = [secure_agg.RoundKeys.derive(partition_secrets[k], run_id, r, k) for k in range(partitions)]
@@ -337,8 +289,7 @@ def train_in_process(config: TrainConfig, shards: list[Histories], vocab_size: i
         for k, shard in enumerate(shards):
             delta, s = partition_update(config, plan, state.params, vocab_size, shard, round_index=r, partition=k,
                                         partitions=partitions, total_users=total_users,
-                                        secret=partition_secrets[k], run_id=run_id, item_category=item_category,
-                                        local_state=local_states[k])
+                                        secret=partition_secrets[k], run_id=run_id, item_category=item_category)
             updates[k] = secure_agg.mask_update(delta, keys[k], public, run_id, r) if secure else delta
             stats.append(s)
         total = secure_agg.aggregate(updates, partitions) if secure else sum(updates.values())
