@@ -267,3 +267,31 @@ def test_killed_after_writing_the_model_the_retry_commits_it(partitioned, tmp_pa
     result = tasks.finish_training(lake, DAY, run_id="run-a")  # the retry
     assert "reused" not in result and model.read_bytes() == written
     assert [r.state for r in open_ledger(lake).releases() if r.id == state["release_id"]] == ["committed"]
+
+
+def test_the_content_prior_starts_the_item_tables_from_the_catalogs_text(partitioned, tmp_path, monkeypatch):
+    """content_prior: the round-0 model's item tables are the catalog texts' projection (public
+    data only), in the vocabulary's order; the rest of the model is the usual random start."""
+    import torch
+
+    from privrec_pipeline.catalog import read_items, snapshot_for
+    from privrec_pipeline.training.content_prior import item_init, item_texts
+    from privrec_pipeline.training.data import read_vocabulary
+    from privrec_pipeline.training.federated import load_flat, new_model
+
+    lake = _copy_lake(partitioned, tmp_path, monkeypatch)
+    config = TrainConfig(mode="local", epsilon=2.0, delta=1e-7, rounds=1, local_steps=2, batch_size=20, dim=8,
+                         content_prior=True)
+    state = tasks.prepare_training(lake, DAY, config, run_id="run-prior", dag_id="d", force=True)
+    vocabulary = read_vocabulary(lk.local_path(training_uri(lake, DAY)) / "vocabulary", state["vocabulary_size"])
+    texts = item_texts(read_items(snapshot_for(lake, DAY)), vocabulary.items)
+    assert all(texts) and len(set(texts)) > 1
+    expected = item_init(texts, 8, 0.05)
+    params = np.load(tasks.candidate_folder(lake, DAY) / "run" / "round=0" / "model.npz")["params"]
+    model = new_model(config, state["vocabulary_size"], vocabulary.item_category)
+    load_flat(model, params)
+    assert torch.equal(model.item_in.weight.detach(), expected)
+    assert torch.equal(model.item_out.weight.detach(), expected)
+    plain = new_model(TrainConfig(**{**config.__dict__, "content_prior": False}), state["vocabulary_size"],
+                      vocabulary.item_category)
+    assert torch.equal(model.cat_in.weight.detach(), plain.cat_in.weight.detach())

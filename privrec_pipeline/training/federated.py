@@ -85,6 +85,11 @@ class TrainConfig:
     """t, distributed mode only: the guarantee holds if at most t of the P partitions collude
     with the aggregator or leave out their noise share; each partition adds N(0, sigma^2 C^2 /
     (P - t)). None: t = P - 1 (every share alone carries the full noise). Must be in 0..P-1."""
+    content_prior: bool = False
+    """Start both item tables from the catalog's text (titles, categories) encoded by the packaged
+    all-MiniLM-L6-v2 (``content_prior``): public information, no privacy cost. Needs a catalog;
+    measured in ``benchmarks/content_prior.py`` (it raised Recall@20 in every run there), off by
+    default because encoding a large catalog takes minutes on a CPU."""
 
     def __post_init__(self) -> None:
         def fail(name: str, problem: str) -> None:
@@ -170,15 +175,18 @@ def dropout_generator(secret: bytes, run_id: str, round_index: int, partition: i
     return torch.Generator().manual_seed(seed)
 
 
-def new_model(config: TrainConfig, vocab_size: int, item_category: np.ndarray | None = None) -> ItemModel:
+def new_model(config: TrainConfig, vocab_size: int, item_category: np.ndarray | None = None,
+              item_init: torch.Tensor | None = None) -> ItemModel:
     """The model of a run; ``item_category`` (int [V], categories 0..K-1, K = its max + 1): the
-    vocabulary's public item -> category map, used if ``config.category_features``."""
+    vocabulary's public item -> category map, used if ``config.category_features``;
+    ``item_init`` ([V, dim]): public initial item vectors (``content_prior.item_init``)."""
     if item_category is not None and config.category_features and len(item_category):
         category = np.asarray(item_category, dtype=np.int64)
         return ItemModel(ModelConfig(vocab_size=vocab_size, dim=config.dim, input_dropout=config.input_dropout,
-                                     categories=int(category.max()) + 1), seed=config.seed, item_category=category)
+                                     categories=int(category.max()) + 1), seed=config.seed, item_category=category,
+                         item_init=item_init)
     return ItemModel(ModelConfig(vocab_size=vocab_size, dim=config.dim, input_dropout=config.input_dropout),
-                     seed=config.seed)
+                     seed=config.seed, item_init=item_init)
 
 
 def flatten(model: ItemModel) -> np.ndarray:
@@ -269,16 +277,18 @@ class TrainingResult:
 
 
 def train_in_process(config: TrainConfig, shards: list[Histories], vocab_size: int, *, run_id: str = "local",
-                     secure: bool = True, item_category: np.ndarray | None = None) -> TrainingResult:
+                     secure: bool = True, item_category: np.ndarray | None = None,
+                     item_init: torch.Tensor | None = None) -> TrainingResult:
     """Every round of every partition in this process, through the same functions the DAG's
-    tasks call (and, with ``secure``, through masked secure aggregation)."""
+    tasks call (and, with ``secure``, through masked secure aggregation). ``item_init``: public
+    initial item vectors of the global model (only its start: the rounds load its parameters)."""
     import secrets as _secrets
 
     from privrec_pipeline.training import secure_agg
 
     partitions = len(shards)
     plan = plan_privacy(config, [s.users for s in shards])
-    state = ServerState(flatten(new_model(config, vocab_size, item_category)))
+    state = ServerState(flatten(new_model(config, vocab_size, item_category, item_init)))
     partition_secrets = [_secrets.token_bytes(32) for _ in range(partitions)]
     total_users = sum(s.users for s in shards)
     history = []

@@ -28,7 +28,7 @@ import datetime as dt
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -46,6 +46,9 @@ from privrec_pipeline.training.federated import (
     plan_privacy,
 )
 from privrec_pipeline.training.partitions import training_uri
+
+if TYPE_CHECKING:
+    import torch
 
 RELEASE_KEY = "training"
 RUN_DIR = "run"
@@ -105,6 +108,22 @@ def _item_category(lake: str, day: dt.date, size: int) -> np.ndarray | None:
         return read_vocabulary(folder, size).item_category
     except ValueError as error:
         raise PrivrecError(f"{error}: run build_partitions again") from None
+
+
+def _content_prior(lake: str, day: dt.date, config: TrainConfig, size: int) -> "torch.Tensor":
+    """The public initial item vectors of the window's vocabulary: the catalog's text encoded
+    (``content_prior.item_init``). The catalog in force on the window's last day names the items."""
+    from privrec_pipeline.catalog import read_items, snapshot_for
+    from privrec_pipeline.training.content_prior import item_init, item_texts
+    from privrec_pipeline.training.data import read_vocabulary
+    from privrec_pipeline.training.model import ModelConfig
+
+    snapshot = snapshot_for(lake, day)
+    if snapshot is None:
+        raise PrivrecError(f"content_prior needs the item catalog's text, and the lake has no catalog for {day}: "
+                           "load one with privrec catalog load, or train without content_prior")
+    items = read_vocabulary(_folder(lake, day) / "vocabulary", size).items
+    return item_init(item_texts(read_items(snapshot), items), config.dim, ModelConfig.init_scale)
 
 
 def _manifest(lake: str, day: dt.date) -> dict[str, Any]:
@@ -175,7 +194,9 @@ def prepare_training(lake: str, day: dt.date, config: TrainConfig, *, run_id: st
     _write_json(run / "plan.json", state)
     initial = run / "round=0" / "model.npz"
     if not initial.exists():
-        model = new_model(config, manifest["vocabulary_size"], _item_category(lake, day, manifest["vocabulary_size"]))
+        size = manifest["vocabulary_size"]
+        model = new_model(config, size, _item_category(lake, day, size),
+                          _content_prior(lake, day, config, size) if config.content_prior else None)
         _save_array(initial, params=flatten(model))
     return state
 
