@@ -41,7 +41,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from benchmarks.ingest import ROOT, machine, write_result
+from benchmarks.ingest import ROOT, machine, shown_path, write_result
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -371,7 +371,7 @@ def run(args: argparse.Namespace, console: "Console", command: str) -> int:
     result["errors"], result["pipeline_dp"] = errors, pipeline
     result["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
     json_path = out / "bench-dp-stats.json"
-    result["json"] = str(json_path.relative_to(ROOT) if json_path.is_relative_to(ROOT) else json_path)
+    result["json"] = shown_path(json_path)
     write_result(result, json_path, markdown(result), SECTION, console, args.no_markdown)
     return 0
 

@@ -432,6 +432,11 @@ def update_markdown(section: str, path: Path = BENCHMARKS_MD,
     path.write_text(text, encoding="utf-8")
 
 
+def shown_path(path: Path) -> str:
+    """A result file's path as BENCHMARKS.md shows it: relative to the checkout when inside it."""
+    return str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
+
+
 def write_result(result: dict[str, Any], json_path: Path, section: str, markers: tuple[str, str],
                  console: Console, no_markdown: bool) -> None:
     """Write the raw result JSON, print the Markdown section and (unless ``no_markdown``) put
@@ -503,7 +508,7 @@ def run(args: argparse.Namespace, console: Console, command: str) -> int:
     result["steps"] = {name: asdict(step) for name, step in steps.items()}
     result["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
     json_path = out / "bench-ingest.json"
-    result["json"] = str(json_path.relative_to(ROOT) if json_path.is_relative_to(ROOT) else json_path)
+    result["json"] = shown_path(json_path)
     failed = [s for s in steps.values() if s.returncode != 0]
     if failed:
         json_path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

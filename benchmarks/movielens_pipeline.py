@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from benchmarks.ingest import ROOT, machine, write_result
+from benchmarks.ingest import machine, shown_path, write_result
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -102,7 +102,7 @@ def run(args: argparse.Namespace, console: "Console", command: str) -> int:
     result["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
     result.update(read_outcome(str(lake), start, end))
     json_path = args.out / "bench-movielens-pipeline.json"
-    result["json"] = str(json_path.relative_to(ROOT) if json_path.is_relative_to(ROOT) else json_path)
+    result["json"] = shown_path(json_path)
     write_result(result, json_path, markdown(result), SECTION, console, args.no_markdown)
     return 0
 

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from benchmarks.ingest import ROOT, machine, write_result
+from benchmarks.ingest import ROOT, machine, shown_path, write_result
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -310,7 +310,7 @@ def run(args: argparse.Namespace, console: "Console", command: str) -> int:
     result["quality"] = rows
     result["settings"] = {"movielens": MOVIELENS_SETTINGS, "synthetic": SYNTHETIC_SETTINGS}
     json_path = out / "bench-training.json"
-    result["json"] = str(json_path.relative_to(ROOT) if json_path.is_relative_to(ROOT) else json_path)
+    result["json"] = shown_path(json_path)
     write_result(result, json_path, markdown(result), SECTION, console, args.no_markdown)
     return 0
 
