@@ -117,6 +117,33 @@ def test_a_category_total_cap_bounds_a_users_category_events(spark):
     assert sum(r["events"] for r in small["categories"].values()) == 40 * 2
 
 
+def test_scaled_bounds_of_public_keys_move_the_tables_by_at_most_k_and_l_in_l1(spark):
+    # Public items and categories: the heavy user's 60 items each count K / 60 and its 10,000
+    # events in 12 categories L / 10,000 each, so it moves the item user counts by exactly K in
+    # L1, the event table by at most K x C, the category events by exactly L (= Kc x Cc = 10).
+    # A light user (6 items, 6 events) counts 4 / 6 for each of its items, its events whole.
+    params = DPStatsParams(max_items_per_user=4, max_events_per_item=3, max_categories_per_user=2,
+                           max_events_per_category=5, public_items=True,
+                           public_categories=tuple(f"cat-{c}" for c in range(12)))
+    base = spark.createDataFrame(_events(), COLUMNS)
+    with_heavy = base.unionByName(spark.createDataFrame(_heavy_user(), COLUMNS))
+    without, heavy = (_collect(bounded_aggregates(df, params, "salt")) for df in (base, with_heavy))
+    moved = {i: heavy["items"][i]["users"] - without["items"].get(i, {}).get("users", 0) for i in heavy["items"]}
+    assert all(0 <= m <= 1 for m in moved.values()) and sum(moved.values()) == pytest.approx(4)
+    assert sum(1 for m in moved.values() if m > 0) == 60  # every one of its items keeps a share (4 / 60)
+    events = sum(heavy["items"][i][t] - without["items"].get(i, {}).get(t, 0) for i in heavy["items"]
+                 for t in EVENT_TYPES)
+    assert 0 < events <= 4 * 3 + 1e-9
+    # Each light user has 6 distinct items: 40 users x 4 = 160 user-item units in all.
+    assert sum(r["users"] for r in without["items"].values()) == pytest.approx(40 * 4)
+    gained = {c: heavy["categories"][c]["events"] - without["categories"].get(c, {}).get("events", 0)
+              for c in heavy["categories"]}
+    assert all(g >= 0 for g in gained.values()) and sum(gained.values()) == pytest.approx(params.category_l1())
+    assert params.plan()["category_events"].sensitivity == params.category_l1() == 10
+    # A light user's 6 events are under L = 10: kept whole.
+    assert sum(r["events"] for r in without["categories"].values()) == pytest.approx(40 * 6)
+
+
 def test_bounding_keeps_rare_event_types_and_is_the_same_on_every_run(spark):
     params = DPStatsParams(max_items_per_user=1, max_events_per_item=2)
     rows = [(f"v{i}", HEAVY, "item-a", "c", "view", 1.0) for i in range(50)] + \
@@ -218,24 +245,30 @@ def test_with_a_catalog_every_catalog_item_is_released_without_selection(spark, 
     result = run_dp_stats(spark, str(day_lake), DAY, PARAMS, ledger, run_id="run-1")
     doc = result.release
     assert doc["keys"]["source"] == "catalog (public partitions)" and doc["keys"]["catalog"]["items"] == 41
-    # No selection, so no delta: the selections' weights (0.4 + 0.1 of 1.02) go to the others.
+    # No selection, so no delta: the catalog's weights (summing to 1) split epsilon.
     assert "item_selection" not in doc["statistics"] and "category_selection" not in doc["statistics"]
     assert (doc["epsilon"], doc["delta"]) == (pytest.approx(20.0), 0.0)
     [release] = ledger.releases()
     assert (release.epsilon, release.delta) == (pytest.approx(20.0), 0.0)
-    # item_users: weight 0.2 of the remaining 0.52 -> epsilon 20 x 0.2 / 0.52, sensitivity K = 5.
-    b = 5 / (20 * 0.2 / 0.52)
+    # item_users: weight 0.64 -> epsilon 20 x 0.64, sensitivity K = 5.
+    b = 5 / (20 * 0.64)
     assert doc["statistics"]["item_users"]["as_built"]["noise_scale"] == pytest.approx(b)
     items = {r["item_id"]: r for r in _items(result.uri)}
     assert set(items) == {r["item_id"] for r in listed}
     assert abs(items["itm_never_seen"]["users"]) <= b * 40  # noise of a zero count, P(|x| > 40 b) ~ e^-40
     categories = {r["category"] for r in pq.read_table(f"{result.uri}/categories.parquet").to_pylist()}
     assert categories == {r["category"] for r in listed}
-    # Exact distinct users of a listed item (the cap K = 5 binds for few users of this day).
+    # Exact distinct users of a listed item (the cap K = 5 binds for few users of this day), and
+    # the estimate of the unbounded count: the noisy count over the noisy kept share.
     silver = spark.read.parquet(lk.partition_uri(str(day_lake), "silver", DAY))
     top = max(listed[:40], key=lambda r: items[r["item_id"]]["users"])["item_id"]
     exact = silver.where(silver.item_id == top).select("user_pseudonym").distinct().count()
     assert items[top]["users"] <= exact + b * 40
+    share = doc["bounding"]["kept_share"]
+    assert 0 < share <= 1 and items[top]["users_estimate"] == round(items[top]["users"] / share)
+    assert doc["bounding"]["category"]["kept_share"] is not None
+    estimated = [r["events_estimate"] for r in pq.read_table(f"{result.uri}/categories.parquet").to_pylist()]
+    assert all(e is not None for e in estimated)
     # A resume must present the same catalog: another one is another release description.
     from privrec_pipeline.dp_stats.release import release_parameters, with_catalog
 
@@ -392,23 +425,24 @@ def test_auto_bounds_choose_k_privately_and_report_the_bias(spark, day_lake):
     doc = result.release
     k = doc["bounds"]["max_items_per_user"]
     assert 1 <= k <= 30 and doc["bounds"]["chosen"] == (
-        "auto (exponential mechanism, epsilon 1, K in 1..30; epsilon 1, T in 1..40)")
+        "auto (DP 0.5-quantile by the exponential mechanism, epsilon 0.6, K in 1..30; epsilon 0.6, T in 1..40)")
     t = doc["bounds"]["max_category_events_per_user"]
     assert 1 <= t <= 40 and doc["bounds"]["max_events_per_category"] == t
     assert doc["bounds"]["max_categories_per_user"] == len(doc["params"]["public_categories"])  # T alone binds
     assert doc["bounding"]["max_items_per_user"] == k and 0 <= doc["bounding"]["dropped_share"] <= 1
-    # Each choice costs 0.05 of epsilon (pure), the statistics share the rest; the ledger was
+    # Each choice costs 0.03 of epsilon (pure), the statistics share the rest; the ledger was
     # charged exactly the plan, each choice as an (epsilon, 0) component.
     stats = doc["statistics"]
     for choice in ("item_bounds", "category_bounds"):
         assert stats[choice]["as_built"]["mechanism"] == "exponential"
-        assert stats[choice]["epsilon"] == pytest.approx(1.0) and stats[choice]["delta"] == 0.0
+        assert stats[choice]["epsilon"] == pytest.approx(0.6) and stats[choice]["delta"] == 0.0
     assert stats["item_users"]["as_built"]["l1_sensitivity"] == k  # noise built with the chosen K
     assert stats["category_events"]["as_built"]["l1_sensitivity"] == t  # ... and T
     assert sum(s["epsilon"] for s in stats.values()) == pytest.approx(20.0)
     charged = {c["label"]: pure_epsilon(Component.from_dict(c)) for c in doc["mechanism_components"]}
-    assert charged["item_bounds"] == charged["category_bounds"] == (pytest.approx(1.0), 0.0)
+    assert charged["item_bounds"] == charged["category_bounds"] == (pytest.approx(0.6), 0.0)
     assert charged["bounding_bias"][0] == pytest.approx(stats["bounding_bias"]["epsilon"])
+    assert charged["category_bias"][0] == pytest.approx(stats["category_bias"]["epsilon"])
     [release] = ledger.releases()
     assert (release.epsilon, release.delta) == (pytest.approx(20.0), 0.0)
     # The reserved description holds nothing that depends on K.

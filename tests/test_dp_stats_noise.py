@@ -20,12 +20,14 @@ from privrec_pipeline.dp_stats.params import DPStatsParams
 TYPES = ("view", "add_to_cart", "remove_from_cart", "purchase", "rating")
 RUNS = 2000
 TRUE = {"users": 100_000, "events": 50_000, "funnel": 60_000, "category": 400_000, "purchases": 5_000,
-        "price_sum_centred": 1_000.0, "dropped": 100_000}
+        "price_sum_centred": 1_000.0, "dropped": 100_000, "category_dropped": 100_000}
 
 
 def _add_noise(*args, **kwargs):
-    """add_noise with the bounding's dropped count (the bounding_bias statistic's input)."""
-    return add_noise(*args, dropped=TRUE["dropped"], **kwargs)
+    """add_noise with the bounding's dropped counts (the bias statistics' inputs)."""
+    params = args[4]
+    return add_noise(*args, dropped=TRUE["dropped"], category_dropped=(
+        TRUE["category_dropped"] if "category_bias" in params.plan() else None), **kwargs)
 
 
 def _aggregates(extra_items: list[tuple[str, int]] = ()):
@@ -127,10 +129,10 @@ def test_a_mechanism_built_at_other_numbers_than_the_ledger_accounted_fails_the_
 
 
 def test_catalog_items_are_all_released_with_the_variance_of_their_share_and_no_other_key():
-    # With a catalog (public items and categories) the selections' weights (0.4 + 0.1) go to the
-    # other statistics: item_users gets 0.2 / 0.52 of epsilon 1.04 = 0.4, b = K / 0.4 = 12.5
+    # With a catalog (public items and categories) the weights are the catalog's (summing to 1
+    # without the selections): item_users gets 0.64 of epsilon 0.625 = 0.4, b = K / 0.4 = 12.5
     # (bounds fixed by hand: chosen bounds would take their share first, below).
-    params = DPStatsParams(epsilon=1.04, delta=1e-6, public_items=True, public_categories=("books", "toys"),
+    params = DPStatsParams(epsilon=0.625, delta=1e-6, public_items=True, public_categories=("books", "toys"),
                            bounds="fixed")
     catalog = ["itm_big", "itm_unseen"]  # itm_unseen: nobody touched it, released all the same
     unseen, big = [], []
@@ -153,16 +155,16 @@ def test_catalog_items_are_all_released_with_the_variance_of_their_share_and_no_
 
 
 def test_a_category_total_cap_sets_the_sensitivity_of_the_category_events():
-    # Chosen bounds with a catalog (the default "auto_if_catalog"): K and T take 0.05 of epsilon
-    # 1.04 each, the statistics split the other 0.936 by their weights (sum 0.52 without the
-    # selections): category_events gets 0.936 x 0.05 / 0.52 = 0.09. With T = 7 chosen (Kc and Cc
-    # lifted to the 2 categories and 7 events), a user changes the category table by at most
-    # 7 in L1 (PipelineDP's max_contributions): b = 7 / 0.09.
+    # Chosen bounds with a catalog (the default "auto_if_catalog"): K and T take 0.03 of epsilon
+    # 1.04 each, the statistics split the other 0.9776 by the catalog's weights: category_events
+    # gets 0.9776 x 0.13 = 0.127088. With T = 7 chosen (Kc and Cc lifted to the 2 categories and
+    # 7 events), a user changes the category table by at most 7 in L1 (PipelineDP's
+    # max_contributions): b = 7 / 0.127088.
     params = DPStatsParams(epsilon=1.04, delta=1e-6, public_items=True, public_categories=("books", "toys"))
     plan = params.plan()
-    assert plan["item_bounds"].epsilon == plan["category_bounds"].epsilon == pytest.approx(0.052)
-    assert plan["category_bounds"].mechanism == "exponential" and plan["category_bounds"].sensitivity == 100
-    assert plan["category_events"].epsilon == pytest.approx(0.09)
+    assert plan["item_bounds"].epsilon == plan["category_bounds"].epsilon == pytest.approx(0.0312)
+    assert plan["category_bounds"].mechanism == "exponential" and plan["category_bounds"].sensitivity == 1
+    assert plan["category_events"].epsilon == pytest.approx(0.127088)
     chosen = replace(params, max_category_events_per_user=7, max_events_per_category=7, max_categories_per_user=2)
     assert chosen.components() == params.components()  # T never changes what the ledger was told
     errors = []
@@ -171,9 +173,38 @@ def test_a_category_total_cap_sets_the_sensitivity_of_the_category_events():
         errors.append({r["category"]: r["events"] for r in release.categories.to_pylist()}["books"]
                       - TRUE["category"])
     sample = np.asarray(errors, dtype=float)
-    variance = 2 * (7 / 0.09) ** 2
+    variance = 2 * (7 / 0.127088) ** 2
     assert abs(sample.mean()) < 4 * math.sqrt(variance / sample.size)
     assert sample.var() == pytest.approx(variance, rel=4 * math.sqrt(5 / sample.size))
     # T below Kc x Cc caps the sensitivity at T; above it, Kc x Cc stays the bound.
     assert DPStatsParams(max_category_events_per_user=12).plan()["category_events"].sensitivity == 12
     assert DPStatsParams(max_category_events_per_user=80).plan()["category_events"].sensitivity == 50
+
+
+def test_public_keys_get_estimates_of_the_unbounded_counts_from_the_noisy_kept_share():
+    # Scaled bounds kept 100,000 of the item's 200,000 (user, item) contributions and 400,000 of
+    # 500,000 category events. The estimates divide each noisy count by the noisy kept share
+    # (noisy kept sum / (noisy kept sum + noisy dropped)): post-processing of DP values only.
+    params = DPStatsParams(epsilon=5.0, delta=1e-6, public_items=True, public_categories=("books",), bounds="fixed")
+    plan = params.plan()
+    # The category bias: a user's events clamped at Bc = max(Uc, L + 1) = 100, L = Kc Cc = 50.
+    assert plan["category_bias"].sensitivity == 100 - 50 and plan["bounding_bias"].sensitivity == 100 - 5
+    items, users, cats = [], [], []
+    for _ in range(400):
+        release = _add_noise(*_aggregates(), params, ["itm_big"])
+        [item] = release.items.to_pylist()
+        [category] = release.categories.to_pylist()
+        share = release.bounding["kept_share"]
+        assert item["users_estimate"] == round(item["users"] / share)
+        assert category["events_estimate"] == round(category["events"] / release.bounding["category"]["kept_share"])
+        assert release.bounding["dropped_share"] == pytest.approx(1 - share)
+        items.append(item["users_estimate"])
+        users.append(item["users"])
+        cats.append(category["events_estimate"])
+    # 100,000 kept + 100,000 dropped: the estimate is about twice the count, 200,000...
+    assert np.median(items) == pytest.approx(200_000, rel=0.01) and np.median(users) == pytest.approx(100_000, rel=0.01)
+    assert np.median(cats) == pytest.approx(500_000, rel=0.01)  # ...400,000 + 100,000 for the category
+    # Without public keys (partition selection) no estimate is published: the kept sum covers
+    # the selected items only.
+    selected = _add_noise(*_aggregates(), DPStatsParams(epsilon=5.0, delta=1e-6)).items.to_pylist()
+    assert [r["users_estimate"] for r in selected] == [None]

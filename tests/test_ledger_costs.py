@@ -59,22 +59,23 @@ DP_STATS_CASES = {
     "laplace only": (DPStatsParams(epsilon=1.0, delta=1e-8, epsilon_split=LAPLACE_ONLY_SPLIT), LAPLACE_ONLY_PLAN),
 }
 # With a catalog (public items and categories) the default settings choose K and T: two
-# exponential mechanisms, pure (epsilon, 0)-DP, at 0.05 of epsilon 2.08 each (0.104); the
-# statistics split the other 1.872 by their weights without the selections (sum 0.52):
-# 1.872 x w / 0.52 = 3.6 w. No selection: delta 0.
+# exponential mechanisms, pure (epsilon, 0)-DP, at 0.03 of epsilon 2 each (0.06); the
+# statistics split the other 1.88 by the catalog's weights (summing to 1 without the
+# selections): 1.88 x w. No selection: delta 0.
 CATALOG_PLAN = {
-    "item_bounds": ("approx_dp", 0.104, 0.0),
-    "category_bounds": ("approx_dp", 0.104, 0.0),
-    "item_users": ("laplace", 0.72, 0.0),
-    "item_events": ("laplace", 0.36, 0.0),
-    "funnel_users": ("laplace", 0.18, 0.0),
-    "category_events": ("laplace", 0.18, 0.0),
-    "purchase_price_sum": ("laplace", 0.18, 0.0),
-    "purchase_count": ("laplace", 0.18, 0.0),
-    "bounding_bias": ("laplace", 0.072, 0.0),
+    "item_bounds": ("approx_dp", 0.06, 0.0),
+    "category_bounds": ("approx_dp", 0.06, 0.0),
+    "item_users": ("laplace", 1.88 * 0.64, 0.0),
+    "item_events": ("laplace", 1.88 * 0.04, 0.0),
+    "funnel_users": ("laplace", 1.88 * 0.04, 0.0),
+    "category_events": ("laplace", 1.88 * 0.13, 0.0),
+    "purchase_price_sum": ("laplace", 1.88 * 0.03, 0.0),
+    "purchase_count": ("laplace", 1.88 * 0.03, 0.0),
+    "bounding_bias": ("laplace", 1.88 * 0.06, 0.0),
+    "category_bias": ("laplace", 1.88 * 0.03, 0.0),
 }
 CATALOG_CASES = {
-    "catalog, chosen bounds": (DPStatsParams(epsilon=2.08, delta=1e-8, public_items=True,
+    "catalog, chosen bounds": (DPStatsParams(epsilon=2.0, delta=1e-8, public_items=True,
                                              public_categories=("books", "toys")), CATALOG_PLAN),
 }
 

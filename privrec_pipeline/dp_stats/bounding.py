@@ -16,6 +16,16 @@ events would move every count by 10,000. Per user (the privacy unit):
 - purchase prices: clamped to [lo, hi]; at most M purchases per user (hash of the event id).
 Events without a user or key (null item, null category) contribute to no key.
 
+That is truncation, which partition selection needs (a user in at most K keys). When the keys
+are public (a catalog's items, public categories) nothing is selected and only each user's L1
+contribution must be bounded, so contributions are scaled instead (``scale_items``,
+``scale_categories``): a user with n items counts min(1, K / n) for each of them (its capped
+events per item scaled alike), a user with e events in public categories min(1, L / e) per
+event (L = ``category_l1``). A user's items and categories all keep a share, none is dropped
+whole, so what bounding leaves out is spread evenly over a user's keys, and dividing a count by
+the kept share estimates the unbounded count (``noise.add_noise``; Amin, Kulesza, Munoz Medina
+& Vassilvitskii 2019 on clipping's bias). The aggregates are then fractional.
+
 Each aggregate then has one row per key with the bounded values, small enough for the
 driver, where PyDP adds noise (``dp_stats.noise``).
 """
@@ -61,9 +71,17 @@ def _rank_within_user(key: "Column", salt: str, weight: "Column | None" = None) 
 
 
 def bound_items(silver: "DataFrame", params: DPStatsParams, salt: str) -> "DataFrame":
-    """One row per kept (user, item): capped event counts by type, plus the user's funnel flags
-    (``has_<type>``) on the user's first row (``first_of_user``)."""
-    from pyspark.sql import Window
+    """One row per kept (user, item) (the user's K most used items): capped event counts by type."""
+    from pyspark.sql import functions as F
+
+    per, capped = _capped_pairs(silver, params)
+    ranked = per.select(USER, ITEM, *capped, _rank_within_user(F.col(ITEM), salt, F.col("events")).alias("rank"))
+    return ranked.where(F.col("rank") <= params.max_items_per_user).drop("rank")
+
+
+def _capped_pairs(silver: "DataFrame", params: DPStatsParams) -> tuple["DataFrame", list["Column"]]:
+    """(user, item) rows with their event counts by type, and those counts capped at C in
+    ``TYPE_PRIORITY`` order (rarest first)."""
     from pyspark.sql import functions as F
 
     events = silver.where(F.col(USER).isNotNull() & F.col(ITEM).isNotNull())
@@ -75,14 +93,33 @@ def bound_items(silver: "DataFrame", params: DPStatsParams, salt: str) -> "DataF
         kept = F.least(F.col(t), remaining)
         capped.append(kept.alias(t))
         remaining = remaining - kept
-    user = Window.partitionBy(USER)
-    ranked = per.select(
-        USER, ITEM, *capped,
-        *[F.max((F.col(t) > 0).cast("int")).over(user).alias(f"has_{t}") for t in EVENT_TYPES],
-        _rank_within_user(F.col(ITEM), salt, F.col("events")).alias("rank"),
-    )
-    return (ranked.where(F.col("rank") <= params.max_items_per_user)
-            .withColumn("first_of_user", F.col("rank") == 1).drop("rank"))
+    return per, capped
+
+
+def scale_items(silver: "DataFrame", params: DPStatsParams) -> "DataFrame":
+    """One row per (user, item): ``weight`` = min(1, K / n) for a user with n distinct items,
+    and the capped event counts by type times the weight (public items: L1 <= K for the user
+    counts, <= K x C for the event counts)."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    per, capped = _capped_pairs(silver, params)
+    weight = F.least(F.lit(1.0), F.lit(float(params.max_items_per_user))
+                     / F.count(F.lit(1)).over(Window.partitionBy(USER)))
+    with_weight = per.select(USER, ITEM, *capped, weight.alias("weight"))
+    return with_weight.select(USER, ITEM, "weight", *[(F.col("weight") * F.col(t)).alias(t) for t in EVENT_TYPES])
+
+
+def scale_categories(silver: "DataFrame", params: DPStatsParams) -> "DataFrame":
+    """One row per (user, public category): its events times min(1, L / e) for a user with e
+    events in public categories (L1 <= L = ``category_l1``)."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    per = _category_events(silver, params).groupBy(USER, CATEGORY).agg(F.count(F.lit(1)).alias("events"))
+    weight = F.least(F.lit(1.0), F.lit(float(params.category_l1()))
+                     / F.sum("events").over(Window.partitionBy(USER)))
+    return per.select(USER, CATEGORY, (F.col("events") * weight).alias("events"))
 
 
 def _category_events(silver: "DataFrame", params: DPStatsParams) -> "DataFrame":
@@ -142,18 +179,28 @@ def catalog_events(silver: "DataFrame", catalog: "DataFrame") -> "DataFrame":
 
 def bounded_aggregates(silver: "DataFrame", params: DPStatsParams, salt: str,
                        catalog: "DataFrame | None" = None) -> BoundedAggregates:
-    """The bounded aggregates of ``silver`` (with ``catalog``: of the catalog's items only)."""
+    """The bounded aggregates of ``silver`` (with ``catalog``: of the catalog's items only):
+    truncated, or scaled where the keys are public (``params.public_items``,
+    ``params.public_categories``; then item users and events and category events are fractional)."""
     from pyspark.sql import functions as F
 
     if catalog is not None:
         silver = catalog_events(silver, catalog)
-    items = bound_items(silver, params, salt)
-    item_aggs = items.groupBy(ITEM).agg(F.count(F.lit(1)).alias("users"),
-                                        *[F.sum(t).alias(t) for t in EVENT_TYPES])
-    funnel = items.where("first_of_user").agg(
-        *[F.coalesce(F.sum(f"has_{t}"), F.lit(0)).alias(t) for t in EVENT_TYPES])
-    categories = bound_categories(silver, params, salt).groupBy(CATEGORY).agg(
-        F.count(F.lit(1)).alias("users"), F.sum("events").alias("events"))
+    if params.public_items:
+        item_aggs = scale_items(silver, params).groupBy(ITEM).agg(
+            F.sum("weight").alias("users"), *[F.sum(t).alias(t) for t in EVENT_TYPES])
+    else:
+        item_aggs = bound_items(silver, params, salt).groupBy(ITEM).agg(
+            F.count(F.lit(1)).alias("users"), *[F.sum(t).alias(t) for t in EVENT_TYPES])
+    # A user counts once per event type it has, however its items are bounded.
+    funnel = silver.where(F.col(USER).isNotNull() & F.col(ITEM).isNotNull()).groupBy().agg(
+        *[F.countDistinct(F.when(F.col("event_type") == t, F.col(USER))).alias(t) for t in EVENT_TYPES])
+    if params.public_categories:
+        categories = scale_categories(silver, params).groupBy(CATEGORY).agg(
+            F.count(F.lit(1)).alias("users"), F.sum("events").alias("events"))
+    else:
+        categories = bound_categories(silver, params, salt).groupBy(CATEGORY).agg(
+            F.count(F.lit(1)).alias("users"), F.sum("events").alias("events"))
     purchases = bound_purchases(silver, params, salt).agg(
         F.coalesce(F.sum("price_centred"), F.lit(0.0)).alias("price_sum_centred"),
         F.count(F.lit(1)).alias("purchases"))

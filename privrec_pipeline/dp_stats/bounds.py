@@ -1,12 +1,32 @@
 """Contribution bounds chosen from the data, privately, and the bias bounding leaves.
 
 K (``max_items_per_user``) trades noise against bias: a larger K keeps more of each user's
-items (less is dropped) but every item count gets noise of scale K / epsilon. With
-``bounds="auto"`` K is chosen by the exponential mechanism (McSherry & Talwar 2007) over the
-candidates 1..U (U = ``max_items_upper``), with the scoring function of PipelineDP's
-private l0 bound (``pipeline_dp.private_contribution_bounds.L0ScoringFunction``; the same
-approach as Tumult Analytics' bound selection, and Amin, Kulesza, Munoz & Vassilvitskii
-2019, "Bounding user contributions: a bias-variance trade-off in differential privacy"):
+items (less is dropped) but every item count gets noise of scale K / epsilon.
+
+The DP statistics (``bounds="auto"``) choose K as a DP quantile of the users' distinct item
+counts c_u (the median by default), with the exponential mechanism (McSherry & Talwar 2007)
+over the candidates 1..U (U = ``max_items_upper``) and the rank score of Smith 2011 ("Privacy-
+preserving statistical estimation with optimal convergence rates"; the quantile mechanism of
+Gillenwater, Joseph & Kulesza 2021, "Differentially private quantiles", and of Tumult
+Analytics' bound choice):
+
+    score(k) = -dist(q N, [#{u : c_u < k}, #{u : c_u <= k}]),   N = the number of users
+
+(0 when the q-quantile's rank falls on k's users, else the distance to them; counts above U
+count as U, so a day where most users exceed U gets K = U). One user added or removed moves
+each end of the interval by at most 1 and q N by q, so the score's sensitivity is 1 (not
+monotonic): PipelineDP's ``ExponentialMechanism`` samples k with
+probability proportional to exp(epsilon_select * score(k) / 2). The category bound T is chosen
+the same way from the users' event counts in public categories (``QuantileScore`` on that
+histogram). Why a quantile: the release scales contributions (``dp_stats.bounding``) and
+divides the counts by the kept share, so a bound costs little bias, and the noise of an
+estimate, K / (kept share) / epsilon, grows with K; the median keeps half of the users whole.
+
+The popularity baseline's K (``training.evaluation``, a ranking of bounded counts with no such
+division) is chosen with the scoring function of PipelineDP's private l0 bound
+(``pipeline_dp.private_contribution_bounds.L0ScoringFunction``; Amin, Kulesza, Munoz &
+Vassilvitskii 2019, "Bounding user contributions: a bias-variance trade-off in differential
+privacy"):
 
     score(k) = -0.5 * P * std(k) - 0.5 * sum_u max(min(c_u, U) - k, 0)
 
@@ -18,21 +38,16 @@ samples k with probability proportional to exp(epsilon_select * score(k) / U): p
 epsilon_select-DP. The mechanism only needs P, the per-user histogram of c_u (capped),
 computed in Spark, collected to the driver and never released.
 
-The category statistic's bound T (events of one user over all public categories, its L1
-sensitivity; PipelineDP's ``max_contributions``) is chosen the same way
-(``choose_category_events``): the same score with P = the number of public categories,
-std(t) = sqrt(2) t / epsilon_category_events, c_u = the user's events in public categories
-(with Kc and Cc lifted, a total cap t drops exactly max(c_u - t, 0) of them) and U = Uc.
-
-Without a catalog P (the number of candidate items) is itself private, so automatic bounds
-require a catalog (``DPStatsParams`` with ``public_items``); see ``release.run_dp_stats``.
+Automatic bounds in the DP statistics require a catalog (``DPStatsParams`` with
+``public_items``); see ``release.run_dp_stats``.
 
 Caveats: PipelineDP samples with numpy's default generator (not a cryptographic one) and in
 floating point (Mironov 2012's attacks apply to it as to any textbook implementation).
 
 The bias: ``dropped(K) = sum_u max(min(c_u, B) - K, 0)`` (B = ``bias_cap``), the number of
 (user, item) contributions bounding dropped, released with Laplace noise of sensitivity
-B - K (one user changes it by at most that) as the ``bounding_bias`` statistic.
+B - K (one user changes it by at most that) as the ``bounding_bias`` statistic; the category
+events dropped by L, the same way with B = Bc, as ``category_bias``.
 """
 
 from __future__ import annotations
@@ -98,9 +113,47 @@ class ItemBoundScore(ContributionBoundScore):
     """K: c_u = distinct (catalog) items of user u, P = catalog items, epsilon of item_users."""
 
 
-class CategoryEventsScore(ContributionBoundScore):
-    """T: c_u = events of user u in public categories, P = public categories, epsilon of
-    category_events (std(t) = sqrt(2) t / epsilon: Laplace of L1 sensitivity t)."""
+class QuantileScore(ExponentialMechanism.ScoringFunction):
+    """The rank score of the q-quantile over the candidates 1..``upper`` on a histogram
+    {c: users with c contributions} (c clamped to ``upper``): minus the distance of q N to
+    [#{c_u < k}, #{c_u <= k}] (sensitivity 1), shifted by its maximum like
+    ``ContributionBoundScore`` (the same distribution, no underflow)."""
+
+    def __init__(self, histogram: Mapping[int, int], quantile: float, upper: int):
+        super().__init__()
+        if not 0 < quantile < 1 or upper < 1:
+            raise ValueError(f"{type(self).__name__}: needs 0 < quantile < 1 and upper >= 1")
+        self.histogram = {int(c): int(n) for c, n in histogram.items()}
+        self.quantile, self.upper = quantile, upper
+        clamped: dict[int, int] = {}
+        for c, n in self.histogram.items():
+            clamped[min(c, upper)] = clamped.get(min(c, upper), 0) + n
+        self._users = sum(clamped.values())
+        self._ranks = {}  # k -> (#{c_u < k}, #{c_u <= k})
+        below = sum(n for c, n in clamped.items() if c < 1)
+        for k in self.candidates():
+            self._ranks[k] = (below, below + clamped.get(k, 0))
+            below += clamped.get(k, 0)
+        self._shift = max(self.raw_score(k) for k in self.candidates())
+
+    def candidates(self) -> list[int]:
+        return list(range(1, self.upper + 1))
+
+    def raw_score(self, k: int) -> float:
+        below, at_most = self._ranks[k]
+        rank = self.quantile * self._users
+        return -max(below - rank, rank - at_most, 0.0)
+
+    def score(self, k: int) -> float:
+        return self.raw_score(k) - self._shift
+
+    @property
+    def global_sensitivity(self) -> float:
+        return 1.0
+
+    @property
+    def is_monotonic(self) -> bool:
+        return False  # adding a user raises the rank of some k and lowers q N's distance to others
 
 
 @dataclass(frozen=True)
@@ -110,17 +163,22 @@ class ChosenBound:
     description: dict[str, Any]
 
 
-def selection_probabilities(score: ItemBoundScore, epsilon: float) -> list[float]:
+def selection_probabilities(score: ContributionBoundScore | QuantileScore, epsilon: float) -> list[float]:
     """The exponential mechanism's distribution over ``score.candidates()`` (PipelineDP's own)."""
     return [float(p) for p in ExponentialMechanism(score)._calculate_probabilities(epsilon, score.candidates())]
 
 
-def _choose(score: ContributionBoundScore, epsilon_select: float) -> ChosenBound:
+def _choose(score: ContributionBoundScore | QuantileScore, epsilon_select: float) -> ChosenBound:
     k = int(ExponentialMechanism(score).apply(epsilon_select, score.candidates()))
-    return ChosenBound(k, epsilon_select, {
-        "mechanism": "exponential", "epsilon": epsilon_select, "delta": 0.0,
-        "global_sensitivity": score.global_sensitivity, "candidates": [1, score.upper],
-        "partitions": score.partitions, "library": "PipelineDP ExponentialMechanism (L0ScoringFunction score)"})
+    description = {"mechanism": "exponential", "epsilon": epsilon_select, "delta": 0.0,
+                   "global_sensitivity": score.global_sensitivity, "candidates": [1, score.upper]}
+    if isinstance(score, QuantileScore):
+        description.update(quantile=score.quantile,
+                           library="PipelineDP ExponentialMechanism (DP quantile, rank score)")
+    else:
+        description.update(partitions=score.partitions,
+                           library="PipelineDP ExponentialMechanism (L0ScoringFunction score)")
+    return ChosenBound(k, epsilon_select, description)
 
 
 def choose_max_items(histogram: Mapping[int, int], partitions: int, epsilon_select: float, epsilon_users: float,
@@ -129,8 +187,8 @@ def choose_max_items(histogram: Mapping[int, int], partitions: int, epsilon_sele
     return _choose(ItemBoundScore(histogram, partitions, epsilon_users, upper), epsilon_select)
 
 
-def choose_category_events(histogram: Mapping[int, int], categories: int, epsilon_select: float,
-                           epsilon_events: float, upper: int) -> ChosenBound:
-    """T chosen by PipelineDP's exponential mechanism at ``epsilon_select`` (pure DP), from the
-    histogram of events per user in public categories (clamped)."""
-    return _choose(CategoryEventsScore(histogram, categories, epsilon_events, upper), epsilon_select)
+def choose_quantile(histogram: Mapping[int, int], quantile: float, epsilon_select: float, upper: int) -> ChosenBound:
+    """A bound in 1..``upper``: the DP ``quantile`` of the per-user counts in ``histogram``
+    (clamped counts; users above ``upper`` rank above every candidate), by PipelineDP's
+    exponential mechanism at ``epsilon_select`` (pure DP)."""
+    return _choose(QuantileScore(histogram, quantile, upper), epsilon_select)

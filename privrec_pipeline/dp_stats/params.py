@@ -16,28 +16,41 @@ sensitivity (the amount one user can change it):
 | purchase_price_sum  | sum of clamped purchase prices, centred     | Laplace             | L1 = M x (hi - lo) / 2 |
 | purchase_count      | purchases (denominator of the mean price)   | Laplace             | L1 = M                 |
 | bounding_bias       | (user, item) contributions dropped by K     | Laplace             | L1 = B - K             |
-| item_bounds         | K itself, when the bounds are chosen        | exponential         | U (score)              |
-| category_bounds     | T itself, when the bounds are chosen        | exponential         | Uc (score)             |
+| category_bias       | category events dropped by L (public keys)  | Laplace             | L1 = Bc - L            |
+| item_bounds         | K itself, when the bounds are chosen        | exponential         | 1 (rank score)         |
+| category_bounds     | T itself, when the bounds are chosen        | exponential         | 1 (rank score)         |
 
 (K = max_items_per_user, C = max_events_per_item, Kc = max_categories_per_user,
 Cc = max_events_per_category, T = max_category_events_per_user (events of one user over all
 categories; unset: Kc x Cc), M = max_purchases_per_user, [lo, hi] the price clamp,
 U = max_items_upper, Uc = max_category_events_upper, B = max(U, K + 1) the clamp of a user's
-item count in the dropped count.)
+item count in the dropped count, L = the category statistic's L1 bound, Bc = max(Uc, L + 1).)
+
+Bounding. With partition selection (no catalog) a user's contributions are truncated: its K
+most used items, Kc categories (partition selection needs each user in at most K keys). With
+public keys (a catalog) they are scaled instead: a user with n items counts min(1, K / n) for
+each of them, a user with e events in public categories min(1, L / e) per event, so every
+user's L1 contribution is at most K (L) and nobody's items are dropped outright (L1 clipping
+of the user's contribution vector; Amin, Kulesza, Munoz Medina & Vassilvitskii 2019,
+"Bounding user contributions: a bias-variance trade-off in differential privacy", Sec. 3).
 The share of contributions dropped by bounding (the bias, reported beside the noise) is the
 noisy dropped count over (noisy dropped + the sum of the noisy item user counts): post-processing.
+Each noisy count is also released as an estimate of the unbounded count, divided by the kept
+share (``users_estimate``, ``events_estimate``: post-processing). Scaling spreads what is
+dropped over a user's items evenly, so the estimate's remaining bias is small where heavy
+users' items look like everybody's (measured in ``benchmarks/dp_stats.py``).
 
-Bounds: ``bounds="fixed"`` uses K (and Kc, Cc, T) as set. ``bounds="auto"`` (needs a catalog:
-the number of items enters the choice) chooses K from the data with PipelineDP's exponential
-mechanism (``dp_stats.bounds``) at ``bounds_epsilon_share`` x epsilon (statistic ``item_bounds``,
-pure DP) and, with public categories, the category statistic's L1 bound T the same way at
-another ``bounds_epsilon_share`` x epsilon (``category_bounds``; Kc and Cc are then lifted, so T
-alone bounds a user: L1 = T, PipelineDP's ``max_contributions``); the other statistics split
-the rest. ``bounds="auto_if_catalog"`` (the default) is "auto" when the release has a catalog
-(public items) and "fixed" otherwise: on the demo day (``benchmarks/dp_stats.py``, BENCHMARKS.md)
-the fixed defaults K = 5, Kc x Cc = 5 x 10 drop 48% of the (user, item) and 17% of the category
-contributions; at the same epsilon 0.5 the chosen bounds cut the median error of the items with
->= 200 users from 46% to 31% and of the categories from 19% to 14% (still bias-dominated: see there).
+Bounds: ``bounds="fixed"`` uses K (and Kc, Cc, T) as set. ``bounds="auto"`` (needs a catalog)
+chooses K as a DP quantile (``bounds_quantile``, the median by default) of the users' distinct
+item counts with the exponential mechanism (``dp_stats.bounds``) at ``bounds_epsilon_share`` x
+epsilon (statistic ``item_bounds``, pure DP) and, with public categories, the category
+statistic's L1 bound T the same way from the users' event counts at another
+``bounds_epsilon_share`` x epsilon (``category_bounds``; Kc and Cc are then lifted, so T alone
+bounds a user: L1 = T, PipelineDP's ``max_contributions``); the other statistics split the rest.
+``bounds="auto_if_catalog"`` (the default) is "auto" when the release has a catalog (public
+items) and "fixed" otherwise. With scaled bounds and the estimates, a small bound costs little
+bias, and the noise of an estimate, (kept share)^-1 x K / epsilon, grows with K: the median
+user's count is the default (measured in ``benchmarks/dp_stats.py``, BENCHMARKS.md).
 The reserved description then says "auto" for the sensitivities that depend on K or T (their
 ledger components, 1 / epsilon_i, do not).
 The mean price is noisy sum / noisy count + midpoint (the normalized bounded mean of Google's
@@ -46,8 +59,10 @@ differential-privacy library, ``BoundedMean``): post-processing, no extra budget
 Basic composition over the statistics (Dwork & Roth 2014, Thm 3.16) makes the release
 (sum of epsilons, sum of deltas)-DP; the ledger also composes the parts tightly (PLD).
 A weight of 0 leaves a statistic out. With a catalog (public items and categories,
-``public_items`` / ``public_categories``) the two selections are not run: their share of
-epsilon goes to the other statistics and the release is pure epsilon-DP (delta 0).
+``public_items`` / ``public_categories``) the two selections are not run, the release is pure
+epsilon-DP (delta 0) and the weights default to ``CATALOG_EPSILON_SPLIT``: the item user counts
+(the popularity every consumer reads) get most of epsilon. ``category_bias`` needs public
+categories (its dropped count comes from the scaled bound).
 """
 
 from __future__ import annotations
@@ -64,14 +79,14 @@ from privrec_pipeline.settings import from_settings
 
 SELECTIONS = ("item_selection", "category_selection")
 COUNTS = ("item_users", "item_events", "funnel_users", "category_events", "purchase_price_sum", "purchase_count",
-          "bounding_bias")
+          "bounding_bias", "category_bias")
 STATISTICS = (*SELECTIONS, *COUNTS)
 ITEM_BOUNDS = "item_bounds"  # the exponential mechanism choosing K (chosen bounds), outside the split
 CATEGORY_BOUNDS = "category_bounds"  # the exponential mechanism choosing T (chosen bounds), outside the split
 BOUND_CHOICES = (ITEM_BOUNDS, CATEGORY_BOUNDS)
 BOUNDS_MODES = ("fixed", "auto", "auto_if_catalog")
 DEPENDS_ON_K = ("item_selection", "item_users", "item_events", "bounding_bias")
-DEPENDS_ON_T = ("category_events",)
+DEPENDS_ON_T = ("category_events", "category_bias")
 NEEDS = {  # a statistic is released only for keys its selection kept
     "item_users": "item_selection", "item_events": "item_selection", "category_events": "category_selection",
 }
@@ -83,6 +98,16 @@ DEFAULT_EPSILON_SPLIT = {
     "bounding_bias": 0.02,
 }
 DEFAULT_DELTA_SPLIT = {"item_selection": 0.8, "category_selection": 0.2}
+# With a catalog nothing is selected: item popularity (the statistic the training vocabulary,
+# DP popularity and the report read) gets most of epsilon. On the demo day (epsilon 0.5,
+# BENCHMARKS.md) this split is what brings the median error of the estimated user counts of
+# items with >= 200 users under 10% and of the category event counts under 5%. (Categories
+# are public with a catalog; set by hand without public categories, they are selected.)
+CATALOG_EPSILON_SPLIT = {
+    "item_selection": 0.0, "category_selection": 0.1,
+    "item_users": 0.64, "item_events": 0.04, "funnel_users": 0.04, "category_events": 0.13,
+    "purchase_price_sum": 0.03, "purchase_count": 0.03, "bounding_bias": 0.06, "category_bias": 0.03,
+}
 
 
 @dataclass(frozen=True)
@@ -122,9 +147,11 @@ class DPStatsParams:
     bounds: str = "auto_if_catalog"
     """"fixed": K (Kc, Cc, T) as set; "auto": K and T chosen privately (exponential mechanism,
     needs a catalog); "auto_if_catalog": "auto" when the day has a catalog, else "fixed"."""
-    bounds_epsilon_share: float = 0.05
+    bounds_epsilon_share: float = 0.03
     """Share of epsilon spent on choosing each bound (K, and T with public categories) when they
     are chosen."""
+    bounds_quantile: float = 0.5
+    """Chosen bounds: K (T) is this DP quantile of the users' distinct item (category event) counts."""
     max_items_upper: int = 100
     """U: the largest K "auto" may choose; also clamps a user's item count in the dropped count."""
     max_events_per_item: int = 5
@@ -155,9 +182,9 @@ class DPStatsParams:
     """PyDP partition selection strategy: truncated_geometric, laplace or gaussian."""
     confidence_level: float = 0.95
     """Level of the confidence intervals written next to the noisy values."""
-    epsilon_split: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_EPSILON_SPLIT))
-    """Relative weights of the statistics in epsilon, over the defaults (normalized to sum to 1;
-    0 leaves a statistic out)."""
+    epsilon_split: dict[str, float] = field(default_factory=dict)
+    """Relative weights of the statistics in epsilon, over the defaults (``DEFAULT_EPSILON_SPLIT``,
+    or ``CATALOG_EPSILON_SPLIT`` with public items; normalized to sum to 1; 0 leaves a statistic out)."""
     delta_split: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_DELTA_SPLIT))
     """Relative weights of the two partition selections in delta."""
 
@@ -184,6 +211,8 @@ class DPStatsParams:
             fail("bounds", f"must be one of {BOUNDS_MODES}")
         if not 0 < self.bounds_epsilon_share < 0.5:  # up to two choices come out of epsilon
             fail("bounds_epsilon_share", "must be in (0, 0.5)")
+        if not 0 < self.bounds_quantile < 1:
+            fail("bounds_quantile", "must be in (0, 1)")
         for name in ("max_items_upper", "max_category_events_upper"):
             if getattr(self, name) < 1:
                 fail(name, "must be positive")
@@ -200,10 +229,9 @@ class DPStatsParams:
             if any(not isinstance(w, int | float) or isinstance(w, bool) or not w >= 0 or not math.isfinite(w)
                    for w in weights.values()):
                 fail(name, "must map statistics to non-negative numbers")
-        # Weights given by the user replace those defaults they name.
-        object.__setattr__(self, "epsilon_split", {**DEFAULT_EPSILON_SPLIT, **self.epsilon_split})
+        # Weights given by the user replace those defaults they name (``weights``).
         object.__setattr__(self, "delta_split", {**DEFAULT_DELTA_SPLIT, **self.delta_split})
-        eps = self.epsilon_split
+        eps = self.weights()
         if sum(w for s, w in eps.items() if s in self.selections() or s not in SELECTIONS) <= 0:
             fail("epsilon_split", "must give a positive weight to at least one statistic")
         if self.bounds == "auto" and eps.get("item_users", 0) <= 0:
@@ -224,6 +252,11 @@ class DPStatsParams:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def weights(self) -> dict[str, float]:
+        """The epsilon weights in use: the user's ``epsilon_split`` over the default split (the
+        catalog's with public items)."""
+        return {**(CATALOG_EPSILON_SPLIT if self.public_items else DEFAULT_EPSILON_SPLIT), **self.epsilon_split}
+
     def sensitivity(self, statistic: str) -> float:
         k, c = self.max_items_per_user, self.max_events_per_item
         kc = self.max_categories_per_user
@@ -232,8 +265,9 @@ class DPStatsParams:
             "item_selection": k, "item_users": k, "item_events": k * c, "funnel_users": len(EVENT_TYPES),
             "category_selection": kc, "category_events": self.category_l1(),
             "purchase_price_sum": m * (self.price_upper - self.price_lower) / 2, "purchase_count": m,
-            "bounding_bias": self.bias_cap() - k, ITEM_BOUNDS: self.max_items_upper,
-            CATEGORY_BOUNDS: self.max_category_events_upper,
+            "bounding_bias": self.bias_cap() - k, "category_bias": self.category_bias_cap() - self.category_l1(),
+            # The rank score of a DP quantile moves by at most 1 when one user is added or removed.
+            ITEM_BOUNDS: 1, CATEGORY_BOUNDS: 1,
         }[statistic]
 
     def category_l1(self) -> int:
@@ -254,7 +288,7 @@ class DPStatsParams:
         released, T (category_bounds) when category events over public categories are."""
         if not self.auto_bounds:
             return ()
-        eps = self.epsilon_split
+        eps = self.weights()
         return tuple(name for name, needed in ((ITEM_BOUNDS, eps.get("item_users", 0) > 0),
                                                (CATEGORY_BOUNDS, bool(self.public_categories)
                                                 and eps.get("category_events", 0) > 0)) if needed)
@@ -265,6 +299,12 @@ class DPStatsParams:
 
         return bias_cap(self.max_items_upper, self.max_items_per_user)
 
+    def category_bias_cap(self) -> int:
+        """Bc: a user's category events are clamped to Bc in the dropped count (sensitivity Bc - L)."""
+        from privrec_pipeline.dp_stats.bounds import bias_cap
+
+        return bias_cap(self.max_category_events_upper, self.category_l1())
+
     def selections(self) -> tuple[str, ...]:
         """The partition selections this release runs (public items and categories need none)."""
         public = {"item_selection": self.public_items, "category_selection": bool(self.public_categories)}
@@ -272,8 +312,9 @@ class DPStatsParams:
 
     def plan(self) -> dict[str, StatisticBudget]:
         """The statistics with a positive weight and their (epsilon, delta) shares."""
-        weights = {s: w for s, w in self.epsilon_split.items()
-                   if w > 0 and (s in self.selections() or s not in SELECTIONS)}
+        weights = {s: w for s, w in self.weights().items()
+                   if w > 0 and (s in self.selections() or s not in SELECTIONS)
+                   and (s != "category_bias" or self.public_categories)}
         eps_total = sum(weights.values())
         # Chosen bounds: each choice (K, T) gets its share first, the statistics split the rest.
         choices = self.bound_choices()

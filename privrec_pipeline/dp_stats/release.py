@@ -40,12 +40,7 @@ from typing import TYPE_CHECKING, Any
 from privrec_pipeline import lake as lk
 from privrec_pipeline.catalog import CatalogSnapshot, read_items, snapshot_for
 from privrec_pipeline.dp_stats.bounding import bounded_aggregates, user_summary
-from privrec_pipeline.dp_stats.bounds import (
-    ChosenBound,
-    choose_category_events,
-    choose_max_items,
-    dropped_contributions,
-)
+from privrec_pipeline.dp_stats.bounds import ChosenBound, choose_quantile, dropped_contributions
 from privrec_pipeline.dp_stats.noise import NoisyRelease, add_noise
 from privrec_pipeline.dp_stats.params import (
     CATEGORY_BOUNDS,
@@ -220,18 +215,16 @@ def compute_release(silver: "DataFrame", params: DPStatsParams, salt: str,
     # histograms are never released; the exponential mechanisms choosing K and T use them, and
     # the dropped count of the bounding_bias statistic.
     summary = user_summary(silver, params, max(params.max_items_upper, params.max_items_per_user) + 1,
-                           params.max_category_events_upper + 1, public)
+                           max(params.max_category_events_upper, params.category_l1()) + 1, public)
     # Not logged here: a draw of an attempt that fails before its release is published must
     # leave no trace (logs are outputs); the committed release.json records the bounds it used.
     if ITEM_BOUNDS in plan:
-        choices[ITEM_BOUNDS] = choose_max_items(summary.items, len(catalog_items), plan[ITEM_BOUNDS].epsilon,
-                                                plan["item_users"].epsilon, params.max_items_upper)
+        choices[ITEM_BOUNDS] = choose_quantile(summary.items, params.bounds_quantile, plan[ITEM_BOUNDS].epsilon,
+                                               params.max_items_upper)
         params = replace(params, max_items_per_user=choices[ITEM_BOUNDS].k)
     if CATEGORY_BOUNDS in plan:
-        upper = params.max_category_events_upper
-        choices[CATEGORY_BOUNDS] = choose_category_events(summary.category_events, len(params.public_categories),
-                                                          plan[CATEGORY_BOUNDS].epsilon,
-                                                          plan["category_events"].epsilon, upper)
+        choices[CATEGORY_BOUNDS] = choose_quantile(summary.category_events, params.bounds_quantile,
+                                                   plan[CATEGORY_BOUNDS].epsilon, params.max_category_events_upper)
         t = choices[CATEGORY_BOUNDS].k
         # T alone bounds a user: Kc and Cc are lifted (every public category, T events in one).
         params = replace(params, max_category_events_per_user=t, max_events_per_category=t,
@@ -239,12 +232,17 @@ def compute_release(silver: "DataFrame", params: DPStatsParams, salt: str,
     if params.components() != reserved:  # K, T change sensitivities only, never the ledger's components
         raise PrivrecError("dp_stats: the chosen bounds changed the release's ledger components")
     aggregates = bounded_aggregates(silver, params, salt=salt, catalog=public)
-    dropped = (None if "bounding_bias" not in params.plan()
+    plan = params.plan()
+    dropped = (None if "bounding_bias" not in plan
                else dropped_contributions(summary.items, params.max_items_per_user, params.bias_cap()))
+    # Scaled category bounds drop max(min(e, Bc) - L, 0) of a user's e events (in total).
+    category_dropped = (None if "category_bias" not in plan else dropped_contributions(
+        summary.category_events, params.category_l1(), params.category_bias_cap()))
     funnel = pa.table({t: [summary.funnel[t]] for t in EVENT_TYPES})  # = aggregates.funnel, without its job
     noisy = add_noise(aggregates.items.toArrow(), funnel, aggregates.categories.toArrow(),
                       aggregates.purchases.toArrow(), params,
-                      None if catalog_items is None else catalog_items.column("item_id").to_pylist(), dropped)
+                      None if catalog_items is None else catalog_items.column("item_id").to_pylist(), dropped,
+                      category_dropped)
     for name, choice in choices.items():
         noisy.mechanisms[name] = choice.description
     return params, noisy, choices
@@ -303,7 +301,7 @@ def _chosen_text(params: DPStatsParams, choices: dict[str, ChosenBound]) -> str:
         return "by hand"
     ranges = {ITEM_BOUNDS: f"K in 1..{params.max_items_upper}",
               CATEGORY_BOUNDS: f"T in 1..{params.max_category_events_upper}"}
-    return "auto (exponential mechanism, " + "; ".join(
+    return f"auto (DP {params.bounds_quantile:g}-quantile by the exponential mechanism, " + "; ".join(
         f"epsilon {c.epsilon:.4g}, {ranges[name]}" for name, c in choices.items()) + ")"
 
 

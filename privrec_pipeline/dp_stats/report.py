@@ -21,10 +21,14 @@ def _top_items_chart(items: list[dict[str, Any]], level: float, k: int) -> str:
     users = [r["users"] for r in top]
     low = [r["users"] - r["users_low"] for r in top]
     high = [r["users_high"] - r["users"] for r in top]
-    ax.barh(range(len(top)), users, xerr=[low, high], color=PALETTE[0], ecolor="#333", capsize=3)
+    ax.barh(range(len(top)), users, xerr=[low, high], color=PALETTE[0], ecolor="#333", capsize=3,
+            label=f"bounded count ({level:.0%} interval)")
+    if any(r.get("users_estimate") is not None for r in top):
+        ax.scatter([r["users_estimate"] for r in top], range(len(top)), marker="D", s=22, color=PALETTE[1], zorder=3,
+                   label="estimate of the unbounded count")
+        ax.legend(loc="lower right", fontsize=9, frameon=False)
     ax.set_yticks(range(len(top)), [str(r["item_id"])[:40] for r in top], fontsize=9)
-    ax.set_xlabel(f"distinct users (noisy; bars: {level:.0%} interval of the bounded count, "
-                  f"each user counted for at most {k} items)")
+    ax.set_xlabel(f"distinct users (noisy; each user counts for at most {k} items in total)")
     ax.set_title(f"Top {len(top)} items by distinct users", loc="left", fontsize=12, fontweight="bold")
     ax.set_xlim(left=0)
     ax.grid(axis="x", alpha=0.3)
@@ -49,9 +53,12 @@ def render_release_page(release: dict[str, Any], items: list[dict[str, Any]], fu
         for name, m in release["statistics"].items())
     funnel_rows = "".join(f"<tr><td>{e(r['event_type'])}</td><td class=n>{r['users']:,}</td>"
                           f"<td class=n>{r['users_low']:,} .. {r['users_high']:,}</td></tr>" for r in funnel)
+    estimated = any(r.get("events_estimate") is not None for r in categories)
     cat_rows = "".join(f"<tr><td>{e(str(r['category']))}</td><td class=n>{r['events']:,}</td>"
-                       f"<td class=n>{r['events_low']:,} .. {r['events_high']:,}</td></tr>"
+                       f"<td class=n>{r['events_low']:,} .. {r['events_high']:,}</td>"
+                       + (f"<td class=n>{r['events_estimate']:,}</td>" if estimated else "") + "</tr>"
                        for r in categories if r.get("events") is not None)
+    estimate_head = "<th>estimate of the unbounded count</th>" if estimated else ""
     price = release.get("purchases") or {}
     price_line = (f"<p>Mean purchase price (clamped to {price['price_clamp'][0]:g} .. {price['price_clamp'][1]:g}): "
                   f"<b>{price['mean_price']:.2f}</b> over about {price['noisy_purchases']:,} purchases.</p>"
@@ -59,13 +66,28 @@ def render_release_page(release: dict[str, Any], items: list[dict[str, Any]], fu
     total = release["epsilon"], release["delta"]
     bounding = release.get("bounding") or {}
     share = bounding.get("dropped_share")
-    bias_line = (
-        f"<p>Bounding bias: each user counts for at most {k} items (K, {e(release['bounds'].get('chosen', 'by hand'))})"
-        f"; about <b>{share:.1%}</b> of (user, item) contributions were dropped by this bound (a DP estimate, "
-        f"epsilon {bounding['epsilon']:.3g}), so the bounded item user counts (and their intervals) miss that share of "
-        f"contributions in total, unevenly across items, on top of the noise the intervals show.</p>" if share is not None else
-        f"<p>Bounding: each user counts for at most {k} items (K); the share of contributions this drops "
-        f"is not released.</p>")
+    chosen = e(release['bounds'].get('chosen', 'by hand'))
+    if share is not None and bounding.get("kept_share") is not None and (release.get("keys") or {}).get("catalog"):
+        bias_line = (
+            f"<p>Bounding bias: each user counts for at most {k} items in total (K, {chosen}): a user with n &gt; {k} "
+            f"items counts {k}/n for each. About <b>{share:.1%}</b> of (user, item) contributions were left out (a DP "
+            f"estimate, epsilon {bounding['epsilon']:.3g}); the intervals cover the bounded counts, and each "
+            f"<i>estimate</i> divides a count by the kept share, {bounding['kept_share']:.3f}, to estimate the "
+            "unbounded count (post-processing; exact where heavy users' items look like everybody's).</p>")
+    elif share is not None:
+        bias_line = (
+            f"<p>Bounding bias: each user counts for at most {k} items (K, {chosen}); about <b>{share:.1%}</b> of "
+            f"(user, item) contributions were dropped by this bound (a DP estimate, epsilon {bounding['epsilon']:.3g}), "
+            "so the bounded item user counts (and their intervals) miss that share of contributions in total, "
+            "unevenly across items, on top of the noise the intervals show.</p>")
+    else:
+        bias_line = (f"<p>Bounding: each user counts for at most {k} items (K); the share of contributions this "
+                     "drops is not released.</p>")
+    category = bounding.get("category") or {}
+    if category.get("dropped_share") is not None:
+        bias_line += (f"<p>Categories: each user counts for at most {category['max_category_events_per_user']} events "
+                      f"in total; about <b>{category['dropped_share']:.1%}</b> of category events were left out (a DP "
+                      f"estimate, epsilon {category['epsilon']:.3g}); the estimates divide by the kept share.</p>")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <title>privrec DP statistics {e(release['date'])}</title>
@@ -91,7 +113,7 @@ Every number on this page is noisy; {len(items):,} items and {len(categories):,}
 <tbody>{funnel_rows}</tbody></table>
 <h2>Categories: events</h2>
 <table><thead><tr><th>category</th><th>events</th>
-<th>{level:.0%} interval of the bounded count ({e(_category_bounds(release['bounds']))})</th></tr></thead>
+<th>{level:.0%} interval of the bounded count ({e(_category_bounds(release['bounds'], bool((release.get('params') or {}).get('public_categories'))))})</th>{estimate_head}</tr></thead>
 <tbody>{cat_rows}</tbody></table>
 {price_line}
 <h2>Budget of this release</h2>
@@ -102,7 +124,12 @@ Every number on this page is noisy; {len(items):,} items and {len(categories):,}
 """
 
 
-def _category_bounds(bounds: dict[str, Any]) -> str:
+def _category_bounds(bounds: dict[str, Any], scaled: bool) -> str:
+    if scaled:  # public categories: L1 scaling (dp_stats.bounding.scale_categories)
+        total = bounds.get("max_category_events_per_user")
+        l1 = bounds["max_categories_per_user"] * bounds["max_events_per_category"]
+        l1 = l1 if total is None else min(l1, total)
+        return f"at most {l1} events per user over all categories: a user with e > {l1} events counts {l1}/e for each"
     total = bounds.get("max_category_events_per_user")
     per = (f"at most {bounds['max_categories_per_user']} categories and {bounds['max_events_per_category']} "
            "events per category per user")
