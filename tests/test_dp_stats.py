@@ -250,8 +250,8 @@ def test_with_a_catalog_every_catalog_item_is_released_without_selection(spark, 
     assert (doc["epsilon"], doc["delta"]) == (pytest.approx(20.0), 0.0)
     [release] = ledger.releases()
     assert (release.epsilon, release.delta) == (pytest.approx(20.0), 0.0)
-    # item_users: weight 0.64 -> epsilon 20 x 0.64, sensitivity K = 5.
-    b = 5 / (20 * 0.64)
+    # item_users: weight 0.68 -> epsilon 20 x 0.68, sensitivity K = 5.
+    b = 5 / (20 * 0.68)
     assert doc["statistics"]["item_users"]["as_built"]["noise_scale"] == pytest.approx(b)
     items = {r["item_id"]: r for r in _items(result.uri)}
     assert set(items) == {r["item_id"] for r in listed}

@@ -130,7 +130,7 @@ def test_a_mechanism_built_at_other_numbers_than_the_ledger_accounted_fails_the_
 
 def test_catalog_items_are_all_released_with_the_variance_of_their_share_and_no_other_key():
     # With a catalog (public items and categories) the weights are the catalog's (summing to 1
-    # without the selections): item_users gets 0.64 of epsilon 0.625 = 0.4, b = K / 0.4 = 12.5
+    # without the selections): item_users gets 0.68 of epsilon 0.625 = 0.425, b = K / 0.425
     # (bounds fixed by hand: chosen bounds would take their share first, below).
     params = DPStatsParams(epsilon=0.625, delta=1e-6, public_items=True, public_categories=("books", "toys"),
                            bounds="fixed")
@@ -143,13 +143,13 @@ def test_catalog_items_are_all_released_with_the_variance_of_their_share_and_no_
         assert {r["category"] for r in release.categories.to_pylist()} == {"books", "toys"}
         big.append(items["itm_big"]["users"] - TRUE["users"])
         unseen.append(items["itm_unseen"]["users"])
-    variance = 2 * (5 / 0.4) ** 2
+    variance = 2 * (5 / 0.425) ** 2
     sample = np.asarray(big, dtype=float)
     assert sample.var() == pytest.approx(variance, rel=4 * math.sqrt(5 / sample.size))
     # A zero count is clamped at 0 after the noise (post-processing): about half the draws
     # are 0, the others Laplace's positive half (mean b).
     zeros = np.mean(np.asarray(unseen) == 0)
-    assert 0.45 < zeros < 0.6 and np.mean([u for u in unseen if u > 0]) == pytest.approx(12.5, rel=0.15)
+    assert 0.45 < zeros < 0.6 and np.mean([u for u in unseen if u > 0]) == pytest.approx(5 / 0.425, rel=0.15)
     with pytest.raises(ValueError, match="public_items"):
         _add_noise(*_aggregates(), params)  # the flag without the catalog's list
 
@@ -157,14 +157,14 @@ def test_catalog_items_are_all_released_with_the_variance_of_their_share_and_no_
 def test_a_category_total_cap_sets_the_sensitivity_of_the_category_events():
     # Chosen bounds with a catalog (the default "auto_if_catalog"): K and T take 0.03 of epsilon
     # 1.04 each, the statistics split the other 0.9776 by the catalog's weights: category_events
-    # gets 0.9776 x 0.13 = 0.127088. With T = 7 chosen (Kc and Cc lifted to the 2 categories and
+    # gets 0.9776 x 0.12 = 0.117312. With T = 7 chosen (Kc and Cc lifted to the 2 categories and
     # 7 events), a user changes the category table by at most 7 in L1 (PipelineDP's
-    # max_contributions): b = 7 / 0.127088.
+    # max_contributions): b = 7 / 0.117312.
     params = DPStatsParams(epsilon=1.04, delta=1e-6, public_items=True, public_categories=("books", "toys"))
     plan = params.plan()
     assert plan["item_bounds"].epsilon == plan["category_bounds"].epsilon == pytest.approx(0.0312)
     assert plan["category_bounds"].mechanism == "exponential" and plan["category_bounds"].sensitivity == 1
-    assert plan["category_events"].epsilon == pytest.approx(0.127088)
+    assert plan["category_events"].epsilon == pytest.approx(0.117312)
     chosen = replace(params, max_category_events_per_user=7, max_events_per_category=7, max_categories_per_user=2)
     assert chosen.components() == params.components()  # T never changes what the ledger was told
     errors = []
@@ -173,7 +173,7 @@ def test_a_category_total_cap_sets_the_sensitivity_of_the_category_events():
         errors.append({r["category"]: r["events"] for r in release.categories.to_pylist()}["books"]
                       - TRUE["category"])
     sample = np.asarray(errors, dtype=float)
-    variance = 2 * (7 / 0.127088) ** 2
+    variance = 2 * (7 / 0.117312) ** 2
     assert abs(sample.mean()) < 4 * math.sqrt(variance / sample.size)
     assert sample.var() == pytest.approx(variance, rel=4 * math.sqrt(5 / sample.size))
     # T below Kc x Cc caps the sensitivity at T; above it, Kc x Cc stays the bound.

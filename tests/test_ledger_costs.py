@@ -65,13 +65,13 @@ DP_STATS_CASES = {
 CATALOG_PLAN = {
     "item_bounds": ("approx_dp", 0.06, 0.0),
     "category_bounds": ("approx_dp", 0.06, 0.0),
-    "item_users": ("laplace", 1.88 * 0.64, 0.0),
-    "item_events": ("laplace", 1.88 * 0.04, 0.0),
-    "funnel_users": ("laplace", 1.88 * 0.04, 0.0),
-    "category_events": ("laplace", 1.88 * 0.13, 0.0),
-    "purchase_price_sum": ("laplace", 1.88 * 0.03, 0.0),
-    "purchase_count": ("laplace", 1.88 * 0.03, 0.0),
-    "bounding_bias": ("laplace", 1.88 * 0.06, 0.0),
+    "item_users": ("laplace", 1.88 * 0.68, 0.0),
+    "item_events": ("laplace", 1.88 * 0.02, 0.0),
+    "funnel_users": ("laplace", 1.88 * 0.03, 0.0),
+    "category_events": ("laplace", 1.88 * 0.12, 0.0),
+    "purchase_price_sum": ("laplace", 1.88 * 0.025, 0.0),
+    "purchase_count": ("laplace", 1.88 * 0.025, 0.0),
+    "bounding_bias": ("laplace", 1.88 * 0.07, 0.0),
     "category_bias": ("laplace", 1.88 * 0.03, 0.0),
 }
 CATALOG_CASES = {

@@ -105,8 +105,8 @@ DEFAULT_DELTA_SPLIT = {"item_selection": 0.8, "category_selection": 0.2}
 # are public with a catalog; set by hand without public categories, they are selected.)
 CATALOG_EPSILON_SPLIT = {
     "item_selection": 0.0, "category_selection": 0.1,
-    "item_users": 0.64, "item_events": 0.04, "funnel_users": 0.04, "category_events": 0.13,
-    "purchase_price_sum": 0.03, "purchase_count": 0.03, "bounding_bias": 0.06, "category_bias": 0.03,
+    "item_users": 0.68, "item_events": 0.02, "funnel_users": 0.03, "category_events": 0.12,
+    "purchase_price_sum": 0.025, "purchase_count": 0.025, "bounding_bias": 0.07, "category_bias": 0.03,
 }
 
 
