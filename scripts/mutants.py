@@ -62,6 +62,7 @@ KEEP_RATE = f"{WIRING}::test_an_item_is_kept_at_the_keep_probability_of_its_plan
 STATS_LEDGER = f"{WIRING}::test_the_ledger_charges_a_dp_stats_release_what_each_statistic_spends"
 TRAIN_LEDGER = f"{WIRING}::test_the_ledger_charges_a_training_run_its_planned_epsilon"
 BOUNDING = "tests/test_dp_stats.py::test_one_user_with_10000_events_changes_any_count_by_at_most_the_bound"
+SCALED = "tests/test_dp_stats.py::test_scaled_bounds_of_public_keys_move_the_tables_by_at_most_k_and_l_in_l1"
 TRAIN = "tests/test_training.py"
 TRAIN_NOISE = "tests/test_training_noise.py"
 SECAGG = "tests/test_secure_aggregation.py"
@@ -190,9 +191,17 @@ MUTANTS: tuple[Mutant, ...] = (
            "the ledger charges each Laplace statistic half its epsilon", (STATS_LEDGER,)),
     # -- DP statistics: contribution bounding (Spark) ----------------------------------------
     Mutant("items_per_user_unbounded", BOUNDING_PY,
-           'return (ranked.where(F.col("rank") <= params.max_items_per_user)',
-           'return (ranked.where(F.col("rank") >= 1)',
+           'return ranked.where(F.col("rank") <= params.max_items_per_user)',
+           'return ranked.where(F.col("rank") >= 1)',
            "bounding skipped: a user counts on every item (l0 > K)", (BOUNDING,)),
+    Mutant("scaled_items_unbounded", BOUNDING_PY,
+           'weight = F.least(F.lit(1.0), F.lit(float(params.max_items_per_user))',
+           'weight = F.greatest(F.lit(1.0), F.lit(float(params.max_items_per_user))',
+           "scaled bounds skipped: a user with many catalog items counts 1 for each (L1 > K)", (SCALED,)),
+    Mutant("scaled_categories_unbounded", BOUNDING_PY,
+           'weight = F.least(F.lit(1.0), F.lit(float(params.category_l1()))',
+           'weight = F.greatest(F.lit(1.0), F.lit(float(params.category_l1()))',
+           "scaled category bounds skipped: every event of a user counts (L1 > L)", (SCALED,)),
     Mutant("events_per_item_uncapped", BOUNDING_PY,
            "capped, remaining = [], F.lit(params.max_events_per_item)", "capped, remaining = [], F.lit(1 << 30)",
            "bounding skipped: any number of events per (user, item) (> C)", (BOUNDING,)),
@@ -273,8 +282,8 @@ MUTANTS: tuple[Mutant, ...] = (
            "the DAG's train_partition task trains with noise x0.5",
            (f"{SECAGG}::test_a_tiny_run_aggregates_the_exact_sum_of_the_partitions_updates",)),
     Mutant("local_denominator_doubled", FEDERATED,
-           'denominator = q * (total_users if config.mode == "distributed" else shard.users)',
-           'denominator = q * (total_users if config.mode == "distributed" else 2 * shard.users)',
+           'denominator = q * (sum(plan.population) if config.mode == "distributed" else plan.population[partition])',
+           'denominator = q * (sum(plan.population) if config.mode == "distributed" else 2 * plan.population[partition])',
            "local mode: gradient sum and its noise both / 2 before Adam",
            (f"{TRAIN}::test_a_step_that_samples_nobody_is_pure_noise_of_the_planned_scale",
             f"{SECAGG}::test_a_tiny_run_aggregates_the_exact_sum_of_the_partitions_updates"),

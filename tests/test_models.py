@@ -102,6 +102,9 @@ CARD_KEYS = {
     "privacy.window_per_ledger.cap_epsilon", "privacy.window_per_ledger.cap_delta",
     "privacy.window_per_ledger.releases", "privacy.accountant", "privacy.clipping_norm", "privacy.noise_multiplier",
     "privacy.sampling_rates", "privacy.steps", "privacy.rounds", "privacy.local_steps", "privacy.partitions",
+    "privacy.population.partition_users", "privacy.population.epsilon", "privacy.population.release_id",
+    "privacy.population.mechanism", "privacy.population.library", "privacy.population.sampling_rates",
+    "privacy.epsilon_with_population",
     "privacy.trust_model.mode", "privacy.trust_model.partitions", "privacy.trust_model.collusion_tolerance",
     "privacy.trust_model.noise_std_per_partition", "privacy.trust_model.assumption",
     "privacy.trust_model.secure_aggregation", "privacy.trust_model.noise_source",
@@ -116,6 +119,9 @@ CARD_KEYS = {
 
 # Keys whose numbers are configuration or accounted ledger values, never counts of the data.
 PUBLIC_CARD_KEYS = ("privacy.model.", "privacy.window_per_ledger.", "privacy.clipping_norm", "privacy.steps",
+                    # DP counts (a release of their own) and the ledger's epsilons: a count may
+                    # equal an exact one by chance (noise within 0.5: about 1 in 40).
+                    "privacy.population.", "privacy.epsilon_with_population",
                     "privacy.rounds", "privacy.local_steps", "privacy.partitions", "privacy.trust_model.partitions",
                     "privacy.trust_model.collusion_tolerance", "privacy.contribution_bounds.", "created_from.")
 
@@ -159,6 +165,12 @@ def test_the_model_card_holds_only_allowed_keys_and_no_exact_count_of_the_data(l
     leaked = {path: v for path, v in _leaves(card) if not path.startswith(PUBLIC_CARD_KEYS)
               for n in _numbers(v) if n in exact}
     assert not leaked, f"exact counts in the model card: {leaked}"
+    # The sampling rates publish the DP partition counts (batch / q), not the exact sizes.
+    report = json.loads((folder / "training.json").read_text())
+    rates, dp_counts = card["privacy"]["sampling_rates"], card["privacy"]["population"]["partition_users"]
+    assert [round(report["config"]["batch_size"] / q) for q in rates if q < 1] == [
+        n for n, q in zip(dp_counts, rates, strict=True) if q < 1]
+    assert report["plan"]["population"] == dp_counts
     markdown = (folder / "model_card.md").read_text()
     assert markdown == pub.model_card_markdown(card)  # nothing in it beyond the checked card
     # Nothing that tells two neighbouring training sets apart with certainty (a data hash).

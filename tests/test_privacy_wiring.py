@@ -155,7 +155,7 @@ def test_poisson_sampling_draws_users_at_the_accounted_rate():
     plan = plan_privacy(config, [h.users])
     assert plan.sampling_rates == [0.1]
     _, stats = partition_update(config, plan, flatten(new_model(config, V)), V, h, round_index=0, partition=0,
-                                partitions=1, total_users=h.users, secret=b"s" * 32, run_id="run-1")
+                                partitions=1, secret=b"s" * 32, run_id="run-1")
     # stats["sampled"]: mean users per step over 8 steps of Binomial(1000, 0.1) draws
     assert stats["sampled"] == pytest.approx(100, abs=5 * math.sqrt(1000 * 0.1 * 0.9 / 8))
 
@@ -174,7 +174,7 @@ def test_one_user_moves_a_partition_update_by_at_most_the_clip_norm():
 
     def update(shard: Histories) -> np.ndarray:
         return partition_update(config, plan, start, V, shard, round_index=0, partition=0, partitions=2,
-                                total_users=total, secret=b"s" * 32, run_id="run-1")[0]
+                                secret=b"s" * 32, run_id="run-1")[0]
 
     without = update(normal)
     rows = [normal.row(u).tolist() for u in range(normal.users)]
@@ -207,8 +207,7 @@ def test_every_local_step_hands_the_optimizer_a_gradient_with_the_full_noise(mon
     assert plan.sampling_rates == [1.0] * 3
     start = flatten(new_model(config, V))
     for secret in (b"1" * 32, b"2" * 32):
-        partition_update(config, plan, start, V, h, round_index=0, partition=1, partitions=3, total_users=150,
-                         secret=secret, run_id="run-1")
+        partition_update(config, plan, start, V, h, round_index=0, partition=1, partitions=3, secret=secret, run_id="run-1")
     assert len(recorded) == 2 * steps
     difference = np.concatenate([recorded[s] - recorded[steps + s] for s in range(steps)])
     expected = math.sqrt(2) * plan.noise_multiplier * clip / (1.0 * h.users)

@@ -23,7 +23,7 @@ import pytest
 from conftest import DAY
 from privrec_pipeline import lake as lk
 from privrec_pipeline.training import secure_agg, tasks
-from privrec_pipeline.training.federated import TrainConfig, partition_update, plan_privacy
+from privrec_pipeline.training.federated import PrivacyPlan, TrainConfig, partition_update
 from privrec_pipeline.training.partition_secrets import (
     PartitionSecretError,
     load_or_create,
@@ -148,11 +148,12 @@ def test_a_tiny_run_aggregates_the_exact_sum_of_the_partitions_updates(training)
     for k in range(3):
         tasks.train_partition(lake, DAY, 0, k, digest)
     tasks.aggregate_round(lake, DAY, 0, digest)
-    plan = plan_privacy(CONFIG, [6, 6, 6])
+    # The run's own plan: its sampling rates come from the DP partition counts, not from 6, 6, 6.
+    plan = PrivacyPlan(**json.loads(run.joinpath("plan.json").read_text())["plan"])
+    assert plan.population == json.loads(run.joinpath("plan.json").read_text())["population"]["partition_users"]
     deltas = [partition_update(CONFIG, plan, start, V, tasks.load_shard(lk.local_path(training_uri(lake, DAY))
                                                                         / f"partition={k}"),
-                               round_index=0, partition=k, partitions=3, total_users=18,
-                               secret=load_or_create(k), run_id="run-1")[0] for k in range(3)]
+                               round_index=0, partition=k, partitions=3, secret=load_or_create(k), run_id="run-1")[0] for k in range(3)]
     after = np.load(run / "round=1" / "model.npz")["params"]
     assert np.abs((after - start) - sum(deltas) / 3).max() <= 2.0 ** -secure_agg.FRACTION_BITS  # FedAvg
     update = MaskedUpdate.load(run / "round=0" / "masked" / "partition=2.npz", "partition 2")

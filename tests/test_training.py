@@ -183,7 +183,7 @@ def test_retries_reproduce_the_update_and_the_noise_is_keyed_by_the_partition_se
 
     def update(round_index: int = 0, secret: bytes = b"s" * 32, run_id: str = "run-1") -> np.ndarray:
         return partition_update(config, plan, start, V, h, round_index=round_index, partition=0, partitions=1,
-                                total_users=h.users, secret=secret, run_id=run_id)[0]
+                                secret=secret, run_id=run_id)[0]
 
     assert np.array_equal(update(), update())  # a retried task
     assert not np.array_equal(update(), update(round_index=1))
@@ -204,7 +204,7 @@ def test_a_step_that_samples_nobody_is_pure_noise_of_the_planned_scale(mode):
     plan = replace(plan_privacy(config, [h.users] * 3), sampling_rates=[1e-12] * 3)  # nobody is ever sampled
     start = flatten(new_model(config, V))
     update, stats = partition_update(config, plan, start, V, h, round_index=0, partition=0, partitions=3,
-                                     total_users=3 * h.users, secret=b"s" * 32, run_id="r")
+                                     secret=b"s" * 32, run_id="r")
     assert stats["sampled"] == 0 and np.isfinite(update).all()
     if mode == "distributed":  # the update is minus the noise share (t = 0): N(0, (sigma C / sqrt(3))^2) / (q N)
         expected = plan.noise_multiplier * config.clip_norm / math.sqrt(3) / (1e-12 * 3 * h.users)
@@ -257,7 +257,7 @@ def _pure_noise_shares(config: TrainConfig, partitions: int, rounds: int) -> tup
     start = flatten(new_model(config, V))
     total = partitions * h.users
     shares = np.array([[-partition_update(config, plan, start, V, h, round_index=r, partition=k,
-                                          partitions=partitions, total_users=total, secret=bytes([k + 1]) * 32,
+                                          partitions=partitions, secret=bytes([k + 1]) * 32,
                                           run_id="run-1")[0] * (q * total)
                         for k in range(partitions)] for r in range(rounds)])
     return shares, plan.noise_multiplier
@@ -324,8 +324,9 @@ def test_the_model_card_states_the_trust_model(mode):
     plan = plan_privacy(config, [100, 100, 100])
     from dataclasses import asdict
 
+    population = {"partition_users": [100, 100, 100], "epsilon": 0.05, "release_id": 6}
     report = {"plan": plan.to_dict(), "config": asdict(config), "partitions": 3, "run_id": "run-1",
-              "window": ["2026-01-01"], "vocabulary_size": 40}
+              "window": ["2026-01-01"], "vocabulary_size": 40, "population": population}
     metrics = {"recall@20": 0.1, "ndcg@10": 0.1, "hr@10": 0.1}
     evaluation = Evaluation(metrics, metrics, None, None, 0.5, {"trained": 10, "held_out": 10}, True, "ok", [])
     release = SimpleNamespace(id=7, epsilon=plan.epsilon, delta=plan.delta)
@@ -336,6 +337,9 @@ def test_the_model_card_states_the_trust_model(mode):
     trust = card["privacy"]["trust_model"]
     text = pub.model_card_markdown(card)
     assert "can poison the sum" in text and "norm cannot be verified" in text
+    # The sampling rates come from the DP counts, and the model's guarantee composes both releases.
+    assert card["privacy"]["epsilon_with_population"] == pytest.approx(plan.epsilon + 0.05)
+    assert "batch / DP partition count 100, 100, 100" in text and "ledger release 6" in text
     if mode == "local":
         assert trust["collusion_tolerance"] == 2
         assert "differentially private by itself" in text and "no trust in the aggregator" in text

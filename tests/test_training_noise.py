@@ -96,7 +96,7 @@ def test_training_noise_and_sampling_do_not_come_from_torch_generators(mode, mon
 
     def update(secret: bytes) -> np.ndarray:
         return partition_update(config, plan, start, V, h, round_index=0, partition=0, partitions=1,
-                                total_users=h.users, secret=secret, run_id="run-1")[0]
+                                secret=secret, run_id="run-1")[0]
 
     first = update(SECRET)
     assert np.isfinite(first).all() and np.abs(first).max() > 0
@@ -119,7 +119,7 @@ def test_one_noisy_gradient_has_the_planned_per_coordinate_std(tolerance):
     assert plan.sampling_rates == [1.0, 1.0]
     start = flatten(new_model(config, V))
     update, stats = partition_update(config, plan, start, V, shards[0], round_index=0, partition=0, partitions=2,
-                                     total_users=total, secret=SECRET, run_id="run-1")
+                                     secret=SECRET, run_id="run-1")
     assert stats["sampled"] == 25
     clean_model = new_model(config, V)
     load_flat(clean_model, start)

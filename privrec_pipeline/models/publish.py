@@ -234,6 +234,12 @@ def model_card(name: str, version: str, report: dict[str, Any], evaluation: Eval
             "accountant": "RDP (dp_accounting RdpAccountant), Poisson-sampled Gaussian; the ledger composes with PLD",
             "clipping_norm": plan["clip_norm"], "noise_multiplier": plan["noise_multiplier"],
             "sampling_rates": plan["sampling_rates"], "steps": plan["steps"],
+            # q = batch / n^ with n^ the DP partition counts: the model is post-processing of both
+            # releases, so its guarantee is their composition (basic: the sum).
+            "population": {**report["population"],
+                           "sampling_rates": "min(1, batch / DP count) per partition; the gradient is divided by "
+                                             "the expected batch q x DP count, never by an exact count"},
+            "epsilon_with_population": release.epsilon + report["population"]["epsilon"],
             "rounds": config["rounds"], "local_steps": config["local_steps"] if plan["mode"] == "local" else 1,
             "partitions": report["partitions"],
             "trust_model": trust_model(plan, report["partitions"]),
@@ -283,12 +289,12 @@ secure aggregation. Only item-side parameters are published ({p['published_param
 | | |
 |---|---|
 | privacy unit | {p['unit']} |
-| epsilon, delta of this model | {p['model']['epsilon']:.4g}, {p['model']['delta']:.2g} |
+| epsilon, delta of this model | {p['model']['epsilon']:.4g}, {p['model']['delta']:.2g} (the training steps); {p['epsilon_with_population']:.4g} with the DP partition counts the sampling rates come from (epsilon {p['population']['epsilon']:g}, ledger release {p['population']['release_id']}) |
 | epsilon per partition | {', '.join(f'{e:.3g}' for e in p['model']['epsilon_per_partition'])} |
 | window per the ledger | {p['window_per_ledger']['start']} .. {p['window_per_ledger']['end']}: epsilon {p['window_per_ledger']['epsilon_spent']:.3g} spent of {p['window_per_ledger']['cap_epsilon']:g} ({p['window_per_ledger']['releases']} releases) |
 | accountant | {p['accountant']} |
 | clipping norm, noise multiplier | {p['clipping_norm']}, {p['noise_multiplier']:.4g} |
-| sampling rates, steps | {', '.join(f'{q:.3g}' for q in p['sampling_rates'])}; {p['steps']} |
+| sampling rates, steps | {', '.join(f'{q:.3g}' for q in p['sampling_rates'])} (batch / DP partition count {', '.join(str(n) for n in p['population']['partition_users'])}); {p['steps']} |
 | rounds, partitions | {p['rounds']}, {p['partitions']} |
 | collusion tolerance t | {t['collusion_tolerance']} of {t['partitions']} partitions; noise std per partition {t['noise_std_per_partition']:.4g} |
 | contribution bounds | {p['contribution_bounds']['max_items_per_user']} most recent items per user; gradient norm {p['contribution_bounds']['per_user_gradient_norm']} |

@@ -85,6 +85,9 @@ class TrainConfig:
     """t, distributed mode only: the guarantee holds if at most t of the P partitions collude
     with the aggregator or leave out their noise share; each partition adds N(0, sigma^2 C^2 /
     (P - t)). None: t = P - 1 (every share alone carries the full noise). Must be in 0..P-1."""
+    population_epsilon: float = 0.05
+    """Epsilon of the DP count of each partition's users the sampling rates are set from
+    (``training.population``: its own ledger release, before the training release)."""
     content_prior: bool = False
     """Start both item tables from the catalog's text (titles, categories) encoded by the packaged
     all-MiniLM-L6-v2 (``content_prior``): public information, no privacy cost. Needs a catalog;
@@ -109,6 +112,8 @@ class TrainConfig:
                 fail(name, "must be positive")
         if not 0 <= self.input_dropout < 1:
             fail("input_dropout", "must be in [0, 1)")
+        if not (self.population_epsilon > 0 and math.isfinite(self.population_epsilon)):
+            fail("population_epsilon", "must be positive and finite")
         if self.collusion_tolerance is not None:
             if self.mode != "distributed":
                 fail("collusion_tolerance", f"applies to distributed mode only (mode {self.mode!r} adds the full "
@@ -137,20 +142,24 @@ class PrivacyPlan:
     partitions: int  # P
     collusion_tolerance: int | None  # t: DP holds if at most t partitions collude with the aggregator (None: nonprivate)
     noise_std_per_partition: float  # the std of the noise each partition adds per coordinate (before the denominator)
+    population: list[int]  # the partition sizes q was set from (the DP counts in the pipeline); never exact counts
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def plan_privacy(config: TrainConfig, partition_users: list[int]) -> PrivacyPlan:
-    """Calibrate sigma for the target (epsilon, delta) from the partitions' sizes."""
+    """Calibrate sigma for the target (epsilon, delta) from the partitions' sizes: in the
+    pipeline the DP counts of ``training.population`` (q and the denominator then publish no
+    exact size)."""
     if not partition_users or min(partition_users) < 1:
         raise ConfigurationError(f"every partition needs at least one user, got sizes {partition_users}")
     parties = len(partition_users)
     steps = config.rounds * config.steps_per_round
     if config.mode == "nonprivate":
         return PrivacyPlan("nonprivate", 0.0, [min(1.0, config.batch_size / n) for n in partition_users], steps,
-                           [math.inf] * parties, math.inf, config.delta, math.inf, parties, None, 0.0)
+                           [math.inf] * parties, math.inf, config.delta, math.inf, parties, None, 0.0,
+                           list(partition_users))
     tolerance = parties - 1 if config.collusion_tolerance is None else config.collusion_tolerance
     if not 0 <= tolerance <= parties - 1:
         raise ConfigurationError(
@@ -165,7 +174,7 @@ def plan_privacy(config: TrainConfig, partition_users: list[int]) -> PrivacyPlan
     # Local mode: every partition adds the full noise to its own update (t = P - 1 by construction).
     noise = noise_std_share(sigma, config.clip_norm, parties, tolerance)
     return PrivacyPlan(config.mode, sigma, rates, steps, per_partition, max(per_partition), config.delta,
-                       config.clip_norm, parties, tolerance, noise)
+                       config.clip_norm, parties, tolerance, noise, list(partition_users))
 
 
 def dropout_generator(secret: bytes, run_id: str, round_index: int, partition: int) -> torch.Generator:
@@ -208,7 +217,7 @@ def load_flat(model: ItemModel, flat: np.ndarray) -> None:
 
 def partition_update(config: TrainConfig, plan: PrivacyPlan, global_params: np.ndarray, vocab_size: int,
                      shard: Histories, *, round_index: int, partition: int, partitions: int,
-                     total_users: int, secret: bytes, run_id: str,
+                     secret: bytes, run_id: str,
                      item_category: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, float]]:
     """One partition's work in one round: its update (new - old parameters) and diagnostics."""
     model = new_model(config, vocab_size, item_category)
@@ -218,7 +227,9 @@ def partition_update(config: TrainConfig, plan: PrivacyPlan, global_params: np.n
     random = SecureRandom.derive(secret, "noise", run_id, round_index, partition)  # sampling and noise (DP)
     generator = dropout_generator(secret, run_id, round_index, partition) if config.input_dropout > 0 else None
     q = plan.sampling_rates[partition]
-    denominator = q * (total_users if config.mode == "distributed" else shard.users)
+    # The expected batch from the plan's population (public or DP, Abadi et al. 2016's fixed lot
+    # size), never the shard's exact size.
+    denominator = q * (sum(plan.population) if config.mode == "distributed" else plan.population[partition])
     noise = plan.noise_std_per_partition
     optimizer = torch.optim.Adam(model.parameters(), lr=config.local_lr) if config.mode != "distributed" else None
     stats = {"loss": 0.0, "clipped": 0.0, "sampled": 0.0}
@@ -290,7 +301,6 @@ def train_in_process(config: TrainConfig, shards: list[Histories], vocab_size: i
     plan = plan_privacy(config, [s.users for s in shards])
     state = ServerState(flatten(new_model(config, vocab_size, item_category, item_init)))
     partition_secrets = [_secrets.token_bytes(32) for _ in range(partitions)]
-    total_users = sum(s.users for s in shards)
     history = []
     for r in range(config.rounds):
         updates, stats = {}, []
@@ -298,7 +308,7 @@ def train_in_process(config: TrainConfig, shards: list[Histories], vocab_size: i
         public = {k: keys[k].public_bytes() for k in range(partitions)}
         for k, shard in enumerate(shards):
             delta, s = partition_update(config, plan, state.params, vocab_size, shard, round_index=r, partition=k,
-                                        partitions=partitions, total_users=total_users,
+                                        partitions=partitions,
                                         secret=partition_secrets[k], run_id=run_id, item_category=item_category)
             updates[k] = secure_agg.mask_update(delta, keys[k], public, run_id, r) if secure else delta
             stats.append(s)

@@ -133,14 +133,18 @@ def _manifest(lake: str, day: dt.date) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def _require_private(config: TrainConfig) -> None:
+    if config.mode == "nonprivate":
+        raise PrivrecError("a non-private model is never released by the pipeline (use `privrec train --no-ledger` "
+                           "on synthetic data for baselines)")
+
+
 def training_components(config: TrainConfig, plan: PrivacyPlan) -> list:
     """The ledger's description of a training run: ``plan.steps`` Poisson-sampled Gaussian
     steps at the largest sampling rate (the worst partition's guarantee)."""
     from privrec_pipeline.privacy.accounting import Component
 
-    if config.mode == "nonprivate":
-        raise PrivrecError("a non-private model is never released by the pipeline (use `privrec train --no-ledger` "
-                           "on synthetic data for baselines)")
+    _require_private(config)
     return [Component("gaussian", count=plan.steps, noise_multiplier=plan.noise_multiplier,
                       sampling_rate=max(plan.sampling_rates), label=f"{config.mode} DP training")]
 
@@ -155,26 +159,35 @@ def prepare_training(lake: str, day: dt.date, config: TrainConfig, *, run_id: st
     masked updates and regenerates exactly the same noise, never fresh noise under the same
     charge."""
     from privrec_pipeline.privacy.ledger import open_ledger
+    from privrec_pipeline.training.population import release_population
     from privrec_pipeline.training.secure_agg import require_parties
 
     manifest = _manifest(lake, day)
     sizes = [manifest["partitions"][str(k)]["users"] for k in range(len(manifest["partitions"]))]
     require_parties(len(sizes))  # before anything is reserved: one party's "masked" update is in the clear
-    plan = plan_privacy(config, sizes)
+    _require_private(config)
     window = manifest["window"]
-    components = training_components(config, plan)
+    span = (dt.date.fromisoformat(window[0]), dt.date.fromisoformat(window[-1]))
     ledger = open_ledger(lake)
+    fingerprint = manifest.get("pseudonym_key_fingerprint")
+    # The sampling rates come from DP counts of the partitions (their own release), never from
+    # the exact sizes, which q, sigma and the card would otherwise publish.
+    population = release_population(ledger, span, sizes, config.population_epsilon, run_id=run_id, dag_id=dag_id,
+                                    force=force, parameters={"pseudonym_key_fingerprint": fingerprint})
+    plan = plan_privacy(config, population.partition_users)
+    components = training_components(config, plan)
     reservation = ledger.reserve(
-        RELEASE_KEY, dt.date.fromisoformat(window[0]), dt.date.fromisoformat(window[-1]), components,
+        RELEASE_KEY, span[0], span[1], components,
         epsilon=plan.epsilon, delta=plan.delta, dag_id=dag_id, run_id=run_id, force=force,
         parameters={"config": asdict(config), "plan": plan.to_dict(), "partition_users": sizes,
+                    "population_release": population.release_id,
                     "vocabulary_size": manifest["vocabulary_size"],
                     # The model's shape: a resume over another set of categories is another release.
                     "categories": manifest.get("categories", 0) if config.category_features else 0,
-                    "pseudonym_key_fingerprint": manifest.get("pseudonym_key_fingerprint")})
+                    "pseudonym_key_fingerprint": fingerprint})
     release = reservation.release
     state = {"release_id": release.id, "status": reservation.status, "plan": plan.to_dict(),
-             "config": asdict(config), "partitions": len(sizes), "partition_users": sizes,
+             "config": asdict(config), "partitions": len(sizes), "population": population.to_dict(),
              "vocabulary_size": manifest["vocabulary_size"], "window": window, "run_id": release.run_id}
     run = _run(lake, day)
     if reservation.status == "reuse":
@@ -407,7 +420,7 @@ def train_partition(lake: str, day: dt.date, round_index: int, partition: int, r
     shard = load_shard(_folder(lake, day) / f"partition={partition}")
     delta, stats = partition_update(config, plan, state, doc["vocabulary_size"], shard, round_index=round_index,
                                     partition=partition, partitions=doc["partitions"],
-                                    total_users=sum(doc["partition_users"]), secret=secret, run_id=doc["run_id"],
+                                    secret=secret, run_id=doc["run_id"],
                                     item_category=_item_category(lake, day, doc["vocabulary_size"]))
     masked = mask_update(delta, keys, public, doc["run_id"], round_index)
     update = MaskedUpdate(partition, round_index, doc["run_id"], roster.sealed(partition, round_index), roster_digest,
@@ -479,7 +492,7 @@ def finish_training(lake: str, day: dt.date, *, run_id: str) -> dict[str, Any]:
         params = np.load(_run(lake, day) / f"round={config.rounds}" / "model.npz")["params"]
         report = {"release_id": doc["release_id"], "run_id": doc["run_id"], "window": doc["window"],
                   "plan": doc["plan"], "config": doc["config"], "partitions": doc["partitions"],
-                  "vocabulary_size": doc["vocabulary_size"]}
+                  "population": doc["population"], "vocabulary_size": doc["vocabulary_size"]}
         write_model(candidate, config, doc["vocabulary_size"], params, _folder(lake, day) / "vocabulary", report)
 
     ledger.commit(doc["release_id"], {"uri": str(candidate)}, run_id=run_id, publish=write)
