@@ -168,8 +168,9 @@ MODEL_ASSET = Asset("privrec-recommender", uri="privrec://models/privrec-recomme
         "publish_settings": Param(
             {}, type="object", title="Other publish settings",
             description="Settings of privrec_pipeline/models/evaluate.py GateSettings, e.g. "
-                        '{"min_gain_over_dp_popularity": 0.05, "mia_auc_warning": 0.6} '
-                        "(-1 as min_gain_over_dp_popularity turns the DP popularity check off).",
+                        '{"min_gain_over_dp_popularity": 0.05, "mia_auc_warning": 0.6, "epsilon": 0.2} '
+                        "(-1 as min_gain_over_dp_popularity turns the DP popularity check off; epsilon: the "
+                        "DP evaluation release the gate decides on and the model card shows).",
         ),
         "quality_settings": Param(
             {}, type="object", title="Other quality settings",
@@ -309,7 +310,8 @@ def evaluate_and_publish() -> dict:
     context = get_current_context()
     params = context["params"]
     gate = gate_settings(float(params["publish_tolerance"]), params["publish_settings"])
-    outcome = publish(lake_root(), _day(context), gate=gate)
+    outcome = publish(lake_root(), _day(context), gate=gate, run_id=context["run_id"], dag_id=context["dag"].dag_id,
+                      force=bool(params["force_release"]))
     if not outcome["published"]:
         raise AirflowSkipException(f"not published because {outcome['reason']}")
     return {"version": outcome["version"], "path": outcome["path"], "reason": outcome["reason"]}

@@ -99,14 +99,20 @@ def print_run_summary(console: Console, lake: str, day: dt.date, log: Path | Non
         outcome_path = operator_record(lake, day)
         if outcome_path.exists():
             outcome = json.loads(outcome_path.read_text(encoding="utf-8"))
-            metrics = outcome["evaluation"]["candidate"]
-            table.add_row("  Recall@20 / NDCG@10 (hold-out)", f"{metrics['recall@20']:.4f} / {metrics['ndcg@10']:.4f}")
-            popularity = outcome["evaluation"]["dp_popularity"]["recall@20"]
+            # The DP evaluation (what the gate decided on and the card shows); the exact
+            # numbers of the operator's record beside them (this console is the operator's).
+            dp, exact = outcome["evaluation"]["dp"], outcome["evaluation"]["exact"]
+            metrics = dp["candidate"]
+            table.add_row(f"  DP Recall@20 / NDCG@10 (hold-out, epsilon {dp['epsilon']:g})",
+                          f"{metrics['recall@20']:.4f} / {metrics['ndcg@10']:.4f}")
+            popularity = dp["dp_popularity"]["recall@20"]
             lift = f" (lift {metrics['recall@20'] / popularity - 1:+.1%})" if popularity > 0 else ""
             table.add_row(f"  DP popularity Recall@20{_popularity_bounds(lake, candidate['window'])}",
                           f"{popularity:.4f}{lift}")
-            mia = outcome["evaluation"]["mia_auc"]
-            table.add_row("  membership-inference AUC", "n/a" if mia is None else f"{mia:.3f}")
+            table.add_row("  exact Recall@20: model / DP popularity (operator only)",
+                          f"{exact['candidate']['recall@20']:.4f} / {exact['dp_popularity']['recall@20']:.4f}")
+            mia = exact["mia_auc"]
+            table.add_row("  membership-inference AUC (operator only)", "n/a" if mia is None else f"{mia:.3f}")
             table.add_row("published model", outcome["version"] if outcome["published"]
                           else f"not published because {outcome['reason']}")
     if release or candidate:

@@ -84,7 +84,14 @@ def test_publish_writes_a_version_with_a_card_that_agrees_with_the_ledger(lake):
         assert privacy[field] is not None, field
     assert card["data"]["window"] == [DAY.isoformat()]
     assert set(card["metrics"]["candidate"]) == {"recall@20", "ndcg@10", "hr@10"}
-    assert 0.0 <= card["membership_inference"]["auc"] <= 1.0 and card["code_version"]
+    assert card["code_version"] and "membership_inference" not in card and "warnings" not in card
+    # The card's metrics are the DP evaluation release's, accounted in the ledger; the exact
+    # ones and the membership AUC are the operator's.
+    record = json.loads(pub.operator_record(lake, DAY).read_text())["evaluation"]
+    [evaluation] = [r for r in open_ledger(lake).releases() if r.release_key == f"evaluation-r{release.id}"]
+    assert record["dp"]["release_id"] == evaluation.id and evaluation.state == "committed"
+    assert card["metrics"]["candidate"] == record["dp"]["candidate"] != record["exact"]["candidate"]
+    assert 0.0 <= record["exact"]["mia_auc"] <= 1.0
     assert "Model card" in (folder / "model_card.md").read_text()
     # A rerun of the same run publishes nothing new.
     again = pub.publish(lake, DAY, gate=MECHANICS)
@@ -109,11 +116,10 @@ CARD_KEYS = {
     "privacy.trust_model.noise_std_per_partition", "privacy.trust_model.assumption",
     "privacy.trust_model.secure_aggregation", "privacy.trust_model.noise_source",
     "privacy.contribution_bounds.max_items_per_user", "privacy.contribution_bounds.per_user_gradient_norm",
-    "privacy.vocabulary", "privacy.published_parameters", "data.window", "data.days_used", "data.dp_releases",
-    "metrics.protocol", "metrics.candidate.recall@20", "metrics.candidate.ndcg@10", "metrics.candidate.hr@10",
-    "metrics.dp_popularity.recall@20", "metrics.dp_popularity.ndcg@10", "metrics.dp_popularity.hr@10",
-    "metrics.previously_published", "metrics.previous_version", "membership_inference.attack",
-    "membership_inference.auc", "warnings", "code_version",
+    "privacy.vocabulary", "privacy.published_parameters", "data.window", "data.dp_releases",
+    "metrics.protocol", "metrics.dp", "metrics.candidate.recall@20", "metrics.candidate.ndcg@10",
+    "metrics.candidate.hr@10", "metrics.dp_popularity.recall@20", "metrics.previously_published",
+    "metrics.previous_version", "code_version",
 }
 
 
@@ -179,20 +185,27 @@ def test_the_model_card_holds_only_allowed_keys_and_no_exact_count_of_the_data(l
     # The exact numbers stay with the operator, outside the published folder.
     assert not (folder / "evaluation.json").exists()
     record = json.loads(pub.operator_record(lake, DAY).read_text())
-    assert record["evaluation"]["mia_users"]["held_out"] == manifest["holdout"]["held_out_users"]
+    assert record["evaluation"]["exact"]["mia_users"]["held_out"] == manifest["holdout"]["held_out_users"]
     assert len(record["training_data_sha256"]) == 64
 
 
 def test_the_gate_refuses_a_candidate_worse_than_the_published_model(lake):
     first = pub.publish(lake, DAY, gate=MECHANICS)
-    # The same model against itself: within any tolerance >= 0 ...
-    evaluation, _ = pub.evaluate_candidate(lake, DAY, gate=GateSettings(tolerance=0.05, min_gain_over_dp_popularity=-1))
-    assert evaluation.publish and evaluation.published_version == first["version"]
-    assert evaluation.published == evaluation.candidate
+    # The same model against itself (a new, forced evaluation release: the first one was made
+    # with no model published), at an epsilon where the noise is negligible: within any
+    # tolerance >= 0 ...
+    exact = GateSettings(tolerance=0.05, min_gain_over_dp_popularity=-1, epsilon=100.0)
+    evaluation, _ = pub.evaluate_candidate(lake, DAY, gate=exact, run_id="run-2", force=True)
+    assert evaluation.publish and evaluation.dp["published_version"] == first["version"]
+    assert evaluation.dp["published"]["recall@20"] == pytest.approx(evaluation.dp["candidate"]["recall@20"], abs=5e-3)
     # ... and refused when it must be 50% better than the published one.
-    strict = GateSettings(tolerance=-0.5, min_gain_over_dp_popularity=-1)
-    evaluation, _ = pub.evaluate_candidate(lake, DAY, gate=strict)
+    strict = GateSettings(tolerance=-0.5, min_gain_over_dp_popularity=-1, epsilon=100.0)
+    evaluation, _ = pub.evaluate_candidate(lake, DAY, gate=strict, run_id="run-3", force=True)
     assert not evaluation.publish and "below the published model" in evaluation.reason
+    # A rerun of a run reuses its committed evaluation (and pays nothing more).
+    spent = open_ledger(lake).spend_at(DAY).basic_epsilon
+    again, _ = pub.evaluate_candidate(lake, DAY, gate=strict, run_id="run-3")
+    assert again.dp == {**evaluation.dp, "status": "reuse"} and open_ledger(lake).spend_at(DAY).basic_epsilon == spent
 
 
 def test_the_gate_refuses_a_candidate_that_does_not_beat_dp_popularity(lake):
@@ -215,7 +228,8 @@ def test_the_gate_refuses_a_candidate_that_does_not_beat_dp_popularity(lake):
         model.item_out.bias.copy_(torch.as_tensor(counts, dtype=torch.float32))
     write_model(candidate, TrainConfig(**report["config"]), len(items), flatten(model), model_vocabulary(candidate),
                 {k: v for k, v in report.items() if k != "model"})
-    outcome = pub.publish(lake, DAY)
+    # The DP means of equal exact metrics differ by their noise: negligible at this epsilon.
+    outcome = pub.publish(lake, DAY, gate=GateSettings(min_gain_over_dp_popularity=0.05, epsilon=100.0))
     assert not outcome["published"] and "does not beat DP popularity" in outcome["reason"]
     assert not (models_root(lake) / "privrec-recommender" / LATEST).exists()
 

@@ -37,13 +37,17 @@ def test_the_summary_names_the_model_the_baseline_its_bound_and_the_lift(tmp_pat
                                                  "noise_multiplier": 1.7},
                        "partitions": 2, "config": {"rounds": 10}, "vocabulary_size": 9742, "window": WINDOW})
     _write(operator_record(lake, DAY),
-           {"evaluation": {"candidate": {"recall@20": 0.12, "ndcg@10": 0.1},
-                           "dp_popularity": {"recall@20": 0.08}, "mia_auc": 0.51},
+           {"evaluation": {"dp": {"candidate": {"recall@20": 0.12, "ndcg@10": 0.1}, "dp_popularity": {"recall@20": 0.08},
+                                  "epsilon": 0.2},
+                           "exact": {"candidate": {"recall@20": 0.1234, "ndcg@10": 0.1},
+                                     "dp_popularity": {"recall@20": 0.0789}, "mia_auc": 0.51}},
             "published": True, "version": "2026-02-07-r3", "reason": "beats DP popularity"})
     console = Console(record=True, width=200)
     print_run_summary(console, lake, DAY, None)
     text = console.export_text()
     assert "9,742 items / 1.7" in text  # the vocabulary: the whole catalog
     assert "DP popularity Recall@20 (K 4, 6)" in text  # the bounds DP popularity's counts were taken with
-    assert "0.0800 (lift +50.0%)" in text and "0.1200 / 0.1000" in text
+    # The DP evaluation (what the card shows and the gate used), the exact numbers marked as the operator's.
+    assert "0.0800 (lift +50.0%)" in text and "0.1200 / 0.1000" in text and "epsilon 0.2" in text
+    assert "0.1234 / 0.0789" in text and "membership-inference AUC (operator only)" in text
     assert "2026-02-07-r3" in text

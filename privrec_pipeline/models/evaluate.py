@@ -3,11 +3,15 @@
 - Metrics under the DESIGN.md protocol on the run's hold-out (every user with >= 5 items:
   history -> test items): the candidate, the DP popularity baseline (the noisy user counts
   of the window's DP releases: post-processing, no extra budget) and the published model.
-- Gate: publish only if the candidate's Recall@20 beats DP popularity and is not worse than
-  the published model's by more than ``tolerance`` (relative).
+  Computed exactly for the operator's record, and released with DP
+  (``models.dp_evaluation``) for the gate and the model card.
+- Gate (``decide``): publish only if the candidate's DP Recall@20 beats DP popularity's and
+  is not worse than the published model's by more than ``tolerance`` (relative): a function
+  of the DP release only.
 - Membership-inference audit (loss threshold; Yeom et al. 2018, "Privacy Risk in Machine
   Learning", CSF): the attacker scores each user by the model's loss on the user's history;
   the AUC of telling training users from held-out users by that score. 0.5 = no signal.
+  Exact, so it stays in the operator's record.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from privrec_pipeline.training.evaluation import Split, metrics, popularity_scores
+from privrec_pipeline.training.evaluation import Split, per_user_metrics, popularity_scores
 from privrec_pipeline.training.model import ItemModel, target_matrix
 
 
@@ -30,7 +34,9 @@ class GateSettings:
     min_gain_over_dp_popularity: float = 0.0
     """The candidate's Recall@20 must exceed DP popularity's x (1 + this); -1 disables the check."""
     mia_auc_warning: float = 0.6
-    """Warn in the model card when the membership audit's AUC exceeds this."""
+    """Warn in the operator's record when the membership audit's AUC exceeds this."""
+    epsilon: float = 0.2
+    """Epsilon of the DP evaluation release (``models.dp_evaluation``) the gate and the card use."""
 
 
 def gate_settings(tolerance: float, settings: dict[str, Any]) -> GateSettings:
@@ -45,27 +51,42 @@ def gate_settings(tolerance: float, settings: dict[str, Any]) -> GateSettings:
 
 @dataclass
 class Evaluation:
-    candidate: dict[str, float]
-    dp_popularity: dict[str, float]
-    published: dict[str, float] | None
-    published_version: str | None
-    mia_auc: float | None
-    mia_users: dict[str, int]
+    dp: dict[str, Any]  # the DP evaluation release (``DPEvaluation.to_dict``): what the gate and the card use
+    exact: dict[str, Any]  # exact metrics, membership AUC and user counts: the operator's record only
     publish: bool
     reason: str
-    warnings: list[str]
+    warnings: list[str]  # about exact numbers: the operator's record only
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def model_metrics(model: ItemModel, split: Split) -> dict[str, float]:
+@dataclass
+class ExactEvaluation:
+    """Exact hold-out metrics (means and per user) and the membership audit: never published."""
+
+    candidate: dict[str, np.ndarray]
+    dp_popularity: dict[str, np.ndarray]
+    published: dict[str, np.ndarray] | None
+    mia_auc: float | None
+    mia_users: dict[str, int]
+
+    def means(self) -> dict[str, Any]:
+        def mean(values: dict[str, np.ndarray] | None) -> dict[str, float] | None:
+            return None if values is None else {k: float(np.mean(v)) if len(v) else 0.0 for k, v in values.items()}
+
+        return {"candidate": mean(self.candidate), "dp_popularity": mean(self.dp_popularity),
+                "published": mean(self.published), "mia_auc": self.mia_auc, "mia_users": self.mia_users}
+
+
+def model_metrics(model: ItemModel, split: Split) -> dict[str, np.ndarray]:
+    """Each user's metrics (``training.evaluation.per_user_metrics``)."""
     def scores(users: np.ndarray) -> torch.Tensor:
         items, mask, _ = split.train.batch(users)
         with torch.no_grad():
             return model(items, mask)
 
-    return metrics(scores, split)
+    return per_user_metrics(scores, split)
 
 
 def user_losses(model: ItemModel, split: Split) -> np.ndarray:
@@ -97,28 +118,34 @@ def auc(members: np.ndarray, non_members: np.ndarray) -> float | None:
 
 
 def evaluate(candidate: ItemModel, all_users: Split, trained: Split, held_out: Split, dp_counts: np.ndarray,
-             published: tuple[ItemModel, str] | None, gate: GateSettings,
-             published_split: Split | None = None) -> Evaluation:
-    """``published_split``: the same users in the published model's vocabulary (if it differs)."""
+             published: ItemModel | None, published_split: Split | None = None) -> ExactEvaluation:
+    """The exact evaluation; ``published_split``: the same users in the published model's
+    vocabulary (if it differs)."""
     cand = model_metrics(candidate, all_users)
-    pop = metrics(popularity_scores(dp_counts), all_users)
-    pub = model_metrics(published[0], published_split or all_users) if published else None
+    pop = per_user_metrics(popularity_scores(dp_counts), all_users)
+    pub = model_metrics(published, published_split or all_users) if published is not None else None
     # Lower loss on members than on non-members: the attacker's score is the negative loss.
     mia = auc(-user_losses(candidate, trained), -user_losses(candidate, held_out))
-    warnings = []
-    if mia is not None and mia > gate.mia_auc_warning:
-        warnings.append(f"membership-inference AUC {mia:.3f} exceeds {gate.mia_auc_warning}")
-    if cand["recall@20"] <= pop["recall@20"] * (1 + gate.min_gain_over_dp_popularity):
-        publish, reason = False, (f"Recall@20 {cand['recall@20']:.4f} does not beat DP popularity "
-                                  f"({pop['recall@20']:.4f})")
-    elif pub is not None and cand["recall@20"] < (1 - gate.tolerance) * pub["recall@20"]:
-        publish, reason = False, (f"Recall@20 {cand['recall@20']:.4f} is more than {gate.tolerance:.0%} below the "
-                                  f"published model {published[1]} ({pub['recall@20']:.4f})")
-    else:
-        publish, reason = True, ("beats DP popularity" + (f" and is within {gate.tolerance:.0%} of the published model"
-                                                          if pub is not None else "; no model published yet"))
-    return Evaluation(cand, pop, pub, published[1] if published else None, mia,
-                      {"trained": trained.train.users, "held_out": held_out.train.users}, publish, reason, warnings)
+    return ExactEvaluation(cand, pop, pub, mia, {"trained": trained.train.users, "held_out": held_out.train.users})
+
+
+def decide(dp: Any, gate: GateSettings) -> tuple[bool, str]:
+    """The publish decision from the DP evaluation (``DPEvaluation``) only."""
+    cand, pop, pub, published_version = (dp.candidate["recall@20"], dp.dp_popularity["recall@20"], dp.published,
+                                         dp.published_version)
+    if cand <= pop * (1 + gate.min_gain_over_dp_popularity):
+        return False, f"DP Recall@20 {cand:.4f} does not beat DP popularity ({pop:.4f})"
+    if pub is not None and cand < (1 - gate.tolerance) * pub["recall@20"]:
+        return False, (f"DP Recall@20 {cand:.4f} is more than {gate.tolerance:.0%} below the published model "
+                       f"{published_version} ({pub['recall@20']:.4f})")
+    return True, ("beats DP popularity" + (f" and is within {gate.tolerance:.0%} of the published model"
+                                           if pub is not None else "; no model published yet"))
+
+
+def operator_warnings(exact: ExactEvaluation, gate: GateSettings) -> list[str]:
+    if exact.mia_auc is not None and exact.mia_auc > gate.mia_auc_warning:
+        return [f"membership-inference AUC {exact.mia_auc:.3f} exceeds {gate.mia_auc_warning}"]
+    return []
 
 
 def dp_popularity_counts(release_items: list[Path], vocabulary: list[str]) -> np.ndarray:

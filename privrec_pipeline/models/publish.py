@@ -33,8 +33,10 @@ from privrec_pipeline.errors import PrivrecError
 from privrec_pipeline.models.evaluate import (
     Evaluation,
     GateSettings,
+    decide,
     dp_popularity_counts,
     evaluate,
+    operator_warnings,
 )
 from privrec_pipeline.models.recommend import LATEST, models_root, resolve_version
 from privrec_pipeline.training.artifact import read_model
@@ -83,8 +85,13 @@ def _remap(split: Split, source: list[str], target: list[str]) -> Split:
     return Split(Histories.from_lists(rows, weights), tests, len(target))
 
 
-def evaluate_candidate(lake: str, day: dt.date, name: str = DEFAULT_NAME,
-                       gate: GateSettings | None = None) -> tuple[Evaluation, dict[str, Any]]:
+def evaluate_candidate(lake: str, day: dt.date, name: str = DEFAULT_NAME, gate: GateSettings | None = None, *,
+                       run_id: str = "manual", dag_id: str = "manual",
+                       force: bool = False) -> tuple[Evaluation, dict[str, Any]]:
+    """The candidate's exact evaluation (operator only), its DP evaluation release and the
+    gate's decision on the latter."""
+    from privrec_pipeline.models.dp_evaluation import exact_sums, release_evaluation
+    from privrec_pipeline.privacy.ledger import open_ledger
     from privrec_pipeline.training.partitions import training_uri
     from privrec_pipeline.training.tasks import candidate_folder, load_holdout
 
@@ -106,13 +113,21 @@ def evaluate_candidate(lake: str, day: dt.date, name: str = DEFAULT_NAME,
         published = (pub_model, folder.name, _remap(everyone, items, pub_items))
     except PrivrecError:
         published = None
-    result = evaluate(model, everyone, trained, held_out, dp_popularity_counts(releases, items),
-                      (published[0], published[1]) if published else None, gate, published[2] if published else None)
-    return result, report
+    exact = evaluate(model, everyone, trained, held_out, dp_popularity_counts(releases, items),
+                     published[0] if published else None, published[2] if published else None)
+    window = (dt.date.fromisoformat(report["window"][0]), dt.date.fromisoformat(report["window"][-1]))
+    dp = release_evaluation(open_ledger(lake), window, report["release_id"],
+                            exact_sums(exact.candidate, exact.dp_popularity, exact.published),
+                            published[1] if published else None, gate.epsilon, run_id=run_id, dag_id=dag_id,
+                            force=force, parameters={"training_release": report["release_id"]})
+    publish_it, reason = decide(dp, gate)
+    return Evaluation(dp.to_dict(), exact.means(), publish_it, reason, operator_warnings(exact, gate)), report
 
 
-def publish(lake: str, day: dt.date, name: str = DEFAULT_NAME, gate: GateSettings | None = None) -> dict[str, Any]:
-    """Evaluate the day's candidate and publish it if it passes; the outcome as a dict."""
+def publish(lake: str, day: dt.date, name: str = DEFAULT_NAME, gate: GateSettings | None = None, *,
+            run_id: str = "manual", dag_id: str = "manual", force: bool = False) -> dict[str, Any]:
+    """Evaluate the day's candidate (a DP evaluation release: ``run_id``, ``dag_id`` and
+    ``force`` as for every release) and publish it if it passes; the outcome as a dict."""
     from privrec_pipeline.privacy.ledger import open_ledger
     from privrec_pipeline.training.partitions import training_uri
     from privrec_pipeline.training.tasks import candidate_folder
@@ -130,12 +145,12 @@ def publish(lake: str, day: dt.date, name: str = DEFAULT_NAME, gate: GateSetting
             _point_latest(root, version)
         return {"published": True, "version": version, "path": str(target), "reused": True,
                 "reason": "this run's model was already published"}
-    evaluation, _ = evaluate_candidate(lake, day, name, gate)
+    evaluation, _ = evaluate_candidate(lake, day, name, gate, run_id=run_id, dag_id=dag_id, force=force)
     outcome: dict[str, Any] = {"published": evaluation.publish, "version": version if evaluation.publish else None,
                                "reason": evaluation.reason, "evaluation": evaluation.to_dict(),
                                "training_data_sha256": _fingerprint(lk.local_path(training_uri(lake, day)))}
-    # The operator's record (exact hold-out metrics and user counts, the training shards' hash):
-    # beside the candidate model, never copied into the published folder.
+    # The operator's record (exact hold-out metrics, the membership AUC and user counts, the
+    # training shards' hash): beside the candidate model, never copied into the published folder.
     operator_record(lake, day).write_text(json.dumps(outcome, indent=2, sort_keys=True), encoding="utf-8")
     if not evaluation.publish:
         return outcome
@@ -219,7 +234,7 @@ def operator_record(lake: str, day: dt.date) -> Path:
 
 def model_card(name: str, version: str, report: dict[str, Any], evaluation: Evaluation, release: Any, spend: Any,
                manifest: dict[str, Any]) -> dict[str, Any]:
-    plan, config = report["plan"], report["config"]
+    plan, config, dp = report["plan"], report["config"], evaluation.dp
     return {
         "name": name, "version": version,
         "created_from": {"run_id": report["run_id"], "ledger_release": release.id, "data_window": report["window"]},
@@ -258,12 +273,14 @@ def model_card(name: str, version: str, report: dict[str, Any], evaluation: Eval
                                        if report.get("model", {}).get("categories") else "")
                                     + "; no user vectors",
         },
-        "data": {"window": report["window"], "days_used": manifest["days_used"], "dp_releases": manifest["releases"]},
+        "data": {"window": report["window"], "dp_releases": manifest["releases"]},
+        # DP means of the evaluation release (the gate decided on them); the exact metrics and
+        # the membership audit's AUC are in the operator's record only.
         "metrics": {"protocol": "DESIGN.md: users with >= 5 items, last 20% test, train items excluded",
-                    "candidate": evaluation.candidate, "dp_popularity": evaluation.dp_popularity,
-                    "previously_published": evaluation.published, "previous_version": evaluation.published_version},
-        "membership_inference": {"attack": "loss threshold (Yeom et al. 2018)", "auc": evaluation.mia_auc},
-        "warnings": evaluation.warnings,
+                    "dp": (f"Laplace, epsilon {dp['epsilon']:g} (ledger release {dp['release_id']}), noise scale "
+                           f"{dp['noise_scale']:g} on each sum of per-user values in [0, 1] and on the user count"),
+                    "candidate": dp["candidate"], "dp_popularity": dp["dp_popularity"],
+                    "previously_published": dp["published"], "previous_version": dp["published_version"]},
         "code_version": _code_version(),
     }
 
@@ -274,16 +291,15 @@ def model_card_markdown(card: dict[str, Any]) -> str:
     rows = [("candidate (this model)", m["candidate"]), ("DP popularity", m["dp_popularity"])]
     if m["previously_published"]:
         rows.append((f"previous ({m['previous_version']})", m["previously_published"]))
-    table = "\n".join(f"| {label} | {v['recall@20']:.4f} | {v['ndcg@10']:.4f} | {v['hr@10']:.4f} |" for label, v in rows)
-    auc = card["membership_inference"]["auc"]
-    warnings = "".join(f"- **Warning:** {w}\n" for w in card["warnings"])
+    table = "\n".join(f"| {label} | " + " | ".join(f"{v[k]:.4f}" if k in v else "-" for k in ("recall@20", "ndcg@10",
+                                                                                           "hr@10")) + " |"
+                      for label, v in rows)
     return f"""# Model card: {card['name']} {card['version']}
 
 Recommender trained with **user-level differential privacy**: ({p['model']['epsilon']:.3g}, {p['model']['delta']:.2g})-DP
 for {p['unit']}, {p['model']['mode']} mode over {p['partitions']} partitions of disjoint users, combined by
 secure aggregation. Only item-side parameters are published ({p['published_parameters']}).
 
-{warnings}
 ## Privacy
 
 | | |
@@ -310,17 +326,15 @@ Noise source: {t['noise_source']}.
 
 ## Data
 
-Window {', '.join(card['data']['window'])}; days used {', '.join(card['data']['days_used'])}; DP releases
-{card['data']['dp_releases']}.
+Window {', '.join(card['data']['window'])}; DP releases {card['data']['dp_releases']}.
 
 ## Metrics ({m['protocol']})
+
+Differentially private means ({m['dp']}); the publish decision was made on these.
 
 | model | Recall@20 | NDCG@10 | HR@10 |
 |---|---:|---:|---:|
 {table}
-
-Membership-inference audit ({card['membership_inference']['attack']}): AUC
-{'n/a' if auc is None else f'{auc:.3f}'} between training and held-out users (0.5 = the attack learns nothing).
 
 Code: {card['code_version']}.
 """

@@ -68,6 +68,11 @@ def _train_matrix(split: Split):
 
 def metrics(scores_for: "callable", split: Split, batch: int = 1024) -> dict[str, float]:
     """Recall@20, NDCG@10, HR@10 of ``scores_for(user_indices) -> [B, V] tensor`` over all users."""
+    return {name: float(np.mean(values)) for name, values in per_user_metrics(scores_for, split, batch).items()}
+
+
+def per_user_metrics(scores_for: "callable", split: Split, batch: int = 1024) -> dict[str, np.ndarray]:
+    """Each user's Recall@20, NDCG@10 and HR@10 (each in [0, 1]), in the split's user order."""
     recall, ndcg, hr = [], [], []
     discounts = 1.0 / np.log2(np.arange(2, 12))
     for start in range(0, split.train.users, batch):
@@ -84,7 +89,8 @@ def metrics(scores_for: "callable", split: Split, batch: int = 1024) -> dict[str
             dcg = float((hits[:10] * discounts[:len(hits[:10])]).sum())
             ndcg.append(dcg / float(discounts[:min(10, len(test))].sum()))
             hr.append(float(hits[:10].any()))
-    return {"recall@20": float(np.mean(recall)), "ndcg@10": float(np.mean(ndcg)), "hr@10": float(np.mean(hr))}
+    return {"recall@20": np.asarray(recall, dtype=float), "ndcg@10": np.asarray(ndcg, dtype=float),
+            "hr@10": np.asarray(hr, dtype=float)}
 
 
 def item_user_counts(split: Split, max_items_per_user: int | None = None, seed: int = 0) -> np.ndarray:
