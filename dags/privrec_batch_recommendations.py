@@ -4,8 +4,10 @@
 Runs whenever `privrec_nightly` publishes a new model (the Asset
 `privrec://models/privrec-recommender`): scores the newest hold-out histories (pseudonymous
 users of the model's training day) with the published model and writes
-`models/privrec-recommender/<version>/batch/recommendations.parquet` (key, rank, item_id,
-score). It shows the Asset wiring a downstream consumer (a cache warmer, an export) uses.
+`serving/recommendations/dt=<day>/<version>.parquet` (key, rank, item_id, score): per-user
+output, so a restricted zone of its own (never the published model folder), kept
+`PRIVREC_SERVING_RETENTION_DAYS` (30) days. It shows the Asset wiring a downstream consumer
+(a cache warmer, an export) uses.
 """
 
 from __future__ import annotations

@@ -33,8 +33,10 @@ def main(argv: list[str] | None = None) -> int:
 
     spark = get_spark(f"privrec-build-partitions-{args.date}", args.master)
     manifest = run_build_partitions(spark, resolve_lake(args.lake), args.date, args.params, run_id=args.run_id)
+    # The task log is an output (Airflow keeps it): counts of users stay in the manifest, only the
+    # vocabulary size (public catalog or DP selection) and the number of partitions are printed.
     print(json.dumps({"step": "build_partitions", "date": manifest.date, "days": manifest.days_used,
-                      "vocabulary": manifest.vocabulary_size, "partitions": manifest.partitions,
+                      "vocabulary": manifest.vocabulary_size, "partitions": len(manifest.partitions),
                       "pseudonym_key_fingerprint": manifest.pseudonym_key_fingerprint}))
     return 0
 

@@ -25,6 +25,9 @@ ZONES = {
     "training": "training",
     "candidates": "models/_candidates",
     "catalog": "catalog/items",  # public input: dt=D is the catalog from day D on (catalog.py)
+    # Per-user outputs (recommendations keyed by user pseudonym): restricted like silver, never in
+    # the published model folder, kept for SERVING_RETENTION_DAYS (models/batch.py).
+    "serving": "serving/recommendations",
 }
 
 

@@ -285,8 +285,12 @@ def test_backfill_ledger_accounts_each_day_once(backfilled, server):
     (training,) = [r for r in releases if r.release_key == "training"]
     assert (training.window_start, training.window_end, training.state, training.run_id) == (
         DAYS[0], DAYS[-1], "committed", run_of_day[DAYS[-1]])
+    # The window also holds the DP partition counts and the candidate's DP evaluation.
+    (population,) = [r for r in releases if r.release_key == "population"]
+    (evaluation,) = [r for r in releases if r.release_key == f"evaluation-r{training.id}"]
+    assert population.state == evaluation.state == "committed"
     spend = ledger.spend_at(DAYS[-1], 3)
-    assert spend.basic_epsilon == pytest.approx(3 * 50 + training.epsilon)
+    assert spend.basic_epsilon == pytest.approx(3 * 50 + training.epsilon + population.epsilon + evaluation.epsilon)
     # The training release costs exactly its steps (RDP of the Poisson-sampled Gaussian, by
     # dp_accounting directly), within the requested epsilon 8.
     from dp_accounting import dp_event
@@ -329,8 +333,10 @@ def test_published_model_triggers_the_asset_scheduled_dag(backfilled, server):
     assert run["state"] == "success" and run["run_type"] == "asset_triggered"
     from privrec_pipeline.models.publish import models_root
 
-    outputs = list((models_root(server.lake) / "privrec-recommender").glob("*/batch/recommendations.parquet"))
+    # Per-user output goes to the restricted serving zone, never into the published model folder.
+    outputs = list((Path(server.lake) / "serving" / "recommendations").glob("dt=*/*.parquet"))
     assert len(outputs) == 1
+    assert not list((models_root(server.lake) / "privrec-recommender").glob("*/batch"))
 
 
 def test_a_finished_day_backfilled_again_changes_nothing(backfilled, server):

@@ -114,3 +114,14 @@ def test_bad_parameters_are_clear_errors(settings, message):
     with pytest.raises(ConfigurationError) as info:
         DPStatsParams.from_settings(settings)
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize("epsilon", [19.0, 32.0, 200.0])
+def test_a_laplace_release_of_large_epsilon_is_accounted_at_its_epsilon(epsilon):
+    # dp_accounting's Laplace PLD fails numerically above epsilon ~25; such a component is
+    # accounted as pure (epsilon, 0)-DP: never less than the Laplace mechanism's own guarantee.
+    from privrec_pipeline.privacy.accounting import Component, composed_epsilon
+
+    laplace = Component("laplace", noise_multiplier=1.0 / epsilon)
+    assert composed_epsilon([laplace], 1e-6) == pytest.approx(epsilon, rel=1e-3)
+    assert composed_epsilon([laplace, laplace], 1e-6) <= 2 * epsilon * (1 + 1e-6)

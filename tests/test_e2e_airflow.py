@@ -87,9 +87,12 @@ def test_dp_release_is_accounted_and_reachable_from_the_task(embedded):
     gold = lk.local_path(lk.partition_uri(env["PRIVREC_LAKE"], "dp_stats", DAY))
     release = json.loads((gold / "release.json").read_text())
     assert release["run_id"].startswith("manual__") and release["dag_id"] == "privrec_nightly"
-    (release_id, key, state, run_id), training = _ledger_rows(root)
+    (release_id, key, state, run_id), population, training, evaluation = _ledger_rows(root)
     assert (release_id, key, state, run_id) == (release["release_id"], "dp_stats", "committed", release["run_id"])
+    # Then the DP partition counts, the training run and the candidate's DP evaluation.
+    assert population[1:] == ("population", "committed", run_id)
     assert training[1:] == ("training", "committed", run_id)
+    assert evaluation[1:] == (f"evaluation-r{training[0]}", "committed", run_id)
     db = sqlite3.connect(root / "airflow" / "airflow.db")
     rows = dict(db.execute(
         "SELECT x.key, x.value FROM xcom x JOIN dag_run d ON d.id = x.dag_run_id "
@@ -135,6 +138,36 @@ def test_keys_never_in_logs_metadata_or_outputs(embedded, keyring):
         if path.is_file():  # run logs, task logs, the SQLite metadata DB (XCom, rendered fields), lake
             data = path.read_bytes()
             assert not any(s in data for s in secrets), f"key material in {path}"
+
+
+def test_exact_training_and_evaluation_numbers_never_reach_logs_or_the_airflow_database(embedded):
+    """What train_partition computed (mean losses, clipped shares, Poisson batch sizes) and the
+    exact hold-out metrics and membership AUC exist only with the workers and in the operator's
+    record: no task log, run log or Airflow table (XCom, rendered fields) holds them."""
+    from privrec_pipeline.models.publish import operator_record
+
+    root, env, first = embedded
+    workers = root / "airflow" / "partition-secrets"
+    exact: set[str] = set()
+    for note in workers.glob("masked/*.diagnostics.json"):
+        exact |= {repr(v) for v in json.loads(note.read_text()).values()}
+    evaluation = json.loads(operator_record(env["PRIVREC_LAKE"], DAY).read_text())["evaluation"]["exact"]
+    exact |= {repr(v) for model in ("candidate", "dp_popularity") for v in evaluation[model].values()}
+    exact.add(repr(evaluation["mia_auc"]))
+    distinctive = {v for v in exact if len(v.lstrip("-").replace(".", "").lstrip("0")) >= 6}  # not 0.5, 12.0
+    assert len(distinctive) >= 6, exact  # the diagnostics of 2 partitions x 2 rounds and the metrics
+    lake = Path(env["PRIVREC_LAKE"]).resolve()
+    scanned = []
+    for path in root.rglob("*"):
+        if not path.is_file() or path.resolve().is_relative_to(lake) or path.is_relative_to(workers):
+            continue  # the lake's operator zones and the workers' private notes may hold them
+        text = path.read_bytes().decode("utf-8", errors="ignore")
+        scanned.append(path.name)
+        leaked = [v for v in distinctive if v in text]
+        assert not leaked, f"exact numbers {leaked} in {path}"
+    # The metadata database (XCom, rendered fields, task instances) and the run's task log.
+    assert "airflow.db" in scanned and any(name.endswith(".log") for name in scanned), scanned
+    assert not any(v in first.stdout + first.stderr for v in distinctive)
 
 
 def test_rerun_changes_no_output(embedded):

@@ -3,6 +3,7 @@ a model card that agrees with the ledger, the recommend command and batch scorin
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import shutil
 from pathlib import Path
@@ -301,11 +302,33 @@ def test_batch_scoring_of_the_latest_model(lake):
     from privrec_pipeline.models.batch import score_latest_holdout
 
     pub.publish(lake, DAY, gate=MECHANICS)
+    old = lk.local_path(lk.partition_uri(lake, "serving", DAY - dt.timedelta(days=31)))
+    kept = lk.local_path(lk.partition_uri(lake, "serving", DAY - dt.timedelta(days=30)))
+    for folder in (old, kept):
+        folder.mkdir(parents=True)
     result = score_latest_holdout(lake, k=5)
-    table = pq.read_table(resolve_version(lake, "privrec-recommender") / "batch" / "recommendations.parquet")
-    assert result["rows"] == table.num_rows > 0 and set(table.column("rank").to_pylist()) <= {1, 2, 3, 4, 5}
+    version = resolve_version(lake, "privrec-recommender")
+    # Per-user output: in the restricted serving zone, never in the published folder.
+    assert result["path"] == str(lk.local_path(lk.partition_uri(lake, "serving", DAY)) / f"{version.name}.parquet")
+    assert not (version / "batch").exists()
+    table = pq.read_table(result["path"])
+    assert table.num_rows > 0 and set(table.column("rank").to_pylist()) <= {1, 2, 3, 4, 5}
+    # What the task returns (XCom) counts nothing of the data.
+    assert set(result) == {"version", "path", "retention_days", "pruned"}
+    # Retention: partitions more than 30 days before the newest are deleted, the others kept.
+    assert result["pruned"] == [old.name] and not old.exists() and kept.exists()
     with pytest.raises(PrivrecError):
         resolve_version(lake, "privrec-recommender", "1999-01-01-r1")
+
+
+def test_a_bad_serving_retention_gets_a_clear_error(monkeypatch):
+    from privrec_pipeline.errors import ConfigurationError
+    from privrec_pipeline.models.batch import retention_days
+
+    assert retention_days({}) == 30 and retention_days({"PRIVREC_SERVING_RETENTION_DAYS": "7"}) == 7
+    for bad in ("0", "-3", "a week"):
+        with pytest.raises(ConfigurationError, match="PRIVREC_SERVING_RETENTION_DAYS must be a positive number"):
+            retention_days({"PRIVREC_SERVING_RETENTION_DAYS": bad})
 
 
 def test_gate_settings_come_from_the_dag_params():

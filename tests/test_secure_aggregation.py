@@ -283,17 +283,22 @@ def test_the_aggregator_rejects_an_update_of_the_wrong_length_round_key_or_parti
 def test_a_retry_reuses_the_masked_update_and_never_overwrites_it(training, monkeypatch):
     lake, run = training()
     digest = _sealed(lake)
-    stats = tasks.train_partition(lake, DAY, 0, 0, digest)
+    returned = tasks.train_partition(lake, DAY, 0, 0, digest)
     path = run / "round=0" / "masked" / "partition=0.npz"
     written, inode = path.read_bytes(), path.stat().st_ino
-    assert "sampled" in stats
+    # XCom gets public facts only; the exact diagnostics (loss, clipped share, Poisson batch
+    # sizes) stay with the worker, beside its secret.
+    assert returned == {"partition": 0, "round": 0, "update": "new"}
+    [diagnostics] = (secret_path(0).parent / "masked").glob("*.diagnostics.json")
+    assert set(json.loads(diagnostics.read_text())) == {"loss", "clipped", "sampled"}
+    assert diagnostics.stat().st_mode & 0o077 == 0
 
     def other_noise(*args, **kwargs):  # a retry whose update is not the same (non-reproducible noise)
         delta, s = partition_update(*args, **kwargs)
         return delta + 0.01, s
 
     monkeypatch.setattr(tasks, "partition_update", other_noise)
-    assert tasks.train_partition(lake, DAY, 0, 0, digest) == {"reused": 1.0}
+    assert tasks.train_partition(lake, DAY, 0, 0, digest) == {"partition": 0, "round": 0, "update": "reused"}
     assert path.read_bytes() == written and path.stat().st_ino == inode
     # An update written under another roster is refused, not replaced.
     _rewrite(path, roster_digest="f" * 64)
@@ -314,7 +319,7 @@ def test_a_deleted_update_is_never_recomputed_from_changed_inputs(training):
     path = run / "round=0" / "masked" / "partition=0.npz"
     first = path.read_bytes()
     path.unlink()
-    assert "sampled" in tasks.train_partition(lake, DAY, 0, 0, digest)  # same inputs: recomputed, as noted
+    assert tasks.train_partition(lake, DAY, 0, 0, digest)["update"] == "new"  # same inputs: recomputed, as noted
     assert np.array_equal(np.load(path)["masked"], np.load(io.BytesIO(first))["masked"])  # the same update again
     path.unlink()
     shard = lk.local_path(training_uri(lake, DAY)) / "partition=0" / "part-0.parquet"

@@ -28,6 +28,7 @@ from privrec_pipeline.errors import ConfigurationError
 
 MECHANISMS = ("laplace", "gaussian", "approx_dp")
 DISCRETIZATION = 1e-4  # PLD value discretization interval (dp_accounting's default)
+LAPLACE_PLD_MAX_EPSILON = 20.0  # above: a Laplace component is accounted as pure (epsilon, 0)-DP
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,15 @@ class Component:
         from dp_accounting.pld import common
         from dp_accounting.pld import privacy_loss_distribution as pld
 
-        if self.mechanism == "laplace":
+        if self.mechanism == "laplace" and 1.0 / self.noise_multiplier > LAPLACE_PLD_MAX_EPSILON:
+            # dp_accounting's Laplace PLD fails numerically above epsilon ~25 at this
+            # discretization ("deltas are not in non-increasing order"). A Laplace mechanism of
+            # that epsilon is (epsilon, 0)-DP, and the PLD of (epsilon, 0) (randomized response)
+            # dominates every (epsilon, 0)-DP mechanism's (Kairouz, Oh & Viswanath 2015): an
+            # upper bound, exact enough where such an epsilon is spent.
+            one = pld.from_privacy_parameters(common.DifferentialPrivacyParameters(1.0 / self.noise_multiplier, 0.0),
+                                              value_discretization_interval=DISCRETIZATION)
+        elif self.mechanism == "laplace":
             one = pld.from_laplace_mechanism(self.noise_multiplier, value_discretization_interval=DISCRETIZATION)
         elif self.mechanism == "gaussian":
             one = pld.from_gaussian_mechanism(self.noise_multiplier, sampling_prob=self.sampling_rate,

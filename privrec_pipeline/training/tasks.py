@@ -365,7 +365,8 @@ def _existing_update(path: Path, roster, roster_digest: str, partition: int, rou
 
 def _worker_record(run_id: str, round_index: int, partition: int) -> Path:
     """Where this partition's worker notes the digest of each masked update it wrote: beside its
-    secret, outside the lake (a lake writer can delete the lake's copy, not this note)."""
+    secret, outside the lake (a lake writer can delete the lake's copy, not this note). The
+    round's exact diagnostics go beside it (``.diagnostics.json``): as private as the secret."""
     import hashlib
 
     from privrec_pipeline.training.partition_secrets import secret_path
@@ -374,9 +375,14 @@ def _worker_record(run_id: str, round_index: int, partition: int) -> Path:
     return secret_path(partition).parent / "masked" / f"run-{run}-round={round_index}-partition={partition}.sha256"
 
 
-def train_partition(lake: str, day: dt.date, round_index: int, partition: int, roster_digest: str) -> dict[str, float]:
+def train_partition(lake: str, day: dt.date, round_index: int, partition: int, roster_digest: str) -> dict[str, Any]:
     """The partition's DP update of the round, masked with its sealed keys, written once to
     ``round=R/masked/partition=K.npz`` with its metadata. ``roster_digest``: seal_keys' result.
+
+    Returns (to XCom, the Airflow database) only public facts: the partition, the round and
+    whether the update was new or reused. The round's exact diagnostics (mean loss, clipped
+    share, Poisson batch sizes, whose secrecy the sampling analysis assumes) stay with the
+    worker, beside its secret (``_worker_diagnostics``).
 
     Under one set of masks a partition publishes one update, ever. Its worker notes the
     update's digest outside the lake before publishing it; a retry (or a run taking the
@@ -393,8 +399,9 @@ def train_partition(lake: str, day: dt.date, round_index: int, partition: int, r
         mask_update,
     )
 
+    done = {"partition": partition, "round": round_index}
     if finished(lake, day):
-        return {}
+        return {**done, "update": "finished"}
     doc, config, plan = _plan(lake, day)
     roster = _sealed_roster(lake, day, doc, config, roster_digest)
     public = _public_keys(lake, day, roster, round_index)
@@ -411,7 +418,7 @@ def train_partition(lake: str, day: dt.date, round_index: int, partition: int, r
                 f"({'it has no note of writing one' if noted is None else 'its note says otherwise'}; {record}): "
                 "it was put or replaced in the lake by someone else. Nothing is masked again and it is not used; "
                 "find out who writes the lake, then train again in a new run")
-        return {"reused": 1.0}
+        return {**done, "update": "reused"}
     secret = load_or_create(partition)
     keys = RoundKeys.derive(secret, doc["run_id"], round_index, partition)
     roster.check_own(keys, round_index, hint=(
@@ -439,8 +446,11 @@ def train_partition(lake: str, day: dt.date, round_index: int, partition: int, r
                 update.digest():
             raise SecureAggregationError(f"{target} appeared in the lake while partition {partition} was "
                                          "training and is not its update: refused; train again in a new run")
-        return {"reused": 1.0}
-    return stats
+        return {**done, "update": "reused"}
+    diagnostics = _worker_record(doc["run_id"], round_index, partition).with_suffix(".diagnostics.json")
+    diagnostics.write_text(json.dumps(stats, sort_keys=True), encoding="utf-8")
+    diagnostics.chmod(0o600)
+    return {**done, "update": "new"}
 
 
 def aggregate_round(lake: str, day: dt.date, round_index: int, roster_digest: str) -> None:
