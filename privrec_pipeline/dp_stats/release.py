@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from privrec_pipeline import lake as lk
 from privrec_pipeline.catalog import CatalogSnapshot, read_items, snapshot_for
-from privrec_pipeline.dp_stats.bounding import bounded_aggregates, user_summary
+from privrec_pipeline.dp_stats.bounding import UserSummary, bounded_aggregates, user_summary
 from privrec_pipeline.dp_stats.bounds import ChosenBound, choose_quantile, dropped_contributions
 from privrec_pipeline.dp_stats.noise import NoisyRelease, add_noise
 from privrec_pipeline.dp_stats.params import (
@@ -206,8 +206,6 @@ def compute_release(silver: "DataFrame", params: DPStatsParams, salt: str,
     """Choose the bounds (if chosen), bound, aggregate and add noise: the release's numbers, the
     settings they were computed with (the chosen K and T in them) and the choices made.
     ``catalog_items`` (item_id, category) with ``public`` (the same as a DataFrame): the catalog."""
-    import pyarrow as pa
-
     reserved = params.components()
     choices: dict[str, ChosenBound] = {}
     plan = params.plan()
@@ -231,6 +229,18 @@ def compute_release(silver: "DataFrame", params: DPStatsParams, salt: str,
                          max_categories_per_user=len(params.public_categories))
     if params.components() != reserved:  # K, T change sensitivities only, never the ledger's components
         raise PrivrecError("dp_stats: the chosen bounds changed the release's ledger components")
+    noisy = add_noise(**noise_inputs(silver, params, salt, summary, catalog_items, public))
+    for name, choice in choices.items():
+        noisy.mechanisms[name] = choice.description
+    return params, noisy, choices
+
+
+def noise_inputs(silver: "DataFrame", params: DPStatsParams, salt: str, summary: UserSummary,
+                 catalog_items: "pa.Table | None" = None, public: "DataFrame | None" = None) -> dict[str, Any]:
+    """The arguments of ``noise.add_noise`` at fixed bounds: the bounded aggregates (collected)
+    and the dropped counts of the bias statistics, from ``summary`` (``bounding.user_summary``)."""
+    import pyarrow as pa
+
     aggregates = bounded_aggregates(silver, params, salt=salt, catalog=public)
     plan = params.plan()
     dropped = (None if "bounding_bias" not in plan
@@ -239,13 +249,10 @@ def compute_release(silver: "DataFrame", params: DPStatsParams, salt: str,
     category_dropped = (None if "category_bias" not in plan else dropped_contributions(
         summary.category_events, params.category_l1(), params.category_bias_cap()))
     funnel = pa.table({t: [summary.funnel[t]] for t in EVENT_TYPES})  # = aggregates.funnel, without its job
-    noisy = add_noise(aggregates.items.toArrow(), funnel, aggregates.categories.toArrow(),
-                      aggregates.purchases.toArrow(), params,
-                      None if catalog_items is None else catalog_items.column("item_id").to_pylist(), dropped,
-                      category_dropped)
-    for name, choice in choices.items():
-        noisy.mechanisms[name] = choice.description
-    return params, noisy, choices
+    return {"items": aggregates.items.toArrow(), "funnel": funnel, "categories": aggregates.categories.toArrow(),
+            "purchases": aggregates.purchases.toArrow(), "params": params,
+            "public_items": None if catalog_items is None else catalog_items.column("item_id").to_pylist(),
+            "dropped": dropped, "category_dropped": category_dropped}
 
 
 def _compute(spark: "SparkSession", lake: str, day: dt.date, params: DPStatsParams, release: Release,

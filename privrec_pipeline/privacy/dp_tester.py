@@ -7,7 +7,10 @@ neighbour D' (one user added with all of their contributions), then
 
 1. on the first half of the runs, choose the event S = {output_j > t} or {output_j <= t}
    (coordinate j, threshold t from the pooled quantiles, and the direction D vs D' or D' vs D)
-   whose empirical ratio (p - delta) / q is largest;
+   whose bound (below) on that half is largest; besides the outputs themselves, one more
+   coordinate: the sum of the outputs whose mean moved between D and D' (by more than four
+   standard errors on that half) with the sign of the move, the test that sees a user who
+   moves several outputs at once (a contribution bound that does not bind);
 2. on the second half (independent of the choice), bound p = P[M(D) in S] from below and
    q = P[M(D') in S] from above with Clopper-Pearson intervals, each at confidence
    1 - alpha / 2.
@@ -84,6 +87,12 @@ def epsilon_lower_bound(on_d: np.ndarray, on_neighbour: np.ndarray, claimed_epsi
                          f"{a.shape} and {b.shape}")
     half = len(a) // 2
     choose_a, test_a, choose_b, test_b = a[:half], a[half:], b[:half], b[half:]
+    moved = choose_b.mean(0) - choose_a.mean(0)
+    stderr = np.sqrt((choose_a.var(0) + choose_b.var(0)) / half)
+    weights = np.sign(moved) * (np.abs(moved) > 4 * stderr)
+    if np.count_nonzero(weights) > 1:  # the projection on the moved outputs, as one more coordinate
+        choose_a, test_a, choose_b, test_b = (np.column_stack([x, x @ weights])
+                                              for x in (choose_a, test_a, choose_b, test_b))
     alpha = (1 - confidence) / 2
     # Each candidate is scored by the bound it would give on the choosing half (the same
     # Clopper-Pearson bounds), not by its raw ratio: a raw ratio favours far tails whose few
