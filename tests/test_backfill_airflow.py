@@ -320,8 +320,12 @@ def test_backfill_wrote_each_day_and_published_the_window_model(backfilled, serv
     assert card["created_from"]["run_id"] == backfilled[-1]["dag_run_id"] == training.run_id
     assert card["created_from"]["ledger_release"] == training.id
     assert card["privacy"]["model"]["epsilon"] == training.epsilon
+    # The window per the ledger when the card was written: three days of DP statistics, the DP
+    # partition counts, the training run and the candidate's DP evaluation.
+    extra = [r for r in _ledger(server).releases() if r.release_key in ("population", f"evaluation-r{training.id}")]
     window = card["privacy"]["window_per_ledger"]
-    assert window["releases"] == 4 and window["basic_epsilon"] == pytest.approx(3 * 50 + training.epsilon)
+    assert window["releases"] == 6 and len(extra) == 2
+    assert window["basic_epsilon"] == pytest.approx(3 * 50 + training.epsilon + sum(r.epsilon for r in extra))
 
 
 def test_published_model_triggers_the_asset_scheduled_dag(backfilled, server):
