@@ -200,12 +200,12 @@ def test_run_dp_stats_reserves_exactly_the_cost_of_its_statistics(spark, tmp_pat
 WINDOW = [dt.date(2026, 1, 13), dt.date(2026, 1, 14), dt.date(2026, 1, 15)]
 PARTITION_USERS = [400, 250, 320]
 TRAINING_CASES = {
-    # local: each partition samples batch_size / its own size; the worst (smallest) partition counts
+    # local: each partition samples batch_size / its DP size; the worst (smallest) partition counts
     "local": (dict(mode="local", epsilon=3.0, delta=1e-7, rounds=3, local_steps=4, batch_size=25),
-              25 / 250, 3 * 4),
-    # distributed: one central sample of batch_size / all users, one step per round
+              lambda n: 25 / min(n), 3 * 4),
+    # distributed: one central sample of batch_size / all users (DP count), one step per round
     "distributed": (dict(mode="distributed", epsilon=5.0, delta=1e-6, rounds=6, batch_size=60),
-                    60 / (400 + 250 + 320), 6),
+                    lambda n: 60 / sum(n), 6),
 }
 
 
@@ -218,12 +218,14 @@ def _rdp_epsilon(q: float, sigma: float, steps: int, delta: float) -> float:
     return float(accountant.get_epsilon(delta))
 
 
-def _pld_training_epsilon(q: float, sigma: float, steps: int, delta: float) -> float:
+def _pld_training_epsilon(q: float, sigma: float, steps: int, delta: float, laplace_epsilon: float = 0.0) -> float:
     from dp_accounting import dp_event
     from dp_accounting.pld import pld_privacy_accountant
 
     accountant = pld_privacy_accountant.PLDAccountant()
     accountant.compose(dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma)), steps)
+    if laplace_epsilon:
+        accountant.compose(dp_event.LaplaceDpEvent(1.0 / laplace_epsilon))
     return float(accountant.get_epsilon(delta))
 
 
@@ -234,7 +236,7 @@ def test_training_release_costs_exactly_its_sampled_gaussian_steps(tmp_path, mon
     from privrec_pipeline.training import tasks
     from privrec_pipeline.training.federated import TrainConfig
 
-    settings, q, steps = TRAINING_CASES[case]
+    settings, rate, steps = TRAINING_CASES[case]
     lake = str(tmp_path / "lake")
     monkeypatch.setenv("PRIVREC_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("PRIVREC_BUDGET_EPSILON", str(POLICY.epsilon))
@@ -249,7 +251,14 @@ def test_training_release_costs_exactly_its_sampled_gaussian_steps(tmp_path, mon
     assert state["status"] == "new"
 
     ledger = open_ledger(lake)
-    (release,) = ledger.releases()
+    # First the DP partition counts (Laplace, its own release), then the training steps, whose
+    # sampling rate comes from those counts.
+    from privrec_pipeline.privacy.accounting import pure_epsilon
+
+    population, release = ledger.releases()
+    assert (population.release_key, [pure_epsilon(c) for c in population.components]) == (
+        "population", [(pytest.approx(config.population_epsilon), 0.0)])
+    q = rate(population.result["partition_users"])
     assert (release.release_key, release.window_start, release.window_end) == ("training", WINDOW[0], WINDOW[-1])
     (component,) = release.components
     assert (component.mechanism, component.count) == ("gaussian", steps)
@@ -261,15 +270,15 @@ def test_training_release_costs_exactly_its_sampled_gaussian_steps(tmp_path, mon
     assert_same_cost(release.epsilon, rdp, "the training release's epsilon (RDP)")
     assert release.delta == config.delta
     assert config.epsilon * (1 - 1e-3) <= rdp <= config.epsilon  # calibrated to the target, not below it
-    # The window holds exactly this release: its basic spend is the release's, its tight spend
-    # the PLD composition of the same steps at the policy's delta.
+    # The window holds exactly these two releases: its basic spend is their sum, its tight spend
+    # the PLD composition of the same steps and the Laplace counts at the policy's delta.
     for day in WINDOW:
         spend = ledger.spend_at(day, 1)
-        assert [r.id for r in spend.releases] == [release.id]
-        assert_same_cost(spend.basic_epsilon, rdp, f"the basic epsilon of {day}")
+        assert [r.id for r in spend.releases] == [population.id, release.id]
+        assert_same_cost(spend.basic_epsilon, rdp + config.population_epsilon, f"the basic epsilon of {day}")
         assert spend.basic_delta == config.delta
     spend = ledger.spend_at(WINDOW[-1])
-    tight = _pld_training_epsilon(q, sigma, steps, POLICY.delta)
+    tight = _pld_training_epsilon(q, sigma, steps, POLICY.delta, config.population_epsilon)
     assert_same_cost(spend.epsilon, tight, "the window's tight (PLD) epsilon")
     assert math.isfinite(tight) and tight > 0
     assert ledger.spend_at(WINDOW[0] - dt.timedelta(days=1), 1).releases == []  # outside the window: nothing

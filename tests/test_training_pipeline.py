@@ -95,7 +95,7 @@ def test_training_tasks_write_an_accounted_candidate_and_fail_closed(partitioned
     assert not (run / "round=1" / "model.npz").exists()
     masked = run / "round=0" / "masked" / "partition=0.npz"
     first = np.load(masked)["masked"]
-    assert tasks.train_partition(lake, DAY, 0, 0, roster) == {"reused": 1.0}  # a retry reuses the update
+    assert tasks.train_partition(lake, DAY, 0, 0, roster)["update"] == "reused"  # a retry reuses the update
     assert np.array_equal(np.load(masked)["masked"], first)
     for r in range(2):
         for k in range(2):
@@ -236,7 +236,7 @@ def test_a_training_resume_under_a_new_run_proves_its_plan_and_draws_no_fresh_no
     resumed = tasks.prepare_training(lake, DAY, config, run_id="run-b", dag_id="d")
     assert resumed["status"] == "resume" and resumed["release_id"] == first["release_id"]
     assert resumed["run_id"] == "run-a" and plan_file.read_bytes() == plan_bytes
-    assert tasks.train_partition(lake, DAY, 0, 0, roster) == {"reused": 1.0}
+    assert tasks.train_partition(lake, DAY, 0, 0, roster)["update"] == "reused"
     assert np.array_equal(np.load(masked)["masked"], update)
     tasks.train_partition(lake, DAY, 0, 1, roster)
     tasks.aggregate_round(lake, DAY, 0, roster)
