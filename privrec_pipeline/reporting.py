@@ -103,16 +103,17 @@ def print_run_summary(console: Console, lake: str, day: dt.date, log: Path | Non
             # numbers of the operator's record beside them (this console is the operator's).
             dp, exact = outcome["evaluation"]["dp"], outcome["evaluation"]["exact"]
             metrics = dp["candidate"]
-            table.add_row(f"  DP Recall@20 / NDCG@10 (hold-out, epsilon {dp['epsilon']:g})",
-                          f"{metrics['recall@20']:.4f} / {metrics['ndcg@10']:.4f}")
+            table.add_row("  DP Recall@20 / NDCG@10 (hold-out)",
+                          f"{metrics['recall@20']:.4f} / {metrics['ndcg@10']:.4f} (epsilon {dp['epsilon']:g})")
             popularity = dp["dp_popularity"]["recall@20"]
             lift = f" (lift {metrics['recall@20'] / popularity - 1:+.1%})" if popularity > 0 else ""
             table.add_row(f"  DP popularity Recall@20{_popularity_bounds(lake, candidate['window'])}",
                           f"{popularity:.4f}{lift}")
-            table.add_row("  exact Recall@20: model / DP popularity (operator only)",
-                          f"{exact['candidate']['recall@20']:.4f} / {exact['dp_popularity']['recall@20']:.4f}")
+            table.add_row("  exact Recall@20 (model / baseline)",
+                          f"{exact['candidate']['recall@20']:.4f} / {exact['dp_popularity']['recall@20']:.4f} "
+                          "(operator only)")
             mia = exact["mia_auc"]
-            table.add_row("  membership-inference AUC (operator only)", "n/a" if mia is None else f"{mia:.3f}")
+            table.add_row("  membership-inference AUC", ("n/a" if mia is None else f"{mia:.3f}") + " (operator only)")
             table.add_row("published model", outcome["version"] if outcome["published"]
                           else f"not published because {outcome['reason']}")
     if release or candidate:

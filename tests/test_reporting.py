@@ -49,5 +49,5 @@ def test_the_summary_names_the_model_the_baseline_its_bound_and_the_lift(tmp_pat
     assert "DP popularity Recall@20 (K 4, 6)" in text  # the bounds DP popularity's counts were taken with
     # The DP evaluation (what the card shows and the gate used), the exact numbers marked as the operator's.
     assert "0.0800 (lift +50.0%)" in text and "0.1200 / 0.1000" in text and "epsilon 0.2" in text
-    assert "0.1234 / 0.0789" in text and "membership-inference AUC (operator only)" in text
+    assert "0.1234 / 0.0789 (operator only)" in text and "0.510 (operator only)" in text
     assert "2026-02-07-r3" in text
