@@ -15,9 +15,10 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-from benchmarks import content_prior, dp_stats, ingest, movielens_pipeline, training
+from benchmarks import audit, content_prior, dp_stats, ingest, movielens_pipeline, training
 
-BENCHMARKS: dict[str, ModuleType] = {m.NAME: m for m in (ingest, dp_stats, training, movielens_pipeline, content_prior)}
+BENCHMARKS: dict[str, ModuleType] = {m.NAME: m for m in (ingest, dp_stats, training, movielens_pipeline, content_prior,
+                                                        audit)}
 
 
 def invocation(argv: list[str]) -> str:

@@ -168,7 +168,7 @@ MODEL_ASSET = Asset("privrec-recommender", uri="privrec://models/privrec-recomme
         "publish_settings": Param(
             {}, type="object", title="Other publish settings",
             description="Settings of privrec_pipeline/models/evaluate.py GateSettings, e.g. "
-                        '{"min_gain_over_dp_popularity": 0.05, "mia_auc_warning": 0.6, "epsilon": 0.2} '
+                        '{"min_gain_over_dp_popularity": 0.05, "epsilon": 0.2} '
                         "(-1 as min_gain_over_dp_popularity turns the DP popularity check off; epsilon: the "
                         "DP evaluation release the gate decides on and the model card shows).",
         ),

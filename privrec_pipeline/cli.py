@@ -26,6 +26,9 @@ app.add_typer(report_app, name="report")
 catalog_app = typer.Typer(help="The item catalog: a public input (items, categories, prices, titles).",
                           no_args_is_help=True)
 app.add_typer(catalog_app, name="catalog")
+audit_app = typer.Typer(help="Audit a day's releases empirically (results in the lake's reports/audits/dt=D/).",
+                        no_args_is_help=True)
+app.add_typer(audit_app, name="audit")
 console = Console()
 
 LakeOption = typer.Option(None, "--lake", help="Lake folder or URI (default: $PRIVREC_LAKE or ./lake).")
@@ -315,6 +318,59 @@ def status(date: str = typer.Option(..., "--date", help="UTC day, YYYY-MM-DD."),
     from privrec_pipeline.reporting import print_run_summary
 
     print_run_summary(console, lake or lake_root(), _day(date), None)
+
+
+@audit_app.command("training")
+def audit_training_cmd(
+    date: str = typer.Option(..., "--date", help="The day whose training run to repeat with canaries, YYYY-MM-DD."),
+    canaries: int = typer.Option(2000, "--canaries", min=20, help="Canaries (more: a tighter bound, more memory)."),
+    no_noise: bool = typer.Option(False, "--no-noise", help="Turn the noise off: the audit must then fail (its power)."),
+    confidence: float = typer.Option(0.99, "--confidence", min=0.5, max=0.9999),
+    lake: str | None = LakeOption,
+) -> None:
+    """Repeat the day's training run with canaries and bound its epsilon from below (one-run audit)."""
+    from privrec_pipeline.audits import audit_training
+
+    try:
+        out = audit_training(lake or lake_root(), _day(date), canaries=canaries, noise=not no_noise,
+                             confidence=confidence)
+    except PrivrecError as error:
+        _fail(str(error))
+    _say(f"training audit of {date} ({out['mode']} mode{', noise OFF' if no_noise else ''}): "
+         f"{'passed' if out['passed'] else 'FAILED'}; empirical epsilon >= {out['epsilon_lower']:.3g} at confidence "
+         f"{out['confidence']:g}, claimed {out['claimed_epsilon']:.3g} ({out['correct']} of {out['guesses']} guesses "
+         f"right on {out['canaries']} canaries; {out['seconds']:g} s)\nmethod: {out['method']}\nwritten to {out['path']}")
+    if not out["passed"]:
+        raise typer.Exit(2)
+
+
+@audit_app.command("stats")
+def audit_stats_cmd(
+    date: str = typer.Option(..., "--date", help="The day whose DP statistics release to audit, YYYY-MM-DD."),
+    runs: int = typer.Option(1500, "--runs", min=20, help="Runs of the mechanisms on each neighbouring day."),
+    confidence: float = typer.Option(0.999, "--confidence", min=0.5, max=0.99999),
+    lake: str | None = LakeOption,
+) -> None:
+    """Run the DP statistics tester on the day's release configuration; adds the result to its DP report."""
+    from privrec_pipeline.audits import audit_dp_stats
+    from privrec_pipeline.spark.session import get_spark
+
+    try:
+        out = audit_dp_stats(get_spark("privrec-audit"), lake or lake_root(), _day(date), runs=runs,
+                             confidence=confidence)
+    except PrivrecError as error:
+        _fail(str(error))
+    from rich.table import Table
+
+    table = Table("statistic", "claimed epsilon", "empirical lower bound", "result")
+    for name, bound in out["statistics"].items():
+        table.add_row(name, f"{bound['claimed_epsilon']:.4g}", f"{bound['epsilon_lower']:.4g}",
+                      "REFUTED" if bound["refutes"] else "not refuted")
+    console.print(table)
+    _say(f"DP statistics audit of {date}: {'passed' if out['passed'] else 'FAILED'} at confidence "
+         f"{out['confidence']:g} ({out['runs']} runs per day, {out['seconds']:g} s); written to {out['path']}")
+    if not out["passed"]:
+        raise typer.Exit(2)
 
 
 @report_app.command("quality")

@@ -24,6 +24,7 @@ ZONES = {
     "dp_stats": "gold/dp_stats",
     "training": "training",
     "candidates": "models/_candidates",
+    "audits": "reports/audits",  # on-demand audits (``audits.py``): public results only
     "catalog": "catalog/items",  # public input: dt=D is the catalog from day D on (catalog.py)
     # Per-user outputs (recommendations keyed by user pseudonym): restricted like silver, never in
     # the published model folder, kept for SERVING_RETENTION_DAYS (models/batch.py).

@@ -94,6 +94,11 @@ def print_run_summary(console: Console, lake: str, day: dt.date, log: Path | Non
         table.add_row("  partitions x rounds", f"{candidate['partitions']} x {candidate['config']['rounds']}")
         table.add_row("  vocabulary / noise multiplier",
                       f"{candidate['vocabulary_size']:,} items / {plan['noise_multiplier']:.3g}")
+        audit = candidate.get("audit")
+        if audit:
+            table.add_row("  training audit", f"{'passed' if audit['passed'] else 'FAILED'}: epsilon >= "
+                                              f"{audit['epsilon_lower']:.3g} at confidence {audit['confidence']:g} "
+                                              f"({audit['canaries']} canaries)")
         from privrec_pipeline.models.publish import operator_record
 
         outcome_path = operator_record(lake, day)
@@ -112,8 +117,6 @@ def print_run_summary(console: Console, lake: str, day: dt.date, log: Path | Non
             table.add_row("  exact Recall@20 (model / baseline)",
                           f"{exact['candidate']['recall@20']:.4f} / {exact['dp_popularity']['recall@20']:.4f} "
                           "(operator only)")
-            mia = exact["mia_auc"]
-            table.add_row("  membership-inference AUC", ("n/a" if mia is None else f"{mia:.3f}") + " (operator only)")
             table.add_row("published model", outcome["version"] if outcome["published"]
                           else f"not published because {outcome['reason']}")
     if release or candidate:

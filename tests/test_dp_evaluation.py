@@ -84,3 +84,7 @@ def test_one_release_per_candidate_reused_and_the_decision_uses_only_the_noisy_m
     worse = replace(first, candidate={**first.candidate, "recall@20": first.dp_popularity["recall@20"]})
     assert decide(worse, gate) == (False, f"DP Recall@20 {worse.candidate['recall@20']:.4f} does not beat DP "
                                           f"popularity ({worse.dp_popularity['recall@20']:.4f})")
+    # -1 turns the popularity check off, even when the noisy candidate mean is clamped to 0.
+    off = GateSettings(min_gain_over_dp_popularity=-1.0, tolerance=1.0)
+    zero = replace(first, candidate={**first.candidate, "recall@20": 0.0})
+    assert decide(zero, off)[0] and not decide(zero, gate)[0]

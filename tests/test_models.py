@@ -14,7 +14,7 @@ from conftest import DAY, released_day
 from privrec_pipeline import lake as lk
 from privrec_pipeline.errors import PrivrecError
 from privrec_pipeline.models import publish as pub
-from privrec_pipeline.models.evaluate import GateSettings, auc
+from privrec_pipeline.models.evaluate import GateSettings
 from privrec_pipeline.models.recommend import LATEST, Recommender, models_root, resolve_version
 from privrec_pipeline.privacy.ledger import open_ledger
 from privrec_pipeline.training import tasks
@@ -55,15 +55,6 @@ def lake(trained, tmp_path, monkeypatch):
     return str(target)
 
 
-def test_membership_auc_is_the_mann_whitney_statistic():
-    import numpy as np
-
-    assert auc(np.array([3.0, 4.0]), np.array([1.0, 2.0])) == 1.0
-    assert auc(np.array([1.0, 2.0]), np.array([3.0, 4.0])) == 0.0
-    assert auc(np.array([1.0, 1.0]), np.array([1.0, 1.0])) == 0.5
-    assert auc(np.array([]), np.array([1.0])) is None
-
-
 # On a tiny synthetic day (users without lasting tastes) popularity is hard to beat; the
 # publishing mechanics are tested with the popularity check off, the check itself below.
 MECHANICS = GateSettings(min_gain_over_dp_popularity=-1.0)
@@ -87,12 +78,16 @@ def test_publish_writes_a_version_with_a_card_that_agrees_with_the_ledger(lake):
     assert set(card["metrics"]["candidate"]) == {"recall@20", "ndcg@10", "hr@10"}
     assert card["code_version"] and "membership_inference" not in card and "warnings" not in card
     # The card's metrics are the DP evaluation release's, accounted in the ledger; the exact
-    # ones and the membership AUC are the operator's.
+    # ones are the operator's. The training audit (canary coordinates only) is in the card.
     record = json.loads(pub.operator_record(lake, DAY).read_text())["evaluation"]
     [evaluation] = [r for r in open_ledger(lake).releases() if r.release_key == f"evaluation-r{release.id}"]
     assert record["dp"]["release_id"] == evaluation.id and evaluation.state == "committed"
     assert card["metrics"]["candidate"] == record["dp"]["candidate"] != record["exact"]["candidate"]
-    assert 0.0 <= record["exact"]["mia_auc"] <= 1.0
+    assert set(record["exact"]["users"]) == {"trained", "held_out"}
+    audit = privacy["audit"]
+    assert audit["passed"] and audit["canaries"] == 1000 and audit["claimed_epsilon"] == pytest.approx(release.epsilon)
+    assert "### Audit" in (folder / "model_card.md").read_text() and "Empirical lower bound" in \
+        (folder / "model_card.md").read_text()
     assert "Model card" in (folder / "model_card.md").read_text()
     # A rerun of the same run publishes nothing new.
     again = pub.publish(lake, DAY, gate=MECHANICS)
@@ -121,6 +116,9 @@ CARD_KEYS = {
     "metrics.protocol", "metrics.dp", "metrics.candidate.recall@20", "metrics.candidate.ndcg@10",
     "metrics.candidate.hr@10", "metrics.dp_popularity.recall@20", "metrics.previously_published",
     "metrics.previous_version", "code_version",
+    # The one-run audit: computed from the canary coordinates, which no user's data touches.
+    *(f"privacy.audit.{k}" for k in ("claimed_epsilon", "delta", "epsilon_lower", "confidence", "canaries",
+                                     "guesses", "correct", "method", "passed")),
 }
 
 
@@ -130,7 +128,8 @@ PUBLIC_CARD_KEYS = ("privacy.model.", "privacy.window_per_ledger.", "privacy.cli
                     # equal an exact one by chance (noise within 0.5: about 1 in 40).
                     "privacy.population.", "privacy.epsilon_with_population",
                     "privacy.rounds", "privacy.local_steps", "privacy.partitions", "privacy.trust_model.partitions",
-                    "privacy.trust_model.collusion_tolerance", "privacy.contribution_bounds.", "created_from.")
+                    "privacy.trust_model.collusion_tolerance", "privacy.contribution_bounds.", "created_from.",
+                    "privacy.audit.")
 
 
 def _leaves(value, path=""):
@@ -186,7 +185,7 @@ def test_the_model_card_holds_only_allowed_keys_and_no_exact_count_of_the_data(l
     # The exact numbers stay with the operator, outside the published folder.
     assert not (folder / "evaluation.json").exists()
     record = json.loads(pub.operator_record(lake, DAY).read_text())
-    assert record["evaluation"]["exact"]["mia_users"]["held_out"] == manifest["holdout"]["held_out_users"]
+    assert record["evaluation"]["exact"]["users"]["held_out"] == manifest["holdout"]["held_out_users"]
     assert len(record["training_data_sha256"]) == 64
 
 
@@ -335,9 +334,24 @@ def test_gate_settings_come_from_the_dag_params():
     from privrec_pipeline.errors import ConfigurationError
     from privrec_pipeline.models.evaluate import gate_settings
 
-    gate = gate_settings(0.1, {"min_gain_over_dp_popularity": -1, "mia_auc_warning": 0.7})
-    assert gate == GateSettings(tolerance=0.1, min_gain_over_dp_popularity=-1.0, mia_auc_warning=0.7)
+    gate = gate_settings(0.1, {"min_gain_over_dp_popularity": -1, "epsilon": 0.3})
+    assert gate == GateSettings(tolerance=0.1, min_gain_over_dp_popularity=-1.0, epsilon=0.3)
     with pytest.raises(ConfigurationError, match="publish_tolerance Param"):
         gate_settings(0.1, {"tolerance": 0.2})
     with pytest.raises(ConfigurationError, match="unknown publish setting"):
         gate_settings(0.1, {"min_gain": 0.1})
+
+
+def test_a_model_whose_training_audit_failed_is_never_published_nor_evaluated(lake):
+    from privrec_pipeline.training.tasks import candidate_folder
+
+    path = candidate_folder(lake, DAY) / "model" / "training.json"
+    report = json.loads(path.read_text())
+    report["audit"] = {**report["audit"], "epsilon_lower": 3.2, "passed": False}
+    path.write_text(json.dumps(report))
+    outcome = pub.publish(lake, DAY, gate=MECHANICS)
+    assert not outcome["published"] and "the training audit refutes the model's guarantee: epsilon >= 3.2" in \
+        outcome["reason"]
+    assert not (models_root(lake) / "privrec-recommender" / LATEST).exists()
+    assert not [r for r in open_ledger(lake).releases() if r.release_key.startswith("evaluation-")]
+    assert json.loads(pub.operator_record(lake, DAY).read_text())["audit"]["passed"] is False

@@ -40,7 +40,7 @@ def test_the_summary_names_the_model_the_baseline_its_bound_and_the_lift(tmp_pat
            {"evaluation": {"dp": {"candidate": {"recall@20": 0.12, "ndcg@10": 0.1}, "dp_popularity": {"recall@20": 0.08},
                                   "epsilon": 0.2},
                            "exact": {"candidate": {"recall@20": 0.1234, "ndcg@10": 0.1},
-                                     "dp_popularity": {"recall@20": 0.0789}, "mia_auc": 0.51}},
+                                     "dp_popularity": {"recall@20": 0.0789}}},
             "published": True, "version": "2026-02-07-r3", "reason": "beats DP popularity"})
     console = Console(record=True, width=200)
     print_run_summary(console, lake, DAY, None)

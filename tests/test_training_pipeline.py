@@ -288,6 +288,8 @@ def test_the_content_prior_starts_the_item_tables_from_the_catalogs_text(partiti
     assert all(texts) and len(set(texts)) > 1
     expected = item_init(texts, 8, 0.05)
     params = np.load(tasks.candidate_folder(lake, DAY) / "run" / "round=0" / "model.npz")["params"]
+    assert not params[-config.audit_canaries:].any()  # the canary block starts at 0
+    params = params[:-config.audit_canaries]
     model = new_model(config, state["vocabulary_size"], vocabulary.item_category)
     load_flat(model, params)
     assert torch.equal(model.item_in.weight.detach(), expected)

@@ -37,8 +37,26 @@ def _top_items_chart(items: list[dict[str, Any]], level: float, k: int) -> str:
     return to_svg(fig)
 
 
+def _audit_section(audit: dict[str, Any] | None) -> str:
+    """The DP statistics tester's result (``audits.audit_dp_stats``), if one was run."""
+    if audit is None:
+        return ("<h2>Audit</h2><p class=sub>Not audited yet: <code>privrec audit stats --date D</code> runs the DP "
+                "statistics tester on this release's configuration.</p>")
+    e = html.escape
+    rows = "".join(
+        f"<tr><td>{e(name)}</td><td class=n>{b['claimed_epsilon']:.4g}</td><td class=n>{b['epsilon_lower']:.4g}</td>"
+        f"<td>{'refuted' if b['refutes'] else 'not refuted'}</td></tr>" for name, b in audit["statistics"].items())
+    method = next(iter(audit["statistics"].values()))["method"] if audit["statistics"] else ""
+    return (f"<h2>Audit</h2><p>{'Passed' if audit['passed'] else '<b>FAILED</b>'}: empirical lower bounds on each "
+            f"statistic's epsilon at confidence {audit['confidence']:g}, from {audit['runs']:,} runs on each of two "
+            f"neighbouring days ({e(audit['what'])}); method: {e(method)}. A bound above the claimed epsilon refutes "
+            "the claim; below it, the runs found no evidence against it.</p>"
+            "<table><thead><tr><th>statistic</th><th>claimed epsilon</th><th>empirical lower bound</th><th>result</th>"
+            f"</tr></thead><tbody>{rows}</tbody></table>")
+
+
 def render_release_page(release: dict[str, Any], items: list[dict[str, Any]], funnel: list[dict[str, Any]],
-                        categories: list[dict[str, Any]]) -> str:
+                        categories: list[dict[str, Any]], audit: dict[str, Any] | None = None) -> str:
     e = html.escape
     level = release["confidence_level"]
     k = release["bounds"]["max_items_per_user"]
@@ -120,6 +138,7 @@ Every number on this page is noisy; {len(items):,} items and {len(categories):,}
 <table><thead><tr><th>statistic</th><th>mechanism</th><th>epsilon</th><th>delta</th><th>sensitivity</th>
 <th>noise scale</th></tr></thead><tbody>{budget_rows}</tbody></table>
 <p class=sub>Contribution bounds per user: {e(_bounds(release['bounds']))}.</p>
+{_audit_section(audit)}
 </body></html>
 """
 

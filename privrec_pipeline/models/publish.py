@@ -36,7 +36,6 @@ from privrec_pipeline.models.evaluate import (
     decide,
     dp_popularity_counts,
     evaluate,
-    operator_warnings,
 )
 from privrec_pipeline.models.recommend import LATEST, models_root, resolve_version
 from privrec_pipeline.training.artifact import read_model
@@ -121,7 +120,7 @@ def evaluate_candidate(lake: str, day: dt.date, name: str = DEFAULT_NAME, gate: 
                             published[1] if published else None, gate.epsilon, run_id=run_id, dag_id=dag_id,
                             force=force, parameters={"training_release": report["release_id"]})
     publish_it, reason = decide(dp, gate)
-    return Evaluation(dp.to_dict(), exact.means(), publish_it, reason, operator_warnings(exact, gate)), report
+    return Evaluation(dp.to_dict(), exact.means(), publish_it, reason), report
 
 
 def publish(lake: str, day: dt.date, name: str = DEFAULT_NAME, gate: GateSettings | None = None, *,
@@ -145,11 +144,19 @@ def publish(lake: str, day: dt.date, name: str = DEFAULT_NAME, gate: GateSetting
             _point_latest(root, version)
         return {"published": True, "version": version, "path": str(target), "reused": True,
                 "reason": "this run's model was already published"}
+    audit = report.get("audit")
+    if audit is not None and not audit["passed"]:
+        # A refuted guarantee is never published (nor evaluated: no budget is spent on it).
+        refused = {"published": False, "version": None, "audit": audit,
+                   "reason": f"the training audit refutes the model's guarantee: epsilon >= {audit['epsilon_lower']:.3g} "
+                             f"at confidence {audit['confidence']:g}, claimed {audit['claimed_epsilon']:.3g}"}
+        operator_record(lake, day).write_text(json.dumps(refused, indent=2, sort_keys=True), encoding="utf-8")
+        return refused
     evaluation, _ = evaluate_candidate(lake, day, name, gate, run_id=run_id, dag_id=dag_id, force=force)
     outcome: dict[str, Any] = {"published": evaluation.publish, "version": version if evaluation.publish else None,
                                "reason": evaluation.reason, "evaluation": evaluation.to_dict(),
                                "training_data_sha256": _fingerprint(lk.local_path(training_uri(lake, day)))}
-    # The operator's record (exact hold-out metrics, the membership AUC and user counts, the
+    # The operator's record (exact hold-out metrics and user counts, the
     # training shards' hash): beside the candidate model, never copied into the published folder.
     operator_record(lake, day).write_text(json.dumps(outcome, indent=2, sort_keys=True), encoding="utf-8")
     if not evaluation.publish:
@@ -267,6 +274,8 @@ def model_card(name: str, version: str, report: dict[str, Any], evaluation: Eval
                            if manifest.get("categories") else
                            "items released by DP partition selection in the window's dp_stats releases "
                            f"({report['vocabulary_size']} items)"),
+            # Computed from the canary coordinates only, which no user's data touches: public.
+            "audit": report.get("audit"),
             "published_parameters": "item embeddings (in and out), item pooling logits, item biases"
                                     + (f"; category embeddings (in and out) and biases of the catalog's "
                                        f"{report['model']['categories']} categories"
@@ -274,8 +283,8 @@ def model_card(name: str, version: str, report: dict[str, Any], evaluation: Eval
                                     + "; no user vectors",
         },
         "data": {"window": report["window"], "dp_releases": manifest["releases"]},
-        # DP means of the evaluation release (the gate decided on them); the exact metrics and
-        # the membership audit's AUC are in the operator's record only.
+        # DP means of the evaluation release (the gate decided on them); the exact metrics are
+        # in the operator's record only.
         "metrics": {"protocol": "DESIGN.md: users with >= 5 items, last 20% test, train items excluded",
                     "dp": (f"Laplace, epsilon {dp['epsilon']:g} (ledger release {dp['release_id']}), noise scale "
                            f"{dp['noise_scale']:g} on each sum of per-user values in [0, 1] and on the user count"),
@@ -283,6 +292,15 @@ def model_card(name: str, version: str, report: dict[str, Any], evaluation: Eval
                     "previously_published": dp["published"], "previous_version": dp["published_version"]},
         "code_version": _code_version(),
     }
+
+
+def _audit_markdown(audit: dict[str, Any] | None) -> str:
+    if audit is None:
+        return "This run had no audit canaries (`audit_canaries` 0)."
+    return (f"Empirical lower bound on epsilon: **{audit['epsilon_lower']:.3g}** at confidence {audit['confidence']:g} "
+            f"against the claimed {audit['claimed_epsilon']:.3g} ({'passed' if audit['passed'] else 'FAILED'}): "
+            f"{audit['correct']} of {audit['guesses']} guesses right on {audit['canaries']} canaries; {audit['method']}. "
+            "A lower bound below the claim is what a correct run shows; one run's bound is far from tight.")
 
 
 def model_card_markdown(card: dict[str, Any]) -> str:
@@ -323,6 +341,10 @@ secure aggregation. Only item-side parameters are published ({p['published_param
 {t['secure_aggregation']}
 
 Noise source: {t['noise_source']}.
+
+### Audit
+
+{_audit_markdown(p['audit'])}
 
 ## Data
 

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from privrec_pipeline.errors import ConfigurationError
+from privrec_pipeline.training.canaries import Canaries, CanaryBlock
 from privrec_pipeline.training.data import Histories
 from privrec_pipeline.training.dp import (
     Batch,
@@ -94,6 +95,12 @@ class TrainConfig:
     measured in ``benchmarks/content_prior.py`` (it raised Recall@20 in every run there), off by
     default because encoding a large catalog takes minutes on a CPU."""
 
+    audit_canaries: int = 1000
+    """m: canaries of the one-run training audit inserted in every private run (``training.canaries``;
+    they never touch the model's parameters and cost no budget); 0: no audit, else at least 20."""
+    audit_confidence: float = 0.99
+    """Confidence of the audit's epsilon lower bound; a bound above the claimed epsilon fails the run's audit."""
+
     def __post_init__(self) -> None:
         def fail(name: str, problem: str) -> None:
             raise ConfigurationError(f"TrainConfig: {name} {problem}, not {getattr(self, name)!r}")
@@ -112,6 +119,11 @@ class TrainConfig:
                 fail(name, "must be positive")
         if not 0 <= self.input_dropout < 1:
             fail("input_dropout", "must be in [0, 1)")
+        if isinstance(self.audit_canaries, bool) or not isinstance(self.audit_canaries, int) \
+                or not (self.audit_canaries == 0 or self.audit_canaries >= 20):
+            fail("audit_canaries", "must be 0 (no audit) or an integer >= 20")
+        if not 0.5 <= self.audit_confidence < 1:
+            fail("audit_confidence", "must be in [0.5, 1)")
         if not (self.population_epsilon > 0 and math.isfinite(self.population_epsilon)):
             fail("population_epsilon", "must be positive and finite")
         if self.collusion_tolerance is not None:
@@ -217,21 +229,28 @@ def load_flat(model: ItemModel, flat: np.ndarray) -> None:
 
 def partition_update(config: TrainConfig, plan: PrivacyPlan, global_params: np.ndarray, vocab_size: int,
                      shard: Histories, *, round_index: int, partition: int, partitions: int,
-                     secret: bytes, run_id: str,
-                     item_category: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, float]]:
-    """One partition's work in one round: its update (new - old parameters) and diagnostics."""
+                     secret: bytes, run_id: str, item_category: np.ndarray | None = None,
+                     canaries: Canaries | None = None) -> tuple[np.ndarray, dict[str, float]]:
+    """One partition's work in one round: its update (new - old parameters) and diagnostics.
+    With ``canaries``, the parameter vector ends with their block (``training.canaries``)."""
     model = new_model(config, vocab_size, item_category)
-    load_flat(model, global_params)
+    size = global_params.size - (canaries.count if canaries else 0)
+    load_flat(model, global_params[:size])
     if partitions != plan.partitions:
         raise ConfigurationError(f"the plan was made for {plan.partitions} partitions, this round has {partitions}")
     random = SecureRandom.derive(secret, "noise", run_id, round_index, partition)  # sampling and noise (DP)
+    block = None
+    if canaries is not None and config.mode != "nonprivate":
+        block = CanaryBlock(canaries, global_params[size:], secret=secret, run_id=run_id, round_index=round_index,
+                            partition=partition, partitions=partitions)
     generator = dropout_generator(secret, run_id, round_index, partition) if config.input_dropout > 0 else None
     q = plan.sampling_rates[partition]
     # The expected batch from the plan's population (public or DP, Abadi et al. 2016's fixed lot
     # size), never the shard's exact size.
     denominator = q * (sum(plan.population) if config.mode == "distributed" else plan.population[partition])
     noise = plan.noise_std_per_partition
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.local_lr) if config.mode != "distributed" else None
+    params = [*model.parameters(), *([block.parameter] if block is not None else [])]
+    optimizer = torch.optim.Adam(params, lr=config.local_lr) if config.mode != "distributed" else None
     stats = {"loss": 0.0, "clipped": 0.0, "sampled": 0.0}
     for _ in range(config.steps_per_round):
         sampled = np.flatnonzero(random.bernoulli(shard.users, q))  # Poisson sampling
@@ -247,14 +266,19 @@ def partition_update(config: TrainConfig, plan: PrivacyPlan, global_params: np.n
         else:
             step = dp_gradient(model, batch, clip_norm=config.clip_norm, noise_std=noise, denominator=denominator,
                                generator=generator, noise=random)
+        if block is not None:
+            block.step_gradient(q, config.clip_norm, noise, denominator)
         if optimizer is not None:
             optimizer.step()
         stats["loss"] += step["loss"] / config.steps_per_round
         stats["clipped"] += step["clipped"] / config.steps_per_round
         stats["sampled"] += len(sampled) / config.steps_per_round
     if config.mode == "distributed":  # the update is minus the noisy gradient share
-        return -torch.cat([p.grad.reshape(-1) for p in model.parameters()]).double().numpy(), stats
-    return flatten(model) - global_params, stats
+        update = -torch.cat([p.grad.reshape(-1) for p in params]).double().numpy()
+    else:
+        update = np.concatenate([flatten(model), block.values() if block is not None else global_params[size:]]) \
+            - global_params
+    return update, stats
 
 
 @dataclass
@@ -285,21 +309,37 @@ class TrainingResult:
     model: ItemModel
     plan: PrivacyPlan
     history: list[dict[str, float]]  # per round: mean loss and clipped share over partitions
+    audit: Any = None  # the one-run audit (``one_run_audit.AuditResult``) of a private run with canaries
+
+
+def canary_audit(config: TrainConfig, plan: PrivacyPlan, canaries: Canaries | None, params: np.ndarray):
+    """The model's parameters (the canary block dropped) and the run's audit (None without canaries)."""
+    if canaries is None:
+        return params, None
+    from privrec_pipeline.training.canaries import audit_run
+
+    size = params.size - canaries.count
+    if config.mode == "nonprivate":
+        return params[:size], None
+    return params[:size], audit_run(canaries, params[size:], plan.epsilon, plan.delta, config.audit_confidence)
 
 
 def train_in_process(config: TrainConfig, shards: list[Histories], vocab_size: int, *, run_id: str = "local",
                      secure: bool = True, item_category: np.ndarray | None = None,
-                     item_init: torch.Tensor | None = None) -> TrainingResult:
+                     item_init: torch.Tensor | None = None, plan: PrivacyPlan | None = None) -> TrainingResult:
     """Every round of every partition in this process, through the same functions the DAG's
     tasks call (and, with ``secure``, through masked secure aggregation). ``item_init``: public
-    initial item vectors of the global model (only its start: the rounds load its parameters)."""
+    initial item vectors of the global model (only its start: the rounds load its parameters);
+    ``plan``: a run's plan (default: planned from the shards' sizes)."""
     import secrets as _secrets
 
     from privrec_pipeline.training import secure_agg
 
     partitions = len(shards)
-    plan = plan_privacy(config, [s.users for s in shards])
-    state = ServerState(flatten(new_model(config, vocab_size, item_category, item_init)))
+    plan = plan or plan_privacy(config, [s.users for s in shards])
+    canaries = Canaries.new(config.audit_canaries) if config.mode != "nonprivate" else None
+    state = ServerState(np.concatenate([flatten(new_model(config, vocab_size, item_category, item_init)),
+                                        np.zeros(canaries.count if canaries else 0)]))
     partition_secrets = [_secrets.token_bytes(32) for _ in range(partitions)]
     history = []
     for r in range(config.rounds):
@@ -308,13 +348,14 @@ def train_in_process(config: TrainConfig, shards: list[Histories], vocab_size: i
         public = {k: keys[k].public_bytes() for k in range(partitions)}
         for k, shard in enumerate(shards):
             delta, s = partition_update(config, plan, state.params, vocab_size, shard, round_index=r, partition=k,
-                                        partitions=partitions,
-                                        secret=partition_secrets[k], run_id=run_id, item_category=item_category)
+                                        partitions=partitions, secret=partition_secrets[k], run_id=run_id,
+                                        item_category=item_category, canaries=canaries)
             updates[k] = secure_agg.mask_update(delta, keys[k], public, run_id, r) if secure else delta
             stats.append(s)
         total = secure_agg.aggregate(updates, partitions) if secure else sum(updates.values())
         state = apply_round(config, state, total, partitions)
         history.append({k: float(np.mean([s[k] for s in stats])) for k in ("loss", "clipped", "sampled")})
+    params, audit = canary_audit(config, plan, canaries, state.params)
     model = new_model(config, vocab_size, item_category)
-    load_flat(model, state.params)
-    return TrainingResult(model, plan, history)
+    load_flat(model, params)
+    return TrainingResult(model, plan, history, audit)

@@ -10,7 +10,7 @@ Per user (the privacy unit), from the window's validated days:
 - split by the evaluation protocol of DESIGN.md: users with at least 5 items give their
   last 20% (at least 1) by time as test items; only the rest is trained on;
 - a share of users, chosen by a keyed hash of the pseudonym, is held out of training
-  entirely (their histories serve evaluation and the membership-inference audit);
+  entirely (their histories serve evaluation as unseen users);
 - the others are assigned to one of P partitions by a keyed hash of the pseudonym, so the
   partitions are disjoint and a user stays in the same partition every day.
 
@@ -53,7 +53,7 @@ class PartitionParams:
     max_items_per_user: int = 200
     """L: the most recent items of a user kept for training and evaluation."""
     holdout_user_share: float = 0.1
-    """Share of users kept out of training entirely (evaluation, membership-inference audit)."""
+    """Share of users kept out of training entirely (evaluated as unseen users)."""
     max_vocabulary: int = 0
     """N: train on the N items with the most (noisy, DP-released) users of the window; 0: every
     released item (with a catalog: the whole catalog). For very large catalogs."""

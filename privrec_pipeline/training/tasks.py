@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,12 +35,14 @@ import numpy as np
 
 from privrec_pipeline import lake as lk
 from privrec_pipeline.errors import PrivrecError
+from privrec_pipeline.training.canaries import Canaries
 from privrec_pipeline.training.data import Histories
 from privrec_pipeline.training.federated import (
     PrivacyPlan,
     ServerState,
     TrainConfig,
     apply_round,
+    canary_audit,
     flatten,
     new_model,
     partition_update,
@@ -49,6 +52,8 @@ from privrec_pipeline.training.partitions import training_uri
 
 if TYPE_CHECKING:
     import torch
+
+log = logging.getLogger(__name__)
 
 RELEASE_KEY = "training"
 RUN_DIR = "run"
@@ -186,7 +191,9 @@ def prepare_training(lake: str, day: dt.date, config: TrainConfig, *, run_id: st
                     "categories": manifest.get("categories", 0) if config.category_features else 0,
                     "pseudonym_key_fingerprint": fingerprint})
     release = reservation.release
+    canaries = Canaries.new(config.audit_canaries)
     state = {"release_id": release.id, "status": reservation.status, "plan": plan.to_dict(),
+             "canaries": canaries.to_doc() if canaries else None,
              "config": asdict(config), "partitions": len(sizes), "population": population.to_dict(),
              "vocabulary_size": manifest["vocabulary_size"], "window": window, "run_id": release.run_id}
     run = _run(lake, day)
@@ -210,7 +217,7 @@ def prepare_training(lake: str, day: dt.date, config: TrainConfig, *, run_id: st
         size = manifest["vocabulary_size"]
         model = new_model(config, size, _item_category(lake, day, size),
                           _content_prior(lake, day, config, size) if config.content_prior else None)
-        _save_array(initial, params=flatten(model))
+        _save_array(initial, params=np.concatenate([flatten(model), np.zeros(canaries.count if canaries else 0)]))
     return state
 
 
@@ -427,7 +434,7 @@ def train_partition(lake: str, day: dt.date, round_index: int, partition: int, r
     shard = load_shard(_folder(lake, day) / f"partition={partition}")
     delta, stats = partition_update(config, plan, state, doc["vocabulary_size"], shard, round_index=round_index,
                                     partition=partition, partitions=doc["partitions"],
-                                    secret=secret, run_id=doc["run_id"],
+                                    secret=secret, run_id=doc["run_id"], canaries=Canaries.from_doc(doc.get("canaries")),
                                     item_category=_item_category(lake, day, doc["vocabulary_size"]))
     masked = mask_update(delta, keys, public, doc["run_id"], round_index)
     update = MaskedUpdate(partition, round_index, doc["run_id"], roster.sealed(partition, round_index), roster_digest,
@@ -499,14 +506,23 @@ def finish_training(lake: str, day: dt.date, *, run_id: str) -> dict[str, Any]:
     def write() -> None:
         if written:
             return  # an earlier attempt wrote this release's model and died before committing
-        params = np.load(_run(lake, day) / f"round={config.rounds}" / "model.npz")["params"]
+        final = np.load(_run(lake, day) / f"round={config.rounds}" / "model.npz")["params"]
+        params, audit = canary_audit(config, plan, Canaries.from_doc(doc.get("canaries")), final)
         report = {"release_id": doc["release_id"], "run_id": doc["run_id"], "window": doc["window"],
                   "plan": doc["plan"], "config": doc["config"], "partitions": doc["partitions"],
-                  "population": doc["population"], "vocabulary_size": doc["vocabulary_size"]}
+                  "population": doc["population"], "vocabulary_size": doc["vocabulary_size"],
+                  "audit": audit.to_dict() if audit else None}
         write_model(candidate, config, doc["vocabulary_size"], params, _folder(lake, day) / "vocabulary", report)
 
     ledger.commit(doc["release_id"], {"uri": str(candidate)}, run_id=run_id, publish=write)
-    return {"candidate": str(candidate), "epsilon": plan.epsilon, "delta": plan.delta}
+    audit = json.loads((candidate / "training.json").read_text(encoding="utf-8")).get("audit")
+    if audit is not None:
+        log.info("training audit: %s; empirical epsilon >= %.3g at confidence %g, claimed %.3g (%s)",
+                 "passed" if audit["passed"] else "FAILED", audit["epsilon_lower"], audit["confidence"],
+                 audit["claimed_epsilon"], audit["method"])
+    # The audit's numbers come from the canary coordinates only, which no user's data touches.
+    return {"candidate": str(candidate), "epsilon": plan.epsilon, "delta": plan.delta,
+            "audit": None if audit is None else {k: audit[k] for k in ("passed", "epsilon_lower", "confidence")}}
 
 
 def closes_training_window(day: dt.date, window_days: int) -> bool:
