@@ -47,8 +47,8 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--audit-canaries", type=int, default=10_000,
                        help="canaries of the on-demand training audit rows (default: 10,000)")
     group.add_argument("--audit-dim", type=int, default=16, help="model dimension of the bound runs (default: 16)")
-    group.add_argument("--audit-runs", type=int, default=2000,
-                       help="runs per neighbouring day of the DP statistics tester (default: 2,000)")
+    group.add_argument("--audit-runs", type=int, default=1000,
+                       help="runs per neighbouring day of the DP statistics tester (default: 1,000)")
 
 
 def _training(args: argparse.Namespace, console: "Console") -> dict[str, Any]:
