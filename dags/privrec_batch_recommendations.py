@@ -19,6 +19,7 @@ import pendulum
 from airflow.sdk import Asset, dag, task
 
 from privrec_pipeline.config import EARLIEST_DAY
+from privrec_pipeline.orchestration.notify import FailureNotifier
 
 MODEL_ASSET = Asset("privrec-recommender", uri="privrec://models/privrec-recommender")
 
@@ -32,7 +33,9 @@ MODEL_ASSET = Asset("privrec-recommender", uri="privrec://models/privrec-recomme
     tags=["privrec", "serving"],
     doc_md=__doc__,
     default_args={"owner": "privrec", "retries": int(os.environ.get("PRIVREC_TASK_RETRIES", "2")),
-                  "retry_delay": timedelta(minutes=5)},
+                  "retry_delay": timedelta(minutes=5),
+                  "execution_timeout": timedelta(minutes=int(os.environ.get("PRIVREC_TASK_TIMEOUT_MINUTES", "180"))),
+                  "on_failure_callback": FailureNotifier()},
 )
 def privrec_batch_recommendations() -> None:
     @task

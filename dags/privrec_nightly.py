@@ -26,11 +26,11 @@ processes `landing/interactions/dt=D`:
    ledger), one `publish_keys` per partition, `seal_keys` (the run's roster of key
    fingerprints; its digest reaches the round tasks through XCom), then per round one mapped
    task per partition (user-level DP update, masked for secure aggregation) and one
-   aggregation that checks every masked update against the roster; `finish_training` writes the candidate model
-   and commits the release. Partitions and rounds: `PRIVREC_TRAIN_PARTITIONS` /
+   aggregation that checks every masked update against the roster; `finish_training` writes the candidate model,
+   audits the run (its canaries' empirical epsilon lower bound against the claim) and commits the release. Partitions and rounds: `PRIVREC_TRAIN_PARTITIONS` /
    `PRIVREC_TRAIN_ROUNDS`.
-6. **evaluate_and_publish**: hold-out metrics against DP popularity and the published
-   model, a membership-inference audit; publishes `models/privrec-recommender/<version>/`
+6. **evaluate_and_publish**: a candidate whose training audit failed is not published; else DP
+   hold-out metrics (a ledger release) against DP popularity and the published model; publishes `models/privrec-recommender/<version>/`
    (outlet Asset `privrec://models/privrec-recommender`) or skips, saying why.
 
 Every task writes only its day's partition, atomically; reruns give the same output.
@@ -50,6 +50,8 @@ import pendulum
 from airflow.sdk import Asset, CronDataIntervalTimetable, Param, dag, get_current_context, task
 
 from privrec_pipeline.config import EARLIEST_DAY
+from privrec_pipeline.orchestration.local import SPARK_POOL  # bounds the concurrent Spark drivers
+from privrec_pipeline.orchestration.notify import FailureNotifier
 from privrec_pipeline.orchestration.report_operators import DPStatsOperator, QualityValidateOperator
 from privrec_pipeline.orchestration.spark_operator import PrivrecSparkSubmitOperator
 from privrec_pipeline.spark.session import launch_conf
@@ -67,6 +69,7 @@ COMMON_ARGS = ["--date", "{{ ds }}", "--run-id", "{{ run_id }}"]
 PARTITIONS = int(os.environ.get("PRIVREC_TRAIN_PARTITIONS", "2"))
 ROUNDS = int(os.environ.get("PRIVREC_TRAIN_ROUNDS", "3"))
 MODEL_ASSET = Asset("privrec-recommender", uri="privrec://models/privrec-recommender")
+TASK_TIMEOUT = timedelta(minutes=int(os.environ.get("PRIVREC_TASK_TIMEOUT_MINUTES", "180")))
 
 
 @dag(
@@ -83,6 +86,8 @@ MODEL_ASSET = Asset("privrec-recommender", uri="privrec://models/privrec-recomme
         "retries": int(os.environ.get("PRIVREC_TASK_RETRIES", "2")),
         "retry_delay": timedelta(minutes=5),
         "retry_exponential_backoff": True,
+        "execution_timeout": TASK_TIMEOUT,  # a hung task fails (and retries) instead of holding the day
+        "on_failure_callback": FailureNotifier(),
     },
     params={
         "allow_empty": Param(
@@ -221,7 +226,13 @@ def prepare_training() -> dict:
     return {"release_id": state["release_id"], "status": state["status"], "epsilon": state["plan"]["epsilon"]}
 
 
-@task(map_index_template="partition {{ partition }}", max_active_tis_per_dag=PARTITIONS)
+def partition_queue(partition: int) -> str:
+    """The Celery queue of partition K's tasks: only the worker holding K's secret listens to it
+    (mapped tasks cannot each get a queue, so every partition task is its own unmapped task)."""
+    return f"privrec_partition_{partition}"
+
+
+@task
 def publish_keys(partition: int) -> dict:
     """The partition's public keys into the lake; their fingerprints (public) into XCom."""
     from privrec_pipeline.config import lake_root
@@ -242,7 +253,7 @@ def seal_keys(published: list) -> str:
     return seal(lake_root(), _day(get_current_context()), list(published))
 
 
-@task(map_index_template="partition {{ partition }}", max_active_tis_per_dag=PARTITIONS)
+@task
 def train_partition(round_index: int, roster_digest: str, partition: int) -> dict:
     from privrec_pipeline.config import lake_root
     from privrec_pipeline.training.tasks import train_partition as train
@@ -275,20 +286,22 @@ def _day(context) -> "dt.date":
 
 def _training():
     """build_partitions, prepare_training, PARTITIONS x publish_keys, seal_keys, then ROUNDS x
-    (PARTITIONS mapped partition tasks -> one aggregation), each given the sealed roster's
-    digest through XCom (which writers of the lake cannot change)."""
+    (PARTITIONS partition tasks -> one aggregation), each given the sealed roster's digest
+    through XCom (which writers of the lake cannot change). Partition K's tasks run in its own
+    queue (``partition_queue``); the orchestrator's tasks in the default one."""
     build = _spark_task(PrivrecSparkSubmitOperator, "build_partitions", "--set",
                         "window_days={{ params.train_window_days }}", "--set", f"partitions={PARTITIONS}",
                         "--set", "max_vocabulary={{ params.train_vocabulary_size }}", needs_keys=False)
     partitions = list(range(PARTITIONS))
     due = training_due()
-    published = publish_keys.expand(partition=partitions)
+    published = [publish_keys.override(task_id=f"publish_keys_{k}", queue=partition_queue(k))(partition=k)
+                 for k in partitions]
     due >> build >> prepare_training() >> published
     roster = seal_keys(published)
     previous = roster
     for r in range(ROUNDS):
-        trained = train_partition.override(task_id=f"train_round_{r}").partial(
-            round_index=r, roster_digest=roster).expand(partition=partitions)
+        trained = [train_partition.override(task_id=f"train_round_{r}_partition_{k}", queue=partition_queue(k))(
+            round_index=r, roster_digest=roster, partition=k) for k in partitions]
         aggregated = aggregate_round.override(task_id=f"aggregate_round_{r}")(round_index=r, roster_digest=roster)
         previous >> trained >> aggregated
         previous = aggregated
@@ -327,6 +340,7 @@ def _spark_task(operator: type[PrivrecSparkSubmitOperator], step: str, *args: st
         name=f"privrec-{step}-{{{{ ds }}}}",
         application_args=[*COMMON_ARGS, *args],
         conf={**SPARK_CONF, **launch_conf(step)},
+        pool=SPARK_POOL,
         **kwargs,
     )
 

@@ -3,7 +3,6 @@ follow the project's policy (tags, owner, retries >= 2, typed Params, docs)."""
 
 from __future__ import annotations
 
-import itertools
 import json
 import subprocess
 import sys
@@ -67,6 +66,13 @@ def test_policy_tags_owner_retries_docs(dagbag):
         for task in dag.tasks:
             assert task.owner and task.owner != "airflow", f"{dag_id}.{task.task_id} has no owner"
             assert task.retries >= 2, f"{dag_id}.{task.task_id} retries={task.retries}"
+            # Operations: a hung task times out; every failure reaches the notifier.
+            assert task.execution_timeout is not None and task.execution_timeout.total_seconds() > 0, task.task_id
+            callbacks = task.on_failure_callback
+            callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+            assert any(type(c).__name__ == "FailureNotifier" for c in callbacks), task.task_id
+    spark_tasks = [t for t in dagbag.dags["privrec_nightly"].tasks if hasattr(t, "_conn_id")]
+    assert len(spark_tasks) == 5 and {t.pool for t in spark_tasks} == {"privrec_spark"}  # bounded drivers
 
 
 def test_params_are_typed_and_described(dagbag):
@@ -94,30 +100,42 @@ def test_nightly_wiring(dagbag):
     # Only collect and pseudonymize read raw identifiers; later steps never receive keys.
     assert [t.needs_keys for t in tasks] == [True, True, False, False]
     # Training: skipped unless the day closes a window; the partitions publish their keys, the
-    # orchestrator seals them; P mapped partition tasks per round, then one aggregation; rounds
-    # in order; the candidate last.
-    chain = ["dp_stats", "training_due", "build_partitions", "prepare_training", "publish_keys", "seal_keys"]
+    # orchestrator seals them; P partition tasks per round, then one aggregation; rounds in
+    # order; the candidate last. Every partition task is its own unmapped task in its
+    # partition's queue (mapped tasks cannot each get a queue); the orchestrator's tasks are in
+    # the default queue.
+    partitions = sum(t.task_id.startswith("publish_keys_") for t in dag.tasks)
     rounds = sum(t.task_id.startswith("aggregate_round_") for t in dag.tasks)
-    assert rounds >= 1
-    round_tasks = set()
+    assert partitions >= 2 and rounds >= 1
+    publish = {f"publish_keys_{k}" for k in range(partitions)}
+    assert dag.get_task("prepare_training").downstream_task_ids == publish
+    for task_id in publish:
+        assert dag.get_task(task_id).downstream_task_ids == {"seal_keys"}
+    round_tasks = {f"aggregate_round_{r}" for r in range(rounds)} | {
+        f"train_round_{r}_partition_{k}" for r in range(rounds) for k in range(partitions)}
+    assert dag.get_task("seal_keys").downstream_task_ids == round_tasks  # the digest reaches every round task
+    previous = "seal_keys"
     for r in range(rounds):
-        chain += [f"train_round_{r}", f"aggregate_round_{r}"]
-        round_tasks |= {f"train_round_{r}", f"aggregate_round_{r}"}
-    chain.append("finish_training")
-    for task_id, following in itertools.pairwise(chain):
-        # seal_keys hands the roster digest (XCom) to every round task: all of them follow it.
-        expected = round_tasks if task_id == "seal_keys" else {following}
-        assert dag.get_task(task_id).downstream_task_ids == expected, task_id
+        trained = {f"train_round_{r}_partition_{k}" for k in range(partitions)}
+        for task_id in trained:
+            assert dag.get_task(task_id).upstream_task_ids == {previous, "seal_keys"}, task_id
+            assert dag.get_task(task_id).downstream_task_ids == {f"aggregate_round_{r}"}, task_id
+        previous = f"aggregate_round_{r}"
+    assert dag.get_task(previous).downstream_task_ids == {"finish_training"}
+    for k in range(partitions):
+        for task_id in [f"publish_keys_{k}", *(f"train_round_{r}_partition_{k}" for r in range(rounds))]:
+            task = dag.get_task(task_id)
+            assert task.queue == f"privrec_partition_{k}" and not task.is_mapped, task_id
+            assert task.op_kwargs["partition"] == k, task_id
+    for task_id in ("seal_keys", "prepare_training", "finish_training", *(f"aggregate_round_{r}" for r in range(rounds))):
+        assert not dag.get_task(task_id).queue.startswith("privrec_partition_"), task_id  # holds no secret
     # The roster's digest reaches the partitions and the aggregator through XCom, not the lake;
     # the partitions' own publish_keys results reach seal_keys the same way.
     for r in range(rounds):
-        train, aggregate = dag.get_task(f"train_round_{r}"), dag.get_task(f"aggregate_round_{r}")
-        assert train.partial_kwargs["op_kwargs"]["roster_digest"].operator.task_id == "seal_keys"
-        assert aggregate.op_kwargs["roster_digest"].operator.task_id == "seal_keys"
-    assert dag.get_task("seal_keys").op_args[0].operator.task_id == "publish_keys"
-    assert not dag.get_task("seal_keys").is_mapped  # one orchestrator task, not a partition's
+        assert dag.get_task(f"train_round_{r}_partition_0").op_kwargs["roster_digest"].operator.task_id == "seal_keys"
+        assert dag.get_task(f"aggregate_round_{r}").op_kwargs["roster_digest"].operator.task_id == "seal_keys"
+    assert [x.operator.task_id for x in dag.get_task("seal_keys").op_args[0]] == [
+        f"publish_keys_{k}" for k in range(partitions)]
     assert dag.get_task("build_partitions").needs_keys is False
-    mapped = dag.get_task("train_round_0")
-    assert mapped.map_index_template == "partition {{ partition }}" and mapped.max_active_tis_per_dag == 2
     dp_args = " ".join(dag.get_task("dp_stats").application_args)
     assert "--force {{ params.force_release }}" in dp_args and "--epsilon {{ params.dp_epsilon }}" in dp_args

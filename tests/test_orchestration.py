@@ -43,7 +43,7 @@ def operator(monkeypatch):
     captured = {}
 
     def fake_execute(self, context):
-        captured["env_vars"] = self.env_vars
+        captured.update(env_vars=self.env_vars, conf=self.conf, args=self.application_args, py_files=self.py_files)
 
     monkeypatch.setattr("airflow.providers.apache.spark.operators.spark_submit.SparkSubmitOperator.execute",
                         fake_execute)
@@ -131,3 +131,98 @@ def test_a_backfill_runs_its_days_in_order_and_stops_at_the_first_failure(monkey
     assert ran == ["2026-01-04", "2026-01-05"]
     result = CliRunner().invoke(app, ["backfill", "--start", "2026-01-05", "--end", "2026-01-04"])
     assert result.exit_code == 1 and "is before --start" in result.output
+
+
+def test_a_standalone_master_given_as_a_uri_gets_keys_the_lake_and_the_settings(monkeypatch, operator, key_document,
+                                                                                  tmp_path):
+    """spark://host:port (a URI connection: conn_type spark, host without scheme) is a client-mode
+    driver on this worker: keys are injected; --lake and PRIVREC_SPARK_CONF / the connection's
+    extra conf reach spark-submit; the job's helper module is shipped."""
+    op, captured = operator
+    monkeypatch.setenv("AIRFLOW_CONN_SPARK_DEFAULT",
+                       "spark://127.0.0.1:7077?conf=%7B%22spark.executor.cores%22%3A+%221%22%7D")
+    monkeypatch.setenv("AIRFLOW_CONN_PRIVREC_KEYS", json.dumps({"conn_type": "generic", "password": key_document}))
+    monkeypatch.setenv("PRIVREC_SPARK_CONF", '{"spark.executor.memory": "1g", "spark.executor.cores": "2"}')
+    monkeypatch.setenv("PRIVREC_LAKE", str(tmp_path / "lake"))
+    (tmp_path / "_common.py").write_text("")
+    op.application = str(tmp_path / "collect.py")
+    op.execute({})
+    assert captured["env_vars"] == {"PRIVREC_KEYS_JSON": key_document}
+    assert captured["conf"]["spark.executor.memory"] == "1g" and captured["conf"]["spark.executor.cores"] == "2"
+    assert captured["args"][-2:] == ["--lake", str(tmp_path / "lake")]
+    assert captured["py_files"] == str(tmp_path / "_common.py")
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("not json", "PRIVREC_SPARK_CONF is not JSON"),
+    ('{"executor.memory": "1g"}', "keys are Spark settings"),
+    ('["spark.x"]', "one JSON object"),
+])
+def test_bad_spark_settings_are_refused_naming_the_variable(monkeypatch, operator, setting, message):
+    from airflow.exceptions import AirflowException
+
+    op, captured = operator
+    _connections(monkeypatch, "local[2]", None)
+    monkeypatch.setenv("PRIVREC_SPARK_CONF", setting)
+    with pytest.raises(AirflowException, match=message):
+        op.execute({})
+    assert not captured
+
+
+def test_cluster_deploy_mode_is_refused_with_the_reason(monkeypatch, operator):
+    from airflow.exceptions import AirflowException
+
+    op, captured = operator
+    monkeypatch.setenv("AIRFLOW_CONN_SPARK_DEFAULT", "spark://127.0.0.1:7077?deploy-mode=cluster")
+    monkeypatch.delenv("AIRFLOW_CONN_PRIVREC_KEYS", raising=False)
+    with pytest.raises(AirflowException, match="client mode on the Airflow worker"):
+        op.execute({})
+    assert not captured
+
+
+def _failure_context():
+    from types import SimpleNamespace
+
+    ti = SimpleNamespace(dag_id="privrec_nightly", task_id="dp_stats", run_id="scheduled__1999-12-31", try_number=2)
+    return {"ti": ti, "exception": RuntimeError("the ledger refused the release\nsecond line")}
+
+
+def test_the_failure_notifier_logs_the_task_and_the_error(monkeypatch, capsys, caplog):
+    from privrec_pipeline.orchestration.notify import FailureNotifier
+
+    monkeypatch.delenv("PRIVREC_ALERT_EMAIL", raising=False)
+    with caplog.at_level("ERROR", logger="privrec_pipeline.orchestration.notify"):
+        FailureNotifier().notify(_failure_context())
+    logged = caplog.text + "".join(capsys.readouterr())  # Airflow's log setup may route records to stdout
+    assert "privrec: privrec_nightly.dp_stats failed (scheduled__1999-12-31), try 2: the ledger refused the release" \
+        in logged and "second line" not in logged
+
+
+def test_the_failure_notifier_emails_through_the_smtp_connection(monkeypatch):
+    import smtplib
+
+    from privrec_pipeline.orchestration.notify import FailureNotifier
+
+    sent = []
+
+    class FakeSMTP:
+        def __init__(self, host, port, **kwargs):
+            sent.append(("connect", host, port))
+
+        def __getattr__(self, name):  # ehlo, starttls, login, quit: accepted
+            return lambda *args, **kwargs: None
+
+        def sendmail(self, from_addr, to_addrs, msg):
+            sent.append(("mail", to_addrs, msg))
+
+    monkeypatch.setattr(smtplib, "SMTP", FakeSMTP)
+    monkeypatch.setenv("AIRFLOW_CONN_PRIVREC_ALERTS_SMTP",
+                       json.dumps({"conn_type": "smtp", "host": "127.0.0.1", "port": 2525,
+                                   "extra": {"disable_ssl": True, "disable_tls": True,
+                                             "from_email": "privrec@example.org"}}))
+    monkeypatch.setenv("PRIVREC_ALERT_EMAIL", "ops@example.org, oncall@example.org")
+    FailureNotifier().notify(_failure_context())
+    assert ("connect", "127.0.0.1", 2525) in sent
+    [(_, recipients, message)] = [s for s in sent if s[0] == "mail"]
+    assert recipients == ["ops@example.org", "oncall@example.org"]
+    assert "privrec: privrec_nightly.dp_stats failed" in message

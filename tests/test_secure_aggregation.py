@@ -53,6 +53,23 @@ def test_a_secret_is_32_random_bytes_in_a_0600_file_and_a_readable_one_is_refuse
     assert secret.hex() not in str(error.value) and str(path) in str(error.value)
 
 
+def test_a_worker_with_its_partition_connection_uses_it_and_writes_no_file(tmp_path, monkeypatch):
+    """A deployment gives partition K's secret to K's worker only, as the connection
+    privrec_partition_K; a worker without it (another partition's, the aggregator's) has none."""
+    import json
+
+    configured = "0f" * 32
+    monkeypatch.setenv("AIRFLOW_CONN_PRIVREC_PARTITION_1", json.dumps({"conn_type": "generic",
+                                                                        "password": configured}))
+    assert load_or_create(1, tmp_path) == bytes.fromhex(configured)
+    assert not secret_path(1, tmp_path).exists()  # nothing written beside it
+    assert load_or_create(0, tmp_path) != bytes.fromhex(configured)  # partition 0: its own file
+    monkeypatch.setenv("AIRFLOW_CONN_PRIVREC_PARTITION_1", json.dumps({"conn_type": "generic", "password": "ab" * 16}))
+    with pytest.raises(PartitionSecretError, match="privrec_partition_1.*exactly 64 hex") as error:
+        load_or_create(1, tmp_path)
+    assert "ab" * 16 not in str(error.value)
+
+
 @pytest.mark.parametrize("content", [b"", b"ab" * 16, b"zz" * 32, b"ab" * 33, b"ab" * 32 + b"\n\n"],
                          ids=["empty", "truncated", "not-hex", "too-long", "trailing-junk"])
 def test_a_crash_between_create_and_write_never_yields_an_empty_or_short_secret(tmp_path, content):

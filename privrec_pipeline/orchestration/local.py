@@ -37,18 +37,26 @@ def airflow_env(base: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+SPARK_POOL, SPARK_POOL_SLOTS_ENV = "privrec_spark", "PRIVREC_SPARK_POOL_SLOTS"
+SETUP_VERSION = "2\n"  # what the stamp records: migrated, and the Spark pool created
+
+
 def ensure_metadata_db(env: dict[str, str], log: Path) -> None:
-    """Create or upgrade the SQLite metadata database once (``airflow db migrate``)."""
+    """Create or upgrade the SQLite metadata database once (``airflow db migrate``) and the
+    pool of Spark drivers (``PRIVREC_SPARK_POOL_SLOTS``, default 2, concurrent Spark steps)."""
     home = Path(env["AIRFLOW_HOME"])
     stamp = home / ".privrec-db-migrated"
-    if stamp.exists():
+    if stamp.exists() and stamp.read_text(encoding="utf-8") == SETUP_VERSION:
         return
     home.mkdir(parents=True, exist_ok=True)
-    with log.open("ab") as fh:
-        proc = subprocess.run(["airflow", "db", "migrate"], env=env, stdout=fh, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        raise RuntimeError(f"'airflow db migrate' failed (exit {proc.returncode}); see {log}")
-    stamp.write_text("ok\n", encoding="utf-8")
+    slots = env.get(SPARK_POOL_SLOTS_ENV, "2")
+    for cmd in (["airflow", "db", "migrate"],
+                ["airflow", "pools", "set", SPARK_POOL, slots, "privrec: concurrent Spark drivers"]):
+        with log.open("ab") as fh:
+            proc = subprocess.run(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT)
+        if proc.returncode != 0:
+            raise RuntimeError(f"'{' '.join(cmd[:3])}' failed (exit {proc.returncode}); see {log}")
+    stamp.write_text(SETUP_VERSION, encoding="utf-8")
 
 
 def dags_test(dag_id: str, day: str, env: dict[str, str], log: Path, conf: dict | None = None) -> int:

@@ -12,6 +12,9 @@ operator refuses and cluster drivers get keys from a mounted secret. Without tha
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
 from typing import Any
 
 from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
@@ -20,6 +23,29 @@ from privrec_pipeline.secrets import ENV_KEYS_JSON
 
 KEYS_CONN_ID = "privrec_keys"
 LOCAL_MASTERS = ("local", "spark://")
+SPARK_CONF_ENV = "PRIVREC_SPARK_CONF"
+"""Extra Spark settings of every job, one JSON object (e.g. ``{"spark.executor.memory": "4g"}``);
+the ``spark_default`` connection's extra ``conf`` (an object) gives them too, the variable wins."""
+
+
+def extra_conf(connection_extra: dict[str, Any], environ: dict[str, str]) -> dict[str, str]:
+    """Spark settings from the connection's extra ``conf`` and ``PRIVREC_SPARK_CONF``."""
+    merged: dict[str, str] = {}
+    for source, value in (("the spark connection's extra 'conf'", connection_extra.get("conf")),
+                          (SPARK_CONF_ENV, environ.get(SPARK_CONF_ENV))):
+        if value in (None, ""):
+            continue
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{source} is not JSON ({error.msg}): give one object of Spark settings, e.g. "
+                                 '{"spark.executor.memory": "4g"}') from None
+        if not isinstance(value, dict) or not all(isinstance(k, str) and k.startswith("spark.") for k in value):
+            raise ValueError(f"{source} must be one JSON object whose keys are Spark settings (spark.*), "
+                             f"not {value!r}")
+        merged.update({k: str(v) for k, v in value.items()})
+    return merged
 
 
 class PrivrecSparkSubmitOperator(SparkSubmitOperator):
@@ -34,11 +60,47 @@ class PrivrecSparkSubmitOperator(SparkSubmitOperator):
         self.needs_keys = needs_keys
 
     def execute(self, context: Any) -> Any:
+        from airflow.exceptions import AirflowException
+
+        from privrec_pipeline.config import lake_root
+
+        master, deploy_mode, extra = self._connection()
+        if deploy_mode == "cluster":
+            # Spark's standalone master refuses Python applications in cluster mode, and on
+            # YARN/Kubernetes the driver would need the project, the lake and the keys there.
+            raise AirflowException(
+                f"the spark connection {self._conn_id!r} asks for deploy mode 'cluster' (master {master!r}): "
+                "privrec runs its Spark drivers in client mode on the Airflow worker (the driver writes "
+                "the lake's manifests and receives keys there); remove the deploy-mode extra or set it to "
+                "'client'")
+        try:
+            self.conf = {**(self.conf or {}), **extra_conf(extra, dict(os.environ))}
+        except ValueError as error:
+            raise AirflowException(str(error)) from None
+        # The worker's lake, explicit: the driver does not depend on its own environment.
+        args = list(self.application_args or [])
+        if "--lake" not in args:
+            lake = lake_root()
+            args += ["--lake", lake if "://" in lake else str(Path(lake).resolve())]
+        self.application_args = args
+        # What the job script imports beside it (the project itself is installed on every node).
+        common = Path(self.application).parent / "_common.py"
+        if common.exists() and str(common) not in (self.py_files or ""):
+            self.py_files = ",".join(filter(None, [self.py_files, str(common)]))
         if self.needs_keys:
-            self._inject_keys()
+            self._inject_keys(master)
         return super().execute(context)
 
-    def _inject_keys(self) -> None:
+    def _connection(self) -> tuple[str, str | None, dict[str, Any]]:
+        """The master URL, deploy mode and extras of the spark connection, as the provider's
+        hook resolves them."""
+        from airflow.sdk import BaseHook
+
+        hook = self._get_hook()
+        resolved = hook._connection  # the hook's own resolution of host, port and scheme
+        return str(resolved["master"]), resolved.get("deploy_mode"), BaseHook.get_connection(self._conn_id).extra_dejson
+
+    def _inject_keys(self, master: str) -> None:
         from airflow.exceptions import AirflowException, AirflowNotFoundException
         from airflow.sdk import BaseHook
 
@@ -47,7 +109,6 @@ class PrivrecSparkSubmitOperator(SparkSubmitOperator):
         except AirflowNotFoundException:
             conn = None
         if conn is not None and conn.password:
-            master = str(BaseHook.get_connection(self._conn_id).host or "")
             if not master.startswith(LOCAL_MASTERS):
                 # On YARN/Kubernetes the provider turns env_vars into --conf arguments, which
                 # would put the keys on a command line. Refuse instead of leaking.

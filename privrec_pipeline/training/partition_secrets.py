@@ -1,9 +1,12 @@
 """Each training partition's secret: created once, atomically, never empty, never replaced.
 
 A partition's 32-byte secret keys its secure-aggregation key pairs and its training noise
-(see ``secure_agg`` and ``federated``). It lives in the partition worker's own folder,
+(see ``secure_agg`` and ``federated``). On a deployment with workers per partition it comes
+from the Airflow connection ``privrec_partition_K`` (its password: 64 hex characters), which
+the secrets backend or environment gives to partition K's worker only (the aggregator's
+worker holds none); without that connection it lives in the worker's own folder,
 ``$PRIVREC_HOME/partition-secrets/partition-K.key`` (folder 0700, file 0600, 64 hex
-characters), never in the lake. An empty or short secret would be worse than none: anyone
+characters), created on first use. Never in the lake. An empty or short secret would be worse than none: anyone
 knowing the run id could derive the masking keys and the noise from it. So:
 
 - creation (``durable_files.write_once``) writes a temporary file (mode 0600) in the same
@@ -40,8 +43,37 @@ def secret_path(partition: int, home: Path | None = None) -> Path:
     return (home or privrec_home()) / FOLDER / f"partition-{partition}.key"
 
 
+def connection_id(partition: int) -> str:
+    return f"privrec_partition_{partition}"
+
+
+def from_connection(partition: int) -> bytes | None:
+    """The secret from the connection ``privrec_partition_K`` if this worker has it (checked,
+    fails closed naming the connection, never showing its content); None without it."""
+    try:
+        from airflow.exceptions import AirflowNotFoundException
+        from airflow.sdk import BaseHook
+    except ImportError:  # outside an Airflow installation: files only
+        return None
+    try:
+        conn = BaseHook.get_connection(connection_id(partition))
+    except AirflowNotFoundException:
+        return None
+    value = (conn.password or "").strip().encode("ascii", "replace")
+    if not _FORMAT.fullmatch(value):
+        raise PartitionSecretError(
+            f"the connection {connection_id(partition)!r} must hold partition {partition}'s secret as its password: "
+            f"exactly {2 * SECRET_BYTES} hex characters ({SECRET_BYTES} bytes, e.g. from `python -c \"import "
+            "secrets; print(secrets.token_hex(32))\"`)")
+    return bytes.fromhex(value.decode("ascii"))
+
+
 def load_or_create(partition: int, home: Path | None = None) -> bytes:
-    """The partition's secret on this worker, created on first use (mode 0600, outside the lake)."""
+    """The partition's secret on this worker: its connection's, else its file's, created on
+    first use (mode 0600, outside the lake)."""
+    configured = from_connection(partition)
+    if configured is not None:
+        return configured
     path = secret_path(partition, home)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     if not os.path.lexists(path):
