@@ -50,6 +50,10 @@ import pendulum
 from airflow.sdk import Asset, CronDataIntervalTimetable, Param, dag, get_current_context, task
 
 from privrec_pipeline.config import EARLIEST_DAY
+
+# The Celery queue of partition K's tasks: only the worker holding K's secret listens to it
+# (mapped tasks cannot each get a queue, so every partition task is its own unmapped task).
+from privrec_pipeline.deployment import partition_queue
 from privrec_pipeline.orchestration.local import SPARK_POOL  # bounds the concurrent Spark drivers
 from privrec_pipeline.orchestration.notify import FailureNotifier
 from privrec_pipeline.orchestration.report_operators import DPStatsOperator, QualityValidateOperator
@@ -224,12 +228,6 @@ def prepare_training() -> dict:
     state = prepare(lake_root(), _day(context), config, run_id=context["run_id"], dag_id=context["dag"].dag_id,
                     force=bool(p["force_release"]))
     return {"release_id": state["release_id"], "status": state["status"], "epsilon": state["plan"]["epsilon"]}
-
-
-def partition_queue(partition: int) -> str:
-    """The Celery queue of partition K's tasks: only the worker holding K's secret listens to it
-    (mapped tasks cannot each get a queue, so every partition task is its own unmapped task)."""
-    return f"privrec_partition_{partition}"
 
 
 @task

@@ -65,7 +65,7 @@ def test_a_worker_with_its_partition_connection_uses_it_and_writes_no_file(tmp_p
     assert not secret_path(1, tmp_path).exists()  # nothing written beside it
     assert load_or_create(0, tmp_path) != bytes.fromhex(configured)  # partition 0: its own file
     monkeypatch.setenv("AIRFLOW_CONN_PRIVREC_PARTITION_1", json.dumps({"conn_type": "generic", "password": "ab" * 16}))
-    with pytest.raises(PartitionSecretError, match="privrec_partition_1.*exactly 64 hex") as error:
+    with pytest.raises(PartitionSecretError, match=r"privrec_partition_1.*exactly 64 hex") as error:
         load_or_create(1, tmp_path)
     assert "ab" * 16 not in str(error.value)
 
