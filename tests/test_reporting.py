@@ -35,7 +35,8 @@ def test_the_summary_names_the_model_the_baseline_its_bound_and_the_lift(tmp_pat
     candidate = lk.local_path(lk.partition_uri(lake, "candidates", DAY)) / "model" / "training.json"
     _write(candidate, {"release_id": 3, "plan": {"mode": "local", "epsilon": 4.0, "delta": 1e-7,
                                                  "noise_multiplier": 1.7},
-                       "partitions": 2, "config": {"rounds": 10}, "vocabulary_size": 9742, "window": WINDOW})
+                       "partitions": 2, "config": {"rounds": 10}, "vocabulary_size": 9742, "window": WINDOW,
+                       "audit": {"passed": True, "epsilon_lower": 0.4321, "confidence": 0.99, "canaries": 1000}})
     _write(operator_record(lake, DAY),
            {"evaluation": {"dp": {"candidate": {"recall@20": 0.12, "ndcg@10": 0.1}, "dp_popularity": {"recall@20": 0.08},
                                   "epsilon": 0.2},
@@ -49,5 +50,6 @@ def test_the_summary_names_the_model_the_baseline_its_bound_and_the_lift(tmp_pat
     assert "DP popularity Recall@20 (K 4, 6)" in text  # the bounds DP popularity's counts were taken with
     # The DP evaluation (what the card shows and the gate used), the exact numbers marked as the operator's.
     assert "0.0800 (lift +50.0%)" in text and "0.1200 / 0.1000" in text and "epsilon 0.2" in text
-    assert "0.1234 / 0.0789 (operator only)" in text and "0.510 (operator only)" in text
+    assert "0.1234 / 0.0789 (operator only)" in text
+    assert "training audit" in text and "passed: epsilon >= 0.432 at confidence 0.99 (1000 canaries)" in text
     assert "2026-02-07-r3" in text

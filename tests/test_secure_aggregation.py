@@ -23,6 +23,7 @@ import pytest
 from conftest import DAY
 from privrec_pipeline import lake as lk
 from privrec_pipeline.training import secure_agg, tasks
+from privrec_pipeline.training.canaries import Canaries
 from privrec_pipeline.training.federated import PrivacyPlan, TrainConfig, partition_update
 from privrec_pipeline.training.partition_secrets import (
     PartitionSecretError,
@@ -170,7 +171,9 @@ def test_a_tiny_run_aggregates_the_exact_sum_of_the_partitions_updates(training)
     assert plan.population == json.loads(run.joinpath("plan.json").read_text())["population"]["partition_users"]
     deltas = [partition_update(CONFIG, plan, start, V, tasks.load_shard(lk.local_path(training_uri(lake, DAY))
                                                                         / f"partition={k}"),
-                               round_index=0, partition=k, partitions=3, secret=load_or_create(k), run_id="run-1")[0] for k in range(3)]
+                               round_index=0, partition=k, partitions=3, secret=load_or_create(k), run_id="run-1",
+                               canaries=Canaries.from_doc(json.loads(run.joinpath("plan.json").read_text())["canaries"]))[0]
+              for k in range(3)]
     after = np.load(run / "round=1" / "model.npz")["params"]
     assert np.abs((after - start) - sum(deltas) / 3).max() <= 2.0 ** -secure_agg.FRACTION_BITS  # FedAvg
     update = MaskedUpdate.load(run / "round=0" / "masked" / "partition=2.npz", "partition 2")

@@ -330,7 +330,7 @@ def test_the_model_card_states_the_trust_model(mode):
     metrics = {"recall@20": 0.1, "ndcg@10": 0.1, "hr@10": 0.1}
     dp = {"candidate": metrics, "dp_popularity": {"recall@20": 0.1}, "published": None, "published_version": None,
           "epsilon": 0.2, "noise_scale": 25.0, "release_id": 8, "status": "new"}
-    evaluation = Evaluation(dp, {}, True, "ok", [])
+    evaluation = Evaluation(dp, {}, True, "ok")
     release = SimpleNamespace(id=7, epsilon=plan.epsilon, delta=plan.delta)
     spend = SimpleNamespace(start=dt.date(2026, 1, 1), end=dt.date(2026, 1, 30), epsilon=4.0, basic_epsilon=4.0,
                             policy=SimpleNamespace(epsilon=10.0, delta=1e-5), releases=[release])
