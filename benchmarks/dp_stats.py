@@ -117,7 +117,7 @@ def ensure_demo_silver(spark: "SparkSession", out: Path, lake: str, console: "Co
     key_file, _ = init_key_file(out / "keys.json")
     keys = parse_key_document(key_file.read_text(encoding="utf-8"), str(key_file))
     for zone in ("landing", "bronze", "quarantine", "silver", "reports"):
-        path = lk.local_path(lk.partition_uri(lake, zone, day))
+        path = lk.path(lk.partition_uri(lake, zone, day))
         if path.exists():
             shutil.rmtree(path)
     generate_day(GeneratorConfig(date=day, events=DEMO["events"], users=DEMO["users"], items=DEMO["items"],

@@ -117,7 +117,7 @@ def read_outcome(lake: str, start: dt.date, end: dt.date) -> dict[str, Any]:
     releases = []
     for n in range((end - start).days + 1):
         day = start + dt.timedelta(days=n)
-        doc = json.loads((lk.local_path(lk.partition_uri(lake, "dp_stats", day)) / "release.json").read_text())
+        doc = json.loads((lk.path(lk.partition_uri(lake, "dp_stats", day)) / "release.json").read_text())
         releases.append({"day": str(day), "epsilon": doc["epsilon"], "delta": doc["delta"],
                          "items": doc["released"]["items"], "keys": doc["keys"]["source"],
                          "max_items_per_user": doc["bounds"]["max_items_per_user"],

@@ -24,11 +24,12 @@ processes `landing/interactions/dt=D`:
    `build_partitions` (Spark: disjoint user partitions over the window's DP vocabulary,
    hold-out), `prepare_training` (noise calibrated to **train_epsilon**, reserved in the
    ledger), one `publish_keys` per partition, `seal_keys` (the run's roster of key
-   fingerprints; its digest reaches the round tasks through XCom), then per round one mapped
-   task per partition (user-level DP update, masked for secure aggregation) and one
+   fingerprints; its digest reaches the round tasks through XCom), then per round one task
+   per partition in its own queue (user-level DP update, masked for secure aggregation) and one
    aggregation that checks every masked update against the roster; `finish_training` writes the candidate model,
    audits the run (its canaries' empirical epsilon lower bound against the claim) and commits the release. Partitions and rounds: `PRIVREC_TRAIN_PARTITIONS` /
-   `PRIVREC_TRAIN_ROUNDS`.
+   `PRIVREC_TRAIN_ROUNDS`, the same on every host: each training task first checks that its
+   host's shape is the run's (`check_dag_shape`) and fails closed naming both.
 6. **evaluate_and_publish**: a candidate whose training audit failed is not published; else DP
    hold-out metrics (a ledger release) against DP popularity and the published model; publishes `models/privrec-recommender/<version>/`
    (outlet Asset `privrec://models/privrec-recommender`) or skips, saying why.
@@ -225,6 +226,7 @@ def prepare_training() -> dict:
     p = context["params"]
     config = train_config({**p["train_settings"], "mode": p["train_mode"], "epsilon": p["train_epsilon"],
                            "delta": p["train_delta"]}, ROUNDS)
+    _check_shape(context, prepared=False)
     state = prepare(lake_root(), _day(context), config, run_id=context["run_id"], dag_id=context["dag"].dag_id,
                     force=bool(p["force_release"]))
     return {"release_id": state["release_id"], "status": state["status"], "epsilon": state["plan"]["epsilon"]}
@@ -238,6 +240,7 @@ def publish_keys(partition: int) -> dict:
 
     context = get_current_context()
     context["partition"] = partition
+    _check_shape(context)
     return publish(lake_root(), _day(context), partition)
 
 
@@ -248,7 +251,9 @@ def seal_keys(published: list) -> str:
     from privrec_pipeline.config import lake_root
     from privrec_pipeline.training.tasks import seal_keys as seal
 
-    return seal(lake_root(), _day(get_current_context()), list(published))
+    context = get_current_context()
+    _check_shape(context)
+    return seal(lake_root(), _day(context), list(published))
 
 
 @task
@@ -258,6 +263,7 @@ def train_partition(round_index: int, roster_digest: str, partition: int) -> dic
 
     context = get_current_context()
     context["partition"] = partition
+    _check_shape(context)
     return train(lake_root(), _day(context), round_index, partition, roster_digest)
 
 
@@ -266,7 +272,9 @@ def aggregate_round(round_index: int, roster_digest: str) -> None:
     from privrec_pipeline.config import lake_root
     from privrec_pipeline.training.tasks import aggregate_round as aggregate
 
-    aggregate(lake_root(), _day(get_current_context()), round_index, roster_digest)
+    context = get_current_context()
+    _check_shape(context)
+    aggregate(lake_root(), _day(context), round_index, roster_digest)
 
 
 @task
@@ -275,11 +283,20 @@ def finish_training() -> dict:
     from privrec_pipeline.training.tasks import finish_training as finish
 
     context = get_current_context()
+    _check_shape(context)
     return finish(lake_root(), _day(context), run_id=context["run_id"])
 
 
 def _day(context) -> "dt.date":
     return dt.date.fromisoformat(str(context["ds"]))
+
+
+def _check_shape(context, *, prepared: bool = True) -> None:
+    """Every training task first checks that this host's DAG (PARTITIONS x ROUNDS) is the run's."""
+    from privrec_pipeline.config import lake_root
+    from privrec_pipeline.training.tasks import check_dag_shape
+
+    check_dag_shape(lake_root(), _day(context), PARTITIONS, ROUNDS, prepared=prepared)
 
 
 def _training():

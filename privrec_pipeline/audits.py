@@ -16,10 +16,8 @@
 from __future__ import annotations
 
 import datetime as dt
-import json
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from privrec_pipeline import lake as lk
@@ -31,39 +29,40 @@ if TYPE_CHECKING:
 TRAINING_FILE, DP_STATS_FILE = "training.json", "dp_stats.json"
 
 
-def audit_folder(lake: str, day: dt.date) -> Path:
-    return lk.local_path(lk.partition_uri(lake, "audits", day))
+def audit_folder(lake: str, day: dt.date) -> "lk.UPath":
+    return lk.path(lk.partition_uri(lake, "audits", day))
 
 
-def _write(lake: str, day: dt.date, name: str, doc: dict[str, Any]) -> Path:
-    folder = audit_folder(lake, day)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{name}.tmp"
-    tmp.write_text(json.dumps(doc, indent=2, sort_keys=True), encoding="utf-8")
-    tmp.replace(folder / name)
-    return folder / name
+def _write(lake: str, day: dt.date, name: str, doc: dict[str, Any]) -> "lk.UPath":
+    lk.write_json(audit_folder(lake, day) / name, doc)
+    return audit_folder(lake, day) / name
 
 
 def audit_training(lake: str, day: dt.date, *, canaries: int = 2000, noise: bool = True,
                    confidence: float = 0.99) -> dict[str, Any]:
     """Repeat the day's training run with ``canaries`` canaries and audit it (see the module)."""
     from privrec_pipeline.training.federated import PrivacyPlan, TrainConfig, train_in_process
-    from privrec_pipeline.training.tasks import _folder, _item_category, _run, load_shard
+    from privrec_pipeline.training.tasks import (
+        item_category,
+        load_shard,
+        run_folder,
+        training_folder,
+    )
 
-    plan_file = _run(lake, day) / "plan.json"
+    plan_file = run_folder(lake, day) / "plan.json"
     if not plan_file.exists():
         raise PrivrecError(f"no training run for {day} ({plan_file}): the audit repeats a planned run; run the "
                            "day's training first (a day that closes a training window)")
-    doc = json.loads(plan_file.read_text(encoding="utf-8"))
+    doc = lk.read_json(plan_file)
     config = replace(TrainConfig(**doc["config"]), audit_canaries=canaries, audit_confidence=confidence)
     plan = PrivacyPlan(**doc["plan"])
     if not noise:
         plan = replace(plan, noise_std_per_partition=0.0)
-    shards = [load_shard(_folder(lake, day) / f"partition={k}") for k in range(doc["partitions"])]
+    shards = [load_shard(training_folder(lake, day) / f"partition={k}") for k in range(doc["partitions"])]
     started = time.perf_counter()
     result = train_in_process(config, shards, doc["vocabulary_size"], run_id=f"audit-{doc['run_id']}",
                               secure=len(shards) >= 2, plan=plan,
-                              item_category=_item_category(lake, day, doc["vocabulary_size"]))
+                              item_category=item_category(lake, day, doc["vocabulary_size"]))
     out = {**result.audit.to_dict(), "noise": noise, "training_release": doc["release_id"], "mode": plan.mode,
            "seconds": round(time.perf_counter() - started, 1), "kind": "training",
            "what": "the day's training run repeated with canaries (its config, DP partition counts and shards)"}
@@ -101,10 +100,10 @@ def audit_dp_stats(spark: "SparkSession", lake: str, day: dt.date, *, runs: int 
     from privrec_pipeline.dp_stats.release import RELEASE_FILE, dp_stats_uri
     from privrec_pipeline.settings import from_settings
 
-    release_file = lk.local_path(dp_stats_uri(lake, day)) / RELEASE_FILE
-    if not release_file.exists():
+    release_file = lk.path(dp_stats_uri(lake, day)) / RELEASE_FILE
+    release = lk.read_json_if_exists(release_file)
+    if release is None:
         raise PrivrecError(f"no DP statistics release for {day} ({release_file}): run the day first")
-    release = json.loads(release_file.read_text(encoding="utf-8"))
     # The release's settings as built: K and T as chosen, fixed (their choice is its own
     # statistic, ``tests/test_dp_tester.py``), each statistic at the epsilon it was released with.
     built = from_settings(DPStatsParams, release["params"], "dp_stats setting")
@@ -137,19 +136,18 @@ def audit_dp_stats(spark: "SparkSession", lake: str, day: dt.date, *, runs: int 
 
 def _render_dp_report(lake: str, day: dt.date, release: dict[str, Any], audit: dict[str, Any]) -> None:
     """The day's DP statistics report again, with its audit section."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from privrec_pipeline.dp_stats.release import REPORT_FILE, dp_stats_uri
     from privrec_pipeline.dp_stats.report import render_release_page
 
-    folder = lk.local_path(dp_stats_uri(lake, day))
-    tables = {name: pq.read_table(folder / f"{name}.parquet").to_pylist() for name in ("items", "funnel", "categories")}
+    folder = lk.path(dp_stats_uri(lake, day))
+    tables = {name: pq.read_table(pa.BufferReader((folder / f"{name}.parquet").read_bytes())).to_pylist()
+              for name in ("items", "funnel", "categories")}
     page = render_release_page(release, tables["items"], tables["funnel"], tables["categories"], audit=audit)
-    tmp = folder / f".{REPORT_FILE}.tmp"
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(folder / REPORT_FILE)
+    lk.write_text(folder / REPORT_FILE, page)
 
 
 def read_audit(lake: str, day: dt.date, name: str) -> dict[str, Any] | None:
-    path = audit_folder(lake, day) / name
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+    return lk.read_json_if_exists(audit_folder(lake, day) / name)

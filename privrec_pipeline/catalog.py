@@ -231,19 +231,9 @@ def zone_uri(lake: str) -> str:
     return lk.zone_uri(lake, "catalog")
 
 
-def is_local(lake: str) -> bool:
-    return lake.startswith("file://") or "://" not in lake
-
-
 def snapshot_days(lake: str) -> list[dt.date]:
-    """The days of the catalog's snapshots, oldest first. Catalogs are read on local lakes
-    only for now: on an object store or HDFS there is none (keys then go through partition
-    selection, as without a catalog), and a warning says so."""
-    if not is_local(lake):
-        log.warning("the item catalog is read on local lakes only: %s has none for privrec (items are chosen by "
-                    "DP partition selection)", lake)
-        return []
-    root = lk.local_path(zone_uri(lake))
+    """The days of the catalog's snapshots (those with their commit file), oldest first."""
+    root = lk.path(zone_uri(lake))
     days = []
     if root.is_dir():
         for entry in root.iterdir():
@@ -264,7 +254,7 @@ def snapshot_for(lake: str, day: dt.date) -> CatalogSnapshot | None:
 
 def read_snapshot(lake: str, day: dt.date) -> CatalogSnapshot:
     uri = lk.partition_uri(lake, "catalog", day)
-    meta = json.loads((lk.local_path(uri) / META_FILE).read_text(encoding="utf-8"))
+    meta = lk.read_json(lk.path(uri) / META_FILE)
     return CatalogSnapshot(day, uri, meta["source"], meta["items"], meta["categories"], meta["sha256"])
 
 
@@ -274,7 +264,7 @@ def read_items(snapshot: CatalogSnapshot) -> "pa.Table":
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    path = lk.local_path(snapshot.uri) / ITEMS_FILE
+    path = lk.path(snapshot.uri) / ITEMS_FILE
     data = path.read_bytes()  # parsed from the bytes that were hashed: no window for a swap
     digest = hashlib.sha256(data).hexdigest()
     if digest != snapshot.sha256:
@@ -301,9 +291,7 @@ def write_snapshot(lake: str, day: dt.date, table: "pa.Table", source: str) -> C
         raise CatalogError(f"{source}: not a usable catalog: " + "; ".join(found or failed)
                            + (f" (suite catalog: {', '.join(failed)} failed)" if found and failed else ""))
     table = table.sort_by([("item_id", "ascending")])
-    target = lk.local_path(lk.partition_uri(lake, "catalog", day))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with lk.LocalPartitionWriter(target) as staging:
+    with lk.replacing(lk.path(lk.partition_uri(lake, "catalog", day)), last=META_FILE) as staging:
         pq.write_table(table, staging / ITEMS_FILE)
         digest = hashlib.sha256((staging / ITEMS_FILE).read_bytes()).hexdigest()
         categories = len(set(table.column("category").to_pylist()))

@@ -395,20 +395,22 @@ def report_quality(
         _fail(f"--to ({end}) is before --from ({start})")
     start = max(start, min(days)) if not from_ else start
 
-    reports = lk.local_path(lk.zone_uri(root, "reports")).resolve()
-    target = (out or reports / "trend.html").resolve()
-    target.parent.mkdir(parents=True, exist_ok=True)
+    reports = lk.path(lk.zone_uri(root, "reports"))
+    target = lk.path(out.resolve()) if out else reports / "trend.html"
+    if lk.atomic(target):
+        target = target.resolve()
 
-    def link(d: dt.date) -> str:  # relative, so the lake folder can be moved or served as is
-        return os.path.relpath(reports / lk.partition_name(d) / "index.html", target.parent)
+    def link(d: dt.date) -> str:  # relative on a local lake, so the lake folder can be moved or served as is
+        page = reports / lk.partition_name(d) / "index.html"
+        if lk.atomic(page) and lk.atomic(target):
+            return os.path.relpath(page.resolve(), target.parent)
+        return str(page)
 
     page = build_trend_page(start, end, lambda d: load_quality_summary(root, d), link)
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(page.html, encoding="utf-8")
-    tmp.replace(target)
+    lk.write_text(target, page.html)
     console.print(f"{len(page.days)} day(s) from {start} to {end}"
                   + (f"; no summary for {len(page.missing)} day(s)" if page.missing else ""))
-    console.print(f"trend report: {target.resolve()}")
+    console.print(f"trend report: {target}")
 
 
 @app.command()
@@ -434,8 +436,8 @@ def train(
     release of the window (key training_experiment); prints the privacy plan and hold-out metrics."""
     import uuid
 
+    from privrec_pipeline import lake as lk
     from privrec_pipeline.errors import ConfigurationError
-    from privrec_pipeline.lake import local_path
     from privrec_pipeline.training.artifact import write_model
     from privrec_pipeline.training.evaluation import metrics, model_scores
     from privrec_pipeline.training.federated import (
@@ -450,7 +452,7 @@ def train(
     root = lake or lake_root()
     try:
         day: dt.date | None = dt.date.fromisoformat(data)
-        folder = local_path(training_uri(root, day))
+        folder = lk.path(training_uri(root, day))
     except ValueError:
         folder = Path(data)
         day, root = _training_folder_day(folder)
@@ -529,11 +531,11 @@ def _experiment_release(root: str, day: dt.date | None, folder: Path, config, pl
     (ledger, release id) or None."""
     from dataclasses import asdict
 
-    from privrec_pipeline.lake import landing_partition, local_path, manifest_uri
+    from privrec_pipeline import lake as lk
     from privrec_pipeline.privacy.ledger import open_ledger
     from privrec_pipeline.training.tasks import training_components
 
-    manifest = local_path(manifest_uri(root, "build_partitions", day)) if day else None
+    manifest = lk.path(lk.manifest_uri(root, "build_partitions", day)) if day else None
     if manifest is None or not manifest.exists():
         _fail(f"{folder} has no build_partitions manifest ({manifest or 'not in a lake: <lake>/training/dt=D'}): "
               "its data window is unknown, so the run can be neither accounted nor shown to be synthetic")
@@ -541,7 +543,7 @@ def _experiment_release(root: str, day: dt.date | None, folder: Path, config, pl
     start, end = dt.date.fromisoformat(doc["window"][0]), dt.date.fromisoformat(doc["window"][-1])
     if not accounted:
         days = [dt.date.fromisoformat(d) for d in doc["days_used"]]  # the days whose data the shards hold
-        real = [d for d in days if not (landing_partition(root, d) / "_generation.json").exists()]
+        real = [d for d in days if not (lk.path(lk.partition_uri(root, "landing", d)) / "_generation.json").exists()]
         if real:
             _fail("--no-ledger is for synthetic data only: the landing partitions of "
                   + ", ".join(map(str, real)) + " were not written by `privrec generate` (no _generation.json); "

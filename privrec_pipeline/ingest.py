@@ -19,7 +19,6 @@ from privrec_pipeline.errors import ConfigurationError, LandingPartitionError, P
 from privrec_pipeline.manifest import CollectManifest, PseudonymizeManifest
 from privrec_pipeline.schema import QUARANTINE_REASONS
 from privrec_pipeline.secrets import KeyRing
-from privrec_pipeline.spark.lakefs import LakeFS
 from privrec_pipeline.transforms import collect as tc
 from privrec_pipeline.transforms.pseudonymize import to_silver
 
@@ -75,7 +74,7 @@ def run_collect(spark: "SparkSession", lake: str, day: dt.date, keys: KeyRing, *
     if unknown_items not in UNKNOWN_ITEMS:
         raise ConfigurationError(f"unknown_items must be one of {UNKNOWN_ITEMS}, not {unknown_items!r}")
 
-    fs = LakeFS(spark)
+    fs = lk.Lake(lake)
     interval = DataInterval(day)
     landing = lk.partition_uri(lake, "landing", day)
 
@@ -141,12 +140,12 @@ def run_collect(spark: "SparkSession", lake: str, day: dt.date, keys: KeyRing, *
         raise
     finally:
         fs.delete(collected_stage)
-    fs.write_text_atomic(lk.manifest_uri(lake, "collect", day), manifest.to_json())
+    fs.write_manifest(lk.manifest_uri(lake, "collect", day), manifest.to_json())
     return manifest
 
 
 def read_manifest(spark: "SparkSession", lake: str, step: str, day: dt.date) -> dict:
-    fs = LakeFS(spark)
+    fs = lk.Lake(lake)
     uri = lk.manifest_uri(lake, step, day)
     if not fs.exists(uri):
         raise PrivrecError(f"no {step} manifest for {day} ({uri}): run the {step} step for this date first")
@@ -161,7 +160,7 @@ def run_pseudonymize(spark: "SparkSession", lake: str, day: dt.date, keys: KeyRi
     manifest records the key's fingerprint, and build_partitions refuses to combine this day
     with days written under another key.
     """
-    fs = LakeFS(spark)
+    fs = lk.Lake(lake)
     manifest_uri = lk.manifest_uri(lake, "pseudonymize", day)
     collected = read_manifest(spark, lake, "collect", day)
     bronze_uri = lk.partition_uri(lake, "bronze", day)
@@ -185,5 +184,5 @@ def run_pseudonymize(spark: "SparkSession", lake: str, day: dt.date, keys: KeyRi
     except BaseException:
         fs.delete(stage)
         raise
-    fs.write_text_atomic(manifest_uri, manifest.to_json())
+    fs.write_manifest(manifest_uri, manifest.to_json())
     return manifest

@@ -90,7 +90,7 @@ class PseudonymKeyMismatchError(PrivrecError):
 
 
 class TextReader(Protocol):
-    """What the manifest readers need of a file system (``spark.lakefs.LakeFS`` has it)."""
+    """What the manifest readers need of a file system (``lake.Lake`` has it)."""
 
     def exists(self, uri: str) -> bool: ...
 

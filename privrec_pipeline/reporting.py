@@ -13,23 +13,19 @@ from privrec_pipeline import lake as lk
 
 
 def load_manifest(lake: str, step: str, day: dt.date) -> dict | None:
-    path = lk.local_path(lk.manifest_uri(lake, step, day))
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+    return lk.read_json_if_exists(lk.path(lk.manifest_uri(lake, step, day)))
 
 
 def load_quality_summary(lake: str, day: dt.date) -> dict | None:
-    path = lk.local_path(f"{lk.partition_uri(lake, 'reports', day)}/summary.json")
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+    return lk.read_json_if_exists(lk.path(lk.partition_uri(lake, "reports", day)) / "summary.json")
 
 
 def load_dp_release(lake: str, day: dt.date) -> dict | None:
-    path = lk.local_path(f"{lk.partition_uri(lake, 'dp_stats', day)}/release.json")
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+    return lk.read_json_if_exists(lk.path(lk.partition_uri(lake, "dp_stats", day)) / "release.json")
 
 
 def load_candidate(lake: str, day: dt.date) -> dict | None:
-    path = lk.local_path(lk.partition_uri(lake, "candidates", day)) / "model" / "training.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+    return lk.read_json_if_exists(lk.path(lk.partition_uri(lake, "candidates", day)) / "model" / "training.json")
 
 
 def budget_line(lake: str, day: dt.date) -> str | None:
@@ -141,7 +137,7 @@ def print_run_summary(console: Console, lake: str, day: dt.date, log: Path | Non
 
 def validated_days(lake: str) -> list[dt.date]:
     """Days with a validation summary, in order."""
-    root = lk.local_path(lk.zone_uri(lake, "reports"))
+    root = lk.path(lk.zone_uri(lake, "reports"))
     days = []
     for path in root.glob("dt=*/summary.json") if root.exists() else []:
         try:

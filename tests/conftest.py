@@ -179,9 +179,9 @@ def released_day(spark, lake: str, keyring: KeyRing, generator: dict) -> None:
 
 def write_landing(lake: str, day: dt.date, lines: list[bytes], name: str = "events-000.jsonl") -> Path:
     """Write raw landing lines (bytes, exactly as given) into the day's landing partition."""
-    from privrec_pipeline.lake import landing_partition
+    from privrec_pipeline import lake as lk
 
-    part = landing_partition(lake, day)
+    part = lk.path(lk.partition_uri(lake, "landing", day))
     part.mkdir(parents=True, exist_ok=True)
     path = part / name
     path.write_bytes(b"\n".join(lines) + b"\n")

@@ -50,19 +50,19 @@ def test_the_training_audit_passes_and_fails_with_the_noise_off(lake):
 
 def test_the_dp_statistics_audit_refutes_nothing_and_is_in_the_dp_report(lake):
     from privrec_pipeline.dp_stats.release import REPORT_FILE, dp_stats_uri
-    from privrec_pipeline.lake import local_path
+    from privrec_pipeline.lake import path as lake_path
 
     runner = CliRunner()
     result = runner.invoke(app, ["audit", "stats", "--date", DAY.isoformat(), "--runs", "300", "--lake", lake])
     assert result.exit_code == 0, result.output
     written = json.loads((audit_folder(lake, DAY) / DP_STATS_FILE).read_text())
-    release = json.loads((local_path(dp_stats_uri(lake, DAY)) / "release.json").read_text())
+    release = json.loads((lake_path(dp_stats_uri(lake, DAY)) / "release.json").read_text())
     released = {name: s for name, s in release["statistics"].items() if s["mechanism"] != "exponential"}
     assert set(written["statistics"]) == set(released)
     for name, bound in written["statistics"].items():  # the epsilons the release was built with
         assert bound["claimed_epsilon"] == pytest.approx(released[name]["epsilon"], rel=1e-9)
     assert written["passed"] and all(not b["refutes"] for b in written["statistics"].values())
-    page = (local_path(dp_stats_uri(lake, DAY)) / REPORT_FILE).read_text()
+    page = (lake_path(dp_stats_uri(lake, DAY)) / REPORT_FILE).read_text()
     assert "<h2>Audit</h2>" in page and "empirical lower bound" in page and "Passed" in page
     missing = runner.invoke(app, ["audit", "stats", "--date", "2026-02-01", "--lake", lake])
     assert missing.exit_code == 1 and "no DP statistics release for 2026-02-01" in missing.output

@@ -307,8 +307,8 @@ def test_backfill_ledger_accounts_each_day_once(backfilled, server):
 def test_backfill_wrote_each_day_and_published_the_window_model(backfilled, server):
     for day in DAYS:
         for zone in ("silver", "dp_stats", "reports"):
-            assert lk.local_path(lk.partition_uri(server.lake, zone, day)).is_dir(), (zone, day)
-    candidates = [d for d in DAYS if lk.local_path(lk.partition_uri(server.lake, "candidates", d)).exists()]
+            assert lk.path(lk.partition_uri(server.lake, zone, day)).is_dir(), (zone, day)
+    candidates = [d for d in DAYS if lk.path(lk.partition_uri(server.lake, "candidates", d)).exists()]
     assert candidates == [DAYS[-1]]  # trained once, on the window's last day
     from privrec_pipeline.models.publish import models_root
 
@@ -345,7 +345,7 @@ def test_published_model_triggers_the_asset_scheduled_dag(backfilled, server):
 
 def test_a_finished_day_backfilled_again_changes_nothing(backfilled, server):
     day = DAYS[1]
-    zones = [lk.local_path(lk.partition_uri(server.lake, z, day)) for z in ("bronze", "quarantine", "silver", "dp_stats")]
+    zones = [lk.path(lk.partition_uri(server.lake, z, day)) for z in ("bronze", "quarantine", "silver", "dp_stats")]
     before = [partition_snapshot(z) for z in zones]
     release_json = (zones[-1] / "release.json").read_text()
     ledger_before = _ledger(server).releases()

@@ -6,8 +6,11 @@ worker per training partition, each holding only its own partition's secret as t
 connection ``privrec_partition_K``), and a Spark standalone master and worker
 (``spark-class``) that the ``spark_default`` connection points at.
 
-One generated day runs end to end (ingest to published model) through the REST API, and:
-every Spark step is an application of the standalone master; every partition task ran in
+One generated day runs through the REST API. Partition 1's worker is killed (SIGKILL, with
+its task processes) while it trains the last round: the round fails closed (the task fails
+once its heartbeat stops, the aggregation and everything after it do not run, the training
+release stays reserved, no model appears); the worker comes back, the failed tasks are
+cleared (a retry) and the day finishes with every release spent once. Then: every Spark step is an application of the standalone master; every partition task ran in
 its partition's queue, on the worker of that partition (its notes are in that worker's home
 only), and no secret file was written anywhere; the day's rows equal those of the same day
 run by the embedded code path; the ledger (on PostgreSQL) holds the day's committed releases.
@@ -15,10 +18,12 @@ run by the embedded code path; the ledger (on PostgreSQL) holds the day's commit
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -61,12 +66,45 @@ class Deployment:
     def __init__(self, root: Path, env: dict[str, str], base: str, password: str) -> None:
         self.root, self.env, self.base, self.password = root, env, base, password
         self.processes: list[subprocess.Popen] = []
+        self.commands: dict[str, tuple[list[str], dict[str, str]]] = {}
+        self.named: dict[str, subprocess.Popen] = {}
         self.headers: dict[str, str] = {}
 
     def start(self, name: str, args: list[str], **extra: str) -> None:
-        log = (self.root / f"{name}.log").open("wb")
-        self.processes.append(subprocess.Popen([AIRFLOW, *args], env={**self.env, **extra}, stdout=log,
-                                               stderr=subprocess.STDOUT, start_new_session=True))
+        log = (self.root / f"{name}.log").open("ab")
+        process = subprocess.Popen([AIRFLOW, *args], env={**self.env, **extra}, stdout=log,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+        self.processes.append(process)
+        self.commands[name], self.named[name] = (args, extra), process
+
+    def kill(self, name: str) -> None:
+        """SIGKILL a service and every process it started (a machine lost, not a shutdown): its
+        process group and its descendants (Airflow puts each task runner in a group of its own)."""
+        import psutil
+
+        process = self.named[name]
+        descendants = psutil.Process(process.pid).children(recursive=True)
+        os.killpg(process.pid, signal.SIGKILL)
+        for child in descendants:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+        process.wait(timeout=30)
+
+    def restart(self, name: str) -> None:
+        args, extra = self.commands[name]
+        self.start(name, args, **extra)
+
+    def task_instances(self, run_id: str) -> dict[str, dict]:
+        tis = self.api("GET", f"/dags/{DAG}/dagRuns/{run_id}/taskInstances", params={"limit": 100})
+        return {t["task_id"]: t for t in tis["task_instances"]}
+
+    def wait_run(self, run_id: str, timeout_s: float, *, on_poll=None) -> str:
+        deadline = time.monotonic() + timeout_s
+        while (state := self.api("GET", f"/dags/{DAG}/dagRuns/{run_id}")["state"]) not in ("success", "failed"):
+            assert time.monotonic() < deadline, f"run not done in {timeout_s} s: " + self.logs()
+            if on_poll is None or not on_poll():
+                time.sleep(3)
+        return state
 
     def api(self, method: str, path: str, **kwargs) -> dict:
         response = requests.request(method, self.base + "/api/v2" + path, headers=self.headers, timeout=60, **kwargs)
@@ -136,6 +174,9 @@ def deployment(tmp_path_factory, key_document):
         "PRIVREC_SPARK_CONF": '{"spark.executor.cores": "1", "spark.executor.memory": "900m"}',
         "PRIVREC_TRAIN_PARTITIONS": str(PARTITIONS), "PRIVREC_TRAIN_ROUNDS": "2",
         "PRIVREC_TASK_RETRIES": "0", "PRIVREC_BUDGET_EPSILON": "1000",
+        # A task whose worker died is failed once its heartbeat has been missing this long.
+        "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "60",
+        "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "5",
     })
     generate_day(GeneratorConfig(date=DAY, events=3000, users=200, items=100, seed=5, bad_rate=0.02),
                  env["PRIVREC_LAKE"])
@@ -167,18 +208,73 @@ def deployment(tmp_path_factory, key_document):
         _postgres_database(database, drop_only=True)
 
 
+RUN_ID = "cluster-test-1999-12-31"
+KILLED_TASK, KILLED_WORKER = "train_round_1_partition_1", "airflow-worker-partition-1"
+
+
+def _training_releases(deployment) -> list:
+    from privrec_pipeline.privacy.ledger import Ledger, policy_from_env
+
+    ledger = Ledger(deployment.env["PRIVREC_LEDGER_URL"], policy_from_env(deployment.env))
+    return [r for r in ledger.releases() if r.release_key in ("training", "population", "dp_stats")]
+
+
 @pytest.fixture(scope="module")
-def finished(deployment):
-    run_id = "cluster-test-1999-12-31"
+def interrupted(deployment):
+    """The day's run with partition 1's worker killed while it trains the last round."""
     deployment.api("POST", f"/dags/{DAG}/dagRuns", json={
-        "dag_run_id": run_id, "logical_date": f"{DAY}T00:00:00Z", "conf": CONF})
+        "dag_run_id": RUN_ID, "logical_date": f"{DAY}T00:00:00Z", "conf": CONF})
     deployment.api("PATCH", f"/dags/{DAG}", json={"is_paused": False})
-    deadline = time.monotonic() + TIMEOUT_S
-    while (state := deployment.api("GET", f"/dags/{DAG}/dagRuns/{run_id}")["state"]) not in ("success", "failed"):
-        assert time.monotonic() < deadline, f"run not done in {TIMEOUT_S} s: " + deployment.logs()
-        time.sleep(3)
-    tis = deployment.api("GET", f"/dags/{DAG}/dagRuns/{run_id}/taskInstances", params={"limit": 100})
-    return state, {t["task_id"]: t for t in tis["task_instances"]}
+    killed = []
+
+    def kill_when_running() -> bool:
+        if not killed and deployment.task_instances(RUN_ID).get(KILLED_TASK, {}).get("state") == "running":
+            deployment.kill(KILLED_WORKER)
+            killed.append(time.monotonic())
+        time.sleep(0.25)  # poll fast until the kill, so the task is caught while it runs
+        return not killed
+
+    state = deployment.wait_run(RUN_ID, TIMEOUT_S, on_poll=kill_when_running)
+    assert killed, f"{KILLED_TASK} was never seen running: " + deployment.logs()
+    lake = deployment.env["PRIVREC_LAKE"]
+    return {"state": state, "tis": deployment.task_instances(RUN_ID), "releases": _training_releases(deployment),
+            "candidate": (lk.partition(lake, "candidates", DAY) / "model").exists(),
+            "final_round": (lk.partition(lake, "candidates", DAY) / "run" / "round=2" / "model.npz").exists()}
+
+
+@pytest.fixture(scope="module")
+def finished(interrupted, deployment):
+    """The worker back, the failed tasks cleared (a retry of the round), the run to its end."""
+    deployment.restart(KILLED_WORKER)
+    deployment.api("POST", f"/dags/{DAG}/clearTaskInstances", json={
+        "dry_run": False, "dag_run_id": RUN_ID, "only_failed": True, "include_downstream": True,
+        "reset_dag_runs": True})
+    state = deployment.wait_run(RUN_ID, TIMEOUT_S)
+    return state, deployment.task_instances(RUN_ID)
+
+
+def test_a_worker_killed_mid_round_fails_the_round_closed(interrupted):
+    tis = interrupted["tis"]
+    assert interrupted["state"] == "failed" and tis[KILLED_TASK]["state"] == "failed", tis[KILLED_TASK]
+    assert tis["train_round_1_partition_0"]["state"] == "success"  # the other partition's update is in the lake
+    after = ("aggregate_round_1", "finish_training", "evaluate_and_publish")
+    assert {t: tis[t]["state"] for t in after} == dict.fromkeys(after, "upstream_failed")
+    assert not interrupted["candidate"] and not interrupted["final_round"]
+    [training] = [r for r in interrupted["releases"] if r.release_key == "training"]
+    assert training.state == "reserved"  # reserved before the rounds, neither committed nor failed
+
+
+def test_the_retry_finishes_the_day_and_spends_every_release_once(finished, interrupted, deployment):
+    state, tis = finished
+    assert state == "success", ({k: t["state"] for k, t in tis.items()}, deployment.logs())
+    before, after = interrupted["releases"], _training_releases(deployment)
+    assert sorted((r.id, r.release_key) for r in after) == sorted((r.id, r.release_key) for r in before)
+    assert {r.state for r in after} == {"committed"}
+    [training] = [r for r in after if r.release_key == "training"]
+    assert training.id == next(r.id for r in before if r.release_key == "training")
+    # Partition 0's round-1 update was reused by the retry, not trained and masked again.
+    assert tis["train_round_1_partition_0"]["try_number"] == interrupted["tis"]["train_round_1_partition_0"][
+        "try_number"]
 
 
 def test_the_day_runs_end_to_end_on_the_cluster(finished, deployment):
@@ -230,7 +326,7 @@ def test_the_rows_equal_the_embedded_code_path_and_the_ledger_is_on_postgres(fin
     run_pseudonymize(spark, lake, DAY, keyring)
     for step, keys in (("collect", ("landing_records", "bronze_records", "quarantined", "duplicates")),
                        ("pseudonymize", ("silver_records",))):
-        on_cluster, embedded = (json.loads(lk.local_path(lk.manifest_uri(x, step, DAY)).read_text())
+        on_cluster, embedded = (json.loads(lk.path(lk.manifest_uri(x, step, DAY)).read_text())
                                 for x in (deployment.env["PRIVREC_LAKE"], lake))
         assert {k: on_cluster[k] for k in keys} == {k: embedded[k] for k in keys}, step
     cluster_silver = spark.read.parquet(lk.partition_uri(deployment.env["PRIVREC_LAKE"], "silver", DAY))

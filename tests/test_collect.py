@@ -113,7 +113,7 @@ def test_manifest_balances_and_counts_duplicates(collected):
 
 
 def test_manifest_is_written_last_and_readable(lake, collected):
-    doc = json.loads(lk.local_path(lk.manifest_uri(lake, "collect", DAY)).read_text())
+    doc = json.loads(lk.path(lk.manifest_uri(lake, "collect", DAY)).read_text())
     assert doc["balanced"] is True and doc["landing_records"] == collected.landing_records
     assert doc["quarantined"]["wrong_type"] == sum(1 for r, _, _ in CASES if r == "wrong_type")
 
@@ -186,7 +186,7 @@ def test_quarantine_ciphertexts_are_bound_to_their_row(spark, lake, keyring):
 
 
 def test_rerun_gives_identical_outputs(spark, lake, keyring, collected):
-    zones = [lk.local_path(lk.partition_uri(lake, z, DAY)) for z in ("bronze", "quarantine")]
+    zones = [lk.path(lk.partition_uri(lake, z, DAY)) for z in ("bronze", "quarantine")]
     before = [partition_snapshot(z) for z in zones]
     again = run_collect(spark, lake, DAY, keyring, run_id="rerun")
     assert [partition_snapshot(z) for z in zones] == before
@@ -202,7 +202,7 @@ def test_missing_landing_partition_fails_naming_path_and_date(spark, lake, keyri
 
 
 def test_empty_landing_partition_fails_unless_allowed(spark, lake, keyring):
-    part = lk.landing_partition(lake, DAY)
+    part = lk.partition(lake, "landing", DAY)
     part.mkdir(parents=True)
     (part / "events-000.jsonl").write_bytes(b"")
     with pytest.raises(LandingPartitionError, match="empty"):

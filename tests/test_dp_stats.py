@@ -299,7 +299,7 @@ def test_reruns_reuse_the_release_and_forced_reruns_spend(spark, day_lake):
 def test_a_release_over_the_budget_fails_before_reading_data(spark, day_lake):
     ledger = _ledger(day_lake, cap=30.0)
     run_dp_stats(spark, str(day_lake), DAY, PARAMS, ledger, run_id="run-1")
-    shutil.rmtree(lk.local_path(lk.partition_uri(str(day_lake), "silver", DAY)))  # proves silver is not read
+    shutil.rmtree(lk.path(lk.partition_uri(str(day_lake), "silver", DAY)))  # proves silver is not read
     with pytest.raises(PrivacyBudgetExceeded) as info:
         run_dp_stats(spark, str(day_lake), DAY, PARAMS, ledger, run_id="run-2", force=True)
     message = str(info.value)
@@ -309,16 +309,16 @@ def test_a_release_over_the_budget_fails_before_reading_data(spark, day_lake):
 
 def test_a_failed_computation_returns_the_reservation(spark, day_lake):
     ledger = _ledger(day_lake)
-    shutil.rmtree(lk.local_path(lk.partition_uri(str(day_lake), "silver", DAY)))
+    shutil.rmtree(lk.path(lk.partition_uri(str(day_lake), "silver", DAY)))
     with pytest.raises(Exception, match=r"(?i)path does not exist|PATH_NOT_FOUND"):
         run_dp_stats(spark, str(day_lake), DAY, PARAMS, ledger, run_id="run-1")
     [release] = ledger.releases()
     assert release.state == "failed" and ledger.spend_at(DAY).epsilon == 0.0
-    assert not lk.local_path(dp_stats_uri(str(day_lake), DAY)).exists()
+    assert not lk.path(dp_stats_uri(str(day_lake), DAY)).exists()
 
 
 def test_a_day_that_failed_validation_gets_no_release(spark, day_lake):
-    summary = lk.local_path(f"{lk.partition_uri(str(day_lake), 'reports', DAY)}/summary.json")
+    summary = lk.path(f"{lk.partition_uri(str(day_lake), 'reports', DAY)}/summary.json")
     doc = json.loads(summary.read_text())
     summary.write_text(json.dumps({**doc, "gate": "failed", "failed_critical": ["event_id.unique"]}))
     ledger = _ledger(day_lake)
@@ -364,13 +364,12 @@ def _killed_reservation(spark, lake: Path, ledger: Ledger, params: DPStatsParams
     """What a run killed right after reserving leaves behind: an open reservation, no partition."""
     from privrec_pipeline.dp_stats.release import RELEASE_KEY, release_parameters, with_catalog
     from privrec_pipeline.manifest import pseudonym_fingerprint
-    from privrec_pipeline.spark.lakefs import LakeFS
 
     params, catalog, _ = with_catalog(params, str(lake), DAY)
     epsilon, delta = params.spent()
     return ledger.reserve(RELEASE_KEY, DAY, DAY, params.components(), epsilon=epsilon, delta=delta, dag_id="d",
                           run_id=run_id, parameters=release_parameters(
-                              params, pseudonym_fingerprint(LakeFS(spark), str(lake), DAY), catalog)).release
+                              params, pseudonym_fingerprint(lk.Lake(str(lake)), str(lake), DAY), catalog)).release
 
 
 def test_a_resumed_release_computes_exactly_what_the_ledger_holds(spark, day_lake):
@@ -382,7 +381,7 @@ def test_a_resumed_release_computes_exactly_what_the_ledger_holds(spark, day_lak
                                                                          max_items_per_user=50)):
         with pytest.raises(ReleaseMismatch, match="force_release"):
             run_dp_stats(spark, str(day_lake), DAY, other, ledger, run_id="run-2")
-    assert not lk.local_path(dp_stats_uri(str(day_lake), DAY)).exists()  # nothing was computed
+    assert not lk.path(dp_stats_uri(str(day_lake), DAY)).exists()  # nothing was computed
     resumed = run_dp_stats(spark, str(day_lake), DAY, PARAMS, ledger, run_id="run-2")
     [release] = ledger.releases()
     assert resumed.status == "resume" and release.id == reserved.id == resumed.release["release_id"]
@@ -396,7 +395,7 @@ def test_a_live_reservation_of_another_run_is_not_computed_twice(spark, day_lake
         run_dp_stats(spark, str(day_lake), DAY, PARAMS, ledger, run_id="run-2")
     [release] = ledger.releases()
     assert release.state == "reserved"  # run 2's failure did not fail run 1's release
-    assert not lk.local_path(dp_stats_uri(str(day_lake), DAY)).exists()
+    assert not lk.path(dp_stats_uri(str(day_lake), DAY)).exists()
 
 
 def test_killed_between_swap_and_commit_the_retry_commits_without_new_noise(spark, day_lake, killed_before_commit):

@@ -61,7 +61,7 @@ def test_validate_report_is_reachable_from_the_task(embedded):
     import sqlite3
 
     root, env, _ = embedded
-    report = lk.local_path(lk.partition_uri(env["PRIVREC_LAKE"], "reports", DAY))
+    report = lk.path(lk.partition_uri(env["PRIVREC_LAKE"], "reports", DAY))
     summary = json.loads((report / "summary.json").read_text())
     assert summary["gate"] == "passed" and summary["run_id"].startswith("manual__")
     db = sqlite3.connect(root / "airflow" / "airflow.db")
@@ -84,7 +84,7 @@ def test_dp_release_is_accounted_and_reachable_from_the_task(embedded):
     import sqlite3
 
     root, env, _ = embedded
-    gold = lk.local_path(lk.partition_uri(env["PRIVREC_LAKE"], "dp_stats", DAY))
+    gold = lk.path(lk.partition_uri(env["PRIVREC_LAKE"], "dp_stats", DAY))
     release = json.loads((gold / "release.json").read_text())
     assert release["run_id"].startswith("manual__") and release["dag_id"] == "privrec_nightly"
     (release_id, key, state, run_id), population, training, evaluation = _ledger_rows(root)
@@ -103,9 +103,9 @@ def test_dp_release_is_accounted_and_reachable_from_the_task(embedded):
 def test_federated_training_wrote_an_accounted_candidate(embedded):
     root, env, _ = embedded
     lake = env["PRIVREC_LAKE"]
-    manifest = json.loads(lk.local_path(lk.manifest_uri(lake, "build_partitions", DAY)).read_text())
+    manifest = json.loads(lk.path(lk.manifest_uri(lake, "build_partitions", DAY)).read_text())
     assert sorted(manifest["partitions"]) == ["0", "1"] and manifest["vocabulary_size"] > 0
-    candidate = lk.local_path(lk.partition_uri(lake, "candidates", DAY)) / "model"
+    candidate = lk.path(lk.partition_uri(lake, "candidates", DAY)) / "model"
     report = json.loads((candidate / "training.json").read_text())
     assert report["partitions"] == 2 and report["config"]["rounds"] == 2
     assert report["plan"]["epsilon"] <= 8.0 * 1.001 and len(report["plan"]["epsilon_per_partition"]) == 2
@@ -123,8 +123,8 @@ def test_federated_training_wrote_an_accounted_candidate(embedded):
 def test_manifests_and_partitions_written(embedded):
     root, _, _ = embedded
     lake = str(root / "lake")
-    collect = json.loads(lk.local_path(lk.manifest_uri(lake, "collect", DAY)).read_text())
-    pseudo = json.loads(lk.local_path(lk.manifest_uri(lake, "pseudonymize", DAY)).read_text())
+    collect = json.loads(lk.path(lk.manifest_uri(lake, "collect", DAY)).read_text())
+    pseudo = json.loads(lk.path(lk.manifest_uri(lake, "pseudonymize", DAY)).read_text())
     assert collect["landing_records"] == 3000 and collect["balanced"]
     assert pseudo["silver_records"] == collect["bronze_records"] > 2800
     assert collect["run_id"].startswith("manual__")  # the Airflow run id reached the job
@@ -171,9 +171,9 @@ def test_exact_training_and_evaluation_numbers_never_reach_logs_or_the_airflow_d
 
 def test_rerun_changes_no_output(embedded):
     root, env, _ = embedded
-    zones = [lk.local_path(lk.partition_uri(str(root / "lake"), z, DAY)) for z in ("bronze", "quarantine", "silver")]
-    zones.append(lk.local_path(lk.partition_uri(str(root / "lake"), "dp_stats", DAY)))
-    weights = lk.local_path(lk.partition_uri(str(root / "lake"), "candidates", DAY)) / "model" / "model.safetensors"
+    zones = [lk.path(lk.partition_uri(str(root / "lake"), z, DAY)) for z in ("bronze", "quarantine", "silver")]
+    zones.append(lk.path(lk.partition_uri(str(root / "lake"), "dp_stats", DAY)))
+    weights = lk.path(lk.partition_uri(str(root / "lake"), "candidates", DAY)) / "model" / "model.safetensors"
     model_before = weights.read_bytes()
     before = [partition_snapshot(z) for z in zones]
     ledger_before = _ledger_rows(root)

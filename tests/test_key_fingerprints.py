@@ -19,7 +19,6 @@ from privrec_pipeline.quality.config import QualityConfig
 from privrec_pipeline.quality.validate import run_validate
 from privrec_pipeline.secrets import new_key_document, parse_key_document
 from privrec_pipeline.sources.synthetic import GeneratorConfig, generate_day
-from privrec_pipeline.spark.lakefs import LakeFS
 from privrec_pipeline.training.partitions import PartitionParams, run_build_partitions
 
 pytestmark = pytest.mark.spark
@@ -62,7 +61,7 @@ def test_a_window_over_two_keys_with_the_same_label_is_refused(spark, two_keys_l
     assert str(DAY) in message and str(DAY_BEFORE) in message
     assert "Rerun pseudonymize" in message and "window that does not span the rotation" in message
     assert not any(s in message for s in keyring.secret_strings() + other_keyring.secret_strings())
-    assert not lk.local_path(lk.manifest_uri(two_keys_lake, "build_partitions", DAY)).exists()
+    assert not lk.path(lk.manifest_uri(two_keys_lake, "build_partitions", DAY)).exists()
 
 
 def test_one_key_over_the_window_is_recorded_in_the_manifest(spark, two_keys_lake, keyring, tmp_path):
@@ -73,22 +72,22 @@ def test_one_key_over_the_window_is_recorded_in_the_manifest(spark, two_keys_lak
     manifest = run_build_partitions(spark, lake, DAY, PARAMS)
     assert manifest.days_used == [str(DAY_BEFORE), str(DAY)]
     assert manifest.pseudonym_key_fingerprint == keyring.pseudonym.fingerprint
-    written = json.loads(lk.local_path(lk.manifest_uri(lake, "build_partitions", DAY)).read_text())
+    written = json.loads(lk.path(lk.manifest_uri(lake, "build_partitions", DAY)).read_text())
     assert written["pseudonym_key_fingerprint"] == keyring.pseudonym.fingerprint
-    assert pseudonym_fingerprint(LakeFS(spark), lake, DAY_BEFORE) == keyring.pseudonym.fingerprint
+    assert pseudonym_fingerprint(lk.Lake(lake), lake, DAY_BEFORE) == keyring.pseudonym.fingerprint
 
 
 def test_a_day_without_a_recorded_fingerprint_is_refused(spark, two_keys_lake, keyring, tmp_path):
     lake = str(tmp_path / "lake")
     shutil.copytree(two_keys_lake, lake)
-    manifest_path = lk.local_path(lk.manifest_uri(lake, "pseudonymize", DAY_BEFORE))
+    manifest_path = lk.path(lk.manifest_uri(lake, "pseudonymize", DAY_BEFORE))
     old = json.loads(manifest_path.read_text())
     old.pop("pseudonym_key_fingerprint")  # as written before fingerprints were recorded
     manifest_path.write_text(json.dumps(old))
     with pytest.raises(PrivrecError, match=f"{DAY_BEFORE} records key version 'v1' but no key fingerprint"):
         run_build_partitions(spark, lake, DAY, PARAMS)
     with pytest.raises(PrivrecError, match="rerun pseudonymize for this date"):
-        pseudonym_fingerprint(LakeFS(spark), lake, DAY_BEFORE)
+        pseudonym_fingerprint(lk.Lake(lake), lake, DAY_BEFORE)
     manifest_path.unlink()
     with pytest.raises(PrivrecError, match=f"no pseudonymize manifest for {DAY_BEFORE}"):
         run_build_partitions(spark, lake, DAY, PARAMS)

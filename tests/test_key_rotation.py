@@ -204,12 +204,11 @@ def test_the_same_person_gets_another_pseudonym_after_the_rotation(spark, rotate
 
 def test_manifests_record_each_days_key_fingerprints(spark, rotated):
     from privrec_pipeline.manifest import pseudonym_fingerprint
-    from privrec_pipeline.spark.lakefs import LakeFS
 
     lake, written = rotated["lake"], []
     for day, ring in ((DAY, rotated["v1"]), (DAY_AFTER, rotated["v2"])):
         collect, pseudonymize = rotated["manifests"][day]
-        on_disk = [json.loads(lk.local_path(lk.manifest_uri(lake, step, day)).read_text())
+        on_disk = [json.loads(lk.path(lk.manifest_uri(lake, step, day)).read_text())
                    for step in ("collect", "pseudonymize")]
         written += on_disk
         for doc in (collect.__dict__, on_disk[0]):
@@ -218,7 +217,7 @@ def test_manifests_record_each_days_key_fingerprints(spark, rotated):
         for doc in (pseudonymize.__dict__, on_disk[1]):
             assert (doc["pseudonym_key_version"], doc["pseudonym_key_fingerprint"]) == (
                 ring.pseudonym.version, ring.pseudonym.fingerprint)
-        assert pseudonym_fingerprint(LakeFS(spark), lake, day) == ring.pseudonym.fingerprint
+        assert pseudonym_fingerprint(lk.Lake(lake), lake, day) == ring.pseudonym.fingerprint
     assert not any(s in json.dumps(written) for s in rotated["v2"].secret_strings())
 
 

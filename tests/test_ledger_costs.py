@@ -177,10 +177,10 @@ def test_run_dp_stats_reserves_exactly_the_cost_of_its_statistics(spark, tmp_pat
 
     params, plan = DP_STATS_CASES[case]
     lake = str(tmp_path / "lake")
-    summary = lk.local_path(f"{report_uri(lake, DAY)}/{SUMMARY_FILE}")
+    summary = lk.path(f"{report_uri(lake, DAY)}/{SUMMARY_FILE}")
     summary.parent.mkdir(parents=True)
     summary.write_text(json.dumps({"gate": "passed"}))
-    manifest = lk.local_path(lk.manifest_uri(lake, "pseudonymize", DAY))
+    manifest = lk.path(lk.manifest_uri(lake, "pseudonymize", DAY))
     manifest.parent.mkdir(parents=True)
     manifest.write_text(json.dumps({"pseudonym_key_version": "v1", "pseudonym_key_fingerprint": "0123456789abcdef"}))
 
@@ -240,7 +240,7 @@ def test_training_release_costs_exactly_its_sampled_gaussian_steps(tmp_path, mon
     lake = str(tmp_path / "lake")
     monkeypatch.setenv("PRIVREC_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("PRIVREC_BUDGET_EPSILON", str(POLICY.epsilon))
-    manifest = lk.local_path(lk.manifest_uri(lake, "build_partitions", WINDOW[-1]))
+    manifest = lk.path(lk.manifest_uri(lake, "build_partitions", WINDOW[-1]))
     manifest.parent.mkdir(parents=True)
     manifest.write_text(json.dumps({
         "window": [d.isoformat() for d in WINDOW], "vocabulary_size": 12,

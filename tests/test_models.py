@@ -161,7 +161,7 @@ def test_the_model_card_holds_only_allowed_keys_and_no_exact_count_of_the_data(l
     card = json.loads((folder / "model_card.json").read_text())
     assert {path for path, _ in _leaves(card)} == CARD_KEYS
     # The exact numbers of the training data: users and items per partition, in total, held out.
-    manifest = json.loads(lk.local_path(lk.manifest_uri(lake, "build_partitions", DAY)).read_text())
+    manifest = json.loads(lk.path(lk.manifest_uri(lake, "build_partitions", DAY)).read_text())
     sizes = manifest["partitions"].values()
     exact = {n for p in sizes for n in p.values()} | set(manifest["holdout"].values())
     exact |= {sum(p["users"] for p in sizes), sum(p["users"] for p in sizes) + manifest["holdout"]["held_out_users"]}
@@ -221,7 +221,7 @@ def test_the_gate_refuses_a_candidate_that_does_not_beat_dp_popularity(lake):
 
     # The candidate ranks exactly like DP popularity: every parameter zero, the biases its
     # counts. (All-equal scores would rank by item index, which can beat noisy popularity.)
-    counts = dp_popularity_counts([lk.local_path(lk.partition_uri(lake, "dp_stats", DAY)) / "items.parquet"], items)
+    counts = dp_popularity_counts([lk.path(lk.partition_uri(lake, "dp_stats", DAY)) / "items.parquet"], items)
     with torch.no_grad():
         for p in model.parameters():
             p.zero_()
@@ -257,12 +257,12 @@ def test_a_publish_killed_before_latest_moves_is_finished_by_the_retry(lake, mon
             raise KeyboardInterrupt("killed after the version's rename, before LATEST moved")
         return real_replace(src, dst)
 
-    monkeypatch.setattr(pub.os, "replace", killed)
+    monkeypatch.setattr(os, "replace", killed)
     with pytest.raises(KeyboardInterrupt):
         pub.publish(lake, DAY, gate=MECHANICS)
     monkeypatch.undo()
     root = models_root(lake) / "privrec-recommender"
-    [version] = [p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    [version] = [p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))]
     assert not (root / LATEST).exists()
     retry = pub.publish(lake, DAY, gate=MECHANICS)
     assert retry["reused"] and (root / LATEST).read_text().strip() == version == retry["version"]
@@ -301,14 +301,14 @@ def test_batch_scoring_of_the_latest_model(lake):
     from privrec_pipeline.models.batch import score_latest_holdout
 
     pub.publish(lake, DAY, gate=MECHANICS)
-    old = lk.local_path(lk.partition_uri(lake, "serving", DAY - dt.timedelta(days=31)))
-    kept = lk.local_path(lk.partition_uri(lake, "serving", DAY - dt.timedelta(days=30)))
+    old = lk.path(lk.partition_uri(lake, "serving", DAY - dt.timedelta(days=31)))
+    kept = lk.path(lk.partition_uri(lake, "serving", DAY - dt.timedelta(days=30)))
     for folder in (old, kept):
         folder.mkdir(parents=True)
     result = score_latest_holdout(lake, k=5)
     version = resolve_version(lake, "privrec-recommender")
     # Per-user output: in the restricted serving zone, never in the published folder.
-    assert result["path"] == str(lk.local_path(lk.partition_uri(lake, "serving", DAY)) / f"{version.name}.parquet")
+    assert result["path"] == str(lk.path(lk.partition_uri(lake, "serving", DAY)) / f"{version.name}.parquet")
     assert not (version / "batch").exists()
     table = pq.read_table(result["path"])
     assert table.num_rows > 0 and set(table.column("rank").to_pylist()) <= {1, 2, 3, 4, 5}

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import unavailable
 from privrec_pipeline.errors import InputFormatError
-from privrec_pipeline.lake import landing_partition, zone_uri
+from privrec_pipeline.lake import partition_uri, path, zone_uri
 from privrec_pipeline.sources import movielens
 from privrec_pipeline.sources.movielens import MovieLensImportReport, import_movielens
 
@@ -114,7 +114,7 @@ def test_known_row_round_trips(imported: tuple[MovieLensImportReport, str],
     _, lake = imported
     user, movie, rating, timestamp = ratings_csv[12_345]
     when = dt.datetime.fromtimestamp(int(timestamp), tz=dt.UTC)
-    part = landing_partition(lake, when.date())
+    part = path(partition_uri(lake, "landing", when.date()))
     events = [json.loads(line) for line in gzip.decompress(
         (part / "events-000.jsonl.gz").read_bytes()).splitlines()]
     matching = [e for e in events if e["event_id"] == f"ml-{user}-{movie}-{timestamp}"]

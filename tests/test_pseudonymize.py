@@ -41,7 +41,7 @@ def _landing_records(lake: str) -> list[dict]:
     import gzip
 
     out = []
-    for path in sorted(lk.landing_partition(lake, DAY).glob("*.jsonl.gz")):
+    for path in sorted(lk.partition(lake, "landing", DAY).glob("*.jsonl.gz")):
         for raw in gzip.decompress(path.read_bytes()).splitlines():
             try:
                 rec = json.loads(raw)
@@ -143,8 +143,8 @@ def test_scrub_text_bounds_work_on_hostile_text(spark):
 
 
 def test_manifests_record_key_versions_and_fingerprints(lake, keyring, silver_day):
-    collect = json.loads(lk.local_path(lk.manifest_uri(lake, "collect", DAY)).read_text())
-    pseudo = json.loads(lk.local_path(lk.manifest_uri(lake, "pseudonymize", DAY)).read_text())
+    collect = json.loads(lk.path(lk.manifest_uri(lake, "collect", DAY)).read_text())
+    pseudo = json.loads(lk.path(lk.manifest_uri(lake, "pseudonymize", DAY)).read_text())
     assert (collect["encryption_key_version"], collect["encryption_key_fingerprint"]) == (
         keyring.encryption.version, keyring.encryption.fingerprint)
     assert (pseudo["pseudonym_key_version"], pseudo["pseudonym_key_fingerprint"]) == (
@@ -157,21 +157,20 @@ def test_a_rerun_after_rotation_has_new_pseudonyms_and_never_a_stale_manifest(sp
     import os
 
     from privrec_pipeline.secrets import ENV_KEY_FILE, load_keyring, rotate_key_file
-    from privrec_pipeline.spark.lakefs import LakeFS
 
     path = tmp_path / "keys.json"
     with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600), "w") as fh:
         fh.write(key_document)
     rotate_key_file(path, "pseudonym")
     rotated = load_keyring({ENV_KEY_FILE: str(path)})
-    silver_uri, manifest_path = lk.partition_uri(lake, "silver", DAY), lk.local_path(lk.manifest_uri(lake, "pseudonymize", DAY))
+    silver_uri, manifest_path = lk.partition_uri(lake, "silver", DAY), lk.path(lk.manifest_uri(lake, "pseudonymize", DAY))
     before = {r.user_pseudonym for r in spark.read.parquet(silver_uri).select("user_pseudonym").distinct().collect()}
 
     def lost(self, uri, text):
         raise OSError("the task was killed before its manifest was written")
 
     with monkeypatch.context() as m:  # new silver swapped in, manifest not written
-        m.setattr(LakeFS, "write_text_atomic", lost)
+        m.setattr(lk.Lake, "write_manifest", lost)
         with pytest.raises(OSError, match="killed"):
             run_pseudonymize(spark, lake, DAY, rotated)
     # No manifest may name the old key for silver written under the new one: readers refuse the day.

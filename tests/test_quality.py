@@ -61,7 +61,7 @@ def _first(df, F, column: str, value):
 
 
 def _edit_manifest(lake: Path, **changes: int) -> None:
-    path = lk.local_path(lk.manifest_uri(str(lake), "collect", DAY))
+    path = lk.path(lk.manifest_uri(str(lake), "collect", DAY))
     doc = json.loads(path.read_text())
     for key, delta in changes.items():
         doc[key] += delta
@@ -75,7 +75,7 @@ def _validate(spark, lake: Path, **settings):
 def test_clean_day_passes_and_writes_reports(spark, day_lake):
     summary = _validate(spark, day_lake)
     assert summary.gate == "passed" and summary.failed_critical == [] and summary.failed_warning == []
-    report = lk.local_path(lk.partition_uri(str(day_lake), "reports", DAY))
+    report = lk.path(lk.partition_uri(str(day_lake), "reports", DAY))
     saved = json.loads((report / "summary.json").read_text())
     assert saved["gate"] == "passed" and saved["rows"] == summary.rows > 1000
     assert summary.rows == spark.read.parquet(lk.partition_uri(str(day_lake), "silver", DAY)).count()
@@ -130,7 +130,7 @@ def test_each_critical_expectation_stops_the_run(spark, day_lake, expectation):
     message = str(failed.value)
     assert f"- {expectation} (" in message
     assert message.count("\n  - ") == 1, message  # exactly this one
-    summary = json.loads((lk.local_path(lk.partition_uri(str(day_lake), "reports", DAY)) / "summary.json").read_text())
+    summary = json.loads((lk.path(lk.partition_uri(str(day_lake), "reports", DAY)) / "summary.json").read_text())
     assert summary["gate"] == "failed" and summary["failed_critical"] == [expectation]
     assert "full report: " in message and message.rstrip().endswith("index.html")
 
@@ -141,7 +141,7 @@ def test_quarantine_rate_threshold_stops_the_run(spark, day_lake):
 
 
 def test_row_count_spike_against_trailing_days_stops_the_run(spark, day_lake):
-    reports = lk.local_path(lk.zone_uri(str(day_lake), "reports"))
+    reports = lk.path(lk.zone_uri(str(day_lake), "reports"))
     for back in range(1, 5):  # four passed days with 100x today's rows
         day = DAY - dt.timedelta(days=back)
         (reports / lk.partition_name(day)).mkdir(parents=True)
@@ -165,7 +165,7 @@ def test_reports_hold_no_identifier_or_failing_value(spark, day_lake):
     _rewrite_silver(spark, day_lake, lambda df, F: _first(df, F, "search_query", F.lit(f"mail {EMAIL} {RAW_ID}")))
     with pytest.raises(QualityGateFailed, match=r"pii\.search_query"):
         _validate(spark, day_lake)
-    reports = lk.local_path(lk.zone_uri(str(day_lake), "reports"))
+    reports = lk.path(lk.zone_uri(str(day_lake), "reports"))
     files = [p for p in reports.rglob("*") if p.is_file()]
     assert len(files) > 5
     for path in files:
@@ -181,7 +181,7 @@ def test_pii_in_other_scripts_and_full_width_forms_stops_the_run(spark, day_lake
         _first(df, F, "search_query", F.lit("ruf ＋４９ ３０ １２３４５６７８ an")), F, "category", F.lit("用户@例子.中国")))
     with pytest.raises(QualityGateFailed):
         _validate(spark, day_lake)
-    summary = json.loads((lk.local_path(lk.partition_uri(str(day_lake), "reports", DAY)) / "summary.json").read_text())
+    summary = json.loads((lk.path(lk.partition_uri(str(day_lake), "reports", DAY)) / "summary.json").read_text())
     assert sorted(summary["failed_critical"]) == ["pii.category", "pii.search_query"]
 
 
@@ -292,7 +292,7 @@ def test_duplicate_check_counts_the_rows_of_duplicated_ids(spark, day_lake):
     _rewrite_silver(spark, day_lake, duplicate)
     with pytest.raises(QualityGateFailed, match=r"event_id\.unique"):
         _validate(spark, day_lake)
-    summary = json.loads((lk.local_path(lk.partition_uri(str(day_lake), "reports", DAY)) / "summary.json").read_text())
+    summary = json.loads((lk.path(lk.partition_uri(str(day_lake), "reports", DAY)) / "summary.json").read_text())
     unique = next(e for e in summary["expectations"] if e["id"] == "event_id.unique")
     assert unique["observed"]["observed_value"] == 5
 
@@ -346,7 +346,7 @@ def test_trend_report_renders_for_several_days(spark, tmp_path, keyring):
     result = CliRunner().invoke(app, ["report", "quality", "--lake", str(lake), "--from", days[0].isoformat(),
                                       "--to", (days[-1] + dt.timedelta(days=1)).isoformat()])
     assert result.exit_code == 0, result.output
-    page = lk.local_path(lk.zone_uri(str(lake), "reports")) / "trend.html"
+    page = lk.path(lk.zone_uri(str(lake), "reports")) / "trend.html"
     assert f"trend report: {page}" in result.output.replace("\n", "")
     assert "no summary for 1 day(s)" in result.output
     text = page.read_text()

@@ -16,7 +16,7 @@ WINDOW = [str(DAY - dt.timedelta(days=1)), str(DAY)]
 
 
 def _write(path: str | Path, doc: dict) -> None:
-    path = lk.local_path(str(path))
+    path = lk.path(str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc), encoding="utf-8")
 
@@ -32,7 +32,7 @@ def test_the_summary_names_the_model_the_baseline_its_bound_and_the_lift(tmp_pat
         _write(f"{lk.partition_uri(lake, 'dp_stats', dt.date.fromisoformat(day))}/release.json",
                {"release_id": 1, "epsilon": 0.5, "delta": 0.0, "released": {"items": 9742},
                 "keys": {"source": "catalog (public partitions)"}, "bounds": {"max_items_per_user": k}})
-    candidate = lk.local_path(lk.partition_uri(lake, "candidates", DAY)) / "model" / "training.json"
+    candidate = lk.path(lk.partition_uri(lake, "candidates", DAY)) / "model" / "training.json"
     _write(candidate, {"release_id": 3, "plan": {"mode": "local", "epsilon": 4.0, "delta": 1e-7,
                                                  "noise_multiplier": 1.7},
                        "partitions": 2, "config": {"rounds": 10}, "vocabulary_size": 9742, "window": WINDOW,

@@ -121,7 +121,7 @@ def test_two_processes_racing_to_create_a_secret_get_the_same_32_bytes(tmp_path)
 def _tiny_lake(root: Path, partitions: int, users: int = 6) -> str:
     """What build_partitions writes, by hand: the manifest and one shard per partition."""
     lake = str(root / "lake")
-    manifest = lk.local_path(lk.manifest_uri(lake, "build_partitions", DAY))
+    manifest = lk.path(lk.manifest_uri(lake, "build_partitions", DAY))
     manifest.parent.mkdir(parents=True)
     manifest.write_text(json.dumps({"partitions": {str(k): {"users": users} for k in range(partitions)},
                                     "window": [DAY.isoformat()], "vocabulary_size": V}))
@@ -130,7 +130,7 @@ def _tiny_lake(root: Path, partitions: int, users: int = 6) -> str:
         rows = [(f"u{k}-{u}", int(i), float(rng.uniform(1, 3)), p) for u in range(users)
                 for p, i in enumerate(rng.choice(V, size=3, replace=False))]
         user, item, weight, position = zip(*rows, strict=True)
-        folder = lk.local_path(training_uri(lake, DAY)) / f"partition={k}"
+        folder = lk.path(training_uri(lake, DAY)) / f"partition={k}"
         folder.mkdir(parents=True)
         pq.write_table(pa.table({"user_pseudonym": list(user), "item_index": pa.array(item, pa.int64()),
                                  "weight": pa.array(weight, pa.float32()), "position": list(position)}),
@@ -169,7 +169,7 @@ def test_a_tiny_run_aggregates_the_exact_sum_of_the_partitions_updates(training)
     # The run's own plan: its sampling rates come from the DP partition counts, not from 6, 6, 6.
     plan = PrivacyPlan(**json.loads(run.joinpath("plan.json").read_text())["plan"])
     assert plan.population == json.loads(run.joinpath("plan.json").read_text())["population"]["partition_users"]
-    deltas = [partition_update(CONFIG, plan, start, V, tasks.load_shard(lk.local_path(training_uri(lake, DAY))
+    deltas = [partition_update(CONFIG, plan, start, V, tasks.load_shard(lk.path(training_uri(lake, DAY))
                                                                         / f"partition={k}"),
                                round_index=0, partition=k, partitions=3, secret=load_or_create(k), run_id="run-1",
                                canaries=Canaries.from_doc(json.loads(run.joinpath("plan.json").read_text())["canaries"]))[0]
@@ -342,7 +342,7 @@ def test_a_deleted_update_is_never_recomputed_from_changed_inputs(training):
     assert tasks.train_partition(lake, DAY, 0, 0, digest)["update"] == "new"  # same inputs: recomputed, as noted
     assert np.array_equal(np.load(path)["masked"], np.load(io.BytesIO(first))["masked"])  # the same update again
     path.unlink()
-    shard = lk.local_path(training_uri(lake, DAY)) / "partition=0" / "part-0.parquet"
+    shard = lk.path(training_uri(lake, DAY)) / "partition=0" / "part-0.parquet"
     table = pq.read_table(shard)
     pq.write_table(table.slice(1), shard)  # one user's row removed
     with pytest.raises(SecureAggregationError, match=r"recomputing it gives another one"):

@@ -33,7 +33,7 @@ def partitioned(spark, tmp_path_factory, keyring):
 
 
 def manifest_categories(lake: str) -> int:
-    return json.loads(lk.local_path(lk.manifest_uri(lake, "build_partitions", DAY)).read_text())["categories"]
+    return json.loads(lk.path(lk.manifest_uri(lake, "build_partitions", DAY)).read_text())["categories"]
 
 
 def _rows(folder: Path):
@@ -42,9 +42,9 @@ def _rows(folder: Path):
 
 def test_partitions_are_disjoint_over_the_dp_vocabulary_with_the_protocol_holdout(partitioned):
     root, manifest = partitioned
-    folder = lk.local_path(training_uri(str(root), DAY))
+    folder = lk.path(training_uri(str(root), DAY))
     vocab = _rows(folder / "vocabulary")
-    released = ds.dataset(str(lk.local_path(lk.partition_uri(str(root), "dp_stats", DAY)) / "items.parquet")).to_table()
+    released = ds.dataset(str(lk.path(lk.partition_uri(str(root), "dp_stats", DAY)) / "items.parquet")).to_table()
     assert set(vocab["item_id"]) == set(released.column("item_id").to_pylist())
     assert sorted(vocab["item_index"]) == list(range(len(vocab))) == list(range(manifest.vocabulary_size))
     # The generator's lake has a catalog: every vocabulary item carries its catalog category.
@@ -160,7 +160,7 @@ def test_privrec_train_is_accounted_in_the_ledger_unless_synthetic_and_opted_out
     opted_out = CliRunner().invoke(app, [*args, "--no-ledger"], catch_exceptions=False)
     assert opted_out.exit_code == 0 and "NOT accounted in the privacy ledger" in opted_out.output, opted_out.output
     assert len(ledger.releases()) == before + 1
-    marker = lk.landing_partition(str(root), DAY) / "_generation.json"
+    marker = lk.partition(str(root), "landing", DAY) / "_generation.json"
     marker.rename(marker.with_name("_generation.json.bak"))
     try:
         real = CliRunner().invoke(app, [*args, "--no-ledger"])
@@ -182,10 +182,10 @@ def test_a_window_spanning_a_pseudonym_key_rotation_is_refused(spark, partitione
     shutil.copytree(root, lake)
     day_before = DAY.replace(day=DAY.day - 1)
     for zone in ("silver", "reports", "dp_stats"):  # a copy of the day as the day before ...
-        shutil.copytree(lk.local_path(lk.partition_uri(str(lake), zone, DAY)),
-                        lk.local_path(lk.partition_uri(str(lake), zone, day_before)))
-    manifest = json.loads(lk.local_path(lk.manifest_uri(str(lake), "pseudonymize", DAY)).read_text())
-    rotated = lk.local_path(lk.manifest_uri(str(lake), "pseudonymize", day_before))
+        shutil.copytree(lk.path(lk.partition_uri(str(lake), zone, DAY)),
+                        lk.path(lk.partition_uri(str(lake), zone, day_before)))
+    manifest = json.loads(lk.path(lk.manifest_uri(str(lake), "pseudonymize", DAY)).read_text())
+    rotated = lk.path(lk.manifest_uri(str(lake), "pseudonymize", day_before))
     rotated.write_text(json.dumps({**manifest, "pseudonym_key_version": "v0"}))  # ... under an older key
     with pytest.raises(PrivrecError, match="spans a pseudonym key rotation"):
         run_build_partitions(spark, str(lake), DAY, PartitionParams(window_days=2))
@@ -224,7 +224,7 @@ def test_a_training_resume_under_a_new_run_proves_its_plan_and_draws_no_fresh_no
                                dag_id="d")
     assert plan_file.read_bytes() == plan_bytes
     # nor over another catalog's categories (build_partitions rerun): the model would have another shape
-    manifest_file = lk.local_path(lk.manifest_uri(lake, "build_partitions", DAY))
+    manifest_file = lk.path(lk.manifest_uri(lake, "build_partitions", DAY))
     manifest_bytes = manifest_file.read_bytes()
     manifest = json.loads(manifest_bytes)
     assert manifest["categories"] > 0
@@ -283,7 +283,7 @@ def test_the_content_prior_starts_the_item_tables_from_the_catalogs_text(partiti
     config = TrainConfig(mode="local", epsilon=2.0, delta=1e-7, rounds=1, local_steps=2, batch_size=20, dim=8,
                          content_prior=True)
     state = tasks.prepare_training(lake, DAY, config, run_id="run-prior", dag_id="d", force=True)
-    vocabulary = read_vocabulary(lk.local_path(training_uri(lake, DAY)) / "vocabulary", state["vocabulary_size"])
+    vocabulary = read_vocabulary(lk.path(training_uri(lake, DAY)) / "vocabulary", state["vocabulary_size"])
     texts = item_texts(read_items(snapshot_for(lake, DAY)), vocabulary.items)
     assert all(texts) and len(set(texts)) > 1
     expected = item_init(texts, 8, 0.05)
@@ -297,3 +297,62 @@ def test_the_content_prior_starts_the_item_tables_from_the_catalogs_text(partiti
     plain = new_model(TrainConfig(**{**config.__dict__, "content_prior": False}), state["vocabulary_size"],
                       vocabulary.item_category)
     assert torch.equal(model.cat_in.weight.detach(), plain.cat_in.weight.detach())
+
+
+def test_the_python_half_runs_on_a_lake_without_renames(partitioned, tmp_path, monkeypatch):
+    """Training, evaluation, publication, batch scoring and the run summary on an fsspec lake
+    (``memory://``, an object store's semantics: no rename, no link), from the Spark half's output."""
+    import shutil
+    import uuid
+
+    from privrec_pipeline.models.batch import score_latest_holdout
+    from privrec_pipeline.models.evaluate import GateSettings
+    from privrec_pipeline.models.publish import publish
+    from privrec_pipeline.models.recommend import resolve_version
+    from privrec_pipeline.privacy.ledger import open_ledger
+    from privrec_pipeline.reporting import load_candidate, load_manifest
+
+    root, _ = partitioned
+    lake = f"memory://lake-{uuid.uuid4().hex[:8]}"
+    lk.copy_folder(root, lk.path(lake), skip=("ledger.db",))
+    shutil.copy(root / "_ledger" / "ledger.db", tmp_path / "ledger.db")  # the window's DP releases
+    monkeypatch.setenv("PRIVREC_LEDGER_URL", f"sqlite:///{tmp_path / 'ledger.db'}")
+    monkeypatch.setenv("PRIVREC_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PRIVREC_BUDGET_EPSILON", "1000")
+    config = TrainConfig(mode="local", epsilon=4.0, delta=1e-7, rounds=1, local_steps=2, batch_size=20, dim=8)
+    state = tasks.prepare_training(lake, DAY, config, run_id="run-m", dag_id="privrec_nightly", force=True)
+    roster = tasks.seal_keys(lake, DAY, [tasks.publish_keys(lake, DAY, k) for k in range(2)])
+    for k in range(2):
+        assert tasks.train_partition(lake, DAY, 0, k, roster)["update"] == "new"
+    assert tasks.train_partition(lake, DAY, 0, 0, roster)["update"] == "reused"  # write-once holds
+    tasks.aggregate_round(lake, DAY, 0, roster)
+    result = tasks.finish_training(lake, DAY, run_id="run-m")
+    assert result["candidate"].startswith(lake) and tasks.finished(lake, DAY)
+    assert not lk.atomic(tasks.candidate_folder(lake, DAY))
+    outcome = publish(lake, DAY, gate=GateSettings(min_gain_over_dp_popularity=-1.0), run_id="run-m")
+    assert outcome["published"], outcome["reason"]
+    folder = resolve_version(lake, "privrec-recommender")
+    assert str(folder).startswith(lake) and read_model(folder)[2]["release_id"] == state["release_id"]
+    scored = score_latest_holdout(lake)
+    assert scored["path"].startswith(lake) and lk.dataset(lk.path(scored["path"])).count_rows() > 0
+    assert load_candidate(lake, DAY)["release_id"] == state["release_id"]
+    assert load_manifest(lake, "build_partitions", DAY)["vocabulary_size"] == state["vocabulary_size"]
+    committed = {r.release_key for r in open_ledger(lake).releases() if r.state == "committed"}
+    assert {"population", "training", f"evaluation-r{state['release_id']}"} <= committed
+
+
+def test_a_host_whose_dag_has_another_shape_than_the_run_fails_closed_naming_both(partitioned, tmp_path,
+                                                                                  monkeypatch):
+    lake = _copy_lake(partitioned, tmp_path, monkeypatch)
+    tasks.check_dag_shape(lake, DAY, 2, 3, prepared=False)  # build_partitions made 2 partitions
+    with pytest.raises(PrivrecError, match=r"parsed the DAG with 3 training partition\(s\) x 3 round\(s\) \("
+                                           r"PRIVREC_TRAIN_PARTITIONS=3, PRIVREC_TRAIN_ROUNDS=3\), but "
+                                           r"build_partitions' manifest has 2 x 3"):
+        tasks.check_dag_shape(lake, DAY, 3, 3, prepared=False)
+    config = TrainConfig(mode="local", epsilon=2.0, delta=1e-7, rounds=2, local_steps=1, batch_size=20, dim=8)
+    tasks.prepare_training(lake, DAY, config, run_id="run-s", dag_id="d", force=True)
+    tasks.check_dag_shape(lake, DAY, 2, 2)
+    with pytest.raises(PrivrecError, match=r"but the run's training plan \(made on .+\) has 2 x 2: the DAG's shape "
+                                           r"must be the same on every host"):
+        tasks.check_dag_shape(lake, DAY, 2, 3)  # a worker with PRIVREC_TRAIN_ROUNDS=3
+    assert not (tasks.run_folder(lake, DAY) / "keys").exists()  # it checked before anything was done

@@ -57,7 +57,6 @@ from privrec_pipeline.privacy.accounting import basic_composition, composed_epsi
 from privrec_pipeline.privacy.ledger import Ledger, Release
 from privrec_pipeline.quality.validate import SUMMARY_FILE, report_uri
 from privrec_pipeline.schema import EVENT_TYPES
-from privrec_pipeline.spark.lakefs import LakeFS
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -81,7 +80,7 @@ def dp_stats_uri(lake: str, day: dt.date) -> str:
     return lk.partition_uri(lake, "dp_stats", day)
 
 
-def _read_json(fs: LakeFS, uri: str, release_id: int | None = None) -> dict[str, Any] | None:
+def _read_json(fs: lk.Lake, uri: str, release_id: int | None = None) -> dict[str, Any] | None:
     """The JSON document at ``uri`` (with ``release_id``: only if it belongs to that release)."""
     doc = json.loads(fs.read_text(uri)) if fs.exists(uri) else None
     return None if doc is None or (release_id is not None and doc.get("release_id") != release_id) else doc
@@ -128,7 +127,7 @@ def with_catalog(params: DPStatsParams, lake: str, day: dt.date) -> tuple[DPStat
     return replace(params, public_items=True, public_categories=categories), snapshot, items
 
 
-def require_quality_gate(fs: LakeFS, lake: str, day: dt.date) -> None:
+def require_quality_gate(fs: lk.Lake, lake: str, day: dt.date) -> None:
     """DP statistics use a day only after validation passed it."""
     uri = f"{report_uri(lake, day)}/{SUMMARY_FILE}"
     summary = _read_json(fs, uri)
@@ -141,7 +140,7 @@ def require_quality_gate(fs: LakeFS, lake: str, day: dt.date) -> None:
 
 def run_dp_stats(spark: "SparkSession", lake: str, day: dt.date, params: DPStatsParams, ledger: Ledger, *,
                  run_id: str = "manual", dag_id: str = "manual", force: bool = False) -> DPStatsResult:
-    fs = LakeFS(spark)
+    fs = lk.Lake(lake)
     require_quality_gate(fs, lake, day)
     params, catalog, catalog_items = with_catalog(params, lake, day)
     if params.bounds == "auto" and not params.public_items:
@@ -175,11 +174,11 @@ def run_dp_stats(spark: "SparkSession", lake: str, day: dt.date, params: DPStats
         with tempfile.TemporaryDirectory(prefix="privrec-dp-stats-") as tmp:
             _write_local(tmp, doc, noisy)
             try:
-                fs.upload_dir(tmp, stage)
+                fs.upload_dir(tmp, stage, last=RELEASE_FILE)
                 # The swap runs under the ledger lock and only while this run holds the lease:
                 # a run whose reservation was taken over never publishes its noise.
                 ledger.commit(release.id, {"uri": target, "items": doc["released"]["items"]}, run_id=run_id,
-                              publish=lambda: fs.swap_in(stage, target))
+                              publish=lambda: fs.swap_in(stage, target, last=RELEASE_FILE))
             except BaseException:
                 fs.delete(stage)
                 raise

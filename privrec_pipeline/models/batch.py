@@ -10,9 +10,7 @@ one are deleted by each run. What the task returns (XCom) holds no count of user
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
-import shutil
 from typing import Any
 
 from privrec_pipeline import lake as lk
@@ -36,7 +34,7 @@ def retention_days(environ: dict[str, str] | None = None) -> int:
 
 def prune_serving(lake: str, newest: dt.date, keep_days: int) -> list[str]:
     """Delete serving partitions of days more than ``keep_days`` before ``newest``; their names."""
-    root = lk.local_path(lk.zone_uri(lake, "serving"))
+    root = lk.path(lk.zone_uri(lake, "serving"))
     removed = []
     for folder in sorted(root.glob("dt=*")) if root.exists() else []:
         try:
@@ -44,7 +42,7 @@ def prune_serving(lake: str, newest: dt.date, keep_days: int) -> list[str]:
         except ValueError:
             continue  # not a partition of this zone: left alone
         if (newest - day).days > keep_days:
-            shutil.rmtree(folder)
+            lk.remove(folder)
             removed.append(folder.name)
     return removed
 
@@ -53,7 +51,6 @@ def score_latest_holdout(lake: str, name: str = "privrec-recommender", k: int = 
     """Recommendations for the hold-out histories of the latest model's training day, into the
     serving zone; returns where they are (and nothing counted from the data)."""
     import pyarrow as pa
-    import pyarrow.dataset as ds
     import pyarrow.parquet as pq
 
     from privrec_pipeline.training.partitions import training_uri
@@ -61,19 +58,19 @@ def score_latest_holdout(lake: str, name: str = "privrec-recommender", k: int = 
     keep = retention_days()
     folder = resolve_version(lake, name)
     recommender = Recommender.load(folder)
-    day = dt.date.fromisoformat(json.loads((folder / "training.json").read_text(encoding="utf-8"))["window"][-1])
-    holdout = ds.dataset(str(lk.local_path(training_uri(lake, day)) / "holdout"), format="parquet").to_table()
+    day = dt.date.fromisoformat(lk.read_json(folder / "training.json")["window"][-1])
+    holdout = lk.dataset(lk.path(training_uri(lake, day)) / "holdout", format="parquet").to_table()
     frame = holdout.to_pandas()
     frame = frame[frame["role"] == "history"].sort_values(["user_pseudonym", "position"])
     histories = {u: [recommender.items[i] for i in g["item_index"]] for u, g in frame.groupby("user_pseudonym")}
     rows = recommend_batch(recommender, histories, k)
-    out = lk.local_path(lk.partition_uri(lake, "serving", day))
+    out = lk.path(lk.partition_uri(lake, "serving", day))
     out.mkdir(parents=True, exist_ok=True, mode=0o750)
     table = pa.Table.from_pylist(rows, schema=pa.schema([("key", pa.string()), ("rank", pa.int32()),
                                                          ("item_id", pa.string()), ("score", pa.float64())]))
     target = out / f"{folder.name}.parquet"
-    tmp = out / f".{folder.name}.parquet.tmp"
-    pq.write_table(table, tmp)
-    tmp.replace(target)
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer)
+    lk.write_bytes(target, buffer.getvalue().to_pybytes(), mode=0o640)
     removed = prune_serving(lake, day, keep)
     return {"version": folder.name, "path": str(target), "retention_days": keep, "pruned": removed}

@@ -110,12 +110,13 @@ def decide(dp: Any, gate: GateSettings) -> tuple[bool, str]:
 
 def dp_popularity_counts(release_items: list[Path], vocabulary: list[str]) -> np.ndarray:
     """Summed noisy user counts of the window's DP releases, per vocabulary item."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     index = {item: i for i, item in enumerate(vocabulary)}
     counts = np.zeros(len(vocabulary))
     for path in release_items:
-        table = pq.read_table(path, columns=["item_id", "users"])
+        table = pq.read_table(pa.BufferReader(path.read_bytes()), columns=["item_id", "users"])
         for item, users in zip(table.column("item_id").to_pylist(), table.column("users").to_pylist(), strict=True):
             if item in index and users is not None:
                 counts[index[item]] += users

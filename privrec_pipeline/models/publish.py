@@ -11,7 +11,9 @@ model card and move the ``LATEST`` pointer.
 The version is ``<day>-r<ledger release id>``: a rerun of the same run finds it and creates
 no second version. The folder is complete before it is renamed into place, and ``LATEST``
 moves only after that (write a temporary file, then an atomic rename), so a killed task
-leaves either the previous state or the complete new version.
+leaves either the previous state or the complete new version. On an object store
+(``lake.replacing``) the version's files are copied with ``model_card.json`` last and
+``LATEST`` is one PUT after that: readers follow ``LATEST`` and never see a partial version.
 """
 
 from __future__ import annotations
@@ -20,11 +22,7 @@ import datetime as dt
 import hashlib
 import json
 import math
-import os
-import shutil
 import subprocess
-import uuid
-from pathlib import Path
 from typing import Any
 
 from privrec_pipeline import lake as lk
@@ -44,6 +42,7 @@ from privrec_pipeline.training.evaluation import Split
 
 DEFAULT_NAME = "privrec-recommender"
 OPERATOR_RECORD = "evaluation.json"
+CARD_FILE = "model_card.json"  # a published version's commit file: written last
 
 
 def _code_version() -> str:
@@ -59,7 +58,7 @@ def _code_version() -> str:
     return f"privrec {version('privrec')}"
 
 
-def _fingerprint(folder: Path) -> str:
+def _fingerprint(folder: "lk.UPath") -> str:
     digest = hashlib.sha256()
     for path in sorted(folder.rglob("*.parquet")):
         digest.update(path.relative_to(folder).as_posix().encode())
@@ -97,13 +96,13 @@ def evaluate_candidate(lake: str, day: dt.date, name: str = DEFAULT_NAME, gate: 
     gate = gate or GateSettings()
     candidate = candidate_folder(lake, day) / "model"
     model, items, report = read_model(candidate)
-    holdout = lk.local_path(training_uri(lake, day)) / "holdout"
+    holdout = lk.path(training_uri(lake, day)) / "holdout"
     if not holdout.exists():
         raise PrivrecError(f"no hold-out for {day} ({holdout}): run build_partitions first")
     everyone = load_holdout(holdout, len(items))
     trained, held_out = load_holdout(holdout, len(items), trained=True), load_holdout(holdout, len(items), trained=False)
     releases = [p for d in report["window"]
-                if (p := lk.local_path(lk.partition_uri(lake, "dp_stats", dt.date.fromisoformat(d))) / "items.parquet")
+                if (p := lk.path(lk.partition_uri(lake, "dp_stats", dt.date.fromisoformat(d))) / "items.parquet")
                 .exists()]
     published = None
     try:
@@ -132,11 +131,11 @@ def publish(lake: str, day: dt.date, name: str = DEFAULT_NAME, gate: GateSetting
     from privrec_pipeline.training.tasks import candidate_folder
 
     candidate = candidate_folder(lake, day) / "model"
-    report = json.loads((candidate / "training.json").read_text(encoding="utf-8"))
+    report = lk.read_json(candidate / "training.json")
     version = f"{day.isoformat()}-r{report['release_id']}"
     root = models_root(lake) / name
     target = root / version
-    if (target / "model_card.json").exists():
+    if (target / CARD_FILE).exists():
         # Published before; a kill between the version's rename and the pointer's move leaves
         # LATEST behind: the retry finishes the publication (never moving LATEST back past a
         # version published since).
@@ -150,40 +149,35 @@ def publish(lake: str, day: dt.date, name: str = DEFAULT_NAME, gate: GateSetting
         refused = {"published": False, "version": None, "audit": audit,
                    "reason": f"the training audit refutes the model's guarantee: epsilon >= {audit['epsilon_lower']:.3g} "
                              f"at confidence {audit['confidence']:g}, claimed {audit['claimed_epsilon']:.3g}"}
-        operator_record(lake, day).write_text(json.dumps(refused, indent=2, sort_keys=True), encoding="utf-8")
+        lk.write_json(operator_record(lake, day), refused)
         return refused
     evaluation, _ = evaluate_candidate(lake, day, name, gate, run_id=run_id, dag_id=dag_id, force=force)
     outcome: dict[str, Any] = {"published": evaluation.publish, "version": version if evaluation.publish else None,
                                "reason": evaluation.reason, "evaluation": evaluation.to_dict(),
-                               "training_data_sha256": _fingerprint(lk.local_path(training_uri(lake, day)))}
+                               "training_data_sha256": _fingerprint(lk.path(training_uri(lake, day)))}
     # The operator's record (exact hold-out metrics and user counts, the
     # training shards' hash): beside the candidate model, never copied into the published folder.
-    operator_record(lake, day).write_text(json.dumps(outcome, indent=2, sort_keys=True), encoding="utf-8")
+    lk.write_json(operator_record(lake, day), outcome)
     if not evaluation.publish:
         return outcome
     ledger = open_ledger(lake)
     release = next(r for r in ledger.releases() if r.id == report["release_id"])
     window_end = dt.date.fromisoformat(report["window"][-1])
     spend = ledger.spend_at(window_end)
-    manifest = json.loads(lk.local_path(lk.manifest_uri(lake, "build_partitions", day)).read_text(encoding="utf-8"))
+    manifest = lk.read_json(lk.path(lk.manifest_uri(lake, "build_partitions", day)))
     card = model_card(name, version, report, evaluation, release, spend, manifest)
-    tmp = root / f".{version}-{uuid.uuid4().hex[:8]}"
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    try:
+    # The complete version appears at once (local lake), or with its card last (object store).
+    with lk.replacing(target, last=CARD_FILE) as tmp:
         # The model's files only: an operator record left in the folder by an older version stays out.
-        shutil.copytree(candidate, tmp, ignore=shutil.ignore_patterns(OPERATOR_RECORD))
-        (tmp / "model_card.json").write_text(json.dumps(card, indent=2, sort_keys=True), encoding="utf-8")
+        lk.copy_folder(candidate, tmp, skip=(OPERATOR_RECORD,))
+        (tmp / CARD_FILE).write_text(json.dumps(card, indent=2, sort_keys=True), encoding="utf-8")
         (tmp / "model_card.md").write_text(model_card_markdown(card), encoding="utf-8")
-        tmp.rename(target)  # the complete version appears at once
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     _point_latest(root, version)  # then the pointer moves
     outcome.update(path=str(target), card=card)
     return outcome
 
 
-def _latest(root: Path) -> str | None:
+def _latest(root: "lk.UPath") -> str | None:
     pointer = root / LATEST
     return pointer.read_text(encoding="utf-8").strip() if pointer.exists() else None
 
@@ -196,11 +190,10 @@ def _version_order(version: str | None) -> tuple[str, int]:
     return (day, int(release) if release.isdigit() else -1)
 
 
-def _point_latest(root: Path, version: str) -> None:
-    """Move the LATEST pointer to ``version`` in one step (a temp file renamed over it)."""
-    pointer = root / f".{LATEST}-{uuid.uuid4().hex[:8]}"
-    pointer.write_text(version + "\n", encoding="utf-8")
-    os.replace(pointer, root / LATEST)
+def _point_latest(root: "lk.UPath", version: str) -> None:
+    """Move the LATEST pointer to ``version`` in one step (a temp file renamed over it; one PUT on
+    an object store)."""
+    lk.write_text(root / LATEST, version + "\n")
 
 
 def trust_model(plan: dict[str, Any], partitions: int) -> dict[str, Any]:
@@ -232,7 +225,7 @@ def trust_model(plan: dict[str, Any], partitions: int) -> dict[str, Any]:
                             "Braghin 2021, as Opacus secure_mode)"}
 
 
-def operator_record(lake: str, day: dt.date) -> Path:
+def operator_record(lake: str, day: dt.date) -> "lk.UPath":
     """The day's evaluation with its exact numbers, for operators only (not published)."""
     from privrec_pipeline.training.tasks import candidate_folder
 

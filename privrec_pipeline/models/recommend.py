@@ -23,7 +23,7 @@ LATEST = "LATEST"
 def models_root(lake: str) -> Path:
     from privrec_pipeline import lake as lk
 
-    return lk.local_path(f"{lake.rstrip('/')}/models")
+    return lk.path(lk.zone_uri(lake, "models"))
 
 
 def resolve_version(lake: str, name: str, version: str = "latest") -> Path:
@@ -36,7 +36,7 @@ def resolve_version(lake: str, name: str, version: str = "latest") -> Path:
         version = pointer.read_text(encoding="utf-8").strip()
     folder = root / version
     if not (folder / "model.safetensors").exists():
-        known = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.exists() else []
+        known = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))) if root.exists() else []
         raise PrivrecError(f"model {name!r} has no version {version!r}; published versions: {known or 'none'}")
     return folder
 

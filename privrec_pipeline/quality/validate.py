@@ -34,7 +34,6 @@ from privrec_pipeline.quality.suites import (
     resolve_suite,
     suite_parameters,
 )
-from privrec_pipeline.spark.lakefs import LakeFS
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -271,7 +270,7 @@ def run_validate(spark: "SparkSession", lake: str, day: dt.date, config: Quality
     """
     from great_expectations.core.run_identifier import RunIdentifier
 
-    fs = LakeFS(spark)
+    fs = lk.Lake(lake)
     collect = read_manifest(spark, lake, "collect", day)
     read_manifest(spark, lake, "pseudonymize", day)  # validate needs a finished pseudonymize
     silver = spark.read.parquet(lk.partition_uri(lake, "silver", day))
@@ -327,8 +326,8 @@ def run_validate(spark: "SparkSession", lake: str, day: dt.date, config: Quality
         with open(f"{tmp}/{DOCS_INDEX}", "w", encoding="utf-8") as fh:
             fh.write(render_day_page(json.loads(summary.to_json()), _docs_links(Path(tmp))))
         try:
-            fs.upload_dir(tmp, staging)
-            fs.swap_in(staging, target)
+            fs.upload_dir(tmp, staging, last=SUMMARY_FILE)
+            fs.swap_in(staging, target, last=SUMMARY_FILE)
         except BaseException:
             fs.delete(staging)
             raise

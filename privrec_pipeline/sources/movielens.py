@@ -26,7 +26,7 @@ rating's day: item ids as above, the first listed genre as the category, the tit
 
 Records are written to ``landing/interactions/dt=D/events-000.jsonl.gz`` (gzip JSONL), one
 partition per UTC calendar day of the timestamp (or of the replayed time, below), each replaced atomically
-(``LocalPartitionWriter``); within a partition records are ordered by time. Partitions of days
+(``lake.replacing``); within a partition records are ordered by time. Partitions of days
 absent from the import are left untouched.
 
 **Replay** (``replay=Replay(days=N, end=D)``): the ratings of 1996-2018 fall on thousands of
@@ -59,9 +59,9 @@ from typing import TYPE_CHECKING, NoReturn
 import numpy as np
 import pandas as pd
 
+from privrec_pipeline import lake as lk
 from privrec_pipeline.catalog import ensure_snapshot
 from privrec_pipeline.errors import ConfigurationError, InputFormatError
-from privrec_pipeline.lake import LocalPartitionWriter, landing_partition
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -190,7 +190,7 @@ def import_movielens(path: str | Path, lake: str, replay: Replay | None = None) 
         for start, end in zip(starts, np.r_[starts[1:], hi]):
             day = EPOCH + dt.timedelta(days=int(days[start]))
             data = ("\n".join(lines[start - lo:end - lo]) + "\n").encode("ascii")
-            with LocalPartitionWriter(landing_partition(lake, day)) as staging:
+            with lk.replacing(lk.path(lk.partition_uri(lake, "landing", day))) as staging:
                 # mtime=0: a re-import writes byte-identical files.
                 (staging / LANDING_FILE).write_bytes(gzip.compress(data, compresslevel=1, mtime=0))
 

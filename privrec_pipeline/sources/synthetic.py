@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from privrec_pipeline import lake as lk
 from privrec_pipeline.catalog import ensure_snapshot
-from privrec_pipeline.lake import LocalPartitionWriter, landing_partition
 from privrec_pipeline.schema import MAX_RECORD_BYTES, QuarantineReason
 
 if TYPE_CHECKING:
@@ -370,9 +370,9 @@ def generate_day(cfg: GeneratorConfig, lake: str) -> GenerationReport:
     all_lines = lines + extra
     order = rng.permutation(len(all_lines))
 
-    part = landing_partition(lake, cfg.date)
+    part = lk.path(lk.partition_uri(lake, "landing", cfg.date))
     files: list[str] = []
-    with LocalPartitionWriter(part) as staging:
+    with lk.replacing(part, last="_generation.json") as staging:
         for f, chunk in enumerate(np.array_split(order, cfg.files)):
             name = f"events-{f:03d}.jsonl.gz"
             # compresslevel 1: landing files are transient; speed matters more than size.

@@ -90,19 +90,17 @@ CATEGORIES_FOLDER = "categories"
 def read_vocabulary(folder, size: int | None = None) -> Vocabulary:
     """build_partitions' ``vocabulary/`` folder (item_index, item_id[, category_index]) and, if it
     has category indices, the sibling ``categories/`` folder (category_index, category)."""
-    from pathlib import Path
+    from privrec_pipeline import lake as lk
 
-    import pyarrow.dataset as ds
-
-    folder = Path(folder)
-    frame = ds.dataset(str(folder), format="parquet").to_table().to_pandas().sort_values("item_index")
+    folder = lk.path(folder)
+    frame = lk.dataset(folder, format="parquet").to_table().to_pandas().sort_values("item_index")
     expected = len(frame) if size is None else size
     if frame["item_index"].tolist() != list(range(expected)):
         raise ValueError(f"vocabulary at {folder} does not index 0..{expected - 1}")
     items = frame["item_id"].tolist()
     if "category_index" not in frame.columns:
         return Vocabulary(items)
-    names = ds.dataset(str(folder.parent / CATEGORIES_FOLDER), format="parquet").to_table().to_pandas() \
+    names = lk.dataset(folder.parent / CATEGORIES_FOLDER, format="parquet").to_table().to_pandas() \
         .sort_values("category_index")
     if names["category_index"].tolist() != list(range(len(names))):
         raise ValueError(f"categories at {folder.parent / CATEGORIES_FOLDER} do not index 0..{len(names) - 1}")

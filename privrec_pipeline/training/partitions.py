@@ -211,9 +211,8 @@ def run_build_partitions(spark: Any, lake: str, day: dt.date, params: PartitionP
     from privrec_pipeline.errors import PrivrecError
     from privrec_pipeline.manifest import window_pseudonym_fingerprint
     from privrec_pipeline.quality.validate import SUMMARY_FILE, report_uri
-    from privrec_pipeline.spark.lakefs import LakeFS
 
-    fs = LakeFS(spark)
+    fs = lk.Lake(lake)
     window = params.window(day)
     days, releases, vocab_files = [], [], []
     for d in window:
@@ -287,5 +286,5 @@ def run_build_partitions(spark: Any, lake: str, day: dt.date, params: PartitionP
         raise
     finally:
         rows.unpersist()
-    fs.write_text_atomic(lk.manifest_uri(lake, "build_partitions", day), manifest.to_json())
+    fs.write_manifest(lk.manifest_uri(lake, "build_partitions", day), manifest.to_json())
     return manifest

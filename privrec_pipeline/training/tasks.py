@@ -7,7 +7,7 @@
     aggregate_round      sum of the checked masked updates (fails closed) -> the next global model
     finish_training      the candidate model + training.json, commit the release
 
-State lives in ``models/_candidates/dt=D/run/`` (local lake): the plan, each round's
+State lives in ``models/_candidates/dt=D/run/`` (any lake, ``lake.path``): the plan, each round's
 global model (``round=R/model.npz``), public keys, the sealed roster and masked updates; the
 candidate model goes to ``models/_candidates/dt=D/model/``. Each partition's secret (from
 which its key pairs and its noise derive) stays in the partition worker's own folder,
@@ -25,10 +25,10 @@ a masked update already written is reused, never written again.
 from __future__ import annotations
 
 import datetime as dt
+import io
 import json
 import logging
 from dataclasses import asdict
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -51,6 +51,8 @@ from privrec_pipeline.training.federated import (
 from privrec_pipeline.training.partitions import training_uri
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import torch
 
 log = logging.getLogger(__name__)
@@ -59,39 +61,24 @@ RELEASE_KEY = "training"
 RUN_DIR = "run"
 
 
-def _folder(lake: str, day: dt.date) -> Path:
-    return lk.local_path(training_uri(lake, day))
+def training_folder(lake: str, day: dt.date) -> "lk.UPath":
+    """build_partitions' output for day D: the partitions' shards, the hold-out, the vocabulary."""
+    return lk.path(training_uri(lake, day))
 
 
-def candidate_folder(lake: str, day: dt.date) -> Path:
+def candidate_folder(lake: str, day: dt.date) -> "lk.UPath":
     """Training state and the candidate model of day D (outside build_partitions' folder, which
     a rerun replaces): ``models/_candidates/dt=D/{run,model}``."""
-    return lk.local_path(lk.partition_uri(lake, "candidates", day))
+    return lk.path(lk.partition_uri(lake, "candidates", day))
 
 
-def _run(lake: str, day: dt.date) -> Path:
+def run_folder(lake: str, day: dt.date) -> "lk.UPath":
     return candidate_folder(lake, day) / RUN_DIR
 
 
-def _write_json(path: Path, doc: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(doc, indent=2, sort_keys=True), encoding="utf-8")
-    tmp.replace(path)
-
-
-def _save_array(path: Path, **arrays: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.replace(path)
-
-
-def load_shard(folder: Path) -> Histories:
+def load_shard(folder: "lk.UPath") -> Histories:
     """A partition's rows (user_pseudonym, item_index, weight, position) as histories in time order."""
-    import pyarrow.dataset as ds
-
-    table = ds.dataset(str(folder), format="parquet").to_table(
+    table = lk.dataset(folder, format="parquet").to_table(
         columns=["user_pseudonym", "item_index", "weight", "position"])
     if table.num_rows == 0:
         return Histories(np.zeros(1, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32))
@@ -102,11 +89,11 @@ def load_shard(folder: Path) -> Histories:
     return Histories(indptr, frame["item_index"].to_numpy(np.int64), frame["weight"].to_numpy(np.float32))
 
 
-def _item_category(lake: str, day: dt.date, size: int) -> np.ndarray | None:
+def item_category(lake: str, day: dt.date, size: int) -> np.ndarray | None:
     """The vocabulary's public item -> category map (None: build_partitions had no catalog)."""
     from privrec_pipeline.training.data import read_vocabulary
 
-    folder = _folder(lake, day) / "vocabulary"
+    folder = training_folder(lake, day) / "vocabulary"
     if not folder.exists():
         return None  # finish_training, which writes the vocabulary into the model, names the problem
     try:
@@ -127,15 +114,16 @@ def _content_prior(lake: str, day: dt.date, config: TrainConfig, size: int) -> "
     if snapshot is None:
         raise PrivrecError(f"content_prior needs the item catalog's text, and the lake has no catalog for {day}: "
                            "load one with privrec catalog load, or train without content_prior")
-    items = read_vocabulary(_folder(lake, day) / "vocabulary", size).items
+    items = read_vocabulary(training_folder(lake, day) / "vocabulary", size).items
     return item_init(item_texts(read_items(snapshot), items), config.dim, ModelConfig.init_scale)
 
 
 def _manifest(lake: str, day: dt.date) -> dict[str, Any]:
-    path = lk.local_path(lk.manifest_uri(lake, "build_partitions", day))
-    if not path.exists():
-        raise PrivrecError(f"no build_partitions manifest for {day} ({path}): run build_partitions first")
-    return json.loads(path.read_text(encoding="utf-8"))
+    doc = lk.read_json_if_exists(lk.path(lk.manifest_uri(lake, "build_partitions", day)))
+    if doc is None:
+        raise PrivrecError(f"no build_partitions manifest for {day} ({lk.manifest_uri(lake, 'build_partitions', day)}): "
+                           "run build_partitions first")
+    return doc
 
 
 def _require_private(config: TrainConfig) -> None:
@@ -192,11 +180,14 @@ def prepare_training(lake: str, day: dt.date, config: TrainConfig, *, run_id: st
                     "pseudonym_key_fingerprint": fingerprint})
     release = reservation.release
     canaries = Canaries.new(config.audit_canaries)
+    import socket
+
     state = {"release_id": release.id, "status": reservation.status, "plan": plan.to_dict(),
+             "planned_on": socket.gethostname(),
              "canaries": canaries.to_doc() if canaries else None,
              "config": asdict(config), "partitions": len(sizes), "population": population.to_dict(),
              "vocabulary_size": manifest["vocabulary_size"], "window": window, "run_id": release.run_id}
-    run = _run(lake, day)
+    run = run_folder(lake, day)
     if reservation.status == "reuse":
         if not finished(lake, day):
             raise PrivrecError(
@@ -204,47 +195,67 @@ def prepare_training(lake: str, day: dt.date, config: TrainConfig, *, run_id: st
                 f"is not in {candidate_folder(lake, day)}: its noise cannot be drawn again for free; restore the "
                 "folder, or rerun with force_release to train (and pay for) a new model")
         return state  # the window's model is already trained and committed: nothing to do
-    existing = json.loads((run / "plan.json").read_text(encoding="utf-8")) if (run / "plan.json").exists() else None
+    existing = lk.read_json_if_exists(run / "plan.json")
     if existing is not None and existing.get("release_id") == release.id:
         return {**existing, "status": reservation.status}  # a resume continues the state it finds
-    if run.exists():
-        import shutil
-
-        shutil.rmtree(run)  # state of an earlier release of this day (a forced rerun starts over)
-    _write_json(run / "plan.json", state)
+    lk.remove(run)  # state of an earlier release of this day (a forced rerun starts over)
+    lk.write_json(run / "plan.json", state)
     initial = run / "round=0" / "model.npz"
     if not initial.exists():
         size = manifest["vocabulary_size"]
-        model = new_model(config, size, _item_category(lake, day, size),
+        model = new_model(config, size, item_category(lake, day, size),
                           _content_prior(lake, day, config, size) if config.content_prior else None)
-        _save_array(initial, params=np.concatenate([flatten(model), np.zeros(canaries.count if canaries else 0)]))
+        lk.save_npz(initial, params=np.concatenate([flatten(model), np.zeros(canaries.count if canaries else 0)]))
     return state
 
 
 def finished(lake: str, day: dt.date) -> bool:
     """The run's release already has its candidate model (a rerun has nothing to do)."""
-    plan, report = _run(lake, day) / "plan.json", candidate_folder(lake, day) / "model" / "training.json"
-    if not (plan.exists() and report.exists()):
-        return False
-    release = json.loads(plan.read_text(encoding="utf-8"))["release_id"]
-    return json.loads(report.read_text(encoding="utf-8")).get("release_id") == release
+    plan = lk.read_json_if_exists(run_folder(lake, day) / "plan.json")
+    report = lk.read_json_if_exists(candidate_folder(lake, day) / "model" / "training.json")
+    return plan is not None and report is not None and report.get("release_id") == plan["release_id"]
 
 
 def _plan(lake: str, day: dt.date) -> tuple[dict[str, Any], TrainConfig, PrivacyPlan]:
-    doc = json.loads((_run(lake, day) / "plan.json").read_text(encoding="utf-8"))
+    doc = lk.read_json(run_folder(lake, day) / "plan.json")
     return doc, TrainConfig(**doc["config"]), PrivacyPlan(**doc["plan"])
 
 
-def _keys_file(lake: str, day: dt.date, partition: int) -> Path:
-    return _run(lake, day) / "keys" / f"partition={partition}.json"
+def check_dag_shape(lake: str, day: dt.date, partitions: int, rounds: int, *, prepared: bool = True) -> None:
+    """The DAG this host parsed (``partitions`` x ``rounds``, from its ``PRIVREC_TRAIN_PARTITIONS`` /
+    ``PRIVREC_TRAIN_ROUNDS``) must have the shape of the day's training: build_partitions' manifest
+    and, once prepared, the run's plan. The scheduler creates the tasks of its own parse and each
+    worker runs them from its own, so hosts that disagree would train, seal or aggregate another
+    number of partitions or rounds than the plan: every training task checks first and fails
+    closed, naming both shapes and the settings. ``prepared`` false (prepare_training itself):
+    the manifest only (a plan left by an earlier release is replaced)."""
+    manifest = _manifest(lake, day)
+    planned = {"partitions": len(manifest["partitions"]), "rounds": rounds, "where": "build_partitions' manifest"}
+    doc = lk.read_json_if_exists(run_folder(lake, day) / "plan.json")
+    if prepared and doc is not None and not finished(lake, day):
+        planned = {"partitions": doc["partitions"], "rounds": doc["config"]["rounds"],
+                   "where": f"the run's training plan (made on {doc.get('planned_on', 'an unknown host')})"}
+    if (planned["partitions"], planned["rounds"]) != (partitions, rounds):
+        import socket
+
+        raise PrivrecError(
+            f"this host ({socket.gethostname()}) parsed the DAG with {partitions} training partition(s) x {rounds} "
+            f"round(s) (PRIVREC_TRAIN_PARTITIONS={partitions}, PRIVREC_TRAIN_ROUNDS={rounds}), but {planned['where']} "
+            f"has {planned['partitions']} x {planned['rounds']}: the DAG's shape must be the same on every host "
+            "(scheduler, DAG processor and every worker). Set both variables to the same values everywhere, then "
+            "rerun the day; nothing was trained by this task")
 
 
-def _roster_file(lake: str, day: dt.date) -> Path:
-    return _run(lake, day) / "roster.json"
+def _keys_file(lake: str, day: dt.date, partition: int) -> "lk.UPath":
+    return run_folder(lake, day) / "keys" / f"partition={partition}.json"
 
 
-def _masked_file(lake: str, day: dt.date, round_index: int, partition: int) -> Path:
-    return _run(lake, day) / f"round={round_index}" / "masked" / f"partition={partition}.npz"
+def _roster_file(lake: str, day: dt.date) -> "lk.UPath":
+    return run_folder(lake, day) / "roster.json"
+
+
+def _masked_file(lake: str, day: dt.date, round_index: int, partition: int) -> "lk.UPath":
+    return run_folder(lake, day) / f"round={round_index}" / "masked" / f"partition={partition}.npz"
 
 
 def publish_keys(lake: str, day: dt.date, partition: int) -> dict[str, Any]:
@@ -273,7 +284,7 @@ def publish_keys(lake: str, day: dt.date, partition: int) -> dict[str, Any]:
                 f"this worker derives other keys than {path} holds: run partition {partition}'s tasks on the worker "
                 "holding its secret, or train again in a new run")
     else:
-        _write_json(path, document)
+        lk.write_json(path, document)
     return {"partition": partition, "fingerprints": [fingerprint(p) for p in public]}
 
 
@@ -282,7 +293,6 @@ def seal_keys(lake: str, day: dt.date, published: list[dict[str, Any]] | None = 
     key fingerprints per round) in ``run/roster.json``, once, and return its digest (the DAG
     passes it to every partition and aggregation task through XCom, outside the lake).
     ``published``: the publish_keys results; the key files must still hold those keys."""
-    from privrec_pipeline.durable_files import write_once
     from privrec_pipeline.training.secure_agg import (
         Roster,
         SecureAggregationError,
@@ -317,7 +327,7 @@ def seal_keys(lake: str, day: dt.date, published: list[dict[str, Any]] | None = 
                     "published: the file was replaced in the lake; nothing is sealed. Find out who wrote it, "
                     f"then run partition {k}'s publish_keys again")
     data = Roster.seal(doc["run_id"], keys).to_bytes()
-    if not write_once(path, data, mode=0o644) and path.read_bytes() != data:
+    if not lk.write_once(path, data) and path.read_bytes() != data:
         raise SecureAggregationError(
             f"this run's roster is already sealed ({path}) with other keys than the published ones: keys changed "
             "after sealing. The run fails closed; train again in a new run")
@@ -354,13 +364,13 @@ def _public_keys(lake: str, day: dt.date, roster, round_index: int) -> dict[int,
     return keys
 
 
-def _existing_update(path: Path, roster, roster_digest: str, partition: int, round_index: int, size: int):
+def _existing_update(path: "lk.UPath", roster, roster_digest: str, partition: int, round_index: int, size: int):
     """An already written masked update of (round, partition): reused if it is this roster's
     (a retry), refused otherwise. Never replaced: two vectors under the same masks would
     give the aggregator the difference of two updates."""
     from privrec_pipeline.training.secure_agg import MaskedUpdate, SecureAggregationError
 
-    update = MaskedUpdate.load(path, str(path))
+    update = MaskedUpdate.load(io.BytesIO(path.read_bytes()), str(path))
     try:
         update.check(roster, roster_digest, partition, round_index, size, str(path))
     except SecureAggregationError as error:
@@ -370,7 +380,7 @@ def _existing_update(path: Path, roster, roster_digest: str, partition: int, rou
     return update
 
 
-def _worker_record(run_id: str, round_index: int, partition: int) -> Path:
+def _worker_record(run_id: str, round_index: int, partition: int) -> "Path":
     """Where this partition's worker notes the digest of each masked update it wrote: beside its
     secret, outside the lake (a lake writer can delete the lake's copy, not this note). The
     round's exact diagnostics go beside it (``.diagnostics.json``): as private as the secret."""
@@ -412,8 +422,7 @@ def train_partition(lake: str, day: dt.date, round_index: int, partition: int, r
     doc, config, plan = _plan(lake, day)
     roster = _sealed_roster(lake, day, doc, config, roster_digest)
     public = _public_keys(lake, day, roster, round_index)
-    run = _run(lake, day)
-    state = np.load(run / f"round={round_index}" / "model.npz")["params"]
+    state = lk.load_npz(run_folder(lake, day) / f"round={round_index}" / "model.npz")["params"]
     target = _masked_file(lake, day, round_index, partition)
     record = _worker_record(doc["run_id"], round_index, partition)
     noted = record.read_text(encoding="ascii").strip() if record.exists() else None
@@ -431,11 +440,11 @@ def train_partition(lake: str, day: dt.date, round_index: int, partition: int, r
     roster.check_own(keys, round_index, hint=(
         f"Run partition {partition}'s tasks on the worker holding its secret ({secret_path(partition)}); if that "
         "secret is lost, this run cannot finish: train again in a new run (force_release)"))
-    shard = load_shard(_folder(lake, day) / f"partition={partition}")
+    shard = load_shard(training_folder(lake, day) / f"partition={partition}")
     delta, stats = partition_update(config, plan, state, doc["vocabulary_size"], shard, round_index=round_index,
                                     partition=partition, partitions=doc["partitions"],
                                     secret=secret, run_id=doc["run_id"], canaries=Canaries.from_doc(doc.get("canaries")),
-                                    item_category=_item_category(lake, day, doc["vocabulary_size"]))
+                                    item_category=item_category(lake, day, doc["vocabulary_size"]))
     masked = mask_update(delta, keys, public, doc["run_id"], round_index)
     update = MaskedUpdate(partition, round_index, doc["run_id"], roster.sealed(partition, round_index), roster_digest,
                           masked)
@@ -447,8 +456,7 @@ def train_partition(lake: str, day: dt.date, round_index: int, partition: int, r
             "reveal the difference of the two without noise; refused. Train again in a new run")
     record.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     write_once(record, update.digest().encode("ascii"), mode=0o600)  # noted before it is published
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if not write_once(target, update.to_bytes(), mode=0o644):  # another attempt wrote it first: keep that one
+    if not lk.write_once(target, update.to_bytes()):  # another attempt wrote it first: keep that one
         if _existing_update(target, roster, roster_digest, partition, round_index, state.size).digest() != \
                 update.digest():
             raise SecureAggregationError(f"{target} appeared in the lake while partition {partition} was "
@@ -469,14 +477,13 @@ def aggregate_round(lake: str, day: dt.date, round_index: int, roster_digest: st
         return
     doc, config, _ = _plan(lake, day)
     roster = _sealed_roster(lake, day, doc, config, roster_digest)
-    run = _run(lake, day)
-    folder = run / f"round={round_index}"
-    server = np.load(folder / "model.npz")
+    run = run_folder(lake, day)
+    server = lk.load_npz(run / f"round={round_index}" / "model.npz")
     masked = {}
     for k in range(doc["partitions"]):
         path = _masked_file(lake, day, round_index, k)
         if path.exists():
-            update = MaskedUpdate.load(path, str(path))
+            update = MaskedUpdate.load(io.BytesIO(path.read_bytes()), str(path))
             update.check(roster, roster_digest, k, round_index, server["params"].size, str(path))
             masked[k] = update.masked
     total = aggregate(masked, doc["partitions"])
@@ -484,7 +491,7 @@ def aggregate_round(lake: str, day: dt.date, round_index: int, roster_digest: st
                         server["v"] if "v" in server else None)
     state = apply_round(config, state, total, doc["partitions"])
     extra = {"m": state.m, "v": state.v} if state.m is not None else {}
-    _save_array(run / f"round={round_index + 1}" / "model.npz", params=state.params, **extra)
+    lk.save_npz(run / f"round={round_index + 1}" / "model.npz", params=state.params, **extra)
 
 
 def finish_training(lake: str, day: dt.date, *, run_id: str) -> dict[str, Any]:
@@ -506,16 +513,16 @@ def finish_training(lake: str, day: dt.date, *, run_id: str) -> dict[str, Any]:
     def write() -> None:
         if written:
             return  # an earlier attempt wrote this release's model and died before committing
-        final = np.load(_run(lake, day) / f"round={config.rounds}" / "model.npz")["params"]
+        final = lk.load_npz(run_folder(lake, day) / f"round={config.rounds}" / "model.npz")["params"]
         params, audit = canary_audit(config, plan, Canaries.from_doc(doc.get("canaries")), final)
         report = {"release_id": doc["release_id"], "run_id": doc["run_id"], "window": doc["window"],
                   "plan": doc["plan"], "config": doc["config"], "partitions": doc["partitions"],
                   "population": doc["population"], "vocabulary_size": doc["vocabulary_size"],
                   "audit": audit.to_dict() if audit else None}
-        write_model(candidate, config, doc["vocabulary_size"], params, _folder(lake, day) / "vocabulary", report)
+        write_model(candidate, config, doc["vocabulary_size"], params, training_folder(lake, day) / "vocabulary", report)
 
     ledger.commit(doc["release_id"], {"uri": str(candidate)}, run_id=run_id, publish=write)
-    audit = json.loads((candidate / "training.json").read_text(encoding="utf-8")).get("audit")
+    audit = lk.read_json(candidate / "training.json").get("audit")
     if audit is not None:
         log.info("training audit: %s; empirical epsilon >= %.3g at confidence %g, claimed %.3g (%s)",
                  "passed" if audit["passed"] else "FAILED", audit["epsilon_lower"], audit["confidence"],
@@ -542,14 +549,12 @@ def train_config(settings: dict[str, Any], rounds: int) -> TrainConfig:
     return from_settings(TrainConfig, {**values, "rounds": rounds}, "training setting")
 
 
-def load_holdout(folder: Path, vocab_size: int, *, trained: bool | None = None):
+def load_holdout(folder: "lk.UPath", vocab_size: int, *, trained: bool | None = None):
     """The hold-out as an evaluation ``Split``: each user's history rows in time order and
     their test items (``trained`` selects training users or held-out users; None: both)."""
-    import pyarrow.dataset as ds
-
     from privrec_pipeline.training.evaluation import Split
 
-    frame = ds.dataset(str(folder), format="parquet").to_table().to_pandas()
+    frame = lk.dataset(lk.path(folder), format="parquet").to_table().to_pandas()
     if trained is not None:
         frame = frame[frame["trained"] == trained]
     frame = frame.sort_values(["user_pseudonym", "position"], kind="stable")
