@@ -18,8 +18,10 @@ demo: $(STAMP)
 	@$(BIN)/privrec generate --date $(DEMO_DATE) --events 200000 --users 50000 --items 1000 --bad-rate 0.002
 	@$(BIN)/privrec run --date $(DEMO_DATE) -p train_window_days=1 -p train_epsilon=4
 
+# Two xdist workers, a file each at a time (module-scoped deployments stay in one process).
+PYTEST_WORKERS ?= 2
 test: $(STAMP)
-	@$(BIN)/python -m pytest $(PYTEST_ARGS)
+	@$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	@$(BIN)/python -m benchmarks.run $(BENCH_ARGS)

@@ -29,7 +29,9 @@ app.add_typer(catalog_app, name="catalog")
 audit_app = typer.Typer(help="Audit a day's releases empirically (results in the lake's reports/audits/dt=D/).",
                         no_args_is_help=True)
 app.add_typer(audit_app, name="audit")
-console = Console()
+# Lines are not wrapped at the console's width (80 when not a terminal): paths, fingerprints and
+# messages stay whole for logs, pipes and copy-paste; tables still fit the width.
+console = Console(soft_wrap=True)
 
 LakeOption = typer.Option(None, "--lake", help="Lake folder or URI (default: $PRIVREC_LAKE or ./lake).")
 

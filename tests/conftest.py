@@ -226,3 +226,16 @@ def partition_snapshot(path: Path) -> dict[str, object]:
     import pyarrow.parquet as pq
 
     return {p.name: pq.read_table(p).to_pylist() for p in sorted(path.glob("*.parquet"))}
+
+
+# The longest files first (each a deployment of its own), so that `make test`'s two xdist
+# workers (`--dist loadfile`) start on them and the short files fill the rest of the time.
+LONGEST_FIRST = ("test_backfill_airflow.py", "test_celery_cluster.py", "test_e2e_airflow.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: each file's tests keep their order

@@ -28,6 +28,7 @@ import datetime as dt
 import io
 import json
 import logging
+import socket
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
@@ -119,10 +120,10 @@ def _content_prior(lake: str, day: dt.date, config: TrainConfig, size: int) -> "
 
 
 def _manifest(lake: str, day: dt.date) -> dict[str, Any]:
-    doc = lk.read_json_if_exists(lk.path(lk.manifest_uri(lake, "build_partitions", day)))
+    uri = lk.manifest_uri(lake, "build_partitions", day)
+    doc = lk.read_json_if_exists(lk.path(uri))
     if doc is None:
-        raise PrivrecError(f"no build_partitions manifest for {day} ({lk.manifest_uri(lake, 'build_partitions', day)}): "
-                           "run build_partitions first")
+        raise PrivrecError(f"no build_partitions manifest for {day} ({uri}): run build_partitions first")
     return doc
 
 
@@ -180,8 +181,6 @@ def prepare_training(lake: str, day: dt.date, config: TrainConfig, *, run_id: st
                     "pseudonym_key_fingerprint": fingerprint})
     release = reservation.release
     canaries = Canaries.new(config.audit_canaries)
-    import socket
-
     state = {"release_id": release.id, "status": reservation.status, "plan": plan.to_dict(),
              "planned_on": socket.gethostname(),
              "canaries": canaries.to_doc() if canaries else None,
@@ -236,8 +235,6 @@ def check_dag_shape(lake: str, day: dt.date, partitions: int, rounds: int, *, pr
         planned = {"partitions": doc["partitions"], "rounds": doc["config"]["rounds"],
                    "where": f"the run's training plan (made on {doc.get('planned_on', 'an unknown host')})"}
     if (planned["partitions"], planned["rounds"]) != (partitions, rounds):
-        import socket
-
         raise PrivrecError(
             f"this host ({socket.gethostname()}) parsed the DAG with {partitions} training partition(s) x {rounds} "
             f"round(s) (PRIVREC_TRAIN_PARTITIONS={partitions}, PRIVREC_TRAIN_ROUNDS={rounds}), but {planned['where']} "
