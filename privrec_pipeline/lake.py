@@ -285,9 +285,8 @@ def replacing(target: UPath, *, last: str | None = None) -> Iterator[Path]:
         return
     with tempfile.TemporaryDirectory(prefix="privrec-stage-") as local:
         yield Path(local)
-        staging = staging_for(target)
-        upload_folder(Path(local), staging, last=last)
-        swap_folder(staging, target, last=last)
+        remove(target)  # no rename to stage behind: the old files go, the new come, ``last`` last
+        copy_folder(Path(local), target, last=last)
 
 
 # ---- the lake by URI (the jobs' driver code) -----------------------------------------------
@@ -324,9 +323,6 @@ class Lake:
 
     def read_text(self, uri: str) -> str:
         return path(uri).read_text(encoding="utf-8")
-
-    def write_text_atomic(self, uri: str, text: str) -> None:
-        write_text(path(uri), text)
 
     def write_manifest(self, uri: str, text: str) -> None:
         """A step's manifest (its commit file, JSON ``text``), with whether the lake's swaps were atomic."""
