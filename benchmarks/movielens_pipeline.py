@@ -133,7 +133,10 @@ def read_outcome(lake: str, start: dt.date, end: dt.date) -> dict[str, Any]:
                          "categories": training.get("model", {}).get("categories")},
             "evaluation": {"candidate": evaluation["candidate"], "dp_popularity": evaluation["dp_popularity"],
                            "published": outcome["published"], "reason": outcome["reason"],
-                           "version": outcome["version"]}}
+                           "version": outcome["version"], "users": evaluation["users"],
+                           "dp": {k: outcome["evaluation"]["dp"][k] for k in ("epsilon", "population", "gains",
+                                                                              "confidence", "candidate",
+                                                                              "dp_popularity")}}}
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -167,6 +170,15 @@ def markdown(result: dict[str, Any]) -> str:
         "|---|---:|---:|---:|",
         *[f"| {name} | {v['recall@20']:.4f} | {v['ndcg@10']:.4f} | {v['hr@10']:.4f} |"
           for name, v in (("model (candidate)", cand), ("DP popularity (the window's dp_stats)", pop))],
+        "",
+        (f"DP evaluation (what the gate decided on): epsilon {ev['dp']['epsilon']:.3g}"
+         + (f", chosen for the DP population of {ev['dp']['population']:,.0f} training users"
+            if ev["dp"]["population"] is not None else "")
+         + f" (evaluated: {ev['users']['trained']:,} trained and {ev['users']['held_out']:,} held-out users); "
+         f"DP Recall@20 {ev['dp']['candidate']['recall@20']:.4f} vs DP popularity "
+         f"{ev['dp']['dp_popularity']['recall@20']:.4f}; "
+         + "; ".join(f"paired gain over {name.replace('_', ' ')} {g['mean']:+.4f}, lower bound {g['lower']:+.4f} "
+                     f"at confidence {ev['dp']['confidence']:g}" for name, g in ev["dp"]["gains"].items())),
         "",
         f"**Model vs DP popularity (Recall@20): {cand['recall@20']:.4f} vs {pop['recall@20']:.4f} "
         f"(lift {lift:+.1%}); published: {ev['published']} ({ev['reason']}) "

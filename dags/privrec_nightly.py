@@ -178,9 +178,11 @@ TASK_TIMEOUT = timedelta(minutes=int(os.environ.get("PRIVREC_TASK_TIMEOUT_MINUTE
         "publish_settings": Param(
             {}, type="object", title="Other publish settings",
             description="Settings of privrec_pipeline/models/evaluate.py GateSettings, e.g. "
-                        '{"min_gain_over_dp_popularity": 0.05, "epsilon": 0.2} '
-                        "(-1 as min_gain_over_dp_popularity turns the DP popularity check off; epsilon: the "
-                        "DP evaluation release the gate decides on and the model card shows).",
+                        '{"min_gain_over_dp_popularity": 0.05, "resolution": 0.01} '
+                        "(-1 as min_gain_over_dp_popularity turns the DP popularity check off; epsilon: of the "
+                        "DP evaluation release the gate decides on and the model card shows, unset: chosen from "
+                        "the DP population to resolve a Recall@20 gain of resolution at confidence, at most "
+                        "max_epsilon).",
         ),
         "quality_settings": Param(
             {}, type="object", title="Other quality settings",

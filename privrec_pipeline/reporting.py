@@ -105,11 +105,15 @@ def print_run_summary(console: Console, lake: str, day: dt.date, log: Path | Non
             dp, exact = outcome["evaluation"]["dp"], outcome["evaluation"]["exact"]
             metrics = dp["candidate"]
             table.add_row("  DP Recall@20 / NDCG@10 (hold-out)",
-                          f"{metrics['recall@20']:.4f} / {metrics['ndcg@10']:.4f} (epsilon {dp['epsilon']:g})")
+                          f"{metrics['recall@20']:.4f} / {metrics['ndcg@10']:.4f} (evaluation epsilon {dp['epsilon']:.3g})")
             popularity = dp["dp_popularity"]["recall@20"]
             lift = f" (lift {metrics['recall@20'] / popularity - 1:+.1%})" if popularity > 0 else ""
             table.add_row(f"  DP popularity Recall@20{_popularity_bounds(lake, candidate['window'])}",
                           f"{popularity:.4f}{lift}")
+            for name, gain in dp.get("gains", {}).items():
+                table.add_row(f"  DP gain over {name.replace('_', ' ')} (paired)",
+                              f"{gain['mean']:+.4f}, lower bound {gain['lower']:+.4f} at confidence "
+                              f"{dp['confidence']:g}")
             table.add_row("  exact Recall@20 (model / baseline)",
                           f"{exact['candidate']['recall@20']:.4f} / {exact['dp_popularity']['recall@20']:.4f} "
                           "(operator only)")

@@ -230,7 +230,7 @@ def test_the_gate_refuses_a_candidate_that_does_not_beat_dp_popularity(lake):
                 {k: v for k, v in report.items() if k != "model"})
     # The DP means of equal exact metrics differ by their noise: negligible at this epsilon.
     outcome = pub.publish(lake, DAY, gate=GateSettings(min_gain_over_dp_popularity=0.05, epsilon=100.0))
-    assert not outcome["published"] and "does not beat DP popularity" in outcome["reason"]
+    assert not outcome["published"] and "does not beat 1.05 x DP popularity" in outcome["reason"]
     assert not (models_root(lake) / "privrec-recommender" / LATEST).exists()
 
 

@@ -329,7 +329,10 @@ def test_the_model_card_states_the_trust_model(mode):
               "window": ["2026-01-01"], "vocabulary_size": 40, "population": population}
     metrics = {"recall@20": 0.1, "ndcg@10": 0.1, "hr@10": 0.1}
     dp = {"candidate": metrics, "dp_popularity": {"recall@20": 0.1}, "published": None, "published_version": None,
-          "epsilon": 0.2, "noise_scale": 25.0, "release_id": 8, "status": "new"}
+          "gains": {"dp_popularity": {"weight": 1.0, "mean": 0.01, "lower": 0.004}}, "confidence": 0.95,
+          "epsilon": 0.2, "statistics": [{"name": "gain dp_popularity", "sensitivity": 1.0, "epsilon": 0.14,
+                                          "weight": 1.0, "scale": 1 / 0.14}],
+          "population": 300.0, "release_id": 8, "status": "new"}
     evaluation = Evaluation(dp, {}, True, "ok")
     release = SimpleNamespace(id=7, epsilon=plan.epsilon, delta=plan.delta)
     spend = SimpleNamespace(start=dt.date(2026, 1, 1), end=dt.date(2026, 1, 30), epsilon=4.0, basic_epsilon=4.0,
@@ -342,6 +345,9 @@ def test_the_model_card_states_the_trust_model(mode):
     # The sampling rates come from the DP counts, and the model's guarantee composes both releases.
     assert card["privacy"]["epsilon_with_population"] == pytest.approx(plan.epsilon + 0.05)
     assert "batch / DP partition count 100, 100, 100" in text and "ledger release 6" in text
+    # The gate's evaluation: its epsilon, the DP population it was chosen for, the gain.
+    assert "epsilon 0.2, chosen for a DP population of 300 users (ledger release 8)" in text
+    assert "| dp popularity | 1 | +0.0100 | +0.0040 |" in text
     if mode == "local":
         assert trust["collusion_tolerance"] == 2
         assert "differentially private by itself" in text and "no trust in the aggregator" in text

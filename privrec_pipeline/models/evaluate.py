@@ -5,9 +5,9 @@
   of the window's DP releases: post-processing, no extra budget) and the published model.
   Computed exactly for the operator's record, and released with DP
   (``models.dp_evaluation``) for the gate and the model card.
-- Gate (``decide``): publish only if the candidate's DP Recall@20 beats DP popularity's and
-  is not worse than the published model's by more than ``tolerance`` (relative): a function
-  of the DP release only.
+- Gate (``decide``): publish only if the candidate's Recall@20 beats DP popularity's and
+  is not worse than the published model's by more than ``tolerance`` (relative), each shown
+  at ``confidence`` by the lower bound of a DP paired gain: a function of the DP release only.
 
 The privacy audit of a model is the training run's one-run audit (``training.canaries``): its
 result is in the candidate's training.json and the model card, and a run whose audit refutes
@@ -33,8 +33,33 @@ class GateSettings:
     """Largest relative drop of Recall@20 against the published model that still publishes."""
     min_gain_over_dp_popularity: float = 0.0
     """The candidate's Recall@20 must exceed DP popularity's x (1 + this); -1 disables the check."""
-    epsilon: float = 0.2
-    """Epsilon of the DP evaluation release (``models.dp_evaluation``) the gate and the card use."""
+    epsilon: float | None = None
+    """Epsilon of the DP evaluation release (``models.dp_evaluation``) the gate and the card
+    use; unset: chosen from the DP population so that the gate resolves ``resolution``."""
+    resolution: float = 0.01
+    """With the epsilon unset: the Recall@20 gain (a mean over the population) the gate's
+    lower confidence bound gives up to the noise."""
+    confidence: float = 0.95
+    """A check passes when its gain is above its threshold at this confidence (over the noise)."""
+    max_epsilon: float = 1.0
+    """With the epsilon unset: the most the evaluation may spend."""
+
+    def __post_init__(self) -> None:
+        from privrec_pipeline.errors import ConfigurationError
+
+        def positive(value: Any) -> bool:
+            return isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < float("inf")
+
+        if self.epsilon is not None and not positive(self.epsilon):
+            raise ConfigurationError(f"publish setting epsilon must be a positive number, not {self.epsilon!r}")
+        if not positive(self.resolution) or not positive(self.max_epsilon):
+            raise ConfigurationError(f"publish settings resolution and max_epsilon must be positive, not "
+                                     f"{self.resolution!r} and {self.max_epsilon!r}")
+        if not 0.5 <= self.confidence < 1:
+            raise ConfigurationError(f"publish setting confidence must be in [0.5, 1), not {self.confidence!r}")
+        if not self.min_gain_over_dp_popularity >= -1:
+            raise ConfigurationError(f"publish setting min_gain_over_dp_popularity must be >= -1 (-1: off), not "
+                                     f"{self.min_gain_over_dp_popularity!r}")
 
 
 def gate_settings(tolerance: float, settings: dict[str, Any]) -> GateSettings:
@@ -96,16 +121,30 @@ def evaluate(candidate: ItemModel, all_users: Split, trained: Split, held_out: S
 
 
 def decide(dp: Any, gate: GateSettings) -> tuple[bool, str]:
-    """The publish decision from the DP evaluation (``DPEvaluation``) only."""
-    cand, pop, pub, published_version = (dp.candidate["recall@20"], dp.dp_popularity["recall@20"], dp.published,
-                                         dp.published_version)
-    if gate.min_gain_over_dp_popularity > -1 and cand <= pop * (1 + gate.min_gain_over_dp_popularity):
-        return False, f"DP Recall@20 {cand:.4f} does not beat DP popularity ({pop:.4f})"
-    if pub is not None and cand < (1 - gate.tolerance) * pub["recall@20"]:
-        return False, (f"DP Recall@20 {cand:.4f} is more than {gate.tolerance:.0%} below the published model "
-                       f"{published_version} ({pub['recall@20']:.4f})")
-    return True, ("beats DP popularity" + (f" and is within {gate.tolerance:.0%} of the published model"
-                                           if pub is not None else "; no model published yet"))
+    """The publish decision from the DP evaluation (``DPEvaluation``) only: every check's gain
+    (``dp.gains``) must be above 0 at the release's confidence, i.e. its lower bound."""
+    cand, pop, gains = dp.candidate["recall@20"], dp.dp_popularity["recall@20"], dp.gains
+    level = f"at confidence {dp.confidence:g}"
+    popularity = gains.get("dp_popularity")
+    if popularity is not None and popularity["lower"] <= 0:
+        times = "" if popularity["weight"] == 1 else f"{popularity['weight']:g} x "
+        return False, (f"DP Recall@20 {cand:.4f} does not beat {times}DP popularity ({pop:.4f}) {level}: gain "
+                       f"{popularity['mean']:+.4f}, lower bound {popularity['lower']:+.4f}")
+    published = gains.get("published")
+    if published is not None and published["lower"] <= 0:
+        return False, (f"DP Recall@20 {cand:.4f} is not shown {level} to be at most {gate.tolerance:.0%} below the "
+                       f"published model {dp.published_version} ({dp.published['recall@20']:.4f}): gain over "
+                       f"{published['weight']:g} x its Recall@20 {published['mean']:+.4f}, lower bound "
+                       f"{published['lower']:+.4f}")
+    said = []
+    if popularity is not None:
+        said.append(f"beats DP popularity {level} (gain {popularity['mean']:+.4f}, lower bound "
+                    f"{popularity['lower']:+.4f})")
+    if published is not None:
+        said.append(f"is within {gate.tolerance:.0%} of the published model")
+    elif dp.published_version is None:
+        said.append("no model published yet")
+    return True, "; ".join(said) or "the gate's checks are off"
 
 
 def dp_popularity_counts(release_items: list[Path], vocabulary: list[str]) -> np.ndarray:

@@ -88,7 +88,7 @@ def evaluate_candidate(lake: str, day: dt.date, name: str = DEFAULT_NAME, gate: 
                        force: bool = False) -> tuple[Evaluation, dict[str, Any]]:
     """The candidate's exact evaluation (operator only), its DP evaluation release and the
     gate's decision on the latter."""
-    from privrec_pipeline.models.dp_evaluation import exact_sums, release_evaluation
+    from privrec_pipeline.models.dp_evaluation import release_evaluation
     from privrec_pipeline.privacy.ledger import open_ledger
     from privrec_pipeline.training.partitions import training_uri
     from privrec_pipeline.training.tasks import candidate_folder, load_holdout
@@ -114,9 +114,10 @@ def evaluate_candidate(lake: str, day: dt.date, name: str = DEFAULT_NAME, gate: 
     exact = evaluate(model, everyone, trained, held_out, dp_popularity_counts(releases, items),
                      published[0] if published else None, published[2] if published else None)
     window = (dt.date.fromisoformat(report["window"][0]), dt.date.fromisoformat(report["window"][-1]))
+    population = float(sum(report["population"]["partition_users"])) if report.get("population") else None
     dp = release_evaluation(open_ledger(lake), window, report["release_id"],
-                            exact_sums(exact.candidate, exact.dp_popularity, exact.published),
-                            published[1] if published else None, gate.epsilon, run_id=run_id, dag_id=dag_id,
+                            (exact.candidate, exact.dp_popularity, exact.published),
+                            published[1] if published else None, gate, population, run_id=run_id, dag_id=dag_id,
                             force=force, parameters={"training_release": report["release_id"]})
     publish_it, reason = decide(dp, gate)
     return Evaluation(dp.to_dict(), exact.means(), publish_it, reason), report
@@ -279,12 +280,21 @@ def model_card(name: str, version: str, report: dict[str, Any], evaluation: Eval
         # DP means of the evaluation release (the gate decided on them); the exact metrics are
         # in the operator's record only.
         "metrics": {"protocol": "DESIGN.md: users with >= 5 items, last 20% test, train items excluded",
-                    "dp": (f"Laplace, epsilon {dp['epsilon']:g} (ledger release {dp['release_id']}), noise scale "
-                           f"{dp['noise_scale']:g} on each sum of per-user values in [0, 1] and on the user count"),
-                    "candidate": dp["candidate"], "dp_popularity": dp["dp_popularity"],
+                    "dp": evaluation_mechanism(dp),
+                    "candidate": dp["candidate"], "dp_popularity": dp["dp_popularity"], "gains": dp["gains"],
                     "previously_published": dp["published"], "previous_version": dp["published_version"]},
         "code_version": _code_version(),
     }
+
+
+def evaluation_mechanism(dp: dict[str, Any]) -> str:
+    """One line on the DP evaluation release: its epsilon and every sum's noise scale."""
+    chosen = (f", chosen for a DP population of {dp['population']:,.0f} users" if dp.get("population") is not None
+              else "")
+    scales = "; ".join(f"{s['name']} {s['scale']:.3g}" for s in dp["statistics"])
+    return (f"Laplace, epsilon {dp['epsilon']:.3g}{chosen} (ledger release {dp['release_id']}); noise scale of each "
+            f"sum over the users: {scales}; gains are paired per user (the candidate's Recall@20 minus the "
+            f"threshold's), checked at confidence {dp['confidence']:g}")
 
 
 def _audit_markdown(audit: dict[str, Any] | None) -> str:
@@ -305,6 +315,8 @@ def model_card_markdown(card: dict[str, Any]) -> str:
     table = "\n".join(f"| {label} | " + " | ".join(f"{v[k]:.4f}" if k in v else "-" for k in ("recall@20", "ndcg@10",
                                                                                            "hr@10")) + " |"
                       for label, v in rows)
+    gains = "\n".join(f"| {name.replace('_', ' ')} | {g['weight']:g} | {g['mean']:+.4f} | {g['lower']:+.4f} |"
+                      for name, g in m.get("gains", {}).items())
     return f"""# Model card: {card['name']} {card['version']}
 
 Recommender trained with **user-level differential privacy**: ({p['model']['epsilon']:.3g}, {p['model']['delta']:.2g})-DP
@@ -345,11 +357,18 @@ Window {', '.join(card['data']['window'])}; DP releases {card['data']['dp_releas
 
 ## Metrics ({m['protocol']})
 
-Differentially private means ({m['dp']}); the publish decision was made on these.
+Differentially private means ({m['dp']}).
 
 | model | Recall@20 | NDCG@10 | HR@10 |
 |---|---:|---:|---:|
 {table}
+
+The publish decision was made on the gains: per user, this model's Recall@20 minus w times the
+other's, averaged; a check passes when its lower bound is above 0.
+
+| compared with | w | gain | lower bound |
+|---|---:|---:|---:|
+{gains}
 
 Code: {card['code_version']}.
 """
