@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+from collections.abc import Callable
+from typing import NoReturn
 
 from privrec_pipeline.config import lake_root
 
@@ -57,3 +59,38 @@ def parse_settings(parser: argparse.ArgumentParser, args: argparse.Namespace, cl
         return cls.from_settings({**settings, **parse_key_values(args.settings, what), **(overrides or {})})
     except ConfigurationError as exc:
         parser.error(str(exc))
+
+
+def run(main: Callable[[], int | None]) -> NoReturn:
+    """Run a job's ``main`` and leave with its exit code once the Spark session is stopped and
+    the output flushed, skipping the interpreter's teardown: a native library's thread torn
+    down at exit can abort the process ("terminate called without an active exception", exit
+    134; seen under load after a step had committed its output), which would fail a finished
+    step. An exception prints its traceback and exits 1, as an uncaught one does."""
+    import logging
+    import os
+    import sys
+    import traceback
+
+    try:
+        code = main()
+    except SystemExit as stop:  # argparse's usage errors (2) and --help (0)
+        code = stop.code if isinstance(stop.code, int) or stop.code is None else 1
+        if not (isinstance(stop.code, int) or stop.code is None):
+            print(stop.code, file=sys.stderr)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    try:
+        from pyspark.sql import SparkSession
+
+        session = SparkSession.getActiveSession()
+        if session is not None:
+            session.stop()
+    except Exception:
+        traceback.print_exc()
+        code = code or 1
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import add_settings_arguments, base_parser, parse_settings, resolve_lake
+from _common import add_settings_arguments, base_parser, parse_settings, resolve_lake, run
 from privrec_pipeline.training.partitions import PartitionParams
 
 
@@ -42,4 +42,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

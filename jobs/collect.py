@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import base_parser, parse_bool, resolve_lake
+from _common import base_parser, parse_bool, resolve_lake, run
 from privrec_pipeline.ingest import UNKNOWN_ITEMS, run_collect
 from privrec_pipeline.secrets import load_keyring
 from privrec_pipeline.spark.session import get_spark
@@ -38,4 +38,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

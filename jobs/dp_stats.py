@@ -17,7 +17,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import add_settings_arguments, base_parser, parse_bool, parse_settings, resolve_lake
+from _common import (
+    add_settings_arguments,
+    base_parser,
+    parse_bool,
+    parse_settings,
+    resolve_lake,
+    run,
+)
 from privrec_pipeline.dp_stats.params import DPStatsParams
 
 
@@ -54,4 +61,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

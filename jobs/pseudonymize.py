@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import base_parser, resolve_lake
+from _common import base_parser, resolve_lake, run
 from privrec_pipeline.ingest import run_pseudonymize
 from privrec_pipeline.secrets import load_keyring
 from privrec_pipeline.spark.session import get_spark
@@ -29,4 +29,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

@@ -16,7 +16,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import add_settings_arguments, base_parser, parse_bool, parse_settings, resolve_lake
+from _common import (
+    add_settings_arguments,
+    base_parser,
+    parse_bool,
+    parse_settings,
+    resolve_lake,
+    run,
+)
 from privrec_pipeline.quality.config import QualityConfig
 from privrec_pipeline.quality.validate import report_index_uri, run_validate
 from privrec_pipeline.spark.session import get_spark
@@ -43,4 +50,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

@@ -102,8 +102,8 @@ def test_the_chosen_epsilon_resolves_the_gain_on_the_dp_population():
     stats = plan(weights, True, epsilon)
     for s in stats[:2]:  # both gains: a margin of exactly the resolution as a mean over 600 users
         assert margin(s.scale, 0.95) / 600 == pytest.approx(0.01)
-    # Ten times the users need a tenth of the epsilon; the bounds hold.
-    assert choose_epsilon(weights, 6_000.0, 0.01, 0.95, 10.0) == pytest.approx(epsilon / 10)
+    # A tenth of the users need ten times the epsilon; the bounds hold.
+    assert choose_epsilon(weights, 60.0, 0.01, 0.95, 100.0) == pytest.approx(epsilon * 10)
     assert choose_epsilon(weights, 60.0, 0.01, 0.95, 1.0) == 1.0
     assert choose_epsilon(weights, 1e9, 0.01, 0.95, 1.0) == 0.2
     assert margin(1.0, 0.95) == pytest.approx(math.log(10))  # P(Laplace(1) < -ln 10) = 0.05

@@ -226,3 +226,35 @@ def test_the_failure_notifier_emails_through_the_smtp_connection(monkeypatch):
     [(_, recipients, message)] = [s for s in sent if s[0] == "mail"]
     assert recipients == ["ops@example.org", "oncall@example.org"]
     assert "privrec: privrec_nightly.dp_stats failed" in message
+
+
+JOBS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs")
+
+
+@pytest.mark.parametrize("body, code, said", [
+    ("return 0", 0, ""),
+    ("return 3", 3, ""),
+    ("raise ValueError('no landing partition')", 1, "ValueError: no landing partition"),
+    ("raise SystemExit(2)", 2, ""),
+    ("raise SystemExit('usage: bad --date')", 1, "usage: bad --date"),
+])
+def test_a_job_leaves_with_its_own_exit_code_whatever_the_teardown_does(body, code, said):
+    """A job's exit code is its main's, even when something at interpreter exit would abort
+    the process (a native thread torn down at exit: exit 134 after the step committed)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import atexit, os, sys
+        sys.path.insert(0, {JOBS!r})
+        from _common import run
+        atexit.register(os.abort)  # what a crashing teardown does
+        def main():
+            print("step done", flush=True)
+            {body}
+        run(main)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == code, done.stderr
+    assert "step done" in done.stdout and said in done.stderr
