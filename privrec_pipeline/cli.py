@@ -273,6 +273,18 @@ def _run_days(days: list[dt.date], conf: dict) -> None:
         _fail(f"{days[0]} is before {EARLIEST_DAY}, the DAGs' start date: Airflow would mark the run successful "
               "without running a task; move the data to a later day")
     env = airflow_env()
+    if not conf.get("allow_empty"):
+        # The collect task would fail on these days after Airflow started: say so at once.
+        from privrec_pipeline.ingest import landing_files
+
+        problems = []
+        for day in days:
+            try:
+                landing_files(env["PRIVREC_LAKE"], day)
+            except PrivrecError as exc:
+                problems.append(str(exc))
+        if problems:
+            _fail("; ".join(problems) + ("" if len(days) == 1 else "; nothing was run"))
     log_dir = privrec_home() / "runs"
     log_dir.mkdir(parents=True, exist_ok=True)
     for n, day in enumerate(days, 1):

@@ -60,6 +60,20 @@ def _no_landing(day: dt.date, landing: str, problem: str) -> LandingPartitionErr
 UNKNOWN_ITEMS = ("quarantine", "keep")
 
 
+def landing_files(lake: str, day: dt.date, *, allow_empty: bool = False) -> tuple[str, list]:
+    """The day's landing partition and its data files; without ``allow_empty`` a missing
+    partition, or one without data files, is a ``LandingPartitionError`` naming it."""
+    fs = lk.Lake(lake)
+    landing = lk.partition_uri(lake, "landing", day)
+    exists = fs.exists(landing)
+    files = [f for f in fs.list_files(landing) if f.uri.endswith(LANDING_SUFFIXES)] if exists else []
+    if not allow_empty and not exists:
+        raise _no_landing(day, landing, "not found (nothing arrived for this day?)")
+    if not allow_empty and not files:
+        raise _no_landing(day, landing, f"has no data files ({', '.join(LANDING_SUFFIXES)})")
+    return landing, files
+
+
 def run_collect(spark: "SparkSession", lake: str, day: dt.date, keys: KeyRing, *,
                 run_id: str = "manual", allow_empty: bool = False, unknown_items: str = "quarantine") -> CollectManifest:
     """landing/dt=D -> bronze/dt=D + quarantine/dt=D + _manifests/collect/dt=D.json.
@@ -76,14 +90,7 @@ def run_collect(spark: "SparkSession", lake: str, day: dt.date, keys: KeyRing, *
 
     fs = lk.Lake(lake)
     interval = DataInterval(day)
-    landing = lk.partition_uri(lake, "landing", day)
-
-    exists = fs.exists(landing)
-    files = [f for f in fs.list_files(landing) if f.uri.endswith(LANDING_SUFFIXES)] if exists else []
-    if not allow_empty and not exists:
-        raise _no_landing(day, landing, "not found (nothing arrived for this day?)")
-    if not allow_empty and not files:
-        raise _no_landing(day, landing, f"has no data files ({', '.join(LANDING_SUFFIXES)})")
+    landing, files = landing_files(lake, day, allow_empty=allow_empty)
 
     lines = spark.read.text([f.uri for f in files]) if files else spark.createDataFrame([], "value string")
     lines = lines.select("value", F.input_file_name().alias("source_file"))

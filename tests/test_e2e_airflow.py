@@ -192,9 +192,10 @@ def test_a_day_before_the_dags_start_date_is_refused_before_airflow_runs(embedde
     assert "1969-12-31 is before 1970-01-01, the DAGs' start date" in out.stdout
 
 
-def test_missing_day_fails_with_a_clear_message(embedded):
-    _, env, _ = embedded
+def test_missing_day_fails_with_a_clear_message_before_airflow_runs(embedded):
+    root, env, _ = embedded
     out = subprocess.run([PRIVREC, "run", "--date", "2026-02-01"], env=env, capture_output=True, text=True,
-                         timeout=900)
-    assert out.returncode != 0
+                         timeout=300)
+    assert out.returncode == 1
     assert "landing partition for 2026-02-01 not found" in out.stdout
+    assert not (root / "airflow" / "runs" / "privrec_nightly-2026-02-01.log").exists()  # no DAG run started

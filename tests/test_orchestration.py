@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 
@@ -117,6 +118,22 @@ def test_a_backfill_runs_its_days_in_order_and_stops_at_the_first_failure(monkey
     monkeypatch.setattr(local, "ensure_metadata_db", lambda env, log: None)
     monkeypatch.setattr(local, "dags_test", dags_test)
     monkeypatch.setattr(reporting, "print_run_summary", lambda console, lake, day, log: summaries.append(str(day)))
+    from privrec_pipeline import lake as lk
+
+    # A day without landing data is refused before Airflow runs anything, naming every such day.
+    result = CliRunner().invoke(app, ["backfill", "--start", "2026-01-01", "--end", "2026-01-02"])
+    assert result.exit_code == 1 and ran == []
+    for day in ("2026-01-01", "2026-01-02"):
+        assert f"landing partition for {day} not found" in result.output
+    assert "nothing was run" in result.output
+    for n in range(1, 6):
+        folder = lk.path(lk.partition_uri(str(tmp_path / "lake"), "landing", dt.date(2026, 1, n)))
+        folder.mkdir(parents=True)
+        if n != 5:
+            (folder / "events.jsonl").write_text("{}\n")
+    result = CliRunner().invoke(app, ["backfill", "--start", "2026-01-04", "--end", "2026-01-05"])
+    assert result.exit_code == 1 and ran == [] and "landing partition for 2026-01-05 has no data files" in result.output
+    (folder / "events.jsonl").write_text("{}\n")
     result = CliRunner().invoke(app, ["backfill", "--start", "2026-01-01", "--end", "2026-01-04",
                                       "-p", "train_window_days=3"])
     assert result.exit_code == 1
