@@ -1,7 +1,7 @@
 """Backfills on a running Airflow, as an operator does them.
 
 ``privrec airflow`` (``airflow standalone``: API server, scheduler, DAG processor, LocalExecutor)
-runs on PostgreSQL, which also holds the privacy ledger, as in production. A backfill of three
+runs on PostgreSQL, which also holds the privacy ledger, as in production. A backfill of two
 days through the REST API runs each day once, in order; the ledger accounts each day's DP
 release and the training window once; a second backfill of a finished day changes no output
 and spends nothing; the model published on the window's last day triggers the Asset-scheduled
@@ -40,9 +40,9 @@ DAG = "privrec_nightly"
 BATCH_DAG = "privrec_batch_recommendations"
 # Days before 2026: the DAG's start date once was 2026-01-01, and Airflow then marked runs of
 # older days successful without running a task (history of any age must run).
-DAYS = [dt.date(2025, 12, 29), dt.date(2025, 12, 30), dt.date(2025, 12, 31)]  # the 31st closes a 3-day window
+DAYS = [dt.date(2025, 12, 30), dt.date(2025, 12, 31)]  # the 31st closes a 2-day window
 CONF = {
-    "dp_epsilon": 50, "train_window_days": 3, "train_epsilon": 8,
+    "dp_epsilon": 50, "train_window_days": 2, "train_epsilon": 8,
     "train_settings": {"local_steps": 3, "batch_size": 20, "dim": 16},
     # A 200-user day cannot beat DP popularity reliably; the gate's mechanics are tested in
     # test_models.py. Here the window's model must publish, to trigger the Asset-scheduled DAG.
@@ -207,7 +207,7 @@ def start_airflow(env: dict[str, str], root: Path, password: str) -> tuple[subpr
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, key_document):
-    """``privrec airflow`` on a fresh PostgreSQL database, with three landing days."""
+    """``privrec airflow`` on a fresh PostgreSQL database, with two landing days."""
     database = f"privrec_backfill_{os.getpid()}"
     from sqlalchemy.exc import OperationalError
 
@@ -248,7 +248,7 @@ def server(tmp_path_factory, key_document):
 
 @pytest.fixture(scope="module")
 def backfilled(server):
-    """The three days backfilled through the REST API (the DAGs unpaused, as a backfill needs)."""
+    """The two days backfilled through the REST API (the DAGs unpaused, as a backfill needs)."""
     for dag_id in (DAG, BATCH_DAG):
         server.api("PATCH", f"/dags/{dag_id}", json={"is_paused": False})
     return server.wait_for_backfill(server.backfill(DAYS[0], DAYS[-1], "none"))
@@ -289,8 +289,8 @@ def test_backfill_ledger_accounts_each_day_once(backfilled, server):
     (population,) = [r for r in releases if r.release_key == "population"]
     (evaluation,) = [r for r in releases if r.release_key == f"evaluation-r{training.id}"]
     assert population.state == evaluation.state == "committed"
-    spend = ledger.spend_at(DAYS[-1], 3)
-    assert spend.basic_epsilon == pytest.approx(3 * 50 + training.epsilon + population.epsilon + evaluation.epsilon)
+    spend = ledger.spend_at(DAYS[-1], 2)
+    assert spend.basic_epsilon == pytest.approx(2 * 50 + training.epsilon + population.epsilon + evaluation.epsilon)
     # The training release costs exactly its steps (RDP of the Poisson-sampled Gaussian, by
     # dp_accounting directly), within the requested epsilon 8.
     from dp_accounting import dp_event
@@ -320,12 +320,12 @@ def test_backfill_wrote_each_day_and_published_the_window_model(backfilled, serv
     assert card["created_from"]["run_id"] == backfilled[-1]["dag_run_id"] == training.run_id
     assert card["created_from"]["ledger_release"] == training.id
     assert card["privacy"]["model"]["epsilon"] == training.epsilon
-    # The window per the ledger when the card was written: three days of DP statistics, the DP
+    # The window per the ledger when the card was written: two days of DP statistics, the DP
     # partition counts, the training run and the candidate's DP evaluation.
     extra = [r for r in _ledger(server).releases() if r.release_key in ("population", f"evaluation-r{training.id}")]
     window = card["privacy"]["window_per_ledger"]
-    assert window["releases"] == 6 and len(extra) == 2
-    assert window["basic_epsilon"] == pytest.approx(3 * 50 + training.epsilon + sum(r.epsilon for r in extra))
+    assert window["releases"] == 5 and len(extra) == 2
+    assert window["basic_epsilon"] == pytest.approx(2 * 50 + training.epsilon + sum(r.epsilon for r in extra))
 
 
 def test_published_model_triggers_the_asset_scheduled_dag(backfilled, server):
@@ -344,7 +344,7 @@ def test_published_model_triggers_the_asset_scheduled_dag(backfilled, server):
 
 
 def test_a_finished_day_backfilled_again_changes_nothing(backfilled, server):
-    day = DAYS[1]
+    day = DAYS[0]  # a day that does not train
     zones = [lk.path(lk.partition_uri(server.lake, z, day)) for z in ("bronze", "quarantine", "silver", "dp_stats")]
     before = [partition_snapshot(z) for z in zones]
     release_json = (zones[-1] / "release.json").read_text()
@@ -436,10 +436,10 @@ def test_backfill_dialog_in_the_ui(backfilled, server):
         page.screenshot(path=str(server.root / "backfill-dialog.png"))
         # The DAG's Params are in the form, so a backfill can force new DP releases.
         assert page.get_by_text("Force new DP releases").count() >= 1
-        date_range("2025/12/29", "2025/12/31")
+        date_range("2025/12/30", "2025/12/31")
         expect_text(page, "No runs matching selected criteria.")
         page.get_by_text("All Runs", exact=True).click()
-        expect_text(page, "3 runs will be triggered.")
+        expect_text(page, "2 runs will be triggered.")
         browser.close()
 
 
