@@ -40,7 +40,7 @@ DAG = "privrec_nightly"
 BATCH_DAG = "privrec_batch_recommendations"
 # Days before 2026: the DAG's start date once was 2026-01-01, and Airflow then marked runs of
 # older days successful without running a task (history of any age must run).
-DAYS = [dt.date(2025, 12, 30), dt.date(2025, 12, 31)]  # the 31st closes a 2-day window
+DAYS = [dt.date(2025, 12, 29), dt.date(2025, 12, 30)]  # the 30th closes a 2-day window
 CONF = {
     "dp_epsilon": 50, "train_window_days": 2, "train_epsilon": 8,
     "train_settings": {"local_steps": 3, "batch_size": 20, "dim": 16},
@@ -436,7 +436,7 @@ def test_backfill_dialog_in_the_ui(backfilled, server):
         page.screenshot(path=str(server.root / "backfill-dialog.png"))
         # The DAG's Params are in the form, so a backfill can force new DP releases.
         assert page.get_by_text("Force new DP releases").count() >= 1
-        date_range("2025/12/30", "2025/12/31")
+        date_range("2025/12/29", "2025/12/30")
         expect_text(page, "No runs matching selected criteria.")
         page.get_by_text("All Runs", exact=True).click()
         expect_text(page, "2 runs will be triggered.")
