@@ -11,7 +11,8 @@ processes `landing/interactions/dt=D`:
    scrubbed search text -> `silver/`.
 3. **validate** (Spark, Great Expectations): the declared suites on silver and the collect
    manifest -> `reports/quality/dt=D/` (Data Docs + `summary.json`; the task's extra link
-   "Quality report" and XCom `quality_report` point there). A failed critical expectation
+   "Quality report" opens it in the Airflow UI through privrec's plugin, XCom `quality_report`
+   holds its lake URI). A failed critical expectation
    fails the task, so nothing downstream uses the day; warnings only report. Thresholds are
    the Params below.
 4. **dp_stats** (Spark + PyDP): reserves the release's (epsilon, delta) in the privacy

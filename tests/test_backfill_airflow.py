@@ -440,6 +440,12 @@ def test_backfill_dialog_in_the_ui(backfilled, server):
         expect_text(page, "No runs matching selected criteria.")
         page.get_by_text("All Runs", exact=True).click()
         expect_text(page, "2 runs will be triggered.")
+        # The logged-in browser follows the validate task's link to the day's quality page.
+        from privrec_pipeline.airflow_plugin.app import report_url
+
+        page.goto(server.base + report_url("quality", DAYS[-1], "index.html"))
+        expect(page.locator("h1")).to_contain_text(f"Data quality, {DAYS[-1]}")
+        page.screenshot(path=str(server.root / "quality-report.png"), full_page=True)
         browser.close()
 
 
@@ -447,3 +453,30 @@ def expect_text(page, text: str) -> None:
     from playwright.sync_api import expect
 
     expect(page.get_by_text(text)).to_be_visible(timeout=15000)
+
+
+def test_reports_and_model_cards_are_served_by_the_api_server_behind_its_login(backfilled, server):
+    """privrec's plugin in the running API server: the task's extra link is an http page of
+    the server, served from the lake to a logged-in user only; ``../`` gets 404."""
+    from privrec_pipeline.airflow_plugin.app import model_card_url, report_url
+    from privrec_pipeline.models.publish import models_root
+
+    day, run = DAYS[-1], backfilled[-1]["dag_run_id"]
+    links = server.api("GET", f"/dags/{DAG}/dagRuns/{quote(run)}/taskInstances/validate/links")
+    assert links["Quality report"] == report_url("quality", day, "index.html")
+    page = requests.get(server.base + links["Quality report"], headers=server.headers, timeout=30)
+    assert page.status_code == 200 and day.isoformat() in page.text
+    assert requests.get(server.base + links["Quality report"], timeout=30).status_code == 401  # no session
+    links = server.api("GET", f"/dags/{DAG}/dagRuns/{quote(run)}/taskInstances/dp_stats/links")
+    assert requests.get(server.base + links["DP statistics report"], headers=server.headers,
+                        timeout=30).status_code == 200
+    (version,) = [p.name for p in (models_root(server.lake) / "privrec-recommender").iterdir()
+                  if p.is_dir() and not p.name.startswith(".")]
+    card = requests.get(server.base + model_card_url("privrec-recommender", version), headers=server.headers,
+                        timeout=30)
+    assert card.status_code == 200 and f"Model card: privrec-recommender {version}" in card.text
+    for probe in (f"/privrec/reports/quality/{day}/..%2F..%2F..%2F..%2Fpasswords.json",
+                  f"/privrec/reports/quality/{day}/%2e%2e/%2e%2e/%2e%2e/%2e%2e/passwords.json",
+                  "/privrec/reports/quality/2026-02-30/index.html"):
+        response = requests.get(server.base + probe, headers=server.headers, timeout=30)
+        assert response.status_code == 404 and server.password not in response.text, probe

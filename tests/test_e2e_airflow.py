@@ -68,9 +68,9 @@ def test_validate_report_is_reachable_from_the_task(embedded):
     rows = dict(db.execute(
         "SELECT x.key, x.value FROM xcom x JOIN dag_run d ON d.id = x.dag_run_id "
         "WHERE d.dag_id = 'privrec_nightly' AND x.task_id = 'validate'").fetchall())
-    url = f"file://{report}/index.html"
-    assert json.loads(rows["quality_report"]) == url
-    assert json.loads(rows["_link_QualityReportLink"]) == url
+    # XCom: where the report is in the lake; the link: its page in the Airflow API server.
+    assert json.loads(rows["quality_report"]) == f"{report}/index.html"
+    assert json.loads(rows["_link_QualityReportLink"]) == f"/privrec/reports/quality/{DAY}/index.html"
 
 
 def _ledger_rows(root: Path) -> list[tuple]:
@@ -97,7 +97,8 @@ def test_dp_release_is_accounted_and_reachable_from_the_task(embedded):
     rows = dict(db.execute(
         "SELECT x.key, x.value FROM xcom x JOIN dag_run d ON d.id = x.dag_run_id "
         "WHERE d.dag_id = 'privrec_nightly' AND x.task_id = 'dp_stats'").fetchall())
-    assert json.loads(rows["_link_DPStatsReportLink"]) == f"file://{gold}/report.html"
+    assert json.loads(rows["dp_stats_report"]) == f"{gold}/report.html"
+    assert json.loads(rows["_link_DPStatsReportLink"]) == f"/privrec/reports/dp_stats/{DAY}"
 
 
 def test_federated_training_wrote_an_accounted_candidate(embedded):

@@ -1,0 +1,16 @@
+"""The Airflow plugin: privrec's pages (``app.create_app``) mounted in the API server at
+``/privrec``, behind Airflow's authentication. Registered by the ``airflow.plugins`` entry
+point in pyproject.toml, so every Airflow process of an installation that has privrec loads it."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from airflow.plugins_manager import AirflowPlugin
+
+from privrec_pipeline.airflow_plugin.app import PREFIX, create_app
+
+
+class PrivrecPlugin(AirflowPlugin):
+    name = "privrec"
+    fastapi_apps: ClassVar[list] = [{"app": create_app(), "url_prefix": PREFIX, "name": "privrec reports"}]

@@ -1,0 +1,118 @@
+"""privrec's pages in the Airflow API server (``privrec_pipeline.airflow_plugin``): reports read
+through the lake, refused without an Airflow session, and nothing outside the reports ever
+served (path traversal, symlinks, hidden and staging files, unknown days: 404). No Spark."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+
+import pytest
+from fastapi.testclient import TestClient
+
+from privrec_pipeline import lake as lk
+from privrec_pipeline.airflow_plugin.app import (
+    PREFIX,
+    card_page,
+    create_app,
+    model_card_url,
+    report_url,
+)
+
+DAY = dt.date(2026, 1, 15)
+
+
+@pytest.fixture
+def lake(tmp_path):
+    root = str(tmp_path / "lake")
+    quality = lk.partition(root, "reports", DAY)
+    (quality / "data_docs" / "static").mkdir(parents=True)
+    (quality / "index.html").write_text("<h1>quality of 2026-01-15</h1>")
+    (quality / "data_docs" / "index.html").write_text("<h1>data docs</h1>")
+    (quality / "data_docs" / "static" / "style.css").write_text("body{}")
+    (quality / "summary.bin").write_bytes(b"\x00")
+    (quality / ".staging-x.html").write_text("half written")
+    (lk.path(lk.zone_uri(root, "reports")) / "trend.html").write_text("<h1>trend</h1>")
+    dp = lk.partition(root, "dp_stats", DAY)
+    dp.mkdir(parents=True)
+    (dp / "report.html").write_text("<h1>dp stats</h1>")
+    card = lk.path(lk.zone_uri(root, "models")) / "privrec-recommender" / "2026-01-15-r3"
+    card.mkdir(parents=True)
+    (card / "model_card.md").write_text("# Model card\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n<script>alert(1)</script>\n")
+    (tmp_path / "secret.html").write_text("outside the lake")
+    os.symlink(tmp_path / "secret.html", quality / "planted.html")
+    return root
+
+
+def mounted(app):
+    """As the Airflow API server mounts a plugin's app: under its url_prefix."""
+    from fastapi import FastAPI
+
+    server = FastAPI()
+    server.mount(PREFIX, app)
+    return TestClient(server)
+
+
+@pytest.fixture
+def client(lake):
+    return mounted(create_app(lambda: lake, reader=lambda: None))
+
+
+def test_reports_and_cards_are_served_from_the_lake(client):
+    assert client.get(report_url("quality", DAY)).text == "<h1>quality of 2026-01-15</h1>"
+    page = client.get(report_url("quality", DAY, "index.html"))
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert page.headers["x-content-type-options"] == "nosniff"
+    assert client.get(report_url("quality", DAY, "data_docs/index.html")).text == "<h1>data docs</h1>"
+    css = client.get(report_url("quality", DAY, "data_docs/static/style.css"))
+    assert css.headers["content-type"].startswith("text/css")
+    assert client.get("/privrec/reports/quality/trend").text == "<h1>trend</h1>"
+    assert client.get(report_url("dp_stats", DAY)).text == "<h1>dp stats</h1>"
+    card = client.get(model_card_url("privrec-recommender", "2026-01-15-r3"))
+    assert card.status_code == 200 and "<table>" in card.text and "<td>1</td>" in card.text
+    # HTML inside a card's Markdown is shown as text, never run.
+    assert "<script>" not in card.text and "&lt;script&gt;" in card.text
+
+
+@pytest.mark.parametrize("path", [
+    "/privrec/reports/quality/2026-01-15/../../../secret.html",
+    "/privrec/reports/quality/2026-01-15/..%2F..%2F..%2Fsecret.html",
+    "/privrec/reports/quality/2026-01-15/%2e%2e/%2e%2e/secret.html",
+    "/privrec/reports/quality/2026-01-15/data_docs/..%2f..%2findex.html",
+    "/privrec/reports/quality/2026-01-15/..\\..\\secret.html",
+    "/privrec/reports/quality/2026-01-15/planted.html",  # a symlink out of the report folder
+    "/privrec/reports/quality/2026-01-15/.staging-x.html",  # hidden and staging files
+    "/privrec/reports/quality/2026-01-15/summary.bin",  # a suffix that is not served
+    "/privrec/reports/quality/2026-01-15//index.html",
+    "/privrec/reports/quality/2026-01-16/index.html",  # a day without a report
+    "/privrec/reports/quality/2026-13-45/index.html",  # not a day
+    "/privrec/reports/quality/..%2f..%2f/index.html",
+    "/privrec/reports/dp_stats/2026-01-16",
+    "/privrec/reports/dp_stats/20260115",
+    "/privrec/models/privrec-recommender/..%2F..%2Fsecret/card",
+    "/privrec/models/../privrec-recommender/2026-01-15-r3/card",
+    "/privrec/models/privrec-recommender/.2026-01-15-r3/card",
+    "/privrec/models/privrec-recommender/2026-01-14-r1/card",
+])
+def test_anything_outside_the_reports_is_404(client, path):
+    response = client.get(path)
+    assert response.status_code == 404, (path, response.text)
+    assert "outside the lake" not in response.text
+
+
+def test_a_request_without_an_airflow_session_is_refused(lake):
+    """With Airflow's own check: no cookie and no bearer token is 401, a forged token 403."""
+    strict = mounted(create_app(lambda: lake))
+    for url in (report_url("quality", DAY), report_url("dp_stats", DAY), "/privrec/reports/quality/trend",
+                model_card_url("privrec-recommender", "2026-01-15-r3"), "/privrec/reports/quality/2026-01-16"):
+        response = strict.get(url)
+        assert response.status_code == 401, (url, response.status_code)
+        assert "quality of" not in response.text
+
+
+def test_urls_are_relative_to_the_api_server_unless_a_base_is_given():
+    assert report_url("quality", DAY, "index.html") == "/privrec/reports/quality/2026-01-15/index.html"
+    assert report_url("dp_stats", DAY, base="https://airflow.example/") == \
+        "https://airflow.example/privrec/reports/dp_stats/2026-01-15"
+    assert model_card_url("m", "v") == "/privrec/models/m/v/card"
+    assert "<h1>x</h1>" in card_page("t", "# x")
