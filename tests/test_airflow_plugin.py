@@ -116,3 +116,58 @@ def test_urls_are_relative_to_the_api_server_unless_a_base_is_given():
         "https://airflow.example/privrec/reports/dp_stats/2026-01-15"
     assert model_card_url("m", "v") == "/privrec/models/m/v/card"
     assert "<h1>x</h1>" in card_page("t", "# x")
+
+
+def test_the_privacy_budget_page_shows_each_release_and_what_remains(lake, client, monkeypatch):
+    from privrec_pipeline.privacy.accounting import Component
+    from privrec_pipeline.privacy.ledger import open_ledger
+
+    monkeypatch.delenv("PRIVREC_LEDGER_URL", raising=False)
+    ledger = open_ledger(lake)
+    today = dt.datetime.now(dt.UTC).date()
+    for n, (key, eps) in enumerate((("dp_stats", 0.5), ("training", 1.25))):
+        reservation = ledger.reserve(key, today - dt.timedelta(days=1 - n), today, [Component(
+            "laplace", noise_multiplier=1 / eps, label=key)], epsilon=eps, delta=0.0, dag_id="privrec_nightly",
+            run_id=f"scheduled__run{n}")
+        ledger.commit(reservation.release.id, {"noisy": 123.456}, run_id=f"scheduled__run{n}")
+    page = client.get("/privrec/budget")
+    assert page.status_code == 200 and "<svg" in page.text  # the spend chart, inline
+    spend = ledger.spend_at(today)
+    assert f"epsilon <b>{spend.epsilon:.3g}</b> spent of {ledger.policy.epsilon:g}" in page.text
+    assert f"<b>{spend.remaining:.3g}</b> remaining" in page.text
+    for text in ("dp_stats", "training", "scheduled__run1", ">1.25<", ">0.5<", "committed"):
+        assert text in page.text, text
+    assert "123.456" not in page.text  # a release's values are not the budget's business
+    # Nothing loaded from elsewhere: no script, no remote stylesheet or image.
+    assert "<script" not in page.text and 'src="http' not in page.text and "<link" not in page.text
+
+
+def test_the_models_page_lists_versions_with_the_latest_and_links_to_cards(lake, client):
+    import json
+
+    folder = lk.path(lk.zone_uri(lake, "models")) / "privrec-recommender"
+    card = {"privacy": {"model": {"epsilon": 4.0, "mode": "local"},
+                        "audit": {"passed": True, "epsilon_lower": 0.31}},
+            "metrics": {"candidate": {"recall@20": 0.2251}, "dp_popularity": {"recall@20": 0.2052},
+                        "gains": {"dp_popularity": {"weight": 1.0, "mean": 0.0339, "lower": 0.0324}}},
+            "data": {"window": ["2026-01-15"]}}
+    (folder / "2026-01-15-r3" / "model_card.json").write_text(json.dumps(card))
+    (folder / "2026-01-16-r9").mkdir()  # no card yet: not a published version
+    (folder / "LATEST").write_text("2026-01-15-r3\n")
+    page = client.get("/privrec/models")
+    assert page.status_code == 200
+    assert "2026-01-15-r3</a> <b>LATEST</b>" in page.text and "2026-01-16-r9" not in page.text
+    assert f"href='{model_card_url('privrec-recommender', '2026-01-15-r3')}'" in page.text
+    for text in ("0.2251", "0.2052", "+0.0324", "passed (epsilon &ge; 0.31)", ">4<"):
+        assert text in page.text, text
+    assert client.get(model_card_url("privrec-recommender", "2026-01-15-r3")).status_code == 200
+
+
+def test_the_pages_are_in_the_ui_navigation_and_need_a_session(lake):
+    from privrec_pipeline.airflow_plugin.plugin import PrivrecPlugin
+
+    views = {v["name"]: v for v in PrivrecPlugin.external_views}
+    assert views["Privacy budget"]["href"] == "privrec/budget" and views["Models"]["href"] == "privrec/models"
+    assert {v["destination"] for v in views.values()} == {"nav"}
+    strict = mounted(create_app(lambda: lake))
+    assert strict.get("/privrec/budget").status_code == 401 and strict.get("/privrec/models").status_code == 401

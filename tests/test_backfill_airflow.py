@@ -446,6 +446,14 @@ def test_backfill_dialog_in_the_ui(backfilled, server):
         page.goto(server.base + report_url("quality", DAYS[-1], "index.html"))
         expect(page.locator("h1")).to_contain_text(f"Data quality, {DAYS[-1]}")
         page.screenshot(path=str(server.root / "quality-report.png"), full_page=True)
+        page.goto(server.base + "/privrec/budget")
+        expect(page.locator("h1")).to_contain_text("Privacy budget")
+        page.screenshot(path=str(server.root / "privacy-budget.png"), full_page=True)
+        page.goto(server.base + "/privrec/models")
+        page.get_by_text("LATEST").first.wait_for()
+        page.locator("td a").first.click()  # the published version's card
+        expect(page.locator("h1").first).to_contain_text("Model card")
+        page.screenshot(path=str(server.root / "model-card.png"), full_page=True)
         browser.close()
 
 
@@ -462,12 +470,12 @@ def test_reports_and_model_cards_are_served_by_the_api_server_behind_its_login(b
     from privrec_pipeline.models.publish import models_root
 
     day, run = DAYS[-1], backfilled[-1]["dag_run_id"]
-    links = server.api("GET", f"/dags/{DAG}/dagRuns/{quote(run)}/taskInstances/validate/links")
+    links = server.api("GET", f"/dags/{DAG}/dagRuns/{quote(run)}/taskInstances/validate/links")["extra_links"]
     assert links["Quality report"] == report_url("quality", day, "index.html")
     page = requests.get(server.base + links["Quality report"], headers=server.headers, timeout=30)
     assert page.status_code == 200 and day.isoformat() in page.text
     assert requests.get(server.base + links["Quality report"], timeout=30).status_code == 401  # no session
-    links = server.api("GET", f"/dags/{DAG}/dagRuns/{quote(run)}/taskInstances/dp_stats/links")
+    links = server.api("GET", f"/dags/{DAG}/dagRuns/{quote(run)}/taskInstances/dp_stats/links")["extra_links"]
     assert requests.get(server.base + links["DP statistics report"], headers=server.headers,
                         timeout=30).status_code == 200
     (version,) = [p.name for p in (models_root(server.lake) / "privrec-recommender").iterdir()
@@ -475,6 +483,16 @@ def test_reports_and_model_cards_are_served_by_the_api_server_behind_its_login(b
     card = requests.get(server.base + model_card_url("privrec-recommender", version), headers=server.headers,
                         timeout=30)
     assert card.status_code == 200 and f"Model card: privrec-recommender {version}" in card.text
+    # The Privacy budget page shows this run's training release; the Models page its version.
+    (training,) = [r for r in _ledger(server).releases() if r.release_key == "training"]
+    budget = requests.get(server.base + "/privrec/budget", headers=server.headers, timeout=60)
+    assert budget.status_code == 200 and f"<td class=n>{training.id}</td><td>training</td>" in budget.text
+    assert f"{training.epsilon:.4g}" in budget.text and "<svg" in budget.text
+    models = requests.get(server.base + "/privrec/models", headers=server.headers, timeout=60)
+    assert models.status_code == 200 and f"{version}</a> <b>LATEST</b>" in models.text
+    plugins = server.api("GET", "/plugins")["plugins"]
+    (privrec,) = [p for p in plugins if p["name"] == "privrec"]
+    assert {v["name"] for v in privrec["external_views"]} == {"Privacy budget", "Models"}
     for probe in (f"/privrec/reports/quality/{day}/..%2F..%2F..%2F..%2Fpasswords.json",
                   f"/privrec/reports/quality/{day}/%2e%2e/%2e%2e/%2e%2e/%2e%2e/passwords.json",
                   "/privrec/reports/quality/2026-02-30/index.html"):

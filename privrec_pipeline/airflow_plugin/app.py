@@ -6,7 +6,9 @@ Mounted by the Airflow plugin (``privrec_pipeline.airflow_plugin``) at ``/privre
 - ``/privrec/reports/quality/trend``: the quality trend page;
 - ``/privrec/reports/dp_stats/<day>``: a day's DP statistics report;
 - ``/privrec/reports/audits/<day>/<file>``: a day's on-demand audit results;
-- ``/privrec/models/<name>/<version>/card``: a published model's card.
+- ``/privrec/models/<name>/<version>/card``: a published model's card;
+- ``/privrec/budget`` and ``/privrec/models``: the Privacy budget and Models pages
+  (``pages``), in the UI's navigation as external views.
 
 Every file is read through the lake abstraction (``privrec_pipeline.lake``), so local and
 remote lakes serve alike. Every request needs an Airflow session (the UI's cookie or a
@@ -32,6 +34,7 @@ from fastapi.responses import HTMLResponse, Response
 from privrec_pipeline import lake as lk
 
 PREFIX = "/privrec"
+PREFIX_BASE = ""  # links between the pages: relative to the API server
 NIGHTLY_DAG = "privrec_nightly"
 MEDIA_TYPES = {".html": "text/html; charset=utf-8", ".css": "text/css", ".js": "text/javascript",
                ".json": "application/json", ".png": "image/png", ".svg": "image/svg+xml",
@@ -137,6 +140,22 @@ def create_app(lake: Callable[[], str] | None = None, reader: Callable[..., Any]
 
         text = _inside(models_root(lake_of()) / name / version, "model_card.md").read_text(encoding="utf-8")
         return HTMLResponse(card_page(f"Model card: {name} {version}", text),
+                            headers={"Cache-Control": "no-store"})
+
+    @app.get("/budget")
+    def budget() -> HTMLResponse:
+        from privrec_pipeline.airflow_plugin.pages import budget_page
+        from privrec_pipeline.privacy.ledger import open_ledger
+
+        today = dt.datetime.now(dt.UTC).date()
+        return HTMLResponse(budget_page(open_ledger(lake_of()), today), headers={"Cache-Control": "no-store"})
+
+    @app.get("/models")
+    def models() -> HTMLResponse:
+        from privrec_pipeline.airflow_plugin.pages import models_page
+        from privrec_pipeline.models.publish import models_root
+
+        return HTMLResponse(models_page(models_root(lake_of()), lambda n, v: model_card_url(n, v, PREFIX_BASE)),
                             headers={"Cache-Control": "no-store"})
 
     return app

@@ -14,3 +14,10 @@ from privrec_pipeline.airflow_plugin.app import PREFIX, create_app
 class PrivrecPlugin(AirflowPlugin):
     name = "privrec"
     fastapi_apps: ClassVar[list] = [{"app": create_app(), "url_prefix": PREFIX, "name": "privrec reports"}]
+    # In the UI's navigation, shown in an iframe of the UI (same origin: the session cookie goes along).
+    external_views: ClassVar[list] = [
+        {"name": "Privacy budget", "href": f"{PREFIX.lstrip('/')}/budget", "destination": "nav",
+         "url_route": "privacy-budget", "category": "browse"},
+        {"name": "Models", "href": f"{PREFIX.lstrip('/')}/models", "destination": "nav",
+         "url_route": "privrec-models", "category": "browse"},
+    ]
