@@ -28,6 +28,9 @@ def load_candidate(lake: str, day: dt.date) -> dict | None:
     return lk.read_json_if_exists(lk.path(lk.partition_uri(lake, "candidates", day)) / "model" / "training.json")
 
 
+GAIN_LABELS = {"dp_popularity": "DP popularity", "published": "the published model"}
+
+
 def budget_line(lake: str, day: dt.date) -> str | None:
     """Spent and remaining epsilon of the policy window ending at ``day``, from the ledger."""
     from privrec_pipeline.errors import PrivrecError
@@ -111,7 +114,7 @@ def print_run_summary(console: Console, lake: str, day: dt.date, log: Path | Non
             table.add_row(f"  DP popularity Recall@20{_popularity_bounds(lake, candidate['window'])}",
                           f"{popularity:.4f}{lift}")
             for name, gain in dp.get("gains", {}).items():
-                table.add_row(f"  DP gain over {name.replace('_', ' ')} (paired)",
+                table.add_row(f"  DP gain over {GAIN_LABELS.get(name, name)} (paired)",
                               f"{gain['mean']:+.4f}, lower bound {gain['lower']:+.4f} at confidence "
                               f"{dp['confidence']:g}")
             table.add_row("  exact Recall@20 (model / baseline)",
