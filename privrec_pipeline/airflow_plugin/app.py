@@ -34,7 +34,6 @@ from fastapi.responses import HTMLResponse, Response
 from privrec_pipeline import lake as lk
 
 PREFIX = "/privrec"
-PREFIX_BASE = ""  # links between the pages: relative to the API server
 NIGHTLY_DAG = "privrec_nightly"
 MEDIA_TYPES = {".html": "text/html; charset=utf-8", ".css": "text/css", ".js": "text/javascript",
                ".json": "application/json", ".png": "image/png", ".svg": "image/svg+xml",
@@ -155,7 +154,7 @@ def create_app(lake: Callable[[], str] | None = None, reader: Callable[..., Any]
         from privrec_pipeline.airflow_plugin.pages import models_page
         from privrec_pipeline.models.publish import models_root
 
-        return HTMLResponse(models_page(models_root(lake_of()), lambda n, v: model_card_url(n, v, PREFIX_BASE)),
+        return HTMLResponse(models_page(models_root(lake_of()), model_card_url),
                             headers={"Cache-Control": "no-store"})
 
     return app
