@@ -8,7 +8,7 @@ DEMO_DATE ?= 2026-01-15
 
 .PHONY: setup demo test bench mutants airflow lint clean-lake
 
-$(STAMP): pyproject.toml constraints.txt scripts/setup.sh
+$(STAMP): pyproject.toml constraints.txt scripts/setup.sh privrec_pipeline/airflow_plugin/assets/package-lock.json
 	@bash scripts/setup.sh
 
 setup: $(STAMP)

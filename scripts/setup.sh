@@ -48,6 +48,22 @@ client = md.version("pyspark-client")
 if pyspark.__version__ != md.version("pyspark") or client != md.version("pyspark"):
     raise SystemExit(f"pyspark {md.version('pyspark')} and pyspark-client {client} differ; reinstall with constraints.txt")
 PY
+# The Data Docs' scripts, styles and fonts, served by the Airflow plugin instead of CDNs (exact
+# versions and integrity hashes in package-lock.json). Needs npm (Node.js); under CI=true its
+# absence is a failure, elsewhere the reports then load those files from the CDNs.
+assets=privrec_pipeline/airflow_plugin/assets
+if command -v npm >/dev/null 2>&1; then
+  if [ ! -f "$assets/node_modules/.package-lock.json" ] || ! cmp -s "$assets/package-lock.json" "$assets/node_modules/.privrec-lock"; then
+    echo "Installing the report assets (npm ci in $assets; log: $log)"
+    if ! (cd "$assets" && npm ci --no-audit --no-fund) >>"$log" 2>&1; then
+      tail -20 "$log" >&2; echo "npm ci failed in $assets; full log: $log" >&2; exit 1
+    fi
+    cp "$assets/package-lock.json" "$assets/node_modules/.privrec-lock"
+  fi
+else
+  echo "npm not found: the Airflow plugin will serve Data Docs that load their scripts from CDNs (install Node.js and npm, then rerun make setup)." >&2
+  if [ "${CI:-}" = "true" ]; then exit 1; fi
+fi
 # Headless Chromium for the browser checks of the reports and the Airflow UI (Playwright
 # drives the system browser; Playwright's own download needs a CDN). On a developer's
 # machine best effort (without it those tests skip and say why); under CI=true a failure.

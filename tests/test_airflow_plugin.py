@@ -10,6 +10,7 @@ import os
 import pytest
 from fastapi.testclient import TestClient
 
+from conftest import unavailable
 from privrec_pipeline import lake as lk
 from privrec_pipeline.airflow_plugin.app import (
     PREFIX,
@@ -171,3 +172,85 @@ def test_the_pages_are_in_the_ui_navigation_and_need_a_session(lake):
     assert {v["destination"] for v in views.values()} == {"nav"}
     strict = mounted(create_app(lambda: lake))
     assert strict.get("/privrec/budget").status_code == 401 and strict.get("/privrec/models").status_code == 401
+
+
+def _data_docs_templates() -> dict[str, str]:
+    """The installed Great Expectations' page templates: every CDN address its Data Docs load."""
+    from pathlib import Path
+
+    import great_expectations
+
+    folder = Path(great_expectations.__file__).parent / "render" / "view" / "templates"
+    return {p.name: p.read_text() for p in folder.glob("*.j2")}
+
+
+def test_data_docs_load_nothing_from_another_host_through_the_plugin(client):
+    """Every script, stylesheet and image address in the installed Data Docs templates is one
+    the plugin serves, byte-identical to the CDN's (their integrity hashes match)."""
+    import base64
+    import hashlib
+    import re
+
+    from privrec_pipeline.airflow_plugin import assets
+
+    if not assets.installed():
+        unavailable(f"the report assets are not installed in {assets.node_modules()} (make setup runs npm ci)")
+    templates = _data_docs_templates()
+    external = {u for t in templates.values() for u in assets.external_resources(t)}
+    assert len(external) >= 14  # the CDN addresses are found at all
+    to_assets = "../../../../assets/"  # a page at /privrec/reports/quality/<day>/data_docs/index.html
+    for name, text in templates.items():
+        rewritten = assets.rewrite_cdn(text, to_assets)
+        assert assets.external_resources(rewritten) == [], name
+        for tag in re.finditer(r"<(?:script|link|img)\b[^>]*>", rewritten):
+            url = re.search(r"""(?:src|href)=["']([^"'{]+)["']""", tag[0])
+            if url is None or not url[1].startswith(to_assets):
+                continue
+            response = client.get("/privrec/assets/" + url[1][len(to_assets):].split('"')[0])
+            assert response.status_code == 200, (name, url[1])
+            kind = response.headers["content-type"]
+            assert kind.startswith("text/css" if url[1].endswith(".css") else ("image/" if "<img" in tag[0]
+                                                                             else "text/javascript")), (url[1], kind)
+            integrity = re.search(r'integrity="sha384-([^"]+)"', tag[0])
+            if integrity:
+                assert base64.b64encode(hashlib.sha384(response.content).digest()).decode() == integrity[1]
+    # A stylesheet's fonts come along (Font Awesome's relative url(../webfonts/...)).
+    css = client.get("/privrec/assets/npm/@fortawesome/fontawesome-free/css/all.min.css").text
+    fonts = set(re.findall(r"url\(\.\./(webfonts/[^)?#]+)\)", css))
+    assert fonts and all(client.get(f"/privrec/assets/npm/@fortawesome/fontawesome-free/{f}").status_code == 200
+                         for f in fonts)
+    # The logo no longer carries the data context's id to Great Expectations' bucket.
+    assert assets.local_address(assets.GE_IMAGES + "logo-long.png?d=1234") == "ge/logo-long.png"
+
+
+def test_served_html_points_at_the_assets_relative_to_the_page(lake, client):
+    from privrec_pipeline.airflow_plugin import assets
+
+    if not assets.installed():
+        unavailable(f"the report assets are not installed in {assets.node_modules()} (make setup runs npm ci)")
+    quality = lk.partition(lake, "reports", DAY)
+    cdn = '<script src="https://code.jquery.com/jquery-3.7.1.min.js"></script><a href="https://example.org/">x</a>'
+    (quality / "data_docs" / "validations").mkdir(parents=True)
+    (quality / "data_docs" / "validations" / "page.html").write_text(cdn)
+    page = client.get(report_url("quality", DAY, "data_docs/validations/page.html")).text
+    # /privrec/reports/quality/<day>/data_docs/validations/ -> five folders up is /privrec/
+    assert '<script src="../../../../../assets/npm/jquery/dist/jquery.min.js">' in page
+    assert 'href="https://example.org/"' in page  # links to web sites stay links
+    assert client.get("/privrec/assets/npm/jquery/dist/jquery.min.js").text.startswith("/*! jQuery v3.7.1")
+    # A redirect keeps the day a folder of the URL, so the page's relative links resolve.
+    bare = client.get(report_url("quality", DAY), follow_redirects=False)
+    assert bare.status_code == 307 and bare.headers["location"] == "2026-01-15/index.html"
+
+
+@pytest.mark.parametrize("path", [
+    "/privrec/assets/npm/vega/package.json",  # not a served suffix
+    "/privrec/assets/npm/d3-array/dist/d3-array.min.js",  # installed, but not a package the Data Docs load
+    "/privrec/assets/npm/jquery/../../package-lock.json",
+    "/privrec/assets/npm/jquery/..%2F..%2Fpackage-lock.json",
+    "/privrec/assets/npm/@fortawesome%2F..%2Fjquery/dist/jquery.min.js",
+    "/privrec/assets/npm/",
+    "/privrec/assets/ge/..%2F..%2F__init__.py",
+    "/privrec/assets/ge/nothing.png",
+])
+def test_only_the_data_docs_assets_are_served(client, path):
+    assert client.get(path).status_code == 404, path

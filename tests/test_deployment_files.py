@@ -60,5 +60,8 @@ def test_the_shared_settings_match_the_tested_deployment():
 def test_the_image_is_the_official_airflow_image_of_the_pinned_version():
     pinned = next(line.split("==")[1] for line in (DOCKER.parent / "constraints.txt").read_text().splitlines()
                   if line.startswith("apache-airflow=="))
-    base = re.search(r"^FROM (\S+)", (DOCKER / "Dockerfile").read_text(), re.MULTILINE).group(1)
+    dockerfile = (DOCKER / "Dockerfile").read_text()
+    base = re.findall(r"^FROM (\S+)", dockerfile, re.MULTILINE)[-1]  # the final stage is the image
     assert base.startswith(f"apache/airflow:{pinned}-python3.11"), base
+    # The report assets come from the lock file the development machines install from.
+    assert "npm ci" in dockerfile and "package-lock.json" in dockerfile

@@ -363,6 +363,61 @@ def test_trend_report_renders_for_several_days(spark, tmp_path, keyring):
     assert (tmp_path / "trend.png").stat().st_size > 20_000
 
 
+def test_data_docs_work_offline_through_the_airflow_plugin(spark, day_lake, tmp_path):
+    """The Data Docs as the Airflow plugin serves them, in Chromium with every request to
+    another host refused: nothing is asked of another host, nothing fails, and the scripts
+    (jQuery, bootstrap-table, Vega) and Font Awesome's font are there."""
+    import socket
+    import threading
+
+    import uvicorn
+    from fastapi import FastAPI
+    from playwright.sync_api import sync_playwright
+
+    from privrec_pipeline.airflow_plugin import assets
+    from privrec_pipeline.airflow_plugin.app import PREFIX, create_app, report_url
+    from privrec_pipeline.browser import chromium_path
+
+    assert _validate(spark, day_lake).gate == "passed"
+    if not assets.installed():
+        unavailable(f"the report assets are not installed in {assets.node_modules()} (make setup runs npm ci)")
+    if chromium_path() is None:
+        unavailable("Chromium not installed (make setup installs it where apt-get is available)")
+    server = FastAPI()
+    server.mount(PREFIX, create_app(lambda: str(day_lake), reader=lambda: None))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()  # connections queue until the server accepts them: no start-up wait
+    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    uv = uvicorn.Server(uvicorn.Config(server, log_level="warning"))
+    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    report = lk.path(lk.partition_uri(str(day_lake), "reports", DAY))
+    validation = next((report / "data_docs" / "validations").rglob("*.html")).relative_to(report).as_posix()
+    outside, failed, errors = [], [], []
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium_path(), args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            page.route("**/*", lambda route: route.continue_() if route.request.url.startswith(base)
+                       else (outside.append(route.request.url), route.abort()))
+            page.on("requestfailed", lambda r: failed.append(r.url))
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            for name, file in (("data-docs-index", "data_docs/index.html"), ("data-docs-validation", validation)):
+                page.goto(base + report_url("quality", DAY, file), wait_until="networkidle")
+                assert page.evaluate("typeof jQuery.fn.bootstrapTable") == "function", name
+                assert page.evaluate("typeof vegaEmbed") == "function", name
+                assert page.evaluate("document.fonts.check('900 16px \"Font Awesome 6 Free\"')"), name
+                page.screenshot(path=str(tmp_path / f"{name}.png"), full_page=True)
+            page.goto(base + report_url("quality", DAY, "data_docs/index.html"), wait_until="networkidle")
+            assert page.locator(".bootstrap-table").count() >= 1  # the index's table was built by its script
+            browser.close()
+    finally:
+        uv.should_exit = True
+        thread.join(timeout=30)
+    assert outside == [] and failed == [] and errors == [], (outside, failed, errors)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--config-json", "{bad"], "--config-json is not JSON"),
     (["--config-json", "[1]"], "--config-json must be a JSON object"),

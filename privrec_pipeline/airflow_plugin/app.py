@@ -26,10 +26,11 @@ import datetime as dt
 import html
 import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException
-from fastapi.responses import HTMLResponse, Response
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from privrec_pipeline import lake as lk
 
@@ -64,18 +65,16 @@ def _day(value: str) -> dt.date:
         raise _NOT_FOUND from None
 
 
-def _inside(folder: lk.UPath, relative: str) -> lk.UPath:
-    """``folder/relative`` if every segment is a plain name with a served suffix and the file
-    exists inside ``folder``; else 404."""
+def _inside(folder: lk.UPath, relative: str, types: dict[str, str] = MEDIA_TYPES) -> lk.UPath:
+    """``folder/relative`` if every segment is a plain name with a suffix of ``types`` and the
+    file exists inside ``folder``; else 404."""
     parts = relative.split("/")
     if not relative or not all(_SEGMENT.fullmatch(p) for p in parts) or any(".." in p for p in parts):
         raise _NOT_FOUND
     target = folder.joinpath(*parts)
-    if target.suffix.lower() not in MEDIA_TYPES:
+    if target.suffix.lower() not in types:
         raise _NOT_FOUND
     if lk.is_local(str(folder)):
-        from pathlib import Path
-
         root, resolved = Path(str(folder)).resolve(), Path(str(target)).resolve()
         if not resolved.is_relative_to(root):
             raise _NOT_FOUND
@@ -84,10 +83,26 @@ def _inside(folder: lk.UPath, relative: str) -> lk.UPath:
     return target
 
 
-def _file(folder: lk.UPath, relative: str) -> Response:
+def _file(folder: lk.UPath, relative: str, depth: int = 0) -> Response:
+    """A report file; an HTML page's CDN addresses point to the plugin's assets (``depth``: how
+    many folders below ``/privrec/`` the page's URL is)."""
+    from privrec_pipeline.airflow_plugin import assets
+
     target = _inside(folder, relative)
-    return Response(target.read_bytes(), media_type=MEDIA_TYPES[target.suffix.lower()],
+    body = target.read_bytes()
+    if target.suffix.lower() == ".html" and assets.installed():
+        to_assets = "../" * (depth + relative.count("/")) + "assets/"
+        body = assets.rewrite_cdn(body.decode("utf-8", errors="replace"), to_assets).encode("utf-8")
+    return Response(body, media_type=MEDIA_TYPES[target.suffix.lower()],
                     headers={"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"})
+
+
+def _asset(folder: Path, relative: str) -> Response:
+    from privrec_pipeline.airflow_plugin.assets import ASSET_TYPES
+
+    target = _inside(folder, relative, ASSET_TYPES)
+    return Response(target.read_bytes(), media_type=ASSET_TYPES[target.suffix.lower()],
+                    headers={"Cache-Control": "private, max-age=86400", "X-Content-Type-Options": "nosniff"})
 
 
 def require_reader() -> Callable[..., Any]:
@@ -111,25 +126,43 @@ def create_app(lake: Callable[[], str] | None = None, reader: Callable[..., Any]
 
     @app.get("/reports/quality/trend")
     def quality_trend() -> Response:
-        return _file(lk.path(lk.zone_uri(lake_of(), "reports")), "trend.html")
+        return _file(lk.path(lk.zone_uri(lake_of(), "reports")), "trend.html", depth=2)
 
     @app.get("/reports/quality/{day}")
     def quality_day(day: str) -> Response:
-        return quality_file(day, "index.html")
+        # The page's relative links need the day as a folder of the URL.
+        return RedirectResponse(f"{_day(day).isoformat()}/index.html", status_code=307)
 
     @app.get("/reports/quality/{day}/{file:path}")
     def quality_file(day: str, file: str) -> Response:
-        return _file(lk.partition(lake_of(), "reports", _day(day)), file)
+        return _file(lk.partition(lake_of(), "reports", _day(day)), file, depth=3)
 
     @app.get("/reports/dp_stats/{day}")
     def dp_stats(day: str) -> Response:
         from privrec_pipeline.dp_stats.release import REPORT_FILE
 
-        return _file(lk.partition(lake_of(), "dp_stats", _day(day)), REPORT_FILE)
+        return _file(lk.partition(lake_of(), "dp_stats", _day(day)), REPORT_FILE, depth=2)
 
     @app.get("/reports/audits/{day}/{file:path}")
     def audit_file(day: str, file: str) -> Response:
-        return _file(lk.partition(lake_of(), "audits", _day(day)), file)
+        return _file(lk.partition(lake_of(), "audits", _day(day)), file, depth=3)
+
+    @app.get("/assets/npm/{file:path}")
+    def npm_asset(file: str) -> Response:
+        from privrec_pipeline.airflow_plugin.assets import SERVED_PACKAGES, node_modules
+
+        parts = file.split("/")
+        size = 2 if file.startswith("@") else 1
+        package, rest = "/".join(parts[:size]), "/".join(parts[size:])
+        if package not in SERVED_PACKAGES:
+            raise _NOT_FOUND
+        return _asset(node_modules() / package, rest)
+
+    @app.get("/assets/ge/{file}")
+    def ge_asset(file: str) -> Response:
+        from privrec_pipeline.airflow_plugin.assets import ge_images
+
+        return _asset(ge_images(), file)
 
     @app.get("/models/{name}/{version}/card")
     def model_card(name: str, version: str) -> HTMLResponse:
