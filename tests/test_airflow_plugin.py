@@ -132,7 +132,15 @@ def test_the_privacy_budget_page_shows_each_release_and_what_remains(lake, clien
             run_id=f"scheduled__run{n}")
         ledger.commit(reservation.release.id, {"noisy": 123.456}, run_id=f"scheduled__run{n}")
     page = client.get("/privrec/budget")
-    assert page.status_code == 200 and "<svg" in page.text  # the spend chart, inline
+    assert page.status_code == 200 and page.text.count("<svg") == 2  # spend and releases charts, inline
+    # The window's spend changes when a release enters and when it leaves (window_days after
+    # its last day), nowhere in between.
+    from privrec_pipeline.airflow_plugin.pages import budget_spend
+
+    points = budget_spend(ledger, today)
+    expiry = today + dt.timedelta(days=ledger.policy.window_days)
+    assert [p[0] for p in points] == [today - dt.timedelta(days=1), today, expiry]
+    assert points[0][2] == pytest.approx(0.5) and points[1][2] == pytest.approx(1.75) and points[2][1:] == (0, 0)
     spend = ledger.spend_at(today)
     assert f"epsilon <b>{spend.epsilon:.3g}</b> spent of {ledger.policy.epsilon:g}" in page.text
     assert f"<b>{spend.remaining:.3g}</b> remaining" in page.text

@@ -39,7 +39,9 @@ def embedded(tmp_path_factory, key_document):
     })
     generate_day(GeneratorConfig(date=DAY, events=3000, users=200, items=100, seed=5, bad_rate=0.02),
                  env["PRIVREC_LAKE"])
+    started = dt.datetime.now(dt.UTC).replace(tzinfo=None)
     first = subprocess.run(RUN, env=env, capture_output=True, text=True, timeout=900)
+    first.wall_clock = (started, dt.datetime.now(dt.UTC).replace(tzinfo=None))
     return root, env, first
 
 
@@ -168,6 +170,22 @@ def test_exact_training_and_evaluation_numbers_never_reach_logs_or_the_airflow_d
     # The metadata database (XCom, rendered fields, task instances) and the run's task log.
     assert "airflow.db" in scanned and any(name.endswith(".log") for name in scanned), scanned
     assert not any(v in first.stdout + first.stderr for v in distinctive)
+
+
+def test_the_run_shows_its_data_day_and_its_true_start_in_airflow(embedded):
+    """``airflow dags test`` records the logical date (here 1999) as the run's start; the
+    plugin's listener replaces it by the first task's start and notes the data day."""
+    import sqlite3
+
+    root, _, first = embedded
+    db = sqlite3.connect(root / "airflow" / "airflow.db")
+    start, end, note = db.execute(
+        "SELECT d.start_date, d.end_date, n.content FROM dag_run d LEFT JOIN dag_run_note n ON n.dag_run_id = d.id "
+        "WHERE d.dag_id = 'privrec_nightly'").fetchone()
+    assert note == f"data day {DAY}"
+    began, ended = first.wall_clock
+    start, end = dt.datetime.fromisoformat(start), dt.datetime.fromisoformat(end)
+    assert began <= start <= end <= ended, (began, start, end, ended)
 
 
 def test_rerun_changes_no_output(embedded):

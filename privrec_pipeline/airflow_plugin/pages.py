@@ -28,24 +28,73 @@ def _e(value: Any) -> str:
 
 
 def budget_spend(ledger: Any, today: dt.date) -> list[tuple[dt.date, float, float]]:
-    """(day, spent epsilon, basic epsilon) of the policy window ending on each day a release
-    touches, and today (tight composition, as the ledger checks the cap)."""
-    days = sorted({r.window_end for r in ledger.releases() if r.state in ("reserved", "committed")} | {today})
+    """(day, spent epsilon, basic epsilon) of the policy window ending on each day the spend
+    changes, and today (tight composition, as the ledger checks the cap). A release counts in
+    every window its data window overlaps: from its first day until ``window_days`` after its
+    last, so the spend changes on those days only."""
+    width = dt.timedelta(days=ledger.policy.window_days)
+    live = [r for r in ledger.releases() if r.state in ("reserved", "committed")]
+    days = sorted({d for r in live for d in (r.window_start, r.window_end, r.window_end + width)} | {today})
     return [(d, (s := ledger.spend_at(d)).epsilon, s.basic_epsilon) for d in days]
 
 
+def release_kind(key: str) -> str:
+    """``evaluation-r3`` -> ``evaluation``: what a release is, for the chart's colours."""
+    return key.split("-")[0]
+
+
 def budget_chart(points: list[tuple[dt.date, float, float]], cap: float) -> str:
-    from privrec_pipeline.charts import PALETTE, pyplot, to_svg
+    """The spend of the rolling window ending on each day, against the cap (a step line)."""
+    from privrec_pipeline.charts import PALETTE, pyplot
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 3.2))
     days = [p[0] for p in points]
-    ax.step(days, [p[1] for p in points], where="post", color=PALETTE[0], label="spent (tight, PLD)")
+    tight = [p[1] for p in points]
+    ax.fill_between(days, tight, step="post", color=PALETTE[0], alpha=0.25)
+    ax.step(days, tight, where="post", color=PALETTE[0], label="spent (tight, PLD)")
     ax.step(days, [p[2] for p in points], where="post", color=PALETTE[1], linestyle=":", label="basic composition")
     ax.axhline(cap, color=PALETTE[2], linestyle="--", label=f"cap {cap:g}")
-    ax.set_ylabel("epsilon in the window ending that day")
+    ax.set_ylabel("epsilon, window ending that day")
     ax.set_ylim(0, max(cap, *(p[2] for p in points)) * 1.1)
-    ax.legend(loc="upper left", frameon=False)
+    return _finish(fig, ax, days)
+
+
+def releases_chart(releases: list[Any]) -> str:
+    """Epsilon of each data day's releases, stacked by kind (DP statistics, training, ...)."""
+    from privrec_pipeline.charts import PALETTE, pyplot
+
+    live = [r for r in releases if r.state in ("reserved", "committed")]
+    kinds = sorted({release_kind(r.release_key) for r in live})
+    days = sorted({r.window_end for r in live})
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(9, 3.2))
+    bottom = [0.0] * len(days)
+    for n, kind in enumerate(kinds):
+        heights = [sum(r.epsilon for r in live if r.window_end == d and release_kind(r.release_key) == kind)
+                   for d in days]
+        ax.bar(days, heights, bottom=bottom, width=0.8, color=PALETTE[n % len(PALETTE)], label=kind)
+        bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
+    ax.set_ylabel("epsilon released (basic)")
+    ax.set_xlabel("last day of the release's data window")
+    ax.set_ylim(0, max(bottom) * 1.1)
+    return _finish(fig, ax, days)
+
+
+def _finish(fig: Any, ax: Any, days: list[dt.date]) -> str:
+    """Legend above the plot, whole days on the time axis (at least a week shown), as SVG."""
+    from matplotlib import dates as mdates
+
+    from privrec_pipeline.charts import to_svg
+
+    first, last = min(days), max(days)
+    pad = max(dt.timedelta(days=1), (dt.timedelta(days=7) - (last - first)) / 2)
+    ax.set_xlim(first - pad, last + pad)
+    locator = mdates.AutoDateLocator(minticks=3, maxticks=10)
+    locator.intervald[mdates.HOURLY] = [24]  # never ticks between days
+    ax.xaxis.set_major_locator(locator)
+    ax.xaxis.set_major_formatter(mdates.DateFormatter("%Y-%m-%d"))
+    ax.legend(loc="lower left", bbox_to_anchor=(0, 1.0), frameon=False, ncols=6)
     ax.spines[["top", "right"]].set_visible(False)
     fig.autofmt_xdate()
     fig.tight_layout()
@@ -68,7 +117,9 @@ def budget_page(ledger: Any, today: dt.date) -> str:
             f"{policy.epsilon:g}, <b{' class=warn' if left < 0.1 * policy.epsilon else ''}>{left:.3g}</b> "
             f"remaining (delta cap {policy.delta:g}, {policy.window_days}-day rolling windows, tight composition "
             f"by PLD; {len(now.releases)} releases in this window)</p>"
-            + (budget_chart(points, policy.epsilon) if points else "")
+            + f"<section class=chart>{budget_chart(points, policy.epsilon)}</section>"
+            + (f"<h2>Releases by data day</h2><section class=chart>{releases_chart(releases)}</section>"
+               if any(r.state in ("reserved", "committed") for r in releases) else "")
             + "<h2>Rolling windows</h2><table><tr><th>window</th><th>epsilon spent</th><th>remaining</th></tr>"
             + windows + "</table><h2>Releases</h2><table><tr><th>id</th><th>release</th><th>data window</th>"
               "<th>epsilon</th><th>delta</th><th>state</th><th>run</th></tr>" + rows + "</table>")

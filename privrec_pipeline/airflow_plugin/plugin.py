@@ -8,11 +8,13 @@ from typing import ClassVar
 
 from airflow.plugins_manager import AirflowPlugin
 
+from privrec_pipeline.airflow_plugin import listener
 from privrec_pipeline.airflow_plugin.app import PREFIX, create_app
 
 
 class PrivrecPlugin(AirflowPlugin):
     name = "privrec"
+    listeners: ClassVar[list] = [listener]  # each nightly run's note names its data day
     fastapi_apps: ClassVar[list] = [{"app": create_app(), "url_prefix": PREFIX, "name": "privrec reports"}]
     # In the UI's navigation, shown in an iframe of the UI (same origin: the session cookie goes along).
     external_views: ClassVar[list] = [
