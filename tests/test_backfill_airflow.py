@@ -271,6 +271,8 @@ def _ledger(server: Server):
 def test_backfill_runs_each_day_once_in_order(backfilled):
     assert [(_day_of(r), r["run_type"], r["state"]) for r in backfilled] == [
         (day, "backfill", "success") for day in DAYS]
+    # The plugin's listener noted each run's data day when the scheduler started it.
+    assert [r["note"] for r in backfilled] == [f"data day {day}" for day in DAYS]
     for before, after in itertools.pairwise(backfilled):
         assert _time(after["start_date"]) >= _time(before["end_date"])  # max_active_runs=1: one day after the other
 
@@ -440,19 +442,35 @@ def test_backfill_dialog_in_the_ui(backfilled, server):
         expect_text(page, "No runs matching selected criteria.")
         page.get_by_text("All Runs", exact=True).click()
         expect_text(page, "2 runs will be triggered.")
-        # The logged-in browser follows the validate task's link to the day's quality page.
-        from privrec_pipeline.airflow_plugin.app import report_url
-
-        page.goto(server.base + report_url("quality", DAYS[-1], "index.html"))
-        expect(page.locator("h1")).to_contain_text(f"Data quality, {DAYS[-1]}")
+        # A finished run: its data day in the note; from its validate task the extra link
+        # "Quality report" to the day's page, and on to a Data Docs page.
+        day, run = DAYS[-1], backfilled[-1]["dag_run_id"]
+        page.goto(f"{server.base}/dags/{DAG}/runs/{quote(run)}")
+        expect(page.get_by_text(f"data day {day}")).to_be_visible()
+        page.screenshot(path=str(server.root / "run.png"))
+        page.goto(f"{server.base}/dags/{DAG}/runs/{quote(run)}/tasks/validate/details")
+        page.get_by_role("link", name="Quality report").click()
+        expect(page.locator("h1")).to_contain_text(f"Data quality, {day}")
         page.screenshot(path=str(server.root / "quality-report.png"), full_page=True)
-        page.goto(server.base + "/privrec/budget")
-        expect(page.locator("h1")).to_contain_text("Privacy budget")
+        page.get_by_role("link", name="silver").first.click()
+        page.wait_for_load_state("networkidle")
+        assert "/data_docs/validations/silver/" in page.url
+        assert page.evaluate("typeof jQuery.fn.bootstrapTable") == "function"  # the plugin's copy, not a CDN's
+        page.screenshot(path=str(server.root / "data-docs.png"), full_page=True)
+        # The Privacy budget page in the UI's navigation shows this run's training release.
+        (training,) = [r for r in _ledger(server).releases() if r.release_key == "training"]
+        page.goto(f"{server.base}/plugin/privacy-budget")
+        budget = page.frame_locator("iframe")
+        expect(budget.locator("h1")).to_contain_text("Privacy budget", timeout=60000)  # charts drawn on request
+        row = budget.locator("tr", has_text=run).filter(has_text="training")
+        expect(row).to_contain_text(f"{training.epsilon:.4g}")
         page.screenshot(path=str(server.root / "privacy-budget.png"), full_page=True)
-        page.goto(server.base + "/privrec/models")
-        page.get_by_text("LATEST").first.wait_for()
-        page.locator("td a").first.click()  # the published version's card
-        expect(page.locator("h1").first).to_contain_text("Model card")
+        # The Models page, and from it the published version's card.
+        page.goto(f"{server.base}/plugin/privrec-models")
+        models = page.frame_locator("iframe")
+        models.get_by_text("LATEST").first.wait_for(timeout=60000)
+        models.locator("td a").first.click()
+        expect(models.locator("h1").first).to_contain_text("Model card")
         page.screenshot(path=str(server.root / "model-card.png"), full_page=True)
         browser.close()
 
