@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -24,6 +25,8 @@ from privrec_pipeline.transforms.pseudonymize import to_silver
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
+
+log = logging.getLogger(__name__)
 
 BROADCAST_MAX_IDS = 2_000_000  # duplicated event ids up to this many are broadcast (~100 MB)
 LANDING_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".ndjson", ".ndjson.gz")
@@ -99,6 +102,12 @@ def run_collect(spark: "SparkSession", lake: str, day: dt.date, keys: KeyRing, *
     if catalog is not None and unknown_items == "quarantine":
         catalog_items = spark.createDataFrame(read_items(catalog).select(["item_id"]).to_pandas())
     classified = tc.classify_landing(lines, interval.start, interval.end, catalog_items)
+    from privrec_pipeline.erasure.collect_filter import ERASED, flag_erased
+    from privrec_pipeline.erasure.requests import open_register
+
+    erasures = open_register(lake).fingerprints()
+    if erasures:
+        classified = flag_erased(spark, classified, keys, erasures)
 
     version = keys.encryption.version
     bronze_uri = lk.partition_uri(lake, "bronze", day)
@@ -107,13 +116,23 @@ def run_collect(spark: "SparkSession", lake: str, day: dt.date, keys: KeyRing, *
     collected_stage = f"{bronze_stage}-collected"
     try:
         # The one pass over the landing files: parse, classify, encrypt, generalize.
-        _write(tc.to_collected(classified, key_frame(spark, keys), version), collected_stage)
+        stored = tc.to_collected(classified, key_frame(spark, keys), version)
+        if erasures:  # an erased user's record is only counted: every other column is null
+            stored = stored.select(*[F.when(~F.col(ERASED), F.col(c)).alias(c) for c in stored.columns
+                                     if c != ERASED], ERASED)
+        _write(stored, collected_stage)
         # Everything else reads that parquet back: a few columns, no JSON.
         collected = spark.read.parquet(*[f.uri for f in fs.list_files(collected_stage)
                                          if f.uri.endswith(".parquet")])
         landing_records = collected.count()
         if landing_records == 0 and not allow_empty:
             raise _no_landing(day, landing, f"is empty (0 records in {len(files)} files)")
+        erased = 0
+        if erasures:
+            erased = collected.where(F.col(ERASED)).count()
+            collected = collected.where(~F.col(ERASED))
+            if erased:
+                log.warning("collect %s: dropped %d landing records of users who asked to be erased", day, erased)
         valid = collected.where(F.col("reason").isNull()).select(*tc.BRONZE_COLUMNS)
         dup_ids = tc.duplicate_ids(valid.select("event_id")).persist()
         small = dup_ids.count() <= BROADCAST_MAX_IDS
@@ -132,7 +151,7 @@ def run_collect(spark: "SparkSession", lake: str, day: dt.date, keys: KeyRing, *
             landing_files=[{"uri": f.uri, "bytes": f.size} for f in files],
             landing_records=landing_records, bronze_records=bronze_records,
             quarantined={r: by_reason.get(r, 0) for r in QUARANTINE_REASONS},
-            duplicates=duplicates, encryption_key_version=version,
+            duplicates=duplicates, erased=erased, encryption_key_version=version,
             encryption_key_fingerprint=keys.encryption.fingerprint,
             bronze_uri=bronze_uri, quarantine_uri=quarantine_uri, allow_empty=allow_empty,
             unknown_items=unknown_items if catalog is not None else "keep",

@@ -1,7 +1,8 @@
 """Per-run manifests: the record accounting of each step, written next to the data.
 
-The collect manifest must balance: every landing record is in bronze, in quarantine, or
-counted as a duplicate. A step that cannot balance fails instead of writing a manifest.
+The collect manifest must balance: every landing record is in bronze, in quarantine,
+counted as a duplicate, or counted as erased (a record of a user who asked to be forgotten:
+dropped by collect, or removed later by the erasure task). A step that cannot balance fails instead of writing a manifest.
 
 The collect and pseudonymize manifests record the key's version *and* fingerprint
 (``secrets.key_fingerprint``): labels are not unique (every ``privrec keys init`` calls its
@@ -39,6 +40,7 @@ class CollectManifest:
     encryption_key_fingerprint: str = ""  # always set by run_collect (older manifests lack it)
     unknown_items: str = "keep"  # what collect did with items outside the catalog (keep | quarantine)
     catalog: dict[str, Any] | None = None  # the catalog snapshot checked against (day, sha256), if any
+    erased: int = 0  # records of erased users (``privrec_pipeline.erasure``)
     step: str = "collect"
 
     @property
@@ -46,13 +48,13 @@ class CollectManifest:
         return sum(self.quarantined.values())
 
     def check_balance(self) -> None:
-        """landing = bronze + quarantined + duplicates, or raise (records would be lost)."""
-        accounted = self.bronze_records + self.quarantined_total + self.duplicates
+        """landing = bronze + quarantined + duplicates + erased, or raise (records would be lost)."""
+        accounted = self.bronze_records + self.quarantined_total + self.duplicates + self.erased
         if accounted != self.landing_records:
             raise ManifestMismatchError(
                 f"collect {self.date}: {self.landing_records} landing records but bronze "
                 f"{self.bronze_records} + quarantined {self.quarantined_total} + duplicates "
-                f"{self.duplicates} = {accounted}; refusing to commit the run"
+                f"{self.duplicates} + erased {self.erased} = {accounted}; refusing to commit the run"
             )
 
     def to_json(self) -> str:

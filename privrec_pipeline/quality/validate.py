@@ -133,7 +133,9 @@ def collect_frame(collect: dict, bronze_read: int, silver_read: int, outside_cat
         "bronze_records": int(collect["bronze_records"]),
         "quarantined": quarantined,
         "duplicates": int(collect["duplicates"]),
-        "accounted_records": int(collect["bronze_records"]) + quarantined + int(collect["duplicates"]),
+        # Records of users who asked to be erased count as accounted for (``erasure``).
+        "accounted_records": int(collect["bronze_records"]) + quarantined + int(collect["duplicates"])
+        + int(collect.get("erased", 0)),
         "quarantine_rate": quarantined / landing if landing else 0.0,
         "bronze_records_read": bronze_read,
         "silver_records_read": silver_read,

@@ -311,4 +311,5 @@ def to_collected(classified: "DataFrame", keys: "DataFrame", key_version: str) -
         crypto.encrypt(F.col("value"), RAW_RECORD_CONTEXT, *enc, context_suffix=_raw_record_suffix())
         .alias("raw_record_enc"),
         F.col("enc_version").alias("enc_key_version"),
+        *[c for c in ("_erased",) if c in classified.columns],  # erasure.collect_filter's flag
     )

@@ -1,0 +1,1 @@
+"""Right to erasure: requests (``requests``), removal of a user's rows from every zone (``apply``)."""

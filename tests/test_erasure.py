@@ -1,0 +1,247 @@
+"""Right to erasure: a user erased from a generated two-day lake is in no file of any zone
+afterwards (raw id, email, pseudonyms; encrypted columns decrypted and searched too), the
+manifests still balance and pass the quality gate, a rerun of an old day keeps the user out,
+and bad requests get clear messages."""
+
+from __future__ import annotations
+
+import datetime as dt
+import gzip
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from conftest import DAY
+from privrec_pipeline import lake as lk
+from privrec_pipeline.crypto import reference_decrypt, reference_pseudonym
+from privrec_pipeline.erasure.apply import process_pending
+from privrec_pipeline.erasure.requests import (
+    COMPLETED,
+    PENDING,
+    ErasureRegister,
+    open_register,
+    read_id_file,
+)
+from privrec_pipeline.errors import ConfigurationError
+from privrec_pipeline.ingest import run_collect, run_pseudonymize
+from privrec_pipeline.sources.synthetic import GeneratorConfig, generate_day
+from privrec_pipeline.transforms.collect import raw_record_aad
+
+pytestmark = pytest.mark.spark
+DAYS = [DAY, DAY + dt.timedelta(days=1)]
+
+
+def landing_records(lake: str, day: dt.date) -> list[bytes]:
+    lines = []
+    for f in lk.files(lk.partition(lake, "landing", day)):
+        if ".jsonl" in f.name:
+            data = f.read_bytes()
+            lines += (gzip.decompress(data) if f.name.endswith(".gz") else data).splitlines()
+    return lines
+
+
+def user_of(line: bytes) -> str | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    user = record.get("user_id") if isinstance(record, dict) else None
+    return user if isinstance(user, str) else None
+
+
+@pytest.fixture(scope="module")
+def two_days(spark, tmp_path_factory, keyring):
+    """Two generated days through collect and pseudonymize, plus a training shard and a
+    serving partition holding the user to erase: the busiest user with a quarantined line."""
+    root = str(tmp_path_factory.mktemp("erasure") / "lake")
+    for day in DAYS:
+        generate_day(GeneratorConfig(date=day, events=1500, users=40, items=50, seed=3, bad_rate=0.05), root)
+        run_collect(spark, root, day, keyring)
+        run_pseudonymize(spark, root, day, keyring)
+    lines = [line for day in DAYS for line in landing_records(root, day)]
+    counts = Counter(user_of(line) for line in lines if user_of(line))
+    bad_users = {user_of(line) for line in lines if user_of(line) and (b'"bad' in line)}
+    victim = max((u for u in counts if u in bad_users), key=counts.__getitem__)
+    email = next(json.loads(line)["email"] for line in lines if user_of(line) == victim and b'"email"' in line)
+    pseudonym = reference_pseudonym(keyring.pseudonym.material, "user", victim)
+    other = next(u for u in counts if u != victim)
+    _per_user_outputs(root, pseudonym, reference_pseudonym(keyring.pseudonym.material, "user", other))
+    backup = Path(str(tmp_path_factory.mktemp("backup"))) / "landing"
+    shutil.copytree(lk.zone_uri(root, "landing"), backup)
+    return root, victim, email, pseudonym, backup
+
+
+def _per_user_outputs(root: str, victim: str, other: str) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    training = lk.partition(root, "training", DAYS[-1])
+    for sub, rows in (("partition=0", [victim, victim, other]), ("holdout", [victim, other])):
+        (training / sub).mkdir(parents=True)
+        table = {"user_pseudonym": rows, "item_index": list(range(len(rows)))}
+        if sub == "holdout":
+            table["trained"] = [True] * len(rows)
+        pq.write_table(pa.table(table), training / sub / "part-00000.snappy.parquet")
+    (training / "vocabulary").mkdir()
+    pq.write_table(pa.table({"item_id": ["a"], "item_index": [0]}), training / "vocabulary" / "part-0.parquet")
+    lk.Lake(root).write_manifest(lk.manifest_uri(root, "build_partitions", DAYS[-1]), json.dumps(
+        {"partitions": {"0": {"users": 2, "items": 3}}, "holdout": {"held_out_users": 0,
+                                                                  "evaluated_training_users": 2}}))
+    serving = lk.partition(root, "serving", DAYS[-1])
+    serving.mkdir(parents=True)
+    pq.write_table(pa.table({"key": [victim, other], "rank": [1, 1], "item_id": ["a", "b"]}),
+                   serving / "v1.parquet")
+
+
+def traces(root: str, keyring, needles: list[str]) -> list[str]:
+    """Every file of the lake, read as a person would: gzip opened, every Parquet value, the
+    encrypted identifiers and raw lines decrypted; where any needle occurs."""
+    import pyarrow.parquet as pq
+
+    found = []
+    for f in sorted(Path(root).rglob("*")):
+        if not f.is_file() or f.name.endswith(".db"):
+            continue
+        texts = []
+        if f.suffix == ".parquet":
+            table = pq.read_table(f)
+            texts.append(json.dumps(table.drop_columns([c for c in table.column_names if c.endswith("_enc")])
+                                    .to_pylist(), default=str))
+            rows = table.to_pylist()
+            for row in rows:
+                if row.get("identifiers_enc"):
+                    key = keyring.encryption_versions[row["enc_key_version"]].material
+                    texts.append(reference_decrypt(key, row["identifiers_enc"],
+                                                   f"identifiers|{row['event_id']}".encode()).decode("utf-8", "replace"))
+                if row.get("raw_record_enc"):
+                    key = keyring.encryption_versions[row["enc_key_version"]].material
+                    texts.append(reference_decrypt(key, row["raw_record_enc"], raw_record_aad(
+                        row["source_file"], row["record_position"])).decode("utf-8", "replace"))
+        else:
+            data = f.read_bytes()
+            texts.append((gzip.decompress(data) if f.suffix == ".gz" else data).decode("utf-8", "replace"))
+        found += [f"{f.relative_to(root)}: {n}" for n in needles if any(n in t for t in texts)]
+    return found
+
+
+def test_an_erased_user_is_in_no_file_and_the_manifests_balance(two_days, keyring, spark):
+    from privrec_pipeline.quality.config import QualityConfig
+    from privrec_pipeline.quality.validate import run_validate
+
+    root, victim, email, pseudonym, _ = two_days
+    needles = [victim, email, pseudonym]
+    assert len(traces(root, keyring, needles)) >= 8  # landing, bronze, quarantine, silver, training, serving
+    before = {d: json.loads(lk.path(lk.manifest_uri(root, "collect", d)).read_text()) for d in DAYS}
+    register = open_register(root)
+    recorded = register.record(keyring, [victim])
+    (done,) = process_pending(root, keyring, register)
+    assert traces(root, keyring, needles) == []
+    assert set(done.erased) >= {"landing", "bronze", "quarantine", "silver", "training", "serving"}
+    # The request keeps its fingerprint and counts, not the id.
+    (request,) = register.requests()
+    assert request.id == recorded.new[0].id and request.state == COMPLETED
+    assert request.erased["total"] == sum(done.erased.values())
+    with register.engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT user_id_enc FROM erasure_requests").scalar() is None
+    for day in DAYS:
+        doc = json.loads(lk.path(lk.manifest_uri(root, "collect", day)).read_text())
+        assert doc["landing_records"] == before[day]["landing_records"]
+        assert doc["landing_records"] == (doc["bronze_records"] + sum(doc["quarantined"].values())
+                                          + doc["duplicates"] + doc["erased"])
+        assert doc["erased"] > 0 and doc["bronze_records"] < before[day]["bronze_records"]
+        bronze = spark.read.parquet(lk.partition_uri(root, "bronze", day))
+        assert bronze.count() == doc["bronze_records"] and bronze.where(bronze.user_id == victim).count() == 0
+        pseudo = json.loads(lk.path(lk.manifest_uri(root, "pseudonymize", day)).read_text())
+        assert pseudo["bronze_records"] == pseudo["silver_records"] == doc["bronze_records"]
+        # The quality gate's record accounting holds on the rewritten partitions (read by Spark).
+        assert run_validate(spark, root, day, QualityConfig(quarantine_rate_max=0.5)).gate == "passed"
+    partitions = json.loads(lk.path(lk.manifest_uri(root, "build_partitions", DAYS[-1])).read_text())
+    assert partitions["partitions"]["0"] == {"users": 1, "items": 1}
+    # Processing again finds nothing to do.
+    assert process_pending(root, keyring, register) == []
+
+
+def test_a_rerun_of_an_old_day_keeps_the_erased_user_out(two_days, keyring, spark):
+    """Landing restored from a backup still holds the user's lines: collect drops them, counts
+    them as erased and the day balances."""
+    root, victim, email, pseudonym, backup = two_days
+    register = open_register(root)
+    if not register.requests():
+        register.record(keyring, [victim])
+        process_pending(root, keyring, register)
+    restored = lk.partition(root, "landing", DAYS[0])
+    shutil.rmtree(restored)
+    shutil.copytree(backup / restored.name, restored)
+    theirs = sum(1 for line in landing_records(root, DAYS[0]) if user_of(line) == victim)
+    assert theirs > 0
+    manifest = run_collect(spark, root, DAYS[0], keyring)  # reads the register of the lake's ledger database
+    run_pseudonymize(spark, root, DAYS[0], keyring)
+    assert manifest.erased >= theirs  # and their duplicates' and malformed lines' copies
+    manifest.check_balance()
+    leftovers = [t for t in traces(root, keyring, [victim, email, pseudonym]) if not t.startswith("landing")]
+    assert leftovers == []
+
+
+def test_an_unknown_user_is_completed_with_nothing_found(tmp_path, keyring):
+    register = ErasureRegister(f"sqlite:///{tmp_path}/erasure.db")
+    register.record(keyring, ["usr_nobody_here"])
+    (done,) = process_pending(str(tmp_path / "lake"), keyring, register)
+    assert done.erased == {}
+    (request,) = register.requests()
+    assert request.state == COMPLETED and request.erased["total"] == 0
+
+
+def test_a_request_is_recorded_once_and_pending_until_processed(tmp_path, keyring):
+    register = ErasureRegister(f"sqlite:///{tmp_path}/erasure.db")
+    first = register.record(keyring, ["usr_a", "usr_b", "usr_a"])
+    assert len(first.new) == 2 and first.already == []
+    again = register.record(keyring, ["usr_b", "usr_c"])
+    assert [r.id for r in again.already] == [first.new[1].id] and len(again.new) == 1
+    assert [r.state for r in register.requests()] == [PENDING] * 3
+    assert sorted(u for _, u in register.pending_ids(keyring)) == ["usr_a", "usr_b", "usr_c"]
+    # Nothing of the ids in clear in the database file.
+    raw = (tmp_path / "erasure.db").read_bytes()
+    assert b"usr_a" not in raw and b"usr_c" not in raw
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"usr_1\n usr_2\n", "line 2: the user id has spaces at its start or end"),
+    (b"usr_1\nusr\x01x\n", "line 2: the user id contains a control character"),
+    (b"\xff\xfe\n", "not UTF-8 text"),
+    (b"# only a comment\n\n", "holds no user id"),
+    (("u" * 300 + "\n").encode(), "longer than 256 characters"),
+])
+def test_a_malformed_id_file_is_refused_with_the_line(tmp_path, content, message):
+    path = tmp_path / "ids.txt"
+    path.write_bytes(content)
+    with pytest.raises(ConfigurationError, match=message):
+        read_id_file(path)
+    assert read_id_file(_write(tmp_path / "ok.txt", b"# ids\nusr_1\n\nusr_2\n")) == ["usr_1", "usr_2"]
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def test_gzip_landing_lines_are_matched_by_parsed_user_not_substring(tmp_path, keyring):
+    """A line that merely mentions the id in another field of a valid record is kept; a broken
+    line holding it is removed."""
+    from privrec_pipeline.erasure.apply import Targets, erase_landing
+
+    folder = tmp_path / "dt=2026-01-15"
+    folder.mkdir()
+    body = b"".join([
+        b'{"user_id": "usr_x", "event_id": "1"}\n',
+        b'{"user_id": "usr_y", "search_query": "usr_x"}\n',
+        b'{"user_id": "usr_x", "event_id": \n',
+        b'{"user_id": "usr_z"}\n',
+    ])
+    (folder / "events-000.jsonl.gz").write_bytes(gzip.compress(body))
+    assert erase_landing(lk.path(str(folder)), Targets.of(keyring, ["usr_x"])) == 2
+    left = gzip.decompress((folder / "events-000.jsonl.gz").read_bytes()).splitlines()
+    assert left == [b'{"user_id": "usr_y", "search_query": "usr_x"}', b'{"user_id": "usr_z"}']
+    assert not list(folder.parent.glob("_staging-*"))  # the swap left nothing behind
