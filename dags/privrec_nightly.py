@@ -4,9 +4,13 @@
 One run = one data interval (a UTC day). The run for day **D** starts after D ends and
 processes `landing/interactions/dt=D`:
 
+0. **erasure**: pending right-to-erasure requests (`privrec erase`): each user's rows leave
+   landing, bronze, quarantine, silver, training and serving; then **retention** deletes the
+   partitions older than each zone's retention (`PRIVREC_RETENTION`).
 1. **collect** (Spark): parse with an explicit schema, quarantine malformed records with a
-   reason, drop duplicate event ids, encrypt direct identifiers (AES-GCM) -> `bronze/`,
-   `quarantine/`, `_manifests/collect/` (landing = bronze + quarantined + duplicates).
+   reason, drop duplicate event ids and records of erased users, encrypt direct identifiers
+   (AES-GCM) -> `bronze/`, `quarantine/`, `_manifests/collect/` (landing = bronze +
+   quarantined + duplicates + erased).
 2. **pseudonymize** (Spark): HMAC-SHA256 pseudonyms, generalized device and network fields,
    scrubbed search text -> `silver/`.
 3. **validate** (Spark, Great Expectations): the declared suites on silver and the collect
@@ -207,7 +211,28 @@ def privrec_nightly() -> None:
         "--epsilon", "{{ params.dp_epsilon }}", "--delta", "{{ params.dp_delta }}",
         "--config-json", "{{ params.dp_settings | tojson }}",
     )
-    collect >> pseudonymize >> validate >> dp_stats >> _training()
+    erasure() >> retention() >> collect >> pseudonymize >> validate >> dp_stats >> _training()
+
+
+@task
+def erasure() -> dict:
+    """Pending erasure requests: each user's rows leave every zone before the day is collected
+    (``privrec erase``). XCom holds how many requests, never their users' row counts."""
+    from privrec_pipeline.config import lake_root
+    from privrec_pipeline.erasure.apply import process_pending
+    from privrec_pipeline.orchestration.task_keys import task_keyring
+
+    return {"requests_completed": len(process_pending(lake_root(), task_keyring()))}
+
+
+@task
+def retention() -> dict:
+    """Expired partitions of the zones holding users' rows are deleted (``PRIVREC_RETENTION``)."""
+    from privrec_pipeline.config import lake_root
+    from privrec_pipeline.retention import enforce
+
+    report = enforce(lake_root(), _day(get_current_context()))
+    return {"removed": report.removed, "kept_uncollected": report.kept_uncollected}
 
 
 @task.short_circuit

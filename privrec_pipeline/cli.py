@@ -309,6 +309,84 @@ def _run_days(days: list[dt.date], conf: dict) -> None:
 
 
 @app.command()
+def erase(
+    user_id: list[str] = typer.Option([], "--user-id", help="A user id to erase (repeatable)."),
+    file: Path | None = typer.Option(None, "--file", help="A file of user ids, one per line ('#' comments)."),
+    status: bool = typer.Option(False, "--status", help="Show pending and completed requests."),
+    process: bool = typer.Option(False, "--process", help="Process pending requests now (the nightly run's "
+                                 "erasure task does it otherwise)."),
+    lake: str | None = LakeOption,
+) -> None:
+    """Record right-to-erasure requests; the user's rows are removed from every zone by the
+    nightly run's erasure task (or --process), and collect keeps them out from then on."""
+    from privrec_pipeline.erasure.requests import check_user_id, open_register, read_id_file
+    from privrec_pipeline.secrets import load_keyring
+
+    root = lake or lake_root()
+    if not (user_id or file or status or process):
+        _fail("nothing to do: give --user-id ID, --file PATH, --status or --process")
+    try:
+        ids = [check_user_id(u, f"--user-id {n}") for n, u in enumerate(user_id, 1)]
+        if file is not None:
+            ids += read_id_file(file)
+        register = open_register(root)
+        if ids:
+            recorded = register.record(load_keyring(), ids)
+            for r in recorded.new:
+                _say(f"recorded erasure request {r.id} (fingerprint {r.fingerprint[:12]}); pending until the next "
+                     "nightly run's erasure task, or privrec erase --process")
+            for r in recorded.already:
+                _say(f"already requested: request {r.id}, {r.state}"
+                     + (f" {r.completed_at:%Y-%m-%d %H:%M} UTC" if r.completed_at else ""))
+        if process:
+            from privrec_pipeline.erasure.apply import process_pending
+
+            done = process_pending(root, load_keyring(), register)
+            for d in done:
+                rows = ", ".join(f"{n} {zone}" for zone, n in d.erased.items())
+                _say(f"request {d.request_id}: removed {rows}" if rows else
+                     f"request {d.request_id}: no rows of this user in any zone (unknown user id?)")
+            if not done:
+                _say("no pending erasure request")
+        if status:
+            requests = register.requests()
+            if not requests:
+                _say("no erasure request recorded")
+            for r in requests:
+                when = f"completed {r.completed_at:%Y-%m-%d %H:%M} UTC" if r.completed_at else "pending"
+                rows = "" if r.erased is None else (f", {r.erased['total']} rows removed" if r.erased["total"]
+                                                    else ", no rows found (unknown user id?)")
+                _say(f"{r.id:>5}  requested {r.requested_at:%Y-%m-%d %H:%M} UTC  {when}{rows}  "
+                     f"fingerprint {r.fingerprint[:12]}")
+    except PrivrecError as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def retention(
+    date: str | None = typer.Option(None, "--date", help="The run day the ages count from (default: today, UTC)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only list what would be removed."),
+    lake: str | None = LakeOption,
+) -> None:
+    """Delete expired partitions of the zones holding users' rows (PRIVREC_RETENTION; the nightly
+    run does it for its day)."""
+    from privrec_pipeline.retention import enforce
+
+    day = _day(date) if date else dt.datetime.now(dt.UTC).date()
+    try:
+        report = enforce(lake or lake_root(), day, dry_run=dry_run)
+    except PrivrecError as exc:
+        _fail(str(exc))
+    _say("retention: " + ", ".join(f"{zone} {n}" for zone, n in sorted(report.policy.items())) + " days")
+    for zone, days in report.removed.items():
+        _say(f"  {'would remove' if dry_run else 'removed'} {zone}: {', '.join(days)}")
+    if report.kept_uncollected:
+        _say(f"  kept landing never collected: {', '.join(report.kept_uncollected)}")
+    if not report.total:
+        _say("  nothing expired")
+
+
+@app.command()
 def airflow() -> None:
     """Start Airflow (standalone: API server, scheduler, DAG processor) with privrec's DAGs."""
     from privrec_pipeline.orchestration.local import airflow_env, ensure_metadata_db

@@ -245,3 +245,30 @@ def test_gzip_landing_lines_are_matched_by_parsed_user_not_substring(tmp_path, k
     left = gzip.decompress((folder / "events-000.jsonl.gz").read_bytes()).splitlines()
     assert left == [b'{"user_id": "usr_y", "search_query": "usr_x"}', b'{"user_id": "usr_z"}']
     assert not list(folder.parent.glob("_staging-*"))  # the swap left nothing behind
+
+
+def test_the_erase_command_records_processes_and_reports(tmp_path, key_document, monkeypatch):
+    from typer.testing import CliRunner
+
+    from privrec_pipeline.cli import app
+
+    monkeypatch.setenv("PRIVREC_KEYS_JSON", key_document)
+    root = str(tmp_path / "lake")
+    runner = CliRunner()
+    recorded = runner.invoke(app, ["erase", "--user-id", "usr_someone", "--lake", root])
+    assert recorded.exit_code == 0 and "recorded erasure request 1" in recorded.output, recorded.output
+    assert "usr_someone" not in recorded.output
+    again = runner.invoke(app, ["erase", "--user-id", "usr_someone", "--lake", root])
+    assert "already requested: request 1, pending" in again.output
+    status = runner.invoke(app, ["erase", "--status", "--lake", root])
+    assert "pending" in status.output and "usr_someone" not in status.output
+    processed = runner.invoke(app, ["erase", "--process", "--lake", root])
+    assert "request 1: no rows of this user in any zone (unknown user id?)" in processed.output
+    status = runner.invoke(app, ["erase", "--status", "--lake", root])
+    assert "completed" in status.output and "no rows found (unknown user id?)" in status.output
+    ids = tmp_path / "ids.txt"
+    ids.write_bytes(b"usr_a\nusr b \n")
+    bad = runner.invoke(app, ["erase", "--file", str(ids), "--lake", root])
+    assert bad.exit_code != 0 and "line 2: the user id has spaces at its start or end" in bad.output
+    assert "nothing was recorded" in bad.output and len(open_register(root).requests()) == 1
+    assert runner.invoke(app, ["erase", "--lake", root]).exit_code != 0

@@ -374,7 +374,8 @@ def process_pending(lake: str, keys: KeyRing, register: Any = None) -> list[Proc
         erased = erase_users(lake, keys, targets)
         summary = erased.by_zone()
         register.complete(request.id, {"rows": erased.rows, "total": erased.total})
-        log.info("erasure request %d: %s", request.id,
-                 ", ".join(f"{n} rows from {zone}" for zone, n in summary.items()) or "no rows found in any zone")
+        # Zones only: how many rows one person had is theirs to know (``privrec erase --status``).
+        log.info("erasure request %d completed: %s", request.id,
+                 f"rows removed from {', '.join(summary)}" if summary else "no rows found in any zone")
         done.append(Processed(request.id, summary))
     return done
