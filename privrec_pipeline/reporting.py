@@ -65,6 +65,8 @@ def print_run_summary(console: Console, lake: str, day: dt.date, log: Path | Non
     table.add_row("landing records", f"{collect['landing_records']:,}")
     table.add_row("bronze records", f"{collect['bronze_records']:,}")
     table.add_row("duplicates dropped", f"{collect['duplicates']:,}")
+    if collect.get("erased"):
+        table.add_row("records of erased users", f"{collect['erased']:,}")
     table.add_row("quarantined", f"{collect['quarantined_total']:,}")
     for reason, n in sorted(collect["quarantined"].items()):
         if n:

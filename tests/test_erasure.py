@@ -183,6 +183,15 @@ def test_a_rerun_of_an_old_day_keeps_the_erased_user_out(two_days, keyring, spar
     manifest.check_balance()
     leftovers = [t for t in traces(root, keyring, [victim, email, pseudonym]) if not t.startswith("landing")]
     assert leftovers == []
+    # The run summary says so.
+    from rich.console import Console
+
+    from privrec_pipeline.reporting import print_run_summary
+
+    console = Console(record=True, width=200)
+    print_run_summary(console, root, DAYS[0], None)
+    (line,) = [row for row in console.export_text().splitlines() if "records of erased users" in row]
+    assert line.split()[-2] == f"{manifest.erased:,}", line
 
 
 def test_an_unknown_user_is_completed_with_nothing_found(tmp_path, keyring):
@@ -272,3 +281,52 @@ def test_the_erase_command_records_processes_and_reports(tmp_path, key_document,
     assert bad.exit_code != 0 and "line 2: the user id has spaces at its start or end" in bad.output
     assert "nothing was recorded" in bad.output and len(open_register(root).requests()) == 1
     assert runner.invoke(app, ["erase", "--lake", root]).exit_code != 0
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_registers_opened_at_once_create_the_tables_once(tmp_path, database):
+    """Two tasks of two runs open the register together on a fresh database (seen on
+    PostgreSQL: a duplicate-type error from the second CREATE TABLE)."""
+    import multiprocessing
+    import uuid
+
+    from sqlalchemy import create_engine, text
+
+    if database == "sqlite":
+        url = f"sqlite:///{tmp_path / 'ledger.db'}"
+        cleanup = None
+    else:
+        from test_ledger import PG_SERVER, _drop, _pg_available
+
+        from conftest import unavailable
+
+        if not _pg_available():
+            unavailable("PostgreSQL at 127.0.0.1:5432 (database test) is not reachable")
+        schema = f"erasure_{uuid.uuid4().hex[:10]}"
+        engine = create_engine(PG_SERVER)
+        with engine.begin() as conn:
+            conn.execute(text(f"create schema {schema}"))
+        url = f"{PG_SERVER}?options=-csearch_path%3D{schema}"
+        cleanup = (engine, schema)
+    try:
+        ctx = multiprocessing.get_context("spawn")
+        start, results = ctx.Barrier(6), ctx.Queue()
+        workers = [ctx.Process(target=_open_register, args=(url, start, results)) for _ in range(6)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(timeout=120)
+        outcomes = [results.get(timeout=10) for _ in workers]
+        assert outcomes == ["ok"] * 6, outcomes
+    finally:
+        if cleanup:
+            _drop(*cleanup)
+
+
+def _open_register(url, start, results) -> None:
+    try:
+        start.wait()
+        ErasureRegister(url).requests()
+        results.put("ok")
+    except Exception as exc:  # reported to the test, not lost in a child
+        results.put(repr(exc))

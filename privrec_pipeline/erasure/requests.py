@@ -44,9 +44,11 @@ from sqlalchemy import (
     create_engine,
     insert,
     select,
+    text,
     update,
 )
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError
 
 from privrec_pipeline.errors import ConfigurationError
 from privrec_pipeline.secrets import KeyRing
@@ -156,7 +158,23 @@ class ErasureRegister:
         if url.startswith("sqlite"):
             kwargs["connect_args"] = {"timeout": 60}
         self.engine: Engine = create_engine(url, **kwargs)
-        metadata.create_all(self.engine)
+        for attempt in range(5):  # tasks starting together race on the DDL (as the ledger's)
+            try:
+                self._prepare()
+                break
+            except DBAPIError:
+                if attempt == 4:
+                    raise
+
+    def _prepare(self) -> None:
+        """Create the tables in one transaction; on PostgreSQL under the ledger's schema lock
+        (two creators would collide in its catalog), SQLite's loser retries."""
+        from privrec_pipeline.privacy.ledger import SCHEMA_LOCK_ID
+
+        with self.engine.begin() as conn:
+            if self.engine.dialect.name == "postgresql":
+                conn.execute(text(f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK_ID})"))
+            metadata.create_all(conn)
 
     def record(self, keys: KeyRing, user_ids: Iterable[str], now: dt.datetime | None = None) -> Recorded:
         """Record a request per id (in one transaction); an id already requested is reported,
