@@ -202,9 +202,9 @@ def erase_landing(folder: lk.UPath, targets: Targets) -> int:
     return removed
 
 
-def erase_parquet(folder: lk.UPath, drop: Callable[[Any], Any]) -> int:
-    """Drop the rows ``drop(table)`` marks from every Parquet file under ``folder`` (files
-    without the column ``drop`` needs are kept as they are); the partition is swapped whole."""
+def erase_parquet(folder: lk.UPath, drop: Matcher) -> int:
+    """Drop the rows ``drop`` marks from every Parquet file under ``folder`` (files without the
+    columns it needs are kept as they are); the partition is swapped whole."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
@@ -215,20 +215,22 @@ def erase_parquet(folder: lk.UPath, drop: Callable[[Any], Any]) -> int:
             continue
         with f.open("rb") as handle:
             parquet = pq.ParquetFile(handle)
+            if not set(drop.columns) <= set(parquet.schema_arrow.names):
+                continue
+            # The columns the match needs first; the whole file only when it holds the users.
+            mask = drop(parquet.read(columns=list(drop.columns)))
+            n = int(pc.sum(mask).as_py() or 0)
+            if not n:
+                continue
             table = parquet.read()
             # Spark writes timestamps as INT96: written back the same way, or Spark would read
             # pyarrow's nanoseconds as another type than the untouched files' (a failed read).
             int96 = any(c.physical_type == "INT96" for c in parquet.schema)
-        mask = drop(table)
-        if mask is None:
-            continue
-        n = int(pc.sum(mask).as_py() or 0)
-        if n:
-            removed += n
-            buffer = io.BytesIO()
-            pq.write_table(table.filter(pc.invert(mask)), buffer, compression="snappy",
-                           use_deprecated_int96_timestamps=int96, coerce_timestamps=None if int96 else "us")
-            rewritten[f.relative_to(folder).as_posix()] = buffer.getvalue()
+        removed += n
+        buffer = io.BytesIO()
+        pq.write_table(table.filter(pc.invert(mask)), buffer, compression="snappy",
+                       use_deprecated_int96_timestamps=int96, coerce_timestamps=None if int96 else "us")
+        rewritten[f.relative_to(folder).as_posix()] = buffer.getvalue()
     if removed:
         _replace_files(folder, rewritten)
     return removed
@@ -248,19 +250,27 @@ def _replace_files(folder: lk.UPath, rewritten: dict[str, bytes]) -> None:
             dest.write_bytes(rewritten[rel] if rel in rewritten else f.read_bytes())
 
 
-def _column_in(column: str, values: frozenset[str]) -> Callable[[Any], Any]:
+@dataclass(frozen=True)
+class Matcher:
+    """Which rows of a Parquet file are the users': ``columns`` it reads, ``mark`` a boolean
+    array over a table of those columns."""
+
+    columns: tuple[str, ...]
+    mark: Callable[[Any], Any]
+
+    def __call__(self, table: Any) -> Any:
+        return self.mark(table)
+
+
+def _column_in(column: str, values: frozenset[str]) -> Matcher:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    def drop(table: Any) -> Any:
-        if column not in table.column_names:
-            return None
-        return pc.fill_null(pc.is_in(table[column].cast(pa.string()), value_set=pa.array(sorted(values))), False)
-
-    return drop
+    return Matcher((column,), lambda table: pc.fill_null(
+        pc.is_in(table[column].cast(pa.string()), value_set=pa.array(sorted(values))), False))
 
 
-def _quarantined_of(keys: KeyRing, targets: Targets) -> Callable[[Any], Any]:
+def _quarantined_of(keys: KeyRing, targets: Targets) -> Matcher:
     """Marks quarantine rows whose decrypted raw line is one of the users'. A row that does not
     decrypt stops the erasure: it cannot be shown not to be theirs."""
     import pyarrow as pa
@@ -270,7 +280,7 @@ def _quarantined_of(keys: KeyRing, targets: Targets) -> Callable[[Any], Any]:
     from privrec_pipeline.transforms.collect import raw_record_aad
 
     def drop(table: Any) -> Any:
-        rows = table.select(["raw_record_enc", "enc_key_version", "source_file", "record_position"]).to_pylist()
+        rows = table.to_pylist()
         marks = []
         for row in rows:
             if row["raw_record_enc"] is None:
@@ -289,7 +299,7 @@ def _quarantined_of(keys: KeyRing, targets: Targets) -> Callable[[Any], Any]:
             marks.append(targets.line_matches(line))
         return pa.array(marks, pa.bool_())
 
-    return drop
+    return Matcher(("raw_record_enc", "enc_key_version", "source_file", "record_position"), drop)
 
 
 # ---- manifests ------------------------------------------------------------------------------
