@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 
 from privrec_pipeline import lake as lk
 from privrec_pipeline.crypto import key_frame
+from privrec_pipeline.erasure.collect_filter import ERASED, flag_erased
+from privrec_pipeline.erasure.requests import open_register
 from privrec_pipeline.errors import ConfigurationError, LandingPartitionError, PrivrecError
 from privrec_pipeline.manifest import CollectManifest, PseudonymizeManifest
 from privrec_pipeline.schema import QUARANTINE_REASONS
@@ -102,10 +104,7 @@ def run_collect(spark: "SparkSession", lake: str, day: dt.date, keys: KeyRing, *
     if catalog is not None and unknown_items == "quarantine":
         catalog_items = spark.createDataFrame(read_items(catalog).select(["item_id"]).to_pandas())
     classified = tc.classify_landing(lines, interval.start, interval.end, catalog_items)
-    from privrec_pipeline.erasure.collect_filter import ERASED, flag_erased
-    from privrec_pipeline.erasure.requests import open_register
-
-    erasures = open_register(lake).fingerprints()
+    erasures = open_register(lake).fingerprints()  # users who asked to be erased stay out
     if erasures:
         classified = flag_erased(spark, classified, keys, erasures)
 
