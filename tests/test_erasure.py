@@ -13,6 +13,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import test_ledger
 
 from conftest import DAY
 from privrec_pipeline import lake as lk
@@ -31,6 +32,7 @@ from privrec_pipeline.sources.synthetic import GeneratorConfig, generate_day
 from privrec_pipeline.transforms.collect import raw_record_aad
 
 pytestmark = pytest.mark.spark
+ledger_url = test_ledger.ledger_url  # the fixture: a fresh SQLite file or PostgreSQL schema
 DAYS = [DAY, DAY + dt.timedelta(days=1)]
 
 
@@ -283,44 +285,20 @@ def test_the_erase_command_records_processes_and_reports(tmp_path, key_document,
     assert runner.invoke(app, ["erase", "--lake", root]).exit_code != 0
 
 
-@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
-def test_registers_opened_at_once_create_the_tables_once(tmp_path, database):
-    """Two tasks of two runs open the register together on a fresh database (seen on
-    PostgreSQL: a duplicate-type error from the second CREATE TABLE)."""
+def test_registers_opened_at_once_create_the_tables_once(ledger_url):
+    """Two tasks of two runs open the register together on a fresh database, SQLite and
+    PostgreSQL (seen on PostgreSQL: a duplicate-type error from the second CREATE TABLE)."""
     import multiprocessing
-    import uuid
 
-    from sqlalchemy import create_engine, text
-
-    if database == "sqlite":
-        url = f"sqlite:///{tmp_path / 'ledger.db'}"
-        cleanup = None
-    else:
-        from test_ledger import PG_SERVER, _drop, _pg_available
-
-        from conftest import unavailable
-
-        if not _pg_available():
-            unavailable("PostgreSQL at 127.0.0.1:5432 (database test) is not reachable")
-        schema = f"erasure_{uuid.uuid4().hex[:10]}"
-        engine = create_engine(PG_SERVER)
-        with engine.begin() as conn:
-            conn.execute(text(f"create schema {schema}"))
-        url = f"{PG_SERVER}?options=-csearch_path%3D{schema}"
-        cleanup = (engine, schema)
-    try:
-        ctx = multiprocessing.get_context("spawn")
-        start, results = ctx.Barrier(6), ctx.Queue()
-        workers = [ctx.Process(target=_open_register, args=(url, start, results)) for _ in range(6)]
-        for w in workers:
-            w.start()
-        for w in workers:
-            w.join(timeout=120)
-        outcomes = [results.get(timeout=10) for _ in workers]
-        assert outcomes == ["ok"] * 6, outcomes
-    finally:
-        if cleanup:
-            _drop(*cleanup)
+    ctx = multiprocessing.get_context("spawn")
+    start, results = ctx.Barrier(6), ctx.Queue()
+    workers = [ctx.Process(target=_open_register, args=(ledger_url, start, results)) for _ in range(6)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=120)
+    outcomes = [results.get(timeout=10) for _ in workers]
+    assert outcomes == ["ok"] * 6, outcomes
 
 
 def _open_register(url, start, results) -> None:

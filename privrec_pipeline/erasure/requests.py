@@ -41,14 +41,11 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
-    create_engine,
     insert,
     select,
-    text,
     update,
 )
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DBAPIError
 
 from privrec_pipeline.errors import ConfigurationError
 from privrec_pipeline.secrets import KeyRing
@@ -154,26 +151,17 @@ class ErasureRegister:
     """The erasure requests table in the ledger's database (``config.ledger_url``)."""
 
     def __init__(self, url: str) -> None:
-        kwargs: dict = {"future": True}
-        if url.startswith("sqlite"):
-            kwargs["connect_args"] = {"timeout": 60}
-        self.engine: Engine = create_engine(url, **kwargs)
-        for attempt in range(5):  # tasks starting together race on the DDL (as the ledger's)
-            try:
-                self._prepare()
-                break
-            except DBAPIError:
-                if attempt == 4:
-                    raise
+        from privrec_pipeline.privacy.ledger import database_engine, with_ddl_retries
+
+        self.engine: Engine = database_engine(url)
+        with_ddl_retries(self._prepare)  # tasks of two runs open it together
 
     def _prepare(self) -> None:
-        """Create the tables in one transaction; on PostgreSQL under the ledger's schema lock
-        (two creators would collide in its catalog), SQLite's loser retries."""
-        from privrec_pipeline.privacy.ledger import SCHEMA_LOCK_ID
+        """Create the tables in one transaction, under the ledger's schema lock."""
+        from privrec_pipeline.privacy.ledger import schema_lock
 
         with self.engine.begin() as conn:
-            if self.engine.dialect.name == "postgresql":
-                conn.execute(text(f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK_ID})"))
+            schema_lock(conn)
             metadata.create_all(conn)
 
     def record(self, keys: KeyRing, user_ids: Iterable[str], now: dt.datetime | None = None) -> Recorded:

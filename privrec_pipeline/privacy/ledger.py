@@ -299,6 +299,32 @@ def _entry_hash(prev_hash: str, seq: int, release_id: int, event: str, body: str
     return sha256_hex(f"{prev_hash}\n{seq}\n{release_id}\n{event}\n{body}")
 
 
+def database_engine(url: str) -> Engine:
+    """An engine on the ledger's database (SQLite: wait for the write lock, don't fail)."""
+    kwargs: dict[str, Any] = {"future": True}
+    if url.startswith("sqlite"):
+        kwargs["connect_args"] = {"timeout": 60}
+    return create_engine(url, **kwargs)
+
+
+def with_ddl_retries(prepare: Callable[[], None], attempts: int = 5) -> None:
+    """Run a schema preparation, again when it loses a race with another process's DDL
+    (SQLite; on PostgreSQL ``schema_lock`` serializes them)."""
+    for attempt in range(attempts):
+        try:
+            prepare()
+            return
+        except DBAPIError:
+            if attempt == attempts - 1:
+                raise
+
+
+def schema_lock(conn: Connection) -> None:
+    """On PostgreSQL, the transaction-scoped advisory lock every schema change takes."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(text(f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK_ID})"))
+
+
 class Ledger:
     def __init__(self, url: str, policy: BudgetPolicy | None = None, *, lease_seconds: float | None = None) -> None:
         self.url = url
@@ -309,17 +335,8 @@ class Ledger:
         except ValueError:
             raise ConfigurationError(f"{ENV_LEASE_SECONDS} must be a number of seconds, not "
                                      f"{os.environ.get(ENV_LEASE_SECONDS)!r}") from None
-        kwargs: dict[str, Any] = {"future": True}
-        if url.startswith("sqlite"):
-            kwargs["connect_args"] = {"timeout": 60}  # wait for the write lock, don't fail
-        self.engine: Engine = create_engine(url, **kwargs)
-        for attempt in range(5):  # tasks starting together may race on SQLite's DDL; the loser retries
-            try:
-                self._prepare()
-                break
-            except DBAPIError:
-                if attempt == 4:
-                    raise
+        self.engine: Engine = database_engine(url)
+        with_ddl_retries(self._prepare)
 
     # -- schema -------------------------------------------------------------------------
     def _prepare(self) -> None:
@@ -327,8 +344,7 @@ class Ledger:
         serializes workers that start together (their DDL would race); SQLite's DDL is
         retried by the caller."""
         with self.engine.begin() as conn:
-            if self.engine.dialect.name == "postgresql":
-                conn.execute(text(f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK_ID})"))
+            schema_lock(conn)
             metadata.create_all(conn)
             self._add_missing_columns(conn)
             if conn.execute(select(lock.c.id)).first() is None:
