@@ -1,7 +1,7 @@
 """Spark job: collect one day of landing logs into bronze + quarantine (+ manifest).
 
     spark-submit jobs/collect.py --date 2026-01-15 [--lake URI] [--allow-empty [true|false]]
-        [--unknown-items quarantine|keep]
+        [--unknown-items quarantine|keep] [--data-keys per-user|none]
 """
 
 from __future__ import annotations
@@ -25,11 +25,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--unknown-items", choices=UNKNOWN_ITEMS, default="quarantine",
                         help="records of items outside the day's catalog: quarantine them (reason unknown_item) or "
                              "keep them (validate counts them; the DP statistics leave them out)")
+    parser.add_argument("--data-keys", choices=("per-user", "none"), default="per-user",
+                        help="seal each user's identifiers and quarantined lines under their own data key "
+                             "(crypto-shredding; the default), or keep them under the encryption key alone "
+                             "(the benchmark's baseline)")
     args = parser.parse_args(argv)
     keys = load_keyring()
     spark = get_spark(f"privrec-collect-{args.date}", args.master)
     manifest = run_collect(spark, resolve_lake(args.lake), args.date, keys,
-                           run_id=args.run_id, allow_empty=args.allow_empty, unknown_items=args.unknown_items)
+                           run_id=args.run_id, allow_empty=args.allow_empty, unknown_items=args.unknown_items,
+                           per_user_keys=args.data_keys == "per-user")
     print(json.dumps({"step": "collect", "date": manifest.date, "landing": manifest.landing_records,
                       "bronze": manifest.bronze_records, "quarantined": manifest.quarantined_total,
                       "duplicates": manifest.duplicates, "encryption_key_version": manifest.encryption_key_version,

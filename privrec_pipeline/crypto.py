@@ -33,6 +33,11 @@ if TYPE_CHECKING:
 
 SHA256_BLOCK = 64
 IV_KEY_LABEL = b"privrec/aes-gcm-synthetic-iv/v1"
+USER_FINGERPRINT_LABEL = b"privrec/erasure-fingerprint/v1"
+# Byte-wise XOR with ipad (0x36) and opad (0x5c) as translation tables: one C call per pad,
+# fast enough for the pads of every user's data key of a day (``erasure.data_keys``).
+_XOR_IPAD = bytes(b ^ 0x36 for b in range(256))
+_XOR_OPAD = bytes(b ^ 0x5C for b in range(256))
 
 
 def hmac_pads(key: bytes) -> tuple[bytes, bytes]:
@@ -40,7 +45,7 @@ def hmac_pads(key: bytes) -> tuple[bytes, bytes]:
     if len(key) > SHA256_BLOCK:
         key = hashlib.sha256(key).digest()
     k0 = key.ljust(SHA256_BLOCK, b"\x00")
-    return bytes(b ^ 0x36 for b in k0), bytes(b ^ 0x5C for b in k0)
+    return k0.translate(_XOR_IPAD), k0.translate(_XOR_OPAD)
 
 
 def pseudonym_message(namespace: str, value: str) -> bytes:
@@ -57,10 +62,24 @@ def iv_key(encryption_key: bytes) -> bytes:
     return hmac.new(encryption_key, IV_KEY_LABEL, hashlib.sha256).digest()
 
 
+def fingerprint_key(encryption_key: bytes) -> bytes:
+    """K_fp of a user's keyed fingerprint (``erasure.requests``), derived from the encryption key."""
+    return hmac.new(encryption_key, USER_FINGERPRINT_LABEL, hashlib.sha256).digest()
+
+
+def user_fingerprint(fp_ipad: "Column", fp_opad: "Column", user_id: "Column") -> "Column":
+    """hex(HMAC(K_fp, "user:" || user_id)) in the JVM, from K_fp's pads; null stays null."""
+    from pyspark.sql import functions as F
+
+    message = F.encode(F.concat(F.lit("user:"), user_id.cast("string")), "UTF-8")
+    return F.lower(F.hex(hmac_sha256(fp_ipad, fp_opad, message)))
+
+
 def key_frame(spark: "SparkSession", keys: KeyRing) -> "DataFrame":
     """One row per encryption key version with every derived key as a binary column.
 
-    Columns: enc_version, enc_key, iv_ipad, iv_opad (per version) and the current
+    Columns: enc_version, enc_key, iv_ipad, iv_opad, fp_ipad, fp_opad (the pads of the
+    synthetic-IV key and of the user fingerprint key, per version) and the current
     pseudonym key's pad_ipad, pad_opad, pseudonym_version. Join it (broadcast) to the data:
     encryption uses the row of ``keys.encryption.version``, an auditor decrypting old bronze joins on ``enc_version``.
     """
@@ -71,12 +90,15 @@ def key_frame(spark: "SparkSession", keys: KeyRing) -> "DataFrame":
     rows = []
     for version, key in sorted(versions.items()):
         i_ipad, i_opad = hmac_pads(iv_key(key.material))
-        rows.append((version, key.material, i_ipad, i_opad, p_ipad, p_opad, keys.pseudonym.version))
+        f_ipad, f_opad = hmac_pads(fingerprint_key(key.material))
+        rows.append((version, key.material, i_ipad, i_opad, f_ipad, f_opad, p_ipad, p_opad, keys.pseudonym.version))
     schema = StructType([
         StructField("enc_version", StringType(), False),
         StructField("enc_key", BinaryType(), False),
         StructField("iv_ipad", BinaryType(), False),
         StructField("iv_opad", BinaryType(), False),
+        StructField("fp_ipad", BinaryType(), False),
+        StructField("fp_opad", BinaryType(), False),
         StructField("pad_ipad", BinaryType(), False),
         StructField("pad_opad", BinaryType(), False),
         StructField("pseudonym_version", StringType(), False),

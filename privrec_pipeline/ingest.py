@@ -16,7 +16,9 @@ from typing import TYPE_CHECKING
 
 from privrec_pipeline import lake as lk
 from privrec_pipeline.crypto import key_frame
+from privrec_pipeline.erasure import data_keys
 from privrec_pipeline.erasure.collect_filter import ERASED, flag_erased
+from privrec_pipeline.erasure.data_keys import DATA_KEY
 from privrec_pipeline.erasure.requests import open_register
 from privrec_pipeline.errors import ConfigurationError, LandingPartitionError, PrivrecError
 from privrec_pipeline.manifest import CollectManifest, PseudonymizeManifest
@@ -26,7 +28,7 @@ from privrec_pipeline.transforms import collect as tc
 from privrec_pipeline.transforms.pseudonymize import to_silver
 
 if TYPE_CHECKING:
-    from pyspark.sql import DataFrame, SparkSession
+    from pyspark.sql import Column, DataFrame, SparkSession
 
 log = logging.getLogger(__name__)
 
@@ -80,12 +82,17 @@ def landing_files(lake: str, day: dt.date, *, allow_empty: bool = False) -> tupl
 
 
 def run_collect(spark: "SparkSession", lake: str, day: dt.date, keys: KeyRing, *,
-                run_id: str = "manual", allow_empty: bool = False, unknown_items: str = "quarantine") -> CollectManifest:
+                run_id: str = "manual", allow_empty: bool = False, unknown_items: str = "quarantine",
+                per_user_keys: bool = True) -> CollectManifest:
     """landing/dt=D -> bronze/dt=D + quarantine/dt=D + _manifests/collect/dt=D.json.
 
     With a catalog in force for D, ``unknown_items="quarantine"`` quarantines records of items
     outside it (reason ``unknown_item``); ``"keep"`` keeps them (validate counts them, and the
-    DP statistics leave them out). Without a catalog every item is accepted."""
+    DP statistics leave them out). Without a catalog every item is accepted.
+
+    Bronze identifiers and quarantined lines of a record with a user id are sealed under the
+    user's data key (``erasure.data_keys``; crypto-shredding); ``per_user_keys=False`` keeps
+    everything under the encryption key alone (the benchmark's single-key baseline)."""
     from pyspark.sql import functions as F
 
     from privrec_pipeline.catalog import read_items, snapshot_for
@@ -104,7 +111,8 @@ def run_collect(spark: "SparkSession", lake: str, day: dt.date, keys: KeyRing, *
     if catalog is not None and unknown_items == "quarantine":
         catalog_items = spark.createDataFrame(read_items(catalog).select(["item_id"]).to_pandas())
     classified = tc.classify_landing(lines, interval.start, interval.end, catalog_items)
-    erasures = open_register(lake).fingerprints()  # users who asked to be erased stay out
+    register = open_register(lake)
+    erasures = register.fingerprints()  # users who asked to be erased stay out
     if erasures:
         classified = flag_erased(spark, classified, keys, erasures)
 
@@ -115,7 +123,7 @@ def run_collect(spark: "SparkSession", lake: str, day: dt.date, keys: KeyRing, *
     collected_stage = f"{bronze_stage}-collected"
     try:
         # The one pass over the landing files: parse, classify, encrypt, generalize.
-        stored = tc.to_collected(classified, key_frame(spark, keys), version)
+        stored = tc.to_collected(classified, key_frame(spark, keys), version, per_user_keys=per_user_keys)
         if erasures:  # an erased user's record is only counted: every other column is null
             stored = stored.select(*[F.when(~F.col(ERASED), F.col(c)).alias(c) for c in stored.columns
                                      if c != ERASED], ERASED)
@@ -126,17 +134,35 @@ def run_collect(spark: "SparkSession", lake: str, day: dt.date, keys: KeyRing, *
         landing_records = collected.count()
         if landing_records == 0 and not allow_empty:
             raise _no_landing(day, landing, f"is empty (0 records in {len(files)} files)")
+        users = ([r[0] for r in collected.where(F.col(DATA_KEY).isNotNull()).select(DATA_KEY).distinct().collect()]
+                 if per_user_keys else [])
+        deks = register.data_keys.ensure(keys, users)
+        withheld = sorted(set(users) - set(deks))  # erasure requested since collect started
+        if withheld:
+            flag = F.col(DATA_KEY).isin(withheld)
+            collected = collected.withColumn(ERASED, (F.coalesce(F.col(ERASED), F.lit(False)) if erasures
+                                                      else F.lit(False)) | F.coalesce(flag, F.lit(False)))
         erased = 0
-        if erasures:
+        if erasures or withheld:
             erased = collected.where(F.col(ERASED)).count()
             collected = collected.where(~F.col(ERASED))
             if erased:
                 log.warning("collect %s: dropped %d landing records of users who asked to be erased", day, erased)
+        sealing = data_keys.key_frame(spark, deks)
+
+        def seal(rows: "DataFrame", column: str, context: str, suffix: "Column") -> "DataFrame":
+            return data_keys.seal(rows, sealing, {column: (context, suffix)},
+                                  broadcast=len(deks) <= data_keys.BROADCAST_MAX_KEYS) if per_user_keys else rows
+
         valid = collected.where(F.col("reason").isNull()).select(*tc.BRONZE_COLUMNS)
         dup_ids = tc.duplicate_ids(valid.select("event_id")).persist()
         small = dup_ids.count() <= BROADCAST_MAX_IDS
-        _write(tc.dedupe_events(valid, dup_ids, broadcast=small), bronze_stage)
-        _write(collected.where(F.col("reason").isNotNull()).select(*tc.QUARANTINE_COLUMNS), quarantine_stage)
+        # Duplicates are dropped before sealing: the kept record is chosen on the inner
+        # ciphertext, and only bronze's rows pay the second AES-GCM.
+        _write(seal(tc.dedupe_events(valid, dup_ids, broadcast=small), "identifiers_enc", tc.IDENTIFIERS_CONTEXT,
+                    F.col("event_id")), bronze_stage)
+        _write(seal(collected.where(F.col("reason").isNotNull()).select(*tc.QUARANTINE_COLUMNS), "raw_record_enc",
+                    tc.RAW_RECORD_CONTEXT, tc.raw_record_suffix()), quarantine_stage)
         # Computed from the duplicate ids, independently of the dedupe that wrote bronze.
         duplicates = int(dup_ids.agg(F.coalesce(F.sum(F.col("count") - 1), F.lit(0))).first()[0])
         dup_ids.unpersist()
@@ -151,6 +177,7 @@ def run_collect(spark: "SparkSession", lake: str, day: dt.date, keys: KeyRing, *
             landing_records=landing_records, bronze_records=bronze_records,
             quarantined={r: by_reason.get(r, 0) for r in QUARANTINE_REASONS},
             duplicates=duplicates, erased=erased, encryption_key_version=version,
+            data_keys="per-user" if per_user_keys else "none",
             encryption_key_fingerprint=keys.encryption.fingerprint,
             bronze_uri=bronze_uri, quarantine_uri=quarantine_uri, allow_empty=allow_empty,
             unknown_items=unknown_items if catalog is not None else "keep",

@@ -41,6 +41,7 @@ class CollectManifest:
     unknown_items: str = "keep"  # what collect did with items outside the catalog (keep | quarantine)
     catalog: dict[str, Any] | None = None  # the catalog snapshot checked against (day, sha256), if any
     erased: int = 0  # records of erased users (``privrec_pipeline.erasure``)
+    data_keys: str = "none"  # "per-user": identifiers sealed under each user's data key (crypto-shredding)
     step: str = "collect"
 
     @property

@@ -177,6 +177,15 @@ def released_day(spark, lake: str, keyring: KeyRing, generator: dict) -> None:
                  Ledger(ledger_url(lake), BudgetPolicy(epsilon=1000.0)))
 
 
+def row_keys(lake: str, keyring: KeyRing):
+    """Opens sealed bronze identifiers and quarantined lines of ``lake`` as an auditor would:
+    ``.open(row.enc_key_version, row.data_key, blob, aad)``."""
+    from privrec_pipeline.erasure.data_keys import RowKeys
+    from privrec_pipeline.erasure.requests import open_register
+
+    return RowKeys(keyring, open_register(lake).data_keys)
+
+
 def write_landing(lake: str, day: dt.date, lines: list[bytes], name: str = "events-000.jsonl") -> Path:
     """Write raw landing lines (bytes, exactly as given) into the day's landing partition."""
     from privrec_pipeline import lake as lk

@@ -7,8 +7,7 @@ import json
 
 import pytest
 
-from conftest import DAY, good_event, line, partition_snapshot, write_landing
-from privrec_pipeline import crypto
+from conftest import DAY, good_event, line, partition_snapshot, row_keys, write_landing
 from privrec_pipeline import lake as lk
 from privrec_pipeline.errors import ConfigurationError, LandingPartitionError, ManifestMismatchError
 from privrec_pipeline.ingest import run_collect
@@ -119,16 +118,30 @@ def test_manifest_is_written_last_and_readable(lake, collected):
 
 
 def test_bronze_holds_direct_identifiers_only_encrypted(spark, lake, collected, keyring):
+    """Sealed twice: AES-GCM under the encryption key, then under the user's own data key,
+    named by the row's ``data_key`` (the user's keyed fingerprint); neither key alone opens it."""
+    from cryptography.exceptions import InvalidTag
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    from privrec_pipeline.erasure.requests import fingerprint, open_register
 
     bronze = spark.read.parquet(lk.partition_uri(lake, "bronze", DAY))
     assert {"email", "ip", "user_agent", "search_query"}.isdisjoint(bronze.columns)
     text = " ".join(str(v) for row in bronze.collect() for v in row)
     assert "@example.com" not in text and "10.0." not in text
     row = bronze.where("event_id = 'evt-000003'").first()
-    blob = bytes(row.identifiers_enc)
-    plain = AESGCM(keyring.encryption.material).decrypt(blob[:12], blob[12:], b"identifiers|evt-000003")
+    blob, aad = bytes(row.identifiers_enc), b"identifiers|evt-000003"
+    assert row.data_key == fingerprint(keyring.encryption.material, "usr_0003")
+    plain = row_keys(lake, keyring).open(row.enc_key_version, row.data_key, blob, aad)
     assert json.loads(plain) == {k: good_event(3)[k] for k in ("email", "ip", "user_agent", "search_query")}
+    with pytest.raises(InvalidTag):  # the encryption key alone
+        AESGCM(keyring.encryption.material).decrypt(blob[:12], blob[12:], aad)
+    dek = open_register(lake).data_keys.lookup(keyring, "v1", [row.data_key])[row.data_key]
+    inner = AESGCM(dek).decrypt(blob[:12], blob[12:], aad)
+    with pytest.raises(InvalidTag):  # the data key alone leaves a ciphertext under the encryption key
+        AESGCM(dek).decrypt(inner[:12], inner[12:], aad)
+    users = {r.user_id: r.data_key for r in bronze.select("user_id", "data_key").distinct().collect()}
+    assert len(set(users.values())) == len(users) == 8  # one data key per user
 
 
 def test_numeric_ids_and_edge_cases_are_accepted(spark, lake, collected):
@@ -145,10 +158,14 @@ def test_quarantine_keeps_raw_line_encrypted_with_source_file(spark, lake, colle
     rows = q.collect()
     assert list(q.columns) == list(tc.QUARANTINE_COLUMNS)
     assert all(r.source_file.endswith("events-000.jsonl") for r in rows)
-    key = keyring.encryption.material
-    raws = {crypto.reference_decrypt(key, bytes(r.raw_record_enc), tc.raw_record_aad(r.source_file, r.record_position))
-            for r in rows}
+    keys = row_keys(lake, keyring)
+    raws = {keys.open(r.enc_key_version, r.data_key, bytes(r.raw_record_enc),
+                      tc.raw_record_aad(r.source_file, r.record_position)) for r in rows}
     assert {raw for _, _, raw in CASES} == raws
+    # A line with a user id is sealed under that user's data key; a line without one cannot be.
+    keyed = {r.data_key is not None for r in rows if r.reason == "malformed_json"}
+    assert keyed == {False}
+    assert all(r.data_key is not None for r in rows if r.reason in ("unknown_event_type", "wrong_type"))
     assert "@example.com" not in " ".join(str(v) for r in rows for v in r)
 
 
@@ -163,10 +180,11 @@ def test_quarantine_ciphertexts_are_bound_to_their_row(spark, lake, keyring):
     write_landing(lake, DAY, [bad, line(good_event(3))], name="events-001.jsonl")
     run_collect(spark, lake, DAY, keyring)
     rows = spark.read.parquet(lk.partition_uri(lake, "quarantine", DAY)).collect()
-    key = keyring.encryption.material
+    keys = row_keys(lake, keyring)
 
-    def decrypt(blob: bytes, row) -> bytes:
-        return crypto.reference_decrypt(key, blob, tc.raw_record_aad(row.source_file, row.record_position))
+    def decrypt(blob: bytes, row, place=None) -> bytes:
+        return keys.open(row.enc_key_version, row.data_key, blob, place or tc.raw_record_aad(row.source_file,
+                                                                                                row.record_position))
 
     assert len(rows) == 4
     assert len({bytes(r.raw_record_enc) for r in rows}) == 4  # three equal lines, three ciphertexts
@@ -178,11 +196,11 @@ def test_quarantine_ciphertexts_are_bound_to_their_row(spark, lake, keyring):
                 with pytest.raises(InvalidTag):
                     decrypt(bytes(b.raw_record_enc), a)
     first, second = sorted({r.source_file for r in rows})
-    moved = next(r for r in rows if r.source_file == first)
-    with pytest.raises(InvalidTag):  # the same position in the other file
-        crypto.reference_decrypt(key, bytes(moved.raw_record_enc), tc.raw_record_aad(second, moved.record_position))
-    with pytest.raises(InvalidTag):  # the file alone no longer opens it
-        crypto.reference_decrypt(key, bytes(moved.raw_record_enc), f"raw_record|{moved.source_file}".encode())
+    for moved in (r for r in rows if r.source_file == first):  # the keyed line and the unkeyed ones
+        with pytest.raises(InvalidTag):  # the same position in the other file
+            decrypt(bytes(moved.raw_record_enc), moved, tc.raw_record_aad(second, moved.record_position))
+        with pytest.raises(InvalidTag):  # the file alone no longer opens it
+            decrypt(bytes(moved.raw_record_enc), moved, f"raw_record|{moved.source_file}".encode())
 
 
 def test_rerun_gives_identical_outputs(spark, lake, keyring, collected):

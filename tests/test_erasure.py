@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 import test_ledger
 
-from conftest import DAY
+from conftest import DAY, row_keys
 from privrec_pipeline import lake as lk
-from privrec_pipeline.crypto import reference_decrypt, reference_pseudonym
+from privrec_pipeline.crypto import reference_pseudonym
 from privrec_pipeline.erasure.apply import process_pending
+from privrec_pipeline.erasure.data_keys import ShreddedError
 from privrec_pipeline.erasure.requests import (
     COMPLETED,
     PENDING,
@@ -34,6 +35,7 @@ from privrec_pipeline.transforms.collect import raw_record_aad
 pytestmark = pytest.mark.spark
 ledger_url = test_ledger.ledger_url  # the fixture: a fresh SQLite file or PostgreSQL schema
 DAYS = [DAY, DAY + dt.timedelta(days=1)]
+SHREDDED = "<a row whose data key was deleted>"
 
 
 def landing_records(lake: str, day: dt.date) -> list[bytes]:
@@ -71,8 +73,9 @@ def two_days(spark, tmp_path_factory, keyring):
     pseudonym = reference_pseudonym(keyring.pseudonym.material, "user", victim)
     other = next(u for u in counts if u != victim)
     _per_user_outputs(root, pseudonym, reference_pseudonym(keyring.pseudonym.material, "user", other))
-    backup = Path(str(tmp_path_factory.mktemp("backup"))) / "landing"
-    shutil.copytree(lk.zone_uri(root, "landing"), backup)
+    backup = Path(str(tmp_path_factory.mktemp("backup")))  # an old copy, as a backup keeps it
+    for zone in ("landing", "bronze", "quarantine"):
+        shutil.copytree(lk.zone_uri(root, zone), backup / zone)
     return root, victim, email, pseudonym, backup
 
 
@@ -100,8 +103,17 @@ def _per_user_outputs(root: str, victim: str, other: str) -> None:
 
 def traces(root: str, keyring, needles: list[str]) -> list[str]:
     """Every file of the lake, read as a person would: gzip opened, every Parquet value, the
-    encrypted identifiers and raw lines decrypted; where any needle occurs."""
+    encrypted identifiers and raw lines decrypted (with the data key a row names); where any
+    needle occurs, and where a row names a data key that no longer exists (an erased user's)."""
     import pyarrow.parquet as pq
+
+    keys = row_keys(root, keyring)
+
+    def opened(row: dict, column: str, aad: bytes) -> str:
+        try:
+            return keys.open(row["enc_key_version"], row.get("data_key"), row[column], aad).decode("utf-8", "replace")
+        except ShreddedError:
+            return SHREDDED
 
     found = []
     for f in sorted(Path(root).rglob("*")):
@@ -115,17 +127,14 @@ def traces(root: str, keyring, needles: list[str]) -> list[str]:
             rows = table.to_pylist()
             for row in rows:
                 if row.get("identifiers_enc"):
-                    key = keyring.encryption_versions[row["enc_key_version"]].material
-                    texts.append(reference_decrypt(key, row["identifiers_enc"],
-                                                   f"identifiers|{row['event_id']}".encode()).decode("utf-8", "replace"))
+                    texts.append(opened(row, "identifiers_enc", f"identifiers|{row['event_id']}".encode()))
                 if row.get("raw_record_enc"):
-                    key = keyring.encryption_versions[row["enc_key_version"]].material
-                    texts.append(reference_decrypt(key, row["raw_record_enc"], raw_record_aad(
-                        row["source_file"], row["record_position"])).decode("utf-8", "replace"))
+                    texts.append(opened(row, "raw_record_enc", raw_record_aad(row["source_file"],
+                                                                               row["record_position"])))
         else:
             data = f.read_bytes()
             texts.append((gzip.decompress(data) if f.suffix == ".gz" else data).decode("utf-8", "replace"))
-        found += [f"{f.relative_to(root)}: {n}" for n in needles if any(n in t for t in texts)]
+        found += [f"{f.relative_to(root)}: {n}" for n in [*needles, SHREDDED] if any(n in t for t in texts)]
     return found
 
 
@@ -176,7 +185,7 @@ def test_a_rerun_of_an_old_day_keeps_the_erased_user_out(two_days, keyring, spar
         process_pending(root, keyring, register)
     restored = lk.partition(root, "landing", DAYS[0])
     shutil.rmtree(restored)
-    shutil.copytree(backup / restored.name, restored)
+    shutil.copytree(backup / "landing" / restored.name, restored)
     theirs = sum(1 for line in landing_records(root, DAYS[0]) if user_of(line) == victim)
     assert theirs > 0
     manifest = run_collect(spark, root, DAYS[0], keyring)  # reads the register of the lake's ledger database
@@ -194,6 +203,51 @@ def test_a_rerun_of_an_old_day_keeps_the_erased_user_out(two_days, keyring, spar
     print_run_summary(console, root, DAYS[0], None)
     (line,) = [row for row in console.export_text().splitlines() if "records of erased users" in row]
     assert line.split()[-2] == f"{manifest.erased:,}", line
+
+
+def test_a_shredded_key_makes_an_old_copy_of_bronze_and_quarantine_undecryptable(two_days, keyring):
+    """A copy of bronze and quarantine made before the erasure still holds the user's rows:
+    after it, their data key is gone, so their identifiers and quarantined lines open with no
+    key left (not the encryption key, not any other user's data key); everyone else's still do."""
+    import pyarrow.parquet as pq
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.keywrap import aes_key_unwrap
+
+    from privrec_pipeline.crypto import reference_decrypt
+    from privrec_pipeline.erasure.data_keys import wrap_key
+    from privrec_pipeline.erasure.requests import fingerprint
+
+    root, victim, _, _, backup = two_days
+    register = open_register(root)
+    if not register.requests():
+        register.record(keyring, [victim])
+        process_pending(root, keyring, register)
+    (request,) = register.requests()
+    assert request.erased["data_keys"] == 1  # one encryption key version
+    theirs = fingerprint(keyring.encryption.material, victim)
+    with register.engine.connect() as conn:
+        stored = dict(conn.exec_driver_sql("SELECT fingerprint, wrapped_key FROM user_data_keys").all())
+    assert theirs not in stored and len(stored) >= 20  # the other users' keys are kept
+    keys = row_keys(root, keyring)
+    kek = wrap_key(keyring.encryption.material)
+    every_key = [keyring.encryption.material, *(aes_key_unwrap(kek, bytes(w)) for w in stored.values())]
+    shredded, opened = Counter(), 0
+    for f in sorted(backup.rglob("*.parquet")):
+        for row in pq.read_table(f).to_pylist():
+            column, aad = (("identifiers_enc", f"identifiers|{row['event_id']}".encode()) if "identifiers_enc" in row
+                           else ("raw_record_enc", raw_record_aad(row["source_file"], row["record_position"])))
+            if row["data_key"] == theirs:
+                assert row.get("user_id", victim) == victim
+                with pytest.raises(ShreddedError):
+                    keys.open(row["enc_key_version"], row["data_key"], row[column], aad)
+                for key in every_key:  # with whatever key is left
+                    with pytest.raises(InvalidTag):
+                        reference_decrypt(key, row[column], aad)
+                shredded[f.relative_to(backup).parts[0]] += 1
+            elif row[column] is not None:
+                assert keys.open(row["enc_key_version"], row["data_key"], row[column], aad)
+                opened += 1
+    assert shredded["bronze"] >= 10 and shredded["quarantine"] >= 1 and opened > 100
 
 
 def test_an_unknown_user_is_completed_with_nothing_found(tmp_path, keyring):

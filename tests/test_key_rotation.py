@@ -125,20 +125,37 @@ def test_keys_show_lists_both_versions_by_fingerprint(rotated):
 
 @pytest.mark.parametrize("day, own, other", [(DAY, "v1", "v2"), (DAY_AFTER, "v2", "v1")])
 def test_bronze_decrypts_with_its_own_key_only(spark, rotated, day, own, other):
+    """A day's rows are sealed under data keys of its own version (fingerprinted and wrapped
+    under that version's key), inside a ciphertext of that version's key alone."""
     from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap
+
+    from privrec_pipeline.erasure.data_keys import wrap_key
+    from privrec_pipeline.erasure.requests import fingerprint, open_register
 
     own_key, other_key = rotated[own].encryption.material, rotated[other].encryption.material
+    store = open_register(rotated["lake"]).data_keys
     rows = _bronze(spark, rotated["lake"], day)
     expected = {e["event_id"]: {k: e[k] for k in IDENTIFIERS} for e in _events(day)}
     assert sorted(r.event_id for r in rows) == sorted(expected)
+    with store.engine.connect() as conn:
+        wrapped = {(v, fp): bytes(w) for v, fp, w in conn.exec_driver_sql(
+            "SELECT key_version, fingerprint, wrapped_key FROM user_data_keys")}
     for row in rows:
-        assert row.enc_key_version == own
+        assert row.enc_key_version == own and row.data_key == fingerprint(own_key, row.user_id)
+        with pytest.raises(InvalidUnwrap):
+            aes_key_unwrap(wrap_key(other_key), wrapped[(own, row.data_key)])
+        dek = aes_key_unwrap(wrap_key(own_key), wrapped[(own, row.data_key)])
         blob, aad = bytes(row.identifiers_enc), f"{tc.IDENTIFIERS_CONTEXT}|{row.event_id}".encode()
-        assert json.loads(_decrypt(own_key, blob, aad)) == expected[row.event_id]
+        inner = _decrypt(dek, blob, aad)
+        assert json.loads(_decrypt(own_key, inner, aad)) == expected[row.event_id]
+        for key in (own_key, other_key):
+            with pytest.raises(InvalidTag):
+                _decrypt(key, blob, aad)
         with pytest.raises(InvalidTag):
-            _decrypt(other_key, blob, aad)
-    (bad,) = _quarantine(spark, rotated["lake"], day)
-    assert bad.enc_key_version == own
+            _decrypt(other_key, inner, aad)
+    (bad,) = _quarantine(spark, rotated["lake"], day)  # no user id: the version's key alone
+    assert bad.enc_key_version == own and bad.data_key is None
     aad = tc.raw_record_aad(bad.source_file, bad.record_position)
     assert _decrypt(own_key, bytes(bad.raw_record_enc), aad) == BAD_LINE
     with pytest.raises(InvalidTag):
@@ -147,26 +164,36 @@ def test_bronze_decrypts_with_its_own_key_only(spark, rotated, day, own, other):
 
 def test_the_rotated_key_ring_decrypts_old_and_new_bronze_by_version(spark, rotated):
     """After the rotation the current key ring still reads every day: each row names its key
-    version, and ``key_frame`` holds every version (the auditor's join on ``enc_version``)."""
+    version and its data key, and ``key_frame`` holds every version (the auditor's join on
+    ``enc_version``, after the data keys' join on ``data_key``)."""
     from pyspark.sql import functions as F
 
+    from conftest import row_keys
     from privrec_pipeline.crypto import key_frame
+    from privrec_pipeline.erasure import data_keys
+    from privrec_pipeline.erasure.requests import open_register
 
     v2: KeyRing = rotated["v2"]
-    for day in (DAY, DAY_AFTER):  # in Python, by the row's version
-        for row in _bronze(spark, rotated["lake"], day):
-            key = v2.encryption_versions[row.enc_key_version].material
-            plain = _decrypt(key, bytes(row.identifiers_enc), f"identifiers|{row.event_id}".encode())
-            assert set(json.loads(plain)) == set(IDENTIFIERS)
+    opener = row_keys(rotated["lake"], v2)
+    rows = [r for day in (DAY, DAY_AFTER) for r in _bronze(spark, rotated["lake"], day)]
+    for row in rows:  # in Python, by the row's version
+        plain = opener.open(row.enc_key_version, row.data_key, bytes(row.identifiers_enc),
+                            f"identifiers|{row.event_id}".encode())
+        assert set(json.loads(plain)) == set(IDENTIFIERS)
     keys = key_frame(spark, v2)
     assert sorted(r.enc_version for r in keys.select("enc_version").collect()) == ["v1", "v2"]
+    store = open_register(rotated["lake"]).data_keys
+    deks = {fp: k for version in ("v1", "v2")
+            for fp, k in store.lookup(v2, version, {r.data_key for r in rows if r.enc_key_version == version}).items()}
     bronze = spark.read.parquet(lk.partition_uri(rotated["lake"], "bronze", DAY),
                                 lk.partition_uri(rotated["lake"], "bronze", DAY_AFTER))
-    decrypted = bronze.join(F.broadcast(keys), bronze.enc_key_version == keys.enc_version).select(
+    aad = F.concat(F.lit("identifiers|"), "event_id")
+    decrypted = (bronze.join(F.broadcast(data_keys.key_frame(spark, deks)), "data_key")
+                 .join(F.broadcast(keys), bronze.enc_key_version == keys.enc_version).select(
         "event_id", "enc_key_version",
-        F.get_json_object(F.aes_decrypt("identifiers_enc", "enc_key", F.lit("GCM"), F.lit("DEFAULT"),
-                                        F.concat(F.lit("identifiers|"), "event_id")).cast("string"),
-                          "$.email").alias("email"))
+        F.get_json_object(F.aes_decrypt(F.aes_decrypt("identifiers_enc", "dek", F.lit("GCM"), F.lit("DEFAULT"), aad),
+                                        "enc_key", F.lit("GCM"), F.lit("DEFAULT"), aad).cast("string"),
+                          "$.email").alias("email")))
     got = {r.event_id: (r.enc_key_version, r.email) for r in decrypted.collect()}
     want = {e["event_id"]: (version, e["email"]) for day, version in ((DAY, "v1"), (DAY_AFTER, "v2"))
             for e in _events(day)}

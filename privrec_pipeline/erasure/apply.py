@@ -6,7 +6,7 @@ Where a user is, and how they are found:
 |---|---|
 | landing | lines whose JSON ``user_id`` is the id (a line that is not a JSON object: the id as a JSON string anywhere in it) |
 | bronze | ``user_id`` is the id |
-| quarantine | the raw line, decrypted in this process (``raw_record_enc``, its row's AAD), matched like landing |
+| quarantine | sealed under one of the user's data keys (``data_key``); else the raw line, decrypted in this process, matched like landing |
 | silver, training | ``user_pseudonym`` is one of the id's pseudonyms (every pseudonym key version of the key document) |
 | serving | ``key`` is one of the id's pseudonyms |
 
@@ -18,6 +18,10 @@ and ``erased`` (landing = bronze + quarantined + duplicates + erased), pseudonym
 and silver counts, build_partitions' users and items. Deriving them from the data, not by
 subtracting, makes the task safe to kill and rerun: a rerun finds nothing more to remove and
 writes the same manifests.
+
+Then the user's data keys are deleted (``data_keys.DataKeys.shred``): what a copy of bronze or
+quarantine made before still holds of them (their identifiers, their quarantined lines) can no
+longer be decrypted.
 
 DP outputs (gold/dp_stats, models) are not rewritten: a DP release bounds what any one user
 changes in it, which is the guarantee an erasure relies on for them (docs/ARCHITECTURE.md).
@@ -35,7 +39,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from privrec_pipeline import lake as lk
-from privrec_pipeline.errors import PrivrecError
+from privrec_pipeline.erasure.data_keys import RowKeys, ShreddedError
+from privrec_pipeline.errors import ConfigurationError, PrivrecError
 from privrec_pipeline.secrets import KeyRing
 
 log = logging.getLogger(__name__)
@@ -83,6 +88,7 @@ class Erased:
     """Rows removed, per zone and day."""
 
     rows: dict[str, dict[str, int]] = field(default_factory=dict)
+    keys: int = 0  # data keys deleted (crypto-shredding)
 
     def add(self, zone: str, day: dt.date, n: int) -> None:
         if n:
@@ -110,13 +116,12 @@ def partition_days(lake: str, zone: str) -> list[dt.date]:
     return sorted(days)
 
 
-def linked(lake: str, keys: KeyRing, targets: Targets) -> Targets:
+def linked(lake: str, keys: KeyRing, targets: Targets, row_keys: RowKeys) -> Targets:
     """``targets`` with the emails and sessions of the users' own records (landing lines and
     bronze rows with their user id; bronze's identifiers decrypted here): a malformed line of
     theirs may carry those but no user id."""
     import pyarrow.compute as pc
 
-    from privrec_pipeline.crypto import reference_decrypt
     from privrec_pipeline.transforms.collect import IDENTIFIERS_CONTEXT
 
     emails, sessions = set(), set()
@@ -133,14 +138,18 @@ def linked(lake: str, keys: KeyRing, targets: Targets) -> Targets:
         folder = lk.partition(lake, "bronze", day)
         if not lk.files(folder):
             continue
-        table = lk.dataset(folder, format="parquet").to_table(
-            columns=["user_id", "event_id", "session_id", "identifiers_enc", "enc_key_version"],
-            filter=pc.field("user_id").isin(sorted(targets.ids)))
+        dataset = lk.dataset(folder, format="parquet")
+        columns = ["user_id", "event_id", "session_id", "identifiers_enc", "enc_key_version"]
+        table = dataset.to_table(columns=columns + [c for c in ("data_key",) if c in dataset.schema.names],
+                                 filter=pc.field("user_id").isin(sorted(targets.ids)))
         for row in table.to_pylist():
             sessions.add(row["session_id"])
             if row["identifiers_enc"] is not None:
-                key = keys.encryption_versions[row["enc_key_version"]].material
-                plain = reference_decrypt(key, row["identifiers_enc"], f"{IDENTIFIERS_CONTEXT}|{row['event_id']}".encode())
+                try:
+                    plain = row_keys.open(row["enc_key_version"], row.get("data_key"), row["identifiers_enc"],
+                                          f"{IDENTIFIERS_CONTEXT}|{row['event_id']}".encode())
+                except ShreddedError:  # a copy left by an earlier erasure of theirs: unreadable already
+                    continue
                 emails.add(json.loads(plain).get("email"))
     return Targets(targets.ids, targets.pseudonyms,
                    frozenset(e for e in emails if isinstance(e, str) and e),
@@ -158,7 +167,7 @@ def _landing_lines(folder: lk.UPath) -> list[bytes]:
     return lines
 
 
-def erase_users(lake: str, keys: KeyRing, targets: Targets) -> Erased:
+def erase_users(lake: str, keys: KeyRing, targets: Targets, row_keys: RowKeys) -> Erased:
     """Remove every row of the ``targets`` users from landing, bronze, quarantine, silver,
     training and serving, and reconcile the manifests of the days touched."""
     erased = Erased()
@@ -167,7 +176,8 @@ def erase_users(lake: str, keys: KeyRing, targets: Targets) -> Erased:
     for day in partition_days(lake, "bronze"):
         erased.add("bronze", day, erase_parquet(lk.partition(lake, "bronze", day), _column_in("user_id", targets.ids)))
     for day in partition_days(lake, "quarantine"):
-        erased.add("quarantine", day, erase_parquet(lk.partition(lake, "quarantine", day), _quarantined_of(keys, targets)))
+        erased.add("quarantine", day, erase_parquet(lk.partition(lake, "quarantine", day),
+                                                                  _quarantined_of(keys, targets, row_keys)))
     for zone in ("silver", "training", "serving"):
         for day in partition_days(lake, zone):
             erased.add(zone, day, erase_parquet(lk.partition(lake, zone, day),
@@ -215,10 +225,11 @@ def erase_parquet(folder: lk.UPath, drop: Matcher) -> int:
             continue
         with f.open("rb") as handle:
             parquet = pq.ParquetFile(handle)
-            if not set(drop.columns) <= set(parquet.schema_arrow.names):
+            names = set(parquet.schema_arrow.names)
+            if not set(drop.columns) <= names:
                 continue
             # The columns the match needs first; the whole file only when it holds the users.
-            mask = drop(parquet.read(columns=list(drop.columns)))
+            mask = drop(parquet.read(columns=[*drop.columns, *(c for c in drop.optional if c in names)]))
             n = int(pc.sum(mask).as_py() or 0)
             if not n:
                 continue
@@ -252,11 +263,12 @@ def _replace_files(folder: lk.UPath, rewritten: dict[str, bytes]) -> None:
 
 @dataclass(frozen=True)
 class Matcher:
-    """Which rows of a Parquet file are the users': ``columns`` it reads, ``mark`` a boolean
-    array over a table of those columns."""
+    """Which rows of a Parquet file are the users': ``columns`` it reads (and ``optional``
+    ones where the file has them), ``mark`` a boolean array over a table of those columns."""
 
     columns: tuple[str, ...]
     mark: Callable[[Any], Any]
+    optional: tuple[str, ...] = ()
 
     def __call__(self, table: Any) -> Any:
         return self.mark(table)
@@ -270,36 +282,47 @@ def _column_in(column: str, values: frozenset[str]) -> Matcher:
         pc.is_in(table[column].cast(pa.string()), value_set=pa.array(sorted(values))), False))
 
 
-def _quarantined_of(keys: KeyRing, targets: Targets) -> Matcher:
-    """Marks quarantine rows whose decrypted raw line is one of the users'. A row that does not
-    decrypt stops the erasure: it cannot be shown not to be theirs."""
+def _quarantined_of(keys: KeyRing, targets: Targets, row_keys: RowKeys) -> Matcher:
+    """Marks quarantine rows of the users: sealed under one of their data keys, or with a
+    decrypted raw line that is theirs (a line without a user id, or another user's line that
+    names them). A row whose data key is gone was an erased user's: it goes too. A row that
+    does not decrypt stops the erasure: it cannot be shown not to be theirs."""
     import pyarrow as pa
     from cryptography.exceptions import InvalidTag
 
-    from privrec_pipeline.crypto import reference_decrypt
+    from privrec_pipeline.erasure.requests import fingerprint
     from privrec_pipeline.transforms.collect import raw_record_aad
+
+    versions = {**keys.encryption_versions, keys.encryption.version: keys.encryption}
+    theirs = {(v, fingerprint(k.material, u)) for u in targets.ids for v, k in versions.items()}
 
     def drop(table: Any) -> Any:
         rows = table.to_pylist()
+        row_keys.prefetch((r["enc_key_version"], r.get("data_key")) for r in rows)
         marks = []
         for row in rows:
             if row["raw_record_enc"] is None:
                 marks.append(False)
                 continue
-            key = keys.encryption_versions.get(row["enc_key_version"])
-            if key is None:
-                raise PrivrecError(f"quarantine row {row['source_file']}#{row['record_position']} was encrypted "
-                                   f"with key {row['enc_key_version']}, which the key document does not hold")
+            if (row["enc_key_version"], row.get("data_key")) in theirs:
+                marks.append(True)
+                continue
+            place = f"{row['source_file']}#{row['record_position']}"
             try:
-                line = reference_decrypt(key.material, row["raw_record_enc"],
-                                         raw_record_aad(row["source_file"], row["record_position"]))
+                line = row_keys.open(row["enc_key_version"], row.get("data_key"), row["raw_record_enc"],
+                                     raw_record_aad(row["source_file"], row["record_position"]))
+            except ShreddedError:
+                marks.append(True)
+                continue
+            except ConfigurationError as exc:
+                raise PrivrecError(f"quarantine row {place}: {exc}") from None
             except InvalidTag:
-                raise PrivrecError(f"quarantine row {row['source_file']}#{row['record_position']} does not "
-                                   "decrypt (wrong key, or the file was altered): erasure stopped") from None
+                raise PrivrecError(f"quarantine row {place} does not decrypt (wrong key, or the file was "
+                                   "altered): erasure stopped") from None
             marks.append(targets.line_matches(line))
         return pa.array(marks, pa.bool_())
 
-    return Matcher(("raw_record_enc", "enc_key_version", "source_file", "record_position"), drop)
+    return Matcher(("raw_record_enc", "enc_key_version", "source_file", "record_position"), drop, ("data_key",))
 
 
 # ---- manifests ------------------------------------------------------------------------------
@@ -377,13 +400,17 @@ def process_pending(lake: str, keys: KeyRing, register: Any = None) -> list[Proc
     from privrec_pipeline.erasure.requests import open_register
 
     register = register or open_register(lake)
+    row_keys = RowKeys(keys, register.data_keys)
     done = []
     for request, user_id in list(register.pending_ids(keys)):
-        targets = linked(lake, keys, Targets.of(keys, [user_id]))
+        targets = linked(lake, keys, Targets.of(keys, [user_id]), row_keys)
         register.link(request.id, keys, targets.emails)  # before any row goes: collect keeps them out from now on
-        erased = erase_users(lake, keys, targets)
+        erased = erase_users(lake, keys, targets, row_keys)
+        # The rows are gone; now every copy of them elsewhere (backups, snapshots) too.
+        shredded = register.data_keys.shred(keys, [user_id])
+        erased.keys = shredded
         summary = erased.by_zone()
-        register.complete(request.id, {"rows": erased.rows, "total": erased.total})
+        register.complete(request.id, {"rows": erased.rows, "total": erased.total, "data_keys": erased.keys})
         # Zones only: how many rows one person had is theirs to know (``privrec erase --status``).
         log.info("erasure request %d completed: %s", request.id,
                  f"rows removed from {', '.join(summary)}" if summary else "no rows found in any zone")

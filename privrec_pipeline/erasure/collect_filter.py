@@ -35,8 +35,7 @@ def flag_erased(spark: "SparkSession", classified: "DataFrame", keys: KeyRing,
     """``classified`` with a boolean column ``_erased``: the record's user asked to be erased."""
     from pyspark.sql import functions as F
 
-    from privrec_pipeline.crypto import hmac_pads, hmac_sha256
-    from privrec_pipeline.erasure.requests import fingerprint_key
+    from privrec_pipeline.crypto import fingerprint_key, hmac_pads, hmac_sha256
 
     versions = sorted(fingerprints)
     missing = [v for v in versions if v not in keys.encryption_versions]

@@ -47,10 +47,10 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Engine
 
+from privrec_pipeline.crypto import fingerprint_key
 from privrec_pipeline.errors import ConfigurationError
 from privrec_pipeline.secrets import KeyRing
 
-FINGERPRINT_LABEL = b"privrec/erasure-fingerprint/v1"
 PENDING, COMPLETED = "pending", "completed"
 MAX_ID_CHARS = 256
 # A user id as a source can send it: printable, no whitespace at the ends, no control characters.
@@ -78,10 +78,15 @@ linked_table = Table(
     Column("fingerprint", String(64), nullable=False),
     UniqueConstraint("key_version", "fingerprint", name="uq_erasure_linked"),
 )
-
-
-def fingerprint_key(encryption_key: bytes) -> bytes:
-    return hmac.new(encryption_key, FINGERPRINT_LABEL, hashlib.sha256).digest()
+# Each user's data key, wrapped under the encryption key version it belongs to
+# (``privrec_pipeline.erasure.data_keys``): erasing the user deletes the row.
+data_keys_table = Table(
+    "user_data_keys", metadata,
+    Column("key_version", String(32), primary_key=True),
+    Column("fingerprint", String(64), primary_key=True),  # the user's fingerprint under that version
+    Column("wrapped_key", LargeBinary, nullable=False),  # RFC 3394 AES key wrap of the 256-bit key
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
 
 
 def fingerprint(encryption_key: bytes, value: str, kind: str = "user") -> str:
@@ -148,13 +153,16 @@ class Recorded:
 
 
 class ErasureRegister:
-    """The erasure requests table in the ledger's database (``config.ledger_url``)."""
+    """The erasure requests table in the ledger's database (``config.ledger_url``), and the
+    users' data keys beside it (``data_keys``)."""
 
     def __init__(self, url: str) -> None:
+        from privrec_pipeline.erasure.data_keys import DataKeys
         from privrec_pipeline.privacy.ledger import database_engine, with_ddl_retries
 
         self.engine: Engine = database_engine(url)
         with_ddl_retries(self._prepare)  # tasks of two runs open it together
+        self.data_keys = DataKeys(self.engine)  # each user's data key (crypto-shredding)
 
     def _prepare(self) -> None:
         """Create the tables in one transaction, under the ledger's schema lock."""

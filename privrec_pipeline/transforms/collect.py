@@ -249,11 +249,12 @@ def dedupe_events(valid: "DataFrame", dup_ids: "DataFrame", *, broadcast: bool =
 
 
 BRONZE_COLUMNS = (
-    *BRONZE_EVENT_COLUMNS, "identifiers_enc", "enc_key_version", "source_file",
+    *BRONZE_EVENT_COLUMNS, "identifiers_enc", "enc_key_version", "data_key", "source_file",
     "device_class", "ip_family", "search_query_scrubbed",
 )
 QUARANTINE_COLUMNS = (
     "reason", "detail", "source_file", "record_position", "record_bytes", "raw_record_enc", "enc_key_version",
+    "data_key",
 )
 RAW_RECORD_CONTEXT = "raw_record"  # AAD label of the quarantine raw-line ciphertext
 
@@ -264,7 +265,7 @@ def raw_record_aad(source_file: str | None, record_position: int) -> bytes:
     return f"{RAW_RECORD_CONTEXT}|{source_file or ''}|{record_position}".encode()
 
 
-def _raw_record_suffix() -> "Column":
+def raw_record_suffix() -> "Column":
     """Per-row part of the raw line's AAD, the row's place: source file and position (the
     position last, so a '|' in a file name cannot make two places read alike)."""
     from pyspark.sql import functions as F
@@ -272,7 +273,8 @@ def _raw_record_suffix() -> "Column":
     return F.concat_ws("|", F.coalesce(F.col("source_file"), F.lit("")), F.col("record_position").cast("string"))
 
 
-def to_collected(classified: "DataFrame", keys: "DataFrame", key_version: str) -> "DataFrame":
+def to_collected(classified: "DataFrame", keys: "DataFrame", key_version: str, *,
+                 per_user_keys: bool = True) -> "DataFrame":
     """Every classified line in its stored form, bronze and quarantine columns side by side,
     so one pass over the landing files computes both (``BRONZE_COLUMNS`` of accepted rows,
     ``QUARANTINE_COLUMNS`` of rows with a ``reason``).
@@ -288,6 +290,11 @@ def to_collected(classified: "DataFrame", keys: "DataFrame", key_version: str) -
     ciphertext's associated data names the row's place (``raw_record_aad``): equal lines at
     two places get different ciphertexts (the synthetic IV covers the AAD), and a ciphertext
     moved to another row or file fails to decrypt there.
+
+    ``data_key``: the user's keyed fingerprint (``crypto.user_fingerprint``) for a record with
+    a user id, naming the per-user data key the two ciphertexts are then sealed under when
+    bronze and quarantine are written (``erasure.data_keys``); NULL without a user id, or
+    with ``per_user_keys`` off (everything under the encryption key alone).
     """
     from pyspark.sql import functions as F
 
@@ -308,8 +315,11 @@ def to_collected(classified: "DataFrame", keys: "DataFrame", key_version: str) -
         bronze_only(generalize.scrub_text(F.col("search_query"))).alias("search_query_scrubbed"),
         # ``value`` is kept by classify_landing for rejected lines only.
         F.octet_length("value").alias("record_bytes"),
-        crypto.encrypt(F.col("value"), RAW_RECORD_CONTEXT, *enc, context_suffix=_raw_record_suffix())
+        crypto.encrypt(F.col("value"), RAW_RECORD_CONTEXT, *enc, context_suffix=raw_record_suffix())
         .alias("raw_record_enc"),
         F.col("enc_version").alias("enc_key_version"),
+        (F.when(F.length(F.col("user_id").cast("string")) > 0,
+                crypto.user_fingerprint(F.col("fp_ipad"), F.col("fp_opad"), F.col("user_id")))
+         if per_user_keys else F.lit(None).cast("string")).alias("data_key"),
         *[c for c in ("_erased",) if c in classified.columns],  # erasure.collect_filter's flag
     )

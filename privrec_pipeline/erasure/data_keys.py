@@ -1,0 +1,236 @@
+"""Per-user data keys: crypto-shredding of bronze identifiers and quarantined raw lines.
+
+Envelope encryption (NIST SP 800-57 Part 1 Rev. 5, section 6.1.1: key-wrapping keys and data
+keys):
+
+- every user u gets a random 256-bit data key DEK_u (``os.urandom``) per encryption key
+  version v, created by the first collect that meets them;
+- DEK_u is stored only wrapped, with the AES key wrap of RFC 3394 (``cryptography``'s
+  ``aes_key_wrap``) under K_wrap,v = HMAC-SHA256(K_enc,v, "privrec/user-data-key-wrap/v1")
+  (HMAC as a PRF to derive a separate key, RFC 2104; the label keeps K_wrap apart from every
+  other key derived from K_enc), in the ledger database's table ``user_data_keys``, keyed by
+  (v, the user's keyed fingerprint of ``erasure.requests``);
+- collect **seals** a row of user u: the ciphertext it computes under K_enc
+  (``crypto.encrypt``) is encrypted once more under DEK_u, again with ``crypto.encrypt`` and
+  the row's associated data, its synthetic IV keyed by HMAC(DEK_u, label), so nothing in the
+  sealed value depends on a key other than DEK_u. The row's ``data_key`` column holds the
+  fingerprint that names DEK_u. A line without a user id (a broken line in quarantine) has
+  no user to key by: it stays under K_enc alone, ``data_key`` NULL;
+- erasing u deletes DEK_u under every version (``DataKeys.shred``): every copy of u's sealed
+  rows, in the lake, a backup or an old snapshot, is then AES-GCM ciphertext under a key that
+  exists nowhere (NIST SP 800-88 Rev. 1, "cryptographic erase").
+
+Two layers rather than one: collect makes one pass over the landing JSON and learns the day's
+users only from it, so their data keys are looked up (or created) after that pass, and the
+outer layer is added while bronze and quarantine are written from the staged pass: one more
+AES-GCM per row, where re-encrypting would cost a decryption and an encryption.
+
+What shredding does not reach: bronze's user id and event fields (in clear there, removed by
+the erasure task, kept by an old copy of bronze), and backups of the ledger database, which
+hold the wrapped data keys: keep them no longer than the time allowed to complete an erasure.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+import os
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import delete, select, tuple_
+from sqlalchemy.engine import Connection, Engine
+
+from privrec_pipeline import crypto
+from privrec_pipeline.erasure.requests import data_keys_table, fingerprint, requests_table
+from privrec_pipeline.errors import ConfigurationError, PrivrecError
+from privrec_pipeline.secrets import KeyRing
+
+if TYPE_CHECKING:
+    from pyspark.sql import Column, DataFrame, SparkSession
+
+WRAP_LABEL = b"privrec/user-data-key-wrap/v1"
+DATA_KEY = "data_key"  # the column naming a row's data key (the user's fingerprint)
+DEK_COLUMNS = ("dek", "dek_iv_ipad", "dek_iv_opad")
+CHUNK = 5_000  # fingerprints per SQL statement (SQLite allows 32,766 parameters)
+BROADCAST_MAX_KEYS = 500_000  # data keys up to this many are broadcast to the rows (~120 MB)
+
+
+class ShreddedError(PrivrecError):
+    """A row's data key no longer exists: its user was erased."""
+
+
+def wrap_key(encryption_key: bytes) -> bytes:
+    return hmac.new(encryption_key, WRAP_LABEL, hashlib.sha256).digest()
+
+
+def _chunks(items: list[str]) -> Iterable[list[str]]:
+    for start in range(0, len(items), CHUNK):
+        yield items[start:start + CHUNK]
+
+
+class DataKeys:
+    """The ``user_data_keys`` table (created with the erasure register's tables)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def ensure(self, keys: KeyRing, fingerprints: Iterable[str], now: dt.datetime | None = None) -> dict[str, bytes]:
+        """The data keys of these users under the current encryption key, created where missing.
+
+        A user with an erasure request under the current key version gets none (collect drops
+        their records): a request recorded after collect started is still honoured here. Two
+        runs creating one user's key at once agree on the first one stored."""
+        from cryptography.hazmat.primitives.keywrap import aes_key_unwrap, aes_key_wrap
+
+        enc = keys.encryption
+        kek = wrap_key(enc.material)
+        when = now or dt.datetime.now(dt.UTC)
+        out: dict[str, bytes] = {}
+        table = data_keys_table
+        for chunk in _chunks(sorted(set(fingerprints))):
+            with self.engine.begin() as conn:
+                erased = set(conn.execute(select(requests_table.c.fingerprint).where(
+                    requests_table.c.key_version == enc.version, requests_table.c.fingerprint.in_(chunk))).scalars())
+                stored = dict(conn.execute(select(table.c.fingerprint, table.c.wrapped_key).where(
+                    table.c.key_version == enc.version, table.c.fingerprint.in_(chunk))).all())
+                fresh = {fp: os.urandom(32) for fp in chunk if fp not in stored and fp not in erased}
+                if fresh:
+                    mine = {fp: aes_key_wrap(kek, dek) for fp, dek in fresh.items()}
+                    _insert_if_absent(conn, [{"key_version": enc.version, "fingerprint": fp, "wrapped_key": w,
+                                              "created_at": when} for fp, w in mine.items()])
+                    won = dict(conn.execute(select(table.c.fingerprint, table.c.wrapped_key).where(
+                        table.c.key_version == enc.version, table.c.fingerprint.in_(list(fresh)))).all())
+                    for fp, wrapped in won.items():
+                        if bytes(wrapped) == mine[fp]:
+                            out[fp] = fresh[fp]
+                        else:  # another run stored this user's key first
+                            stored[fp] = wrapped
+            for fp, wrapped in stored.items():
+                if fp not in erased:
+                    out[fp] = aes_key_unwrap(kek, bytes(wrapped))
+        return out
+
+    def lookup(self, keys: KeyRing, version: str, fingerprints: Iterable[str]) -> dict[str, bytes]:
+        """The data keys that still exist among these (of encryption key ``version``)."""
+        from cryptography.hazmat.primitives.keywrap import aes_key_unwrap
+
+        key = keys.encryption_versions.get(version) or (keys.encryption if version == keys.encryption.version else None)
+        if key is None:
+            raise ConfigurationError(f"data keys of encryption key version {version} are wrapped under a key the "
+                                     "key document does not hold: restore that key version")
+        kek = wrap_key(key.material)
+        out: dict[str, bytes] = {}
+        table = data_keys_table
+        with self.engine.connect() as conn:
+            for chunk in _chunks(sorted(set(fingerprints))):
+                for fp, wrapped in conn.execute(select(table.c.fingerprint, table.c.wrapped_key).where(
+                        table.c.key_version == version, table.c.fingerprint.in_(chunk))):
+                    out[fp] = aes_key_unwrap(kek, bytes(wrapped))
+        return out
+
+    def shred(self, keys: KeyRing, user_ids: Iterable[str]) -> int:
+        """Delete the users' data keys under every encryption key version of the key document;
+        the number deleted."""
+        versions = {**keys.encryption_versions, keys.encryption.version: keys.encryption}
+        pairs = [(v, fingerprint(k.material, u)) for u in set(user_ids) for v, k in versions.items()]
+        table = data_keys_table
+        with self.engine.begin() as conn:
+            return sum(conn.execute(delete(table).where(tuple_(table.c.key_version, table.c.fingerprint)
+                                                        .in_(pairs[i:i + CHUNK]))).rowcount
+                       for i in range(0, len(pairs), CHUNK))
+
+    def count(self) -> int:
+        from sqlalchemy import func
+
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(data_keys_table)).scalar_one())
+
+
+def _insert_if_absent(conn: Connection, rows: list[dict[str, Any]]) -> None:
+    """INSERT ... ON CONFLICT DO NOTHING (PostgreSQL and SQLite, the ledger's databases)."""
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    elif conn.dialect.name == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    else:
+        raise ConfigurationError(f"data keys need PostgreSQL or SQLite, not {conn.dialect.name}")
+    conn.execute(insert(data_keys_table).on_conflict_do_nothing(), rows)
+
+
+# ---- Spark: sealing rows -------------------------------------------------------------------
+
+def key_frame(spark: "SparkSession", deks: dict[str, bytes]) -> "DataFrame":
+    """One row per data key: ``data_key`` and the binary columns of ``DEK_COLUMNS`` (the key
+    and the pads of its synthetic-IV key). The keys enter the plan as data, never literals."""
+    import pyarrow as pa
+
+    names = sorted(deks)
+    pads = [crypto.hmac_pads(crypto.iv_key(deks[fp])) for fp in names]
+    table = pa.table({
+        DATA_KEY: pa.array(names, pa.string()),
+        "dek": pa.array([deks[fp] for fp in names], pa.binary()),
+        "dek_iv_ipad": pa.array([p[0] for p in pads], pa.binary()),
+        "dek_iv_opad": pa.array([p[1] for p in pads], pa.binary()),
+    })
+    return spark.createDataFrame(table)
+
+
+def seal(rows: "DataFrame", keys: "DataFrame", sealed: dict[str, tuple[str, "Column"]], *,
+         broadcast: bool = True) -> "DataFrame":
+    """``rows`` with each column of ``sealed`` (name -> (AAD context, per-row AAD suffix))
+    encrypted once more under the row's data key (``keys``: a ``key_frame``, broadcast unless
+    it is too large, see ``BROADCAST_MAX_KEYS``). A row with a ``data_key`` but no key fails
+    the job: it would be stored under the master key alone."""
+    from pyspark.sql import functions as F
+
+    joined = rows.join(F.broadcast(keys) if broadcast else keys, DATA_KEY, "left")
+    dek = [F.col(c) for c in DEK_COLUMNS]
+    missing = F.col(DATA_KEY).isNotNull() & F.col("dek").isNull()
+    out = []
+    for name in rows.columns:
+        if name in sealed:
+            context, suffix = sealed[name]
+            column = F.when(missing, F.raise_error(F.lit(f"no data key for a row's {name}")).cast("binary")) \
+                .when(F.col("dek").isNotNull(), crypto.encrypt(F.col(name), context, *dek, context_suffix=suffix)) \
+                .otherwise(F.col(name))
+            out.append(column.alias(name))
+        else:
+            out.append(F.col(name))
+    return joined.select(*out)
+
+
+# ---- Python: opening rows ------------------------------------------------------------------
+
+class RowKeys:
+    """Opens sealed values in Python (erasure, audits, tests): a row's data key looked up once
+    per (version, fingerprint), then the two layers of ``seal`` removed."""
+
+    def __init__(self, keys: KeyRing, store: DataKeys) -> None:
+        self.keys, self.store = keys, store
+        self._cache: dict[tuple[str, str], bytes | None] = {}
+
+    def prefetch(self, pairs: Iterable[tuple[str, str | None]]) -> None:
+        by_version: dict[str, set[str]] = {}
+        for version, fp in pairs:
+            if fp is not None and (version, fp) not in self._cache:
+                by_version.setdefault(version, set()).add(fp)
+        for version, fps in by_version.items():
+            found = self.store.lookup(self.keys, version, fps)
+            self._cache.update({(version, fp): found.get(fp) for fp in fps})
+
+    def open(self, version: str, data_key: str | None, blob: bytes, aad: bytes) -> bytes:
+        """The plaintext; ``ShreddedError`` when the row's data key was deleted, the
+        ``cryptography`` library's ``InvalidTag`` when a key or the AAD is not the row's."""
+        master = self.keys.encryption_versions.get(version) or (
+            self.keys.encryption if version == self.keys.encryption.version else None)
+        if master is None:
+            raise ConfigurationError(f"a row was encrypted with key {version}, which the key document does not hold")
+        if data_key is not None:
+            self.prefetch([(version, data_key)])
+            dek = self._cache[(version, data_key)]
+            if dek is None:
+                raise ShreddedError("the row's data key was deleted (its user was erased)")
+            blob = crypto.reference_decrypt(dek, blob, aad)
+        return crypto.reference_decrypt(master.material, blob, aad)
