@@ -7,13 +7,22 @@ DAG runs them:
 
 - ``cold_start``: an application that only creates the SparkSession and stops (JVM start);
 - ``bare_copy``: ``spark.read.json(landing).write.mode("overwrite").parquet(...)``;
-- ``collect`` / ``pseudonymize`` / ``validate``: the jobs of the same names in ``jobs/``.
+- ``collect`` / ``pseudonymize`` / ``validate``: the jobs of the same names in ``jobs/``;
+- ``collect_single_key`` / ``collect_single_key_2``: ``jobs/collect.py --data-keys none``, the
+  same collect with every ciphertext under the encryption key alone: the baseline of the
+  per-user data keys (crypto-shredding). The four collects run in the order single key,
+  ``collect``, ``collect_keys_exist``, single key (A B B A, so a drift of the machine's speed
+  during the run cancels out), and each per-user collect is compared with the mean of the two
+  baselines. ``collect`` meets every user for the first time (a fresh ledger database) and
+  creates and stores all their keys, the costliest day; ``collect_keys_exist`` reruns the day
+  with every key stored, as a day of returning users.
 
 Wall time is the whole spark-submit. Peak memory is the highest sum of RSS over the
 process tree (spark-submit, JVM, Python driver and workers), sampled every 0.2 s; pages
 shared between processes count once per process, so it is an upper bound (children are
 counted from their second sample on, so shell-outs that live for a moment are not). Targets:
-(collect + pseudonymize) <= 2.0 x bare copy; validate <= 30% of (collect + pseudonymize).
+(collect + pseudonymize) <= 2.0 x bare copy; validate <= 30% of (collect + pseudonymize);
+collect <= 1.15 x the single-key collect.
 
 This file is also the Spark application of the two reference steps:
 ``spark-submit benchmarks/ingest.py noop`` and ``spark-submit benchmarks/ingest.py copy SRC DST``.
@@ -47,6 +56,7 @@ BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
 DEFAULT_DATE = dt.date(2026, 1, 15)
 TARGET_RATIO = 2.0
 TARGET_VALIDATE_SHARE = 0.30  # validate adds at most 30% to ingest time (issue 3)
+TARGET_DATA_KEYS = 1.15  # per-user data keys make collect at most 15% slower than one key
 # The DAG's settings (dags/privrec_nightly.py) on a 2-core local master.
 SUBMIT_ARGS = ("--master", "local[2]", "--driver-memory", "4g", "--conf", "spark.ui.enabled=false")
 SAMPLE_SECONDS = 0.2
@@ -65,6 +75,8 @@ def submit_args(step: str) -> list[str]:
 def add_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--events", type=int, default=2_000_000,
                        help="landing records to generate (default: 2,000,000)")
+    group.add_argument("--users", type=int, default=None,
+                       help="distinct users of the generated day (default: the generator's, 5,000)")
     group.add_argument("--bad-rate", type=float, default=0.001,
                        help="share of malformed records and duplicates (default: 0.001)")
     group.add_argument("--date", type=dt.date.fromisoformat, default=DEFAULT_DATE,
@@ -250,13 +262,14 @@ def generate(args: argparse.Namespace, lake: str) -> dict[str, Any]:
 
     from privrec_pipeline.sources.synthetic import GeneratorConfig, generate_day
 
-    cfg = GeneratorConfig(date=args.date, events=args.events, bad_rate=args.bad_rate)
+    cfg = GeneratorConfig(date=args.date, events=args.events, bad_rate=args.bad_rate,
+                          **({"users": args.users} if args.users else {}))
     start = time.perf_counter()
     report = generate_day(cfg, lake)
     seconds = time.perf_counter() - start
     files = [Path(report.path) / name for name in report.files]
     return {
-        "seconds": round(seconds, 2), "records": report.records, "files": len(files),
+        "seconds": round(seconds, 2), "records": report.records, "users": cfg.users, "files": len(files),
         "bytes": sum(f.stat().st_size for f in files), "path": report.path,
         "bad_records": sum(report.bad_records.values()), "duplicates": report.duplicates,
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
@@ -305,6 +318,7 @@ def summarize(events: int, steps: dict[str, Step]) -> dict[str, Any]:
     cold, copy = steps["cold_start"].wall_s, steps["bare_copy"].wall_s
     collect, pseudo = steps["collect"].wall_s, steps["pseudonymize"].wall_s
     ingest = collect + pseudo
+    single = (steps["collect_single_key"].wall_s + steps["collect_single_key_2"].wall_s) / 2
     warm_copy = copy - cold
     return {
         "ingest_s": round(ingest, 2),
@@ -319,6 +333,12 @@ def summarize(events: int, steps: dict[str, Step]) -> dict[str, Any]:
         "validate_share": round(steps["validate"].wall_s / ingest, 3),
         "target_validate_share": TARGET_VALIDATE_SHARE,
         "meets_validate_target": steps["validate"].wall_s / ingest <= TARGET_VALIDATE_SHARE,
+        "single_key_s": round(single, 2),
+        "data_keys_ratio": round(collect / single, 3),
+        "data_keys_ratio_keys_exist": round(steps["collect_keys_exist"].wall_s / single, 3),
+        "data_keys_ratio_without_cold_start": round((collect - cold) / (single - cold), 3),
+        "target_data_keys": TARGET_DATA_KEYS,
+        "meets_data_keys_target": max(collect, steps["collect_keys_exist"].wall_s) / single <= TARGET_DATA_KEYS,
         **({"floor_ratio": round((steps["floor_collect"].wall_s + steps["floor_pseudonymize"].wall_s) / copy, 2)}
            if "floor_pseudonymize" in steps else {}),
     }
@@ -357,6 +377,14 @@ def _validate_line(s: dict[str, Any]) -> str:
             f"(target <= {TARGET_VALIDATE_SHARE:.0%}: {verdict})")
 
 
+def _data_keys_line(s: dict[str, Any]) -> str:
+    verdict = "met" if s["meets_data_keys_target"] else "NOT met"
+    return (f"collect with per-user data keys / with one key (mean of the two single-key runs, "
+            f"{s['single_key_s']:.1f} s): {s['data_keys_ratio']:.2f}x creating every user's key, "
+            f"{s['data_keys_ratio_keys_exist']:.2f}x with the keys stored (target <= {TARGET_DATA_KEYS}: {verdict}); "
+            f"creating, without the cold start: {s['data_keys_ratio_without_cold_start']:.2f}x")
+
+
 def _code_line(result: dict[str, Any]) -> str:
     """The source digest the jobs ran, and any edits made while one of them was running."""
     jobs = {name: result["steps"][name] for name in ("collect", "pseudonymize", "validate")}
@@ -379,7 +407,7 @@ def markdown(result: dict[str, Any]) -> str:
          f"Java {m['java']}, Python {m['python']}"),
         f"- Command: `{result['command']}`",
         f"- Code: privrec_pipeline/ and jobs/ at the start of each job: {_code_line(result)}",
-        (f"- Input: {gen['records']:,} landing records ({gen['bad_records']:,} malformed, "
+        (f"- Input: {gen['records']:,} landing records of {gen['users']:,} users ({gen['bad_records']:,} malformed, "
          f"{gen['duplicates']:,} duplicates) in {gen['files']} gzip JSONL files, "
          f"{gen['bytes'] / MIB:,.1f} MiB"),
         (f"- Each Spark step: `spark-submit {' '.join(submit_args(''))} ...`, a separate cold JVM"
@@ -392,6 +420,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"**{_ratio_line(result['summary'])}**",
         "",
         f"**{_validate_line(result['summary'])}**",
+        "",
+        f"**{_data_keys_line(result['summary'])}**",
         "",
         *([f"Lower bound (`--floor`): (floor_collect + floor_pseudonymize) / bare copy = "
            f"{result['summary']['floor_ratio']:.2f}x: an explicit-schema parse, one `aes_encrypt` of "
@@ -458,7 +488,8 @@ def print_result(console: Console, result: dict[str, Any]) -> None:
     console.print(table)
     console.print(_ratio_line(result["summary"]))
     console.print(_validate_line(result["summary"]))
-    for name in ("collect", "pseudonymize", "validate"):
+    console.print(_data_keys_line(result["summary"]))
+    for name in ("collect", "collect_keys_exist", "collect_single_key", "pseudonymize", "validate"):
         step = result["steps"][name]
         console.print(f"[bold]{name}[/]: output {step['output']}; log {step['log']}")
         for line, count in step["notable"].items():
@@ -487,7 +518,10 @@ def run(args: argparse.Namespace, console: Console, command: str) -> int:
     apps = {
         "cold_start": [me, "noop"],
         "bare_copy": [me, "copy", lk.partition_uri(lake, "landing", args.date), str(out / "bare-copy")],
+        "collect_single_key": [str(ROOT / "jobs" / "collect.py"), *job_args, "--data-keys", "none"],
         "collect": [str(ROOT / "jobs" / "collect.py"), *job_args],
+        "collect_keys_exist": [str(ROOT / "jobs" / "collect.py"), *job_args],
+        "collect_single_key_2": [str(ROOT / "jobs" / "collect.py"), *job_args, "--data-keys", "none"],
         "pseudonymize": [str(ROOT / "jobs" / "pseudonymize.py"), *job_args],
         "validate": [str(ROOT / "jobs" / "validate.py"), *job_args],
     }

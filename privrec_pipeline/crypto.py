@@ -67,19 +67,10 @@ def fingerprint_key(encryption_key: bytes) -> bytes:
     return hmac.new(encryption_key, USER_FINGERPRINT_LABEL, hashlib.sha256).digest()
 
 
-def user_fingerprint(fp_ipad: "Column", fp_opad: "Column", user_id: "Column") -> "Column":
-    """hex(HMAC(K_fp, "user:" || user_id)) in the JVM, from K_fp's pads; null stays null."""
-    from pyspark.sql import functions as F
-
-    message = F.encode(F.concat(F.lit("user:"), user_id.cast("string")), "UTF-8")
-    return F.lower(F.hex(hmac_sha256(fp_ipad, fp_opad, message)))
-
-
 def key_frame(spark: "SparkSession", keys: KeyRing) -> "DataFrame":
     """One row per encryption key version with every derived key as a binary column.
 
-    Columns: enc_version, enc_key, iv_ipad, iv_opad, fp_ipad, fp_opad (the pads of the
-    synthetic-IV key and of the user fingerprint key, per version) and the current
+    Columns: enc_version, enc_key, iv_ipad, iv_opad (per version) and the current
     pseudonym key's pad_ipad, pad_opad, pseudonym_version. Join it (broadcast) to the data:
     encryption uses the row of ``keys.encryption.version``, an auditor decrypting old bronze joins on ``enc_version``.
     """
@@ -90,15 +81,12 @@ def key_frame(spark: "SparkSession", keys: KeyRing) -> "DataFrame":
     rows = []
     for version, key in sorted(versions.items()):
         i_ipad, i_opad = hmac_pads(iv_key(key.material))
-        f_ipad, f_opad = hmac_pads(fingerprint_key(key.material))
-        rows.append((version, key.material, i_ipad, i_opad, f_ipad, f_opad, p_ipad, p_opad, keys.pseudonym.version))
+        rows.append((version, key.material, i_ipad, i_opad, p_ipad, p_opad, keys.pseudonym.version))
     schema = StructType([
         StructField("enc_version", StringType(), False),
         StructField("enc_key", BinaryType(), False),
         StructField("iv_ipad", BinaryType(), False),
         StructField("iv_opad", BinaryType(), False),
-        StructField("fp_ipad", BinaryType(), False),
-        StructField("fp_opad", BinaryType(), False),
         StructField("pad_ipad", BinaryType(), False),
         StructField("pad_opad", BinaryType(), False),
         StructField("pseudonym_version", StringType(), False),

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from privrec_pipeline import lake as lk
 from privrec_pipeline.crypto import key_frame
-from privrec_pipeline.erasure import data_keys
+from privrec_pipeline.erasure import data_keys, lake_lock
 from privrec_pipeline.erasure.collect_filter import ERASED, flag_erased
 from privrec_pipeline.erasure.data_keys import DATA_KEY
 from privrec_pipeline.erasure.requests import open_register
@@ -81,6 +81,7 @@ def landing_files(lake: str, day: dt.date, *, allow_empty: bool = False) -> tupl
     return landing, files
 
 
+@lake_lock.step("collect")
 def run_collect(spark: "SparkSession", lake: str, day: dt.date, keys: KeyRing, *,
                 run_id: str = "manual", allow_empty: bool = False, unknown_items: str = "quarantine",
                 per_user_keys: bool = True) -> CollectManifest:
@@ -123,7 +124,7 @@ def run_collect(spark: "SparkSession", lake: str, day: dt.date, keys: KeyRing, *
     collected_stage = f"{bronze_stage}-collected"
     try:
         # The one pass over the landing files: parse, classify, encrypt, generalize.
-        stored = tc.to_collected(classified, key_frame(spark, keys), version, per_user_keys=per_user_keys)
+        stored = tc.to_collected(classified, key_frame(spark, keys), version)
         if erasures:  # an erased user's record is only counted: every other column is null
             stored = stored.select(*[F.when(~F.col(ERASED), F.col(c)).alias(c) for c in stored.columns
                                      if c != ERASED], ERASED)
@@ -134,35 +135,39 @@ def run_collect(spark: "SparkSession", lake: str, day: dt.date, keys: KeyRing, *
         landing_records = collected.count()
         if landing_records == 0 and not allow_empty:
             raise _no_landing(day, landing, f"is empty (0 records in {len(files)} files)")
-        users = ([r[0] for r in collected.where(F.col(DATA_KEY).isNotNull()).select(DATA_KEY).distinct().collect()]
-                 if per_user_keys else [])
-        deks = register.data_keys.ensure(keys, users)
-        withheld = sorted(set(users) - set(deks))  # erasure requested since collect started
+        # The day's users and their data keys (one column of the staged parquet; keys made for
+        # new users), then records of users erased since collect started are dropped too.
+        users, withheld = data_keys.user_keys(keys, register.data_keys, [
+            r[0] for r in collected.where(data_keys.has_user(F.col("user_id"))).select("user_id").distinct().collect()
+        ] if per_user_keys else [])
         if withheld:
-            flag = F.col(DATA_KEY).isin(withheld)
-            collected = collected.withColumn(ERASED, (F.coalesce(F.col(ERASED), F.lit(False)) if erasures
-                                                      else F.lit(False)) | F.coalesce(flag, F.lit(False)))
+            late = F.coalesce(F.col("user_id").isin(withheld), F.lit(False))
+            collected = collected.withColumn(ERASED, (F.col(ERASED) | late) if erasures else late)
         erased = 0
         if erasures or withheld:
             erased = collected.where(F.col(ERASED)).count()
             collected = collected.where(~F.col(ERASED))
             if erased:
                 log.warning("collect %s: dropped %d landing records of users who asked to be erased", day, erased)
-        sealing = data_keys.key_frame(spark, deks)
+        sealing = data_keys.key_frame(spark, users)
 
         def seal(rows: "DataFrame", column: str, context: str, suffix: "Column") -> "DataFrame":
+            if not per_user_keys:
+                return rows.withColumn(DATA_KEY, F.lit(None).cast("string"))
             return data_keys.seal(rows, sealing, {column: (context, suffix)},
-                                  broadcast=len(deks) <= data_keys.BROADCAST_MAX_KEYS) if per_user_keys else rows
+                                  broadcast=len(users) <= data_keys.BROADCAST_MAX_KEYS)
 
-        valid = collected.where(F.col("reason").isNull()).select(*tc.BRONZE_COLUMNS)
+        valid = collected.where(F.col("reason").isNull()).select(*[c for c in tc.BRONZE_COLUMNS if c != DATA_KEY])
         dup_ids = tc.duplicate_ids(valid.select("event_id")).persist()
         small = dup_ids.count() <= BROADCAST_MAX_IDS
         # Duplicates are dropped before sealing: the kept record is chosen on the inner
         # ciphertext, and only bronze's rows pay the second AES-GCM.
         _write(seal(tc.dedupe_events(valid, dup_ids, broadcast=small), "identifiers_enc", tc.IDENTIFIERS_CONTEXT,
-                    F.col("event_id")), bronze_stage)
-        _write(seal(collected.where(F.col("reason").isNotNull()).select(*tc.QUARANTINE_COLUMNS), "raw_record_enc",
-                    tc.RAW_RECORD_CONTEXT, tc.raw_record_suffix()), quarantine_stage)
+                    F.col("event_id")).select(*tc.BRONZE_COLUMNS), bronze_stage)
+        rejected = collected.where(F.col("reason").isNotNull()).select(
+            "user_id", *[c for c in tc.QUARANTINE_COLUMNS if c != DATA_KEY])
+        _write(seal(rejected, "raw_record_enc", tc.RAW_RECORD_CONTEXT, tc.raw_record_suffix())
+               .select(*tc.QUARANTINE_COLUMNS), quarantine_stage)
         # Computed from the duplicate ids, independently of the dedupe that wrote bronze.
         duplicates = int(dup_ids.agg(F.coalesce(F.sum(F.col("count") - 1), F.lit(0))).first()[0])
         dup_ids.unpersist()
@@ -204,6 +209,7 @@ def read_manifest(spark: "SparkSession", lake: str, step: str, day: dt.date) -> 
     return json.loads(fs.read_text(uri))
 
 
+@lake_lock.step("pseudonymize")
 def run_pseudonymize(spark: "SparkSession", lake: str, day: dt.date, keys: KeyRing, *,
                      run_id: str = "manual") -> PseudonymizeManifest:
     """bronze/dt=D -> silver/dt=D + _manifests/pseudonymize/dt=D.json.

@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
 from privrec_pipeline import lake as lk
+from privrec_pipeline.erasure import lake_lock
 from privrec_pipeline.errors import ConfigurationError
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,7 @@ class RetentionReport:
         return sum(len(v) for v in self.removed.values())
 
 
+@lake_lock.step("retention")
 def enforce(lake: str, day: dt.date, policy: Mapping[str, int] | None = None, *, dry_run: bool = False) -> RetentionReport:
     """Delete the expired partitions of every zone for the run of ``day`` (see the module)."""
     policy = dict(policy or retention_policy())

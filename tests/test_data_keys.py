@@ -138,20 +138,21 @@ def test_a_row_without_its_data_key_fails_the_job(spark, keyring):
     from privrec_pipeline.crypto import reference_decrypt
     from privrec_pipeline.erasure import data_keys
 
-    rows = spark.createDataFrame([("a" * 64, b"x", "e1"), ("b" * 64, b"y", "e2"), (None, b"z", "e3")],
-                                 "data_key string, identifiers_enc binary, event_id string")
-    frame = data_keys.key_frame(spark, {"a" * 64: bytes(32)})
+    rows = spark.createDataFrame([("usr_a", b"x", "e1"), ("usr_b", b"y", "e2"), (None, b"z", "e3"), ("", b"w", "e4")],
+                                 "user_id string, identifiers_enc binary, event_id string")
+    frame = data_keys.key_frame(spark, {"usr_a": ("a" * 64, bytes(32))})
     sealed = data_keys.seal(rows, frame, {"identifiers_enc": ("identifiers", F.col("event_id"))})
     with pytest.raises(Exception, match="no data key for a row's identifiers_enc"):
         sealed.collect()
     ok = data_keys.seal(rows.where("event_id != 'e2'"), frame,
                         {"identifiers_enc": ("identifiers", F.col("event_id"))}).collect()
-    by_event = {r.event_id: bytes(r.identifiers_enc) for r in ok}
-    assert by_event["e3"] == b"z"  # no user: left as it was
-    assert reference_decrypt(bytes(32), by_event["e1"], b"identifiers|e1") == b"x"
+    by_event = {r.event_id: (bytes(r.identifiers_enc), r.data_key) for r in ok}
+    assert by_event["e3"] == (b"z", None) and by_event["e4"] == (b"w", None)  # no user: left as it was
+    blob, data_key = by_event["e1"]
+    assert data_key == "a" * 64 and reference_decrypt(bytes(32), blob, b"identifiers|e1") == b"x"
     shredded = data_keys.RowKeys(keyring, _EmptyStore())
     with pytest.raises(ShreddedError):
-        shredded.open("v1", "a" * 64, by_event["e1"], b"identifiers|e1")
+        shredded.open("v1", data_key, blob, b"identifiers|e1")
 
 
 class _EmptyStore:

@@ -170,7 +170,6 @@ def test_the_rotated_key_ring_decrypts_old_and_new_bronze_by_version(spark, rota
 
     from conftest import row_keys
     from privrec_pipeline.crypto import key_frame
-    from privrec_pipeline.erasure import data_keys
     from privrec_pipeline.erasure.requests import open_register
 
     v2: KeyRing = rotated["v2"]
@@ -188,7 +187,8 @@ def test_the_rotated_key_ring_decrypts_old_and_new_bronze_by_version(spark, rota
     bronze = spark.read.parquet(lk.partition_uri(rotated["lake"], "bronze", DAY),
                                 lk.partition_uri(rotated["lake"], "bronze", DAY_AFTER))
     aad = F.concat(F.lit("identifiers|"), "event_id")
-    decrypted = (bronze.join(F.broadcast(data_keys.key_frame(spark, deks)), "data_key")
+    dek_frame = spark.createDataFrame(sorted(deks.items()), "data_key string, dek binary")
+    decrypted = (bronze.join(F.broadcast(dek_frame), "data_key")
                  .join(F.broadcast(keys), bronze.enc_key_version == keys.enc_version).select(
         "event_id", "enc_key_version",
         F.get_json_object(F.aes_decrypt(F.aes_decrypt("identifiers_enc", "dek", F.lit("GCM"), F.lit("DEFAULT"), aad),

@@ -40,6 +40,7 @@ from typing import Any
 
 from privrec_pipeline import lake as lk
 from privrec_pipeline.erasure.data_keys import RowKeys, ShreddedError
+from privrec_pipeline.erasure.lake_lock import EXCLUSIVE, lake_lock
 from privrec_pipeline.errors import ConfigurationError, PrivrecError
 from privrec_pipeline.secrets import KeyRing
 
@@ -397,9 +398,17 @@ def process_pending(lake: str, keys: KeyRing, register: Any = None) -> list[Proc
     """Erase the user of every pending request, one request at a time, and mark it completed
     (its encrypted id deleted). A request is completed only after its user is gone from every
     zone; a task killed halfway leaves it pending, and the next run repeats it (idempotent)."""
-    from privrec_pipeline.erasure.requests import open_register
+    from privrec_pipeline.erasure.requests import PENDING, open_register
 
     register = register or open_register(lake)
+    if not register.requests(PENDING):
+        return []  # the nightly case: no lock taken, no step kept waiting
+    # Alone on the lake: no step is between reading users' rows and writing them (lake_lock).
+    with lake_lock(lake, EXCLUSIVE, what="the erasure task", url=register.url):
+        return _process(lake, keys, register)
+
+
+def _process(lake: str, keys: KeyRing, register: Any) -> list[Processed]:
     row_keys = RowKeys(keys, register.data_keys)
     done = []
     for request, user_id in list(register.pending_ids(keys)):

@@ -52,6 +52,7 @@ if TYPE_CHECKING:
 
 WRAP_LABEL = b"privrec/user-data-key-wrap/v1"
 DATA_KEY = "data_key"  # the column naming a row's data key (the user's fingerprint)
+USER_ID = "user_id"  # the column a row's user is found by
 DEK_COLUMNS = ("dek", "dek_iv_ipad", "dek_iv_opad")
 CHUNK = 5_000  # fingerprints per SQL statement (SQLite allows 32,766 parameters)
 BROADCAST_MAX_KEYS = 500_000  # data keys up to this many are broadcast to the rows (~120 MB)
@@ -161,44 +162,67 @@ def _insert_if_absent(conn: Connection, rows: list[dict[str, Any]]) -> None:
 
 # ---- Spark: sealing rows -------------------------------------------------------------------
 
-def key_frame(spark: "SparkSession", deks: dict[str, bytes]) -> "DataFrame":
-    """One row per data key: ``data_key`` and the binary columns of ``DEK_COLUMNS`` (the key
-    and the pads of its synthetic-IV key). The keys enter the plan as data, never literals."""
+def user_keys(keys: KeyRing, store: DataKeys, user_ids: Iterable[str]) -> tuple[dict[str, tuple[str, bytes]], list[str]]:
+    """The data keys of a day's users, by user id: ``{user_id: (fingerprint, key)}``, and the
+    users withheld (an erasure request under the current key version: their records go)."""
+    fps = {u: fingerprint(keys.encryption.material, u) for u in user_ids}
+    deks = store.ensure(keys, fps.values())
+    return {u: (fp, deks[fp]) for u, fp in fps.items() if fp in deks}, sorted(u for u, fp in fps.items()
+                                                                              if fp not in deks)
+
+
+def key_frame(spark: "SparkSession", users: dict[str, tuple[str, bytes]]) -> "DataFrame":
+    """One row per user: ``user_id``, ``data_key`` (the fingerprint naming the key) and the
+    binary columns of ``DEK_COLUMNS`` (the key and the pads of its synthetic-IV key). The
+    keys enter the plan as data, never as literals."""
     import pyarrow as pa
 
-    names = sorted(deks)
-    pads = [crypto.hmac_pads(crypto.iv_key(deks[fp])) for fp in names]
+    names = sorted(users)
+    pads = [crypto.hmac_pads(crypto.iv_key(users[u][1])) for u in names]
     table = pa.table({
-        DATA_KEY: pa.array(names, pa.string()),
-        "dek": pa.array([deks[fp] for fp in names], pa.binary()),
+        USER_ID: pa.array(names, pa.string()),
+        DATA_KEY: pa.array([users[u][0] for u in names], pa.string()),
+        "dek": pa.array([users[u][1] for u in names], pa.binary()),
         "dek_iv_ipad": pa.array([p[0] for p in pads], pa.binary()),
         "dek_iv_opad": pa.array([p[1] for p in pads], pa.binary()),
     })
     return spark.createDataFrame(table)
 
 
-def seal(rows: "DataFrame", keys: "DataFrame", sealed: dict[str, tuple[str, "Column"]], *,
-         broadcast: bool = True) -> "DataFrame":
-    """``rows`` with each column of ``sealed`` (name -> (AAD context, per-row AAD suffix))
-    encrypted once more under the row's data key (``keys``: a ``key_frame``, broadcast unless
-    it is too large, see ``BROADCAST_MAX_KEYS``). A row with a ``data_key`` but no key fails
-    the job: it would be stored under the master key alone."""
+def has_user(column: "Column") -> "Column":
+    """A record that has a user id to key by (what ``user_keys`` is given)."""
     from pyspark.sql import functions as F
 
-    joined = rows.join(F.broadcast(keys) if broadcast else keys, DATA_KEY, "left")
+    return column.isNotNull() & (F.length(column) > 0)
+
+
+def seal(rows: "DataFrame", keys: "DataFrame", sealed: dict[str, tuple[str, "Column"]], *,
+         broadcast: bool = True) -> "DataFrame":
+    """``rows`` (with ``user_id``) with each column of ``sealed`` (name -> (AAD context, per-row
+    AAD suffix)) encrypted once more under the row's user's data key, and the ``data_key``
+    column naming it (NULL for a record without a user id, left under the encryption key
+    alone). ``keys``: a ``key_frame``, broadcast unless too large (``BROADCAST_MAX_KEYS``).
+    A row with a user id but no key fails the job rather than stay under the master key alone."""
+    from pyspark.sql import functions as F
+
+    right = keys.withColumnRenamed(USER_ID, "_dek_user")
+    joined = rows.join(F.broadcast(right) if broadcast else right,
+                       rows[USER_ID].cast("string") == F.col("_dek_user"), "left")
     dek = [F.col(c) for c in DEK_COLUMNS]
-    missing = F.col(DATA_KEY).isNotNull() & F.col("dek").isNull()
+    missing = has_user(rows[USER_ID].cast("string")) & F.col("dek").isNull()
     out = []
     for name in rows.columns:
+        if name == DATA_KEY:
+            continue
         if name in sealed:
             context, suffix = sealed[name]
             column = F.when(missing, F.raise_error(F.lit(f"no data key for a row's {name}")).cast("binary")) \
-                .when(F.col("dek").isNotNull(), crypto.encrypt(F.col(name), context, *dek, context_suffix=suffix)) \
-                .otherwise(F.col(name))
+                .when(F.col("dek").isNotNull(), crypto.encrypt(rows[name], context, *dek, context_suffix=suffix)) \
+                .otherwise(rows[name])
             out.append(column.alias(name))
         else:
-            out.append(F.col(name))
-    return joined.select(*out)
+            out.append(rows[name])
+    return joined.select(*out, F.col(DATA_KEY))
 
 
 # ---- Python: opening rows ------------------------------------------------------------------

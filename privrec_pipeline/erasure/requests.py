@@ -160,6 +160,7 @@ class ErasureRegister:
         from privrec_pipeline.erasure.data_keys import DataKeys
         from privrec_pipeline.privacy.ledger import database_engine, with_ddl_retries
 
+        self.url = url
         self.engine: Engine = database_engine(url)
         with_ddl_retries(self._prepare)  # tasks of two runs open it together
         self.data_keys = DataKeys(self.engine)  # each user's data key (crypto-shredding)

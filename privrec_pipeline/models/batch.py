@@ -14,6 +14,7 @@ import os
 from typing import Any
 
 from privrec_pipeline import lake as lk
+from privrec_pipeline.erasure import lake_lock
 from privrec_pipeline.errors import ConfigurationError
 from privrec_pipeline.models.recommend import Recommender, recommend_batch, resolve_version
 
@@ -47,6 +48,7 @@ def prune_serving(lake: str, newest: dt.date, keep_days: int) -> list[str]:
     return removed
 
 
+@lake_lock.step("batch scoring")
 def score_latest_holdout(lake: str, name: str = "privrec-recommender", k: int = 10) -> dict[str, Any]:
     """Recommendations for the hold-out histories of the latest model's training day, into the
     serving zone; returns where they are (and nothing counted from the data)."""

@@ -29,6 +29,7 @@ import datetime as dt
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+from privrec_pipeline.erasure import lake_lock
 from privrec_pipeline.errors import ConfigurationError
 from privrec_pipeline.schema import EventType
 from privrec_pipeline.settings import from_settings
@@ -199,6 +200,7 @@ def training_uri(lake: str, day: dt.date) -> str:
     return lk.partition_uri(lake, "training", day)
 
 
+@lake_lock.step("build_partitions")
 def run_build_partitions(spark: Any, lake: str, day: dt.date, params: PartitionParams, *,
                          run_id: str = "manual") -> PartitionsManifest:
     """silver of the window -> training/dt=D/ (shards, hold-out, vocabulary) + manifest."""

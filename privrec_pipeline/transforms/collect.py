@@ -273,8 +273,7 @@ def raw_record_suffix() -> "Column":
     return F.concat_ws("|", F.coalesce(F.col("source_file"), F.lit("")), F.col("record_position").cast("string"))
 
 
-def to_collected(classified: "DataFrame", keys: "DataFrame", key_version: str, *,
-                 per_user_keys: bool = True) -> "DataFrame":
+def to_collected(classified: "DataFrame", keys: "DataFrame", key_version: str) -> "DataFrame":
     """Every classified line in its stored form, bronze and quarantine columns side by side,
     so one pass over the landing files computes both (``BRONZE_COLUMNS`` of accepted rows,
     ``QUARANTINE_COLUMNS`` of rows with a ``reason``).
@@ -291,10 +290,9 @@ def to_collected(classified: "DataFrame", keys: "DataFrame", key_version: str, *
     two places get different ciphertexts (the synthetic IV covers the AAD), and a ciphertext
     moved to another row or file fails to decrypt there.
 
-    ``data_key``: the user's keyed fingerprint (``crypto.user_fingerprint``) for a record with
-    a user id, naming the per-user data key the two ciphertexts are then sealed under when
-    bronze and quarantine are written (``erasure.data_keys``); NULL without a user id, or
-    with ``per_user_keys`` off (everything under the encryption key alone).
+    When bronze and quarantine are written, both ciphertexts of a record with a user id are
+    sealed once more under that user's data key (``erasure.data_keys.seal``), which adds the
+    ``data_key`` column.
     """
     from pyspark.sql import functions as F
 
@@ -318,8 +316,5 @@ def to_collected(classified: "DataFrame", keys: "DataFrame", key_version: str, *
         crypto.encrypt(F.col("value"), RAW_RECORD_CONTEXT, *enc, context_suffix=raw_record_suffix())
         .alias("raw_record_enc"),
         F.col("enc_version").alias("enc_key_version"),
-        (F.when(F.length(F.col("user_id").cast("string")) > 0,
-                crypto.user_fingerprint(F.col("fp_ipad"), F.col("fp_opad"), F.col("user_id")))
-         if per_user_keys else F.lit(None).cast("string")).alias("data_key"),
         *[c for c in ("_erased",) if c in classified.columns],  # erasure.collect_filter's flag
     )
