@@ -26,6 +26,9 @@ app.add_typer(report_app, name="report")
 catalog_app = typer.Typer(help="The item catalog: a public input (items, categories, prices, titles).",
                           no_args_is_help=True)
 app.add_typer(catalog_app, name="catalog")
+engine_app = typer.Typer(help="The warm Spark engine: one Spark Connect server that every step uses.",
+                         no_args_is_help=True)
+app.add_typer(engine_app, name="engine")
 audit_app = typer.Typer(help="Audit a day's releases empirically (results in the lake's reports/audits/dt=D/).",
                         no_args_is_help=True)
 app.add_typer(audit_app, name="audit")
@@ -401,6 +404,48 @@ def airflow() -> None:
     console.print(f"UI: http://localhost:{port}  login: user '{users.split(':')[0]}', password in "
                   f"{home / 'simple_auth_manager_passwords.json.generated'} (printed by Airflow below)")
     os.execvpe("airflow", ["airflow", "standalone"], env)
+
+
+@engine_app.command("start")
+def engine_start(
+    master: str = typer.Option("local[2]", "--master", help="Spark master of the server."),
+    driver_memory: str = typer.Option("4g", "--driver-memory", help="Memory of the server's JVM."),
+) -> None:
+    """Start the embedded Spark Connect server (127.0.0.1, a fresh token); `privrec run` and
+    `privrec backfill` then run every Spark step on it."""
+    from privrec_pipeline.spark import engine
+
+    try:
+        with console.status("starting the Spark Connect server"):
+            state, started = engine.start(master=master, driver_memory=driver_memory)
+    except PrivrecError as exc:
+        _fail(str(exc))
+    _say(f"{'started' if started else 'already running'}: {state.remote} (pid {state.pid}, master {state.master}, "
+         f"log {state.log})")
+
+
+@engine_app.command("stop")
+def engine_stop() -> None:
+    """Stop the embedded Spark Connect server."""
+    from privrec_pipeline.spark import engine
+
+    state = engine.stop()
+    _say(f"stopped {state.remote} (pid {state.pid})" if state else "no engine was running")
+
+
+@engine_app.command("status")
+def engine_status() -> None:
+    """Where the steps run: the embedded engine, the engine of PRIVREC_SPARK_REMOTE, or each
+    step in a Spark application of its own."""
+    from privrec_pipeline.spark import engine
+
+    if os.environ.get(engine.ENV_REMOTE):
+        _say(f"{engine.ENV_REMOTE}={os.environ[engine.ENV_REMOTE]}: every step runs on that server")
+        return
+    state = engine.read_state()
+    _say(f"running: {state.remote} (pid {state.pid}, master {state.master}, log {state.log})" if state
+         else "not running: each Spark step starts an application of its own (`privrec engine start` for a "
+              "warm engine)")
 
 
 @app.command()

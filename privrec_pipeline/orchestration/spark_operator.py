@@ -19,6 +19,7 @@ from typing import Any
 
 from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
 
+from privrec_pipeline.errors import ConfigurationError
 from privrec_pipeline.secrets import ENV_KEYS_JSON
 
 KEYS_CONN_ID = "privrec_keys"
@@ -63,7 +64,14 @@ class PrivrecSparkSubmitOperator(SparkSubmitOperator):
         from airflow.exceptions import AirflowException
 
         from privrec_pipeline.config import lake_root
+        from privrec_pipeline.spark import engine
 
+        try:
+            remote = engine.remote_settings()
+        except ConfigurationError as error:
+            raise AirflowException(str(error)) from None
+        if remote is not None:
+            return self._run_on_engine(remote[0])
         master, deploy_mode, extra = self._connection()
         if deploy_mode == "cluster":
             # Spark's standalone master refuses Python applications in cluster mode, and on
@@ -77,12 +85,7 @@ class PrivrecSparkSubmitOperator(SparkSubmitOperator):
             self.conf = {**(self.conf or {}), **extra_conf(extra, dict(os.environ))}
         except ValueError as error:
             raise AirflowException(str(error)) from None
-        # The worker's lake, explicit: the driver does not depend on its own environment.
-        args = list(self.application_args or [])
-        if "--lake" not in args:
-            lake = lake_root()
-            args += ["--lake", lake if "://" in lake else str(Path(lake).resolve())]
-        self.application_args = args
+        self.application_args = self._job_args(lake_root())
         # What the job script imports beside it (the project itself is installed on every node).
         common = Path(self.application).parent / "_common.py"
         if common.exists() and str(common) not in (self.py_files or ""):
@@ -90,6 +93,42 @@ class PrivrecSparkSubmitOperator(SparkSubmitOperator):
         if self.needs_keys:
             self._inject_keys(master)
         return super().execute(context)
+
+    def _job_args(self, lake: str) -> list[str]:
+        """The job's arguments with the worker's lake, explicit: the driver does not depend on
+        its own environment."""
+        args = list(self.application_args or [])
+        if "--lake" not in args:
+            args += ["--lake", lake if "://" in lake else str(Path(lake).resolve())]
+        return args
+
+    def _run_on_engine(self, remote: str) -> None:
+        """The job as a thin client of the warm engine (``spark.engine``): a Python process that
+        sends its plans to the Spark Connect server, no JVM of its own. Keys as on the
+        spark-submit route (the ``privrec_keys`` connection, else the worker's environment);
+        the engine's address was checked to be loopback or TLS."""
+        import subprocess
+        import sys
+
+        from airflow.exceptions import AirflowException
+
+        from privrec_pipeline.config import lake_root
+
+        self.env_vars = dict(self.env_vars or {})
+        if self.needs_keys:
+            self._inject_keys("local")
+        command = [sys.executable, str(self.application), *self._job_args(lake_root())]
+        self.log.info("running %s on the Spark Connect server %s", Path(self.application).name, remote)
+        process = subprocess.Popen(command, env={**os.environ, **self.env_vars}, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True, errors="replace")
+        tail: list[str] = []
+        assert process.stdout is not None
+        for line in process.stdout:
+            self.log.info("%s", line.rstrip("\n"))
+            tail = [*tail[-19:], line.rstrip("\n")]
+        if process.wait() != 0:
+            raise AirflowException(f"{Path(self.application).name} failed on the Spark Connect server {remote} "
+                                   f"(exit {process.returncode}): " + " | ".join(tail[-5:]))
 
     def _connection(self) -> tuple[str, str | None, dict[str, Any]]:
         """The master URL, deploy mode and extras of the spark connection, as the provider's

@@ -47,8 +47,19 @@ LAUNCH_CONF: dict[str, str] = launch_conf()
 
 
 def get_spark(app_name: str, master: str | None = None) -> "SparkSession":
+    """The job's session: on the warm engine (a Spark Connect server, ``spark.engine``) when one
+    is configured or runs and no ``master`` is given, else a Spark application of its own."""
     from pyspark.sql import SparkSession
 
+    from privrec_pipeline.spark import engine
+
+    remote = None if master else engine.remote_settings()
+    if remote is not None:
+        spark = engine.connect(app_name, *remote)
+        for key, value in SPARK_DEFAULTS.items():
+            if key != "spark.sql.redaction.string.regex" or spark.conf.get(key, None) is None:
+                spark.conf.set(key, value)
+        return spark
     builder = SparkSession.builder.appName(app_name).config("spark.ui.showConsoleProgress", "false")
     if master:  # launched from Python (tests, tools), not by spark-submit
         builder = builder.master(master)

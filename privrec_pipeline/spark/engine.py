@@ -1,0 +1,214 @@
+"""The warm Spark engine: one long-lived Spark Connect server, jobs as thin clients.
+
+A cold ``spark-submit`` starts a JVM for every step of every day (about 7-9 s here before any
+work, and the JIT starts cold). With ``PRIVREC_SPARK_REMOTE`` set, ``spark.session.get_spark``
+returns a Spark Connect session on that server instead: a job is then a Python process of a
+second or two that sends plans, and the server's JVM stays warm across steps, days and runs.
+
+- Embedded default: ``privrec engine start`` runs the server on this machine
+  (``org.apache.spark.sql.connect.service.SparkConnectServer`` from pyspark's own jars, master
+  ``local[N]``), bound to 127.0.0.1 only, with a fresh random token; its address and token are
+  kept in ``$PRIVREC_HOME/engine/`` (the token file is 0600). ``privrec engine stop`` ends it.
+- Production: a Spark Connect server on the cluster; set ``PRIVREC_SPARK_REMOTE`` to its
+  ``sc://`` address and ``SPARK_CONNECT_AUTHENTICATE_TOKEN`` (Spark's own variable, read by
+  server and client) to its token.
+
+Keys travel to the server as data of the session (the key frames of ``crypto`` and
+``erasure.data_keys``), so the channel must be private: a remote on this machine is reached
+as ``localhost`` with gRPC local credentials (loopback only) and the token; any other host
+needs ``use_ssl=true`` in the address (TLS, e.g. a TLS-terminating proxy in front of the
+server), and every remote needs a token. Sessions are isolated per client (Spark Connect
+session ids), so two runs at once share one server safely.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from privrec_pipeline.errors import ConfigurationError, PrivrecError
+
+ENV_REMOTE = "PRIVREC_SPARK_REMOTE"
+ENV_TOKEN = "SPARK_CONNECT_AUTHENTICATE_TOKEN"  # Spark's own: the server and the client read it
+SERVER_CLASS = "org.apache.spark.sql.connect.service.SparkConnectServer"
+LOOPBACK = ("localhost",)  # gRPC local credentials are used for this host name only
+START_TIMEOUT_S = 180.0
+
+
+class EngineUnavailableError(PrivrecError):
+    """The Spark Connect server does not answer."""
+
+
+@dataclass(frozen=True)
+class EngineState:
+    pid: int
+    port: int
+    remote: str
+    master: str
+    log: str
+    started: float
+
+
+def engine_folder() -> Path:
+    from privrec_pipeline.config import privrec_home
+
+    return privrec_home() / "engine"
+
+
+def _state_path() -> Path:
+    return engine_folder() / "server.json"
+
+
+def _token_path() -> Path:
+    return engine_folder() / "token"
+
+
+def read_state() -> EngineState | None:
+    """The embedded engine's state, if one was started and its process still runs."""
+    path = _state_path()
+    if not path.exists():
+        return None
+    state = EngineState(**json.loads(path.read_text(encoding="utf-8")))
+    try:
+        os.kill(state.pid, 0)
+    except ProcessLookupError:
+        return None
+    return state
+
+
+def check_remote(remote: str, token: str | None) -> None:
+    """Refuse an address over which keys would travel in clear or unauthenticated."""
+    url = urlparse(remote)
+    if url.scheme != "sc" or not url.hostname:
+        raise ConfigurationError(f"{ENV_REMOTE} must be a Spark Connect address sc://host:port, not {remote!r}")
+    params = dict(p.split("=", 1) for p in url.path.lstrip("/").split(";") if "=" in p)
+    if not (token or params.get("token")):
+        raise ConfigurationError(f"the Spark Connect server {url.hostname}:{url.port} needs a token: set {ENV_TOKEN} "
+                                 "(keys are sent to it as session data)")
+    if url.hostname not in LOOPBACK and params.get("use_ssl", "").lower() != "true":
+        raise ConfigurationError(
+            f"the Spark Connect server {url.hostname} is not this machine's 'localhost': keys are sent to it as "
+            f"session data, so its address needs use_ssl=true (sc://{url.hostname}:{url.port}/;use_ssl=true)")
+
+
+def remote_settings(environ: dict[str, str] | None = None) -> tuple[str, str] | None:
+    """(address, token) of the engine jobs use: ``PRIVREC_SPARK_REMOTE`` and
+    ``SPARK_CONNECT_AUTHENTICATE_TOKEN``; None: each job is a Spark application of its own."""
+    env = os.environ if environ is None else environ
+    if not env.get(ENV_REMOTE):
+        return None
+    token = env.get(ENV_TOKEN, "")
+    check_remote(env[ENV_REMOTE], token)
+    return env[ENV_REMOTE], token
+
+
+def embedded_environment() -> dict[str, str]:
+    """The variables that point jobs at the embedded engine, if it runs (else none)."""
+    state = read_state()
+    if state is None:
+        return {}
+    return {ENV_REMOTE: state.remote, ENV_TOKEN: _token_path().read_text(encoding="utf-8").strip()}
+
+
+def connect(app_name: str, remote: str, token: str) -> Any:
+    """A Spark Connect session on ``remote``; a server that does not answer is an
+    ``EngineUnavailableError`` naming how to start one."""
+    from pyspark.sql import SparkSession
+
+    check_remote(remote, token)
+    url = urlparse(remote)
+    # The client retries an unreachable server for minutes: a refused TCP connection says at once.
+    try:
+        socket.create_connection((url.hostname, url.port or 15002), timeout=10).close()
+    except OSError as exc:
+        raise EngineUnavailableError(
+            f"the Spark Connect server at {remote} does not answer ({exc.strerror or exc}): start it with "
+            f"`privrec engine start` (the embedded default), or unset {ENV_REMOTE} to run each step in a Spark "
+            "application of its own") from None
+    if token:
+        os.environ[ENV_TOKEN] = token  # the client sends it with every call
+    return SparkSession.builder.remote(remote).appName(app_name).getOrCreate()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _answers(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(1.0)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def start(*, master: str = "local[2]", driver_memory: str = "4g", port: int | None = None) -> tuple[EngineState, bool]:
+    """Start the embedded engine unless it runs; (its state, whether it was started now)."""
+    from privrec_pipeline.spark.session import LAUNCH_CONF
+    from privrec_pipeline.spark.standalone import spark_class
+
+    running = read_state()
+    if running is not None:
+        return running, False
+    folder = engine_folder()
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    token = secrets.token_hex(32)
+    fd = os.open(_token_path(), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(token + "\n")
+    port = port or _free_port()
+    submit = spark_class().parent / "spark-submit"
+    conf = {"spark.connect.grpc.binding.address": "127.0.0.1", "spark.connect.grpc.binding.port": str(port),
+            "spark.ui.enabled": "false", "spark.driver.memory": driver_memory, **LAUNCH_CONF}
+    command = [str(submit), "--master", master, "--class", SERVER_CLASS, "--name", "privrec-engine",
+               *[arg for key, value in conf.items() for arg in ("--conf", f"{key}={value}")]]
+    log = folder / "server.log"
+    env = {**os.environ, ENV_TOKEN: token}
+    with log.open("ab") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   env=env, start_new_session=True)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not _answers(port):
+        if process.poll() is not None:
+            tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
+            raise EngineUnavailableError(f"the Spark Connect server exited with code {process.returncode} while "
+                                         f"starting (log {log}):\n{tail}")
+        if time.monotonic() > deadline:
+            process.terminate()
+            raise EngineUnavailableError(f"the Spark Connect server did not listen on port {port} within "
+                                         f"{START_TIMEOUT_S:.0f} s (log {log})")
+        time.sleep(0.2)
+    state = EngineState(process.pid, port, f"sc://localhost:{port}", master, str(log), time.time())
+    _state_path().write_text(json.dumps(asdict(state), indent=2), encoding="utf-8")
+    return state, True
+
+
+def stop() -> EngineState | None:
+    """Stop the embedded engine; its state, or None if none ran."""
+    state = read_state()
+    if state is not None:
+        try:
+            os.killpg(state.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                os.kill(state.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.2)
+        else:
+            os.killpg(state.pid, signal.SIGKILL)
+    for path in (_state_path(), _token_path()):
+        path.unlink(missing_ok=True)
+    return state

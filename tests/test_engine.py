@@ -1,0 +1,155 @@
+"""The warm engine: `privrec engine start` runs one Spark Connect server; the steps run on it
+as thin clients (collect, pseudonymize and the quality gate's Great Expectations suite
+included), two runs at once share it in separate sessions, `privrec run` uses it for every
+Spark step, and a server that is down or an address that would carry keys in clear gets a
+clear error."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import DAY
+from privrec_pipeline.errors import ConfigurationError
+from privrec_pipeline.spark import engine
+
+pytestmark = pytest.mark.spark
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def warm(tmp_path_factory):
+    """The embedded engine of a fresh PRIVREC_HOME, started with the CLI, stopped at the end."""
+    from privrec_pipeline.cli import app
+
+    home = tmp_path_factory.mktemp("engine-home")
+    env = {"PRIVREC_HOME": str(home), engine.ENV_REMOTE: None}
+    runner = CliRunner()
+    started = runner.invoke(app, ["engine", "start", "--driver-memory", "2g"], env=env)
+    assert started.exit_code == 0 and "started: sc://localhost:" in started.output, started.output
+    again = runner.invoke(app, ["engine", "start"], env=env)
+    assert "already running" in again.output
+    old = os.environ.get("PRIVREC_HOME")
+    os.environ["PRIVREC_HOME"] = str(home)
+    try:
+        state = engine.read_state()
+        token = (home / "engine" / "token").read_text().strip()
+        assert (home / "engine" / "token").stat().st_mode & 0o077 == 0  # the token file is the user's only
+        yield {"home": home, "state": state, "token": token, "env": env}
+    finally:
+        stopped = runner.invoke(app, ["engine", "stop"], env=env)
+        if old is None:
+            os.environ.pop("PRIVREC_HOME", None)
+        else:
+            os.environ["PRIVREC_HOME"] = old
+    assert f"stopped {state.remote}" in stopped.output and not (home / "engine" / "server.json").exists()
+
+
+def _client(warm: dict, code: str, *args: str) -> subprocess.CompletedProcess:
+    """A fresh Python process (a job's thin client) running ``code`` against the engine."""
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}",
+           engine.ENV_REMOTE: warm["state"].remote, engine.ENV_TOKEN: warm["token"]}
+    return subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=600)
+
+
+INGEST = """
+import datetime as dt, json, sys
+from privrec_pipeline.ingest import run_collect, run_pseudonymize
+from privrec_pipeline.quality.config import QualityConfig
+from privrec_pipeline.quality.validate import run_validate
+from privrec_pipeline.secrets import parse_key_document
+from privrec_pipeline.sources.synthetic import GeneratorConfig, generate_day
+from privrec_pipeline.spark.session import get_spark
+lake, day, doc = sys.argv[1], dt.date.fromisoformat(sys.argv[2]), sys.argv[3]
+spark = get_spark("test-client")
+assert type(spark).__module__.startswith("pyspark.sql.connect"), type(spark)
+spark.conf.set("privrec.test.client", sys.argv[2])  # one session's setting
+generate_day(GeneratorConfig(date=day, events=600, users=60, items=40, bad_rate=0.02), lake)
+keys = parse_key_document(doc, "test")
+collected = run_collect(spark, lake, day, keys)
+silver = run_pseudonymize(spark, lake, day, keys)
+gate = run_validate(spark, lake, day, QualityConfig()).gate
+print(json.dumps({"landing": collected.landing_records, "bronze": collected.bronze_records,
+                  "silver": silver.silver_records, "gate": gate, "mine": spark.conf.get("privrec.test.client"),
+                  "timezone": spark.conf.get("spark.sql.session.timeZone")}))
+"""
+
+
+def test_two_runs_at_once_share_the_engine_in_separate_sessions(warm, tmp_path, key_document):
+    """Two clients collect, pseudonymize and validate a day each at the same time on one server:
+    both balance, the quality gate (Great Expectations on Connect DataFrames) passes, and
+    neither sees the other's session settings."""
+    days = [DAY, DAY + dt.timedelta(days=1)]
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}",
+           engine.ENV_REMOTE: warm["state"].remote, engine.ENV_TOKEN: warm["token"]}
+    procs = [subprocess.Popen([sys.executable, "-c", INGEST, str(tmp_path / f"lake{i}"), day.isoformat(), key_document],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i, day in enumerate(days)]
+    outs = [p.communicate(timeout=900) for p in procs]
+    for p, (_out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    for day, result in zip(days, results, strict=True):
+        assert result["mine"] == day.isoformat() and result["timezone"] == "UTC"
+        assert result["landing"] >= 600 and result["silver"] == result["bronze"] > 500 and result["gate"] == "passed"
+
+
+def test_a_server_that_is_down_names_how_to_start_one(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again when the block ends: nothing listens there
+    code = ("from privrec_pipeline.spark.session import get_spark\n"
+            "try:\n    get_spark('x')\nexcept Exception as e:\n    print(type(e).__name__, e)\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), engine.ENV_REMOTE: f"sc://localhost:{port}",
+           engine.ENV_TOKEN: "t" * 32}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120).stdout
+    assert out.startswith("EngineUnavailableError"), out
+    assert f"sc://localhost:{port} does not answer (Connection refused): start it with `privrec engine start`" in out
+
+
+@pytest.mark.parametrize("remote, token, message", [
+    ("sc://10.1.2.3:15002", "t", "needs use_ssl=true"),
+    ("sc://127.0.0.1:15002", "t", "not this machine's 'localhost'"),
+    ("sc://localhost:15002", "", "needs a token"),
+    ("http://localhost:15002", "t", "must be a Spark Connect address"),
+])
+def test_addresses_that_would_carry_keys_in_clear_are_refused(remote, token, message):
+    with pytest.raises(ConfigurationError, match=message):
+        engine.remote_settings({engine.ENV_REMOTE: remote, engine.ENV_TOKEN: token})
+    assert engine.remote_settings({engine.ENV_REMOTE: "sc://spark.example:443/;use_ssl=true",
+                                   engine.ENV_TOKEN: "t"}) == ("sc://spark.example:443/;use_ssl=true", "t")
+    assert engine.remote_settings({}) is None
+
+
+def test_a_client_without_the_token_is_refused(warm):
+    result = _client({**warm, "token": "not-the-token"}, "from privrec_pipeline.spark.session import get_spark\n"
+                                                          "get_spark('x').range(3).count()\n")
+    assert result.returncode != 0 and "UNAUTHENTICATED" in result.stderr
+
+
+def test_privrec_run_runs_every_spark_step_on_the_engine(warm, tmp_path):
+    """`privrec run` on the embedded default with the engine started: the five Spark steps run
+    as thin clients of the server (no spark-submit), and the day completes."""
+    env = {**os.environ, "PRIVREC_HOME": str(warm["home"]), "PRIVREC_LAKE": str(tmp_path / "lake"),
+           "PRIVREC_KEY_FILE": str(tmp_path / "keys.json"), "PYTHONPATH": str(ROOT)}
+    env.pop(engine.ENV_REMOTE, None)
+    privrec = [str(Path(sys.executable).parent / "privrec")]
+    for args in (["keys", "init"], ["generate", "--date", DAY.isoformat(), "--events", "1000", "--users", "200",
+                                    "--items", "100"]):
+        subprocess.run([*privrec, *args], env=env, check=True, capture_output=True, timeout=300)
+    run = subprocess.run([*privrec, "run", "--date", DAY.isoformat(), "-p", "train_window_days=1"], env=env,
+                         capture_output=True, text=True, timeout=1200)
+    log = (warm["home"] / "runs" / f"privrec_nightly-{DAY}.log").read_text(errors="replace")
+    assert run.returncode == 0, run.stdout[-2000:] + log[-3000:]
+    on_engine = {line.split("running ")[1].split(".py")[0] for line in log.splitlines()
+                 if f"on the Spark Connect server {warm['state'].remote}" in line and "running " in line}
+    assert on_engine == {"collect", "pseudonymize", "validate", "dp_stats", "build_partitions"}
+    assert "spark-submit" not in log
