@@ -15,10 +15,18 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-from benchmarks import audit, content_prior, dp_stats, ingest, movielens_pipeline, training
+from benchmarks import (
+    audit,
+    content_prior,
+    dp_stats,
+    ingest,
+    movielens_pipeline,
+    training,
+    warm_engine,
+)
 
 BENCHMARKS: dict[str, ModuleType] = {m.NAME: m for m in (ingest, dp_stats, training, movielens_pipeline, content_prior,
-                                                        audit)}
+                                                        audit, warm_engine)}
 
 
 def invocation(argv: list[str]) -> str:
