@@ -56,7 +56,8 @@ def run(args: argparse.Namespace, console: "Console", command: str) -> int:
         subprocess.run(["rm", "-rf", str(out)], check=True)
     out.mkdir(parents=True)
     env = {**os.environ, "PRIVREC_HOME": str(out / "home"), "PRIVREC_LAKE": str(out / "lake"),
-           "PRIVREC_KEY_FILE": str(out / "keys.json")}
+           "PRIVREC_KEY_FILE": str(out / "keys.json"), "PYSPARK_PYTHON": sys.executable,
+           "PYSPARK_DRIVER_PYTHON": sys.executable}
     for var in ("PRIVREC_SPARK_REMOTE", "SPARK_CONNECT_AUTHENTICATE_TOKEN", "PRIVREC_LEDGER_URL"):
         env.pop(var, None)
     privrec = str(Path(sys.executable).parent / "privrec")
@@ -69,7 +70,9 @@ def run(args: argparse.Namespace, console: "Console", command: str) -> int:
             _timed([privrec, "generate", "--date", day.isoformat(), "--events", str(args.engine_events),
                     "--users", str(max(10, args.engine_events // 5)), "--items", "100"], env, log)
         me = str(ROOT / "benchmarks" / "ingest.py")
-        submit = str(Path(sys.executable).parent / "spark-submit")
+        from privrec_pipeline.spark.standalone import spark_class
+
+        submit = str(spark_class().parent / "spark-submit")
         console.print("cold_start: spark-submit noop ...")
         steps["cold_start"] = _timed([submit, *submit_args(""), me, "noop"], env, log)
         run_day = [privrec, "run", "-p", "train_window_days=1", "--date"]

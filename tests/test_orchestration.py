@@ -275,3 +275,40 @@ def test_a_job_leaves_with_its_own_exit_code_whatever_the_teardown_does(body, co
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == code, done.stderr
     assert "step done" in done.stdout and said in done.stderr
+
+
+def test_on_the_warm_engine_the_job_runs_as_a_client_with_keys_and_lake(monkeypatch, tmp_path, key_document, capsys):
+    """With PRIVREC_SPARK_REMOTE set, the operator runs the job script as a Python process
+    (no spark-submit): its arguments get the lake, its environment the keys of the
+    privrec_keys connection and the engine's address; its output goes to the task log, and a
+    failing job fails the task with its last lines."""
+    from airflow.exceptions import AirflowException
+
+    from privrec_pipeline.orchestration.spark_operator import PrivrecSparkSubmitOperator
+
+    job = tmp_path / "job.py"
+    seen = tmp_path / "seen.json"
+    job.write_text("import json, os, sys\n"
+                   f"open({str(seen)!r}, 'w').write(json.dumps({{'args': sys.argv[1:], "
+                   "'keys': os.environ.get('PRIVREC_KEYS_JSON'), 'remote': os.environ.get('PRIVREC_SPARK_REMOTE')}))\n"
+                   "print('a line of the job')\n"
+                   "sys.exit(int(os.environ.get('JOB_EXIT', '0')))\n")
+    _connections(monkeypatch, "local[2]", key_document)
+    monkeypatch.setenv("PRIVREC_SPARK_REMOTE", "sc://localhost:15002")
+    monkeypatch.setenv("SPARK_CONNECT_AUTHENTICATE_TOKEN", "t" * 64)
+    monkeypatch.setenv("PRIVREC_LAKE", str(tmp_path / "lake"))
+    op = PrivrecSparkSubmitOperator(task_id="t", application=str(job), conn_id="spark_default",
+                                    application_args=["--date", "2026-01-15"])
+    op.execute({})
+    logged = capsys.readouterr().out
+    assert "running job.py on the Spark Connect server sc://localhost:15002" in logged
+    assert "a line of the job" in logged and "spark-submit" not in logged
+    assert json.loads(seen.read_text()) == {"args": ["--date", "2026-01-15", "--lake", str(tmp_path / "lake")], "keys": key_document,
+                       "remote": "sc://localhost:15002"}
+    monkeypatch.setenv("JOB_EXIT", "3")
+    with pytest.raises(AirflowException, match="job.py failed on the Spark Connect server sc://localhost:15002 "
+                                               r"\(exit 3\)"):
+        op.execute({})
+    monkeypatch.setenv("PRIVREC_SPARK_REMOTE", "sc://10.0.0.9:15002")
+    with pytest.raises(AirflowException, match="needs use_ssl=true"):
+        op.execute({})
