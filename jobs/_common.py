@@ -69,9 +69,13 @@ def run(main: Callable[[], int | None]) -> NoReturn:
     step. An exception prints its traceback and exits 1, as an uncaught one does."""
     import logging
     import os
+    import signal
     import sys
     import traceback
 
+    # A task's end (timeout, "mark failed") arrives as SIGTERM: leave through SystemExit, so a
+    # step's cleanup (its staging folders, its lock) runs before the exit.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         code = main()
     except SystemExit as stop:  # argparse's usage errors (2) and --help (0)

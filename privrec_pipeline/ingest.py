@@ -140,9 +140,11 @@ def run_collect(spark: "SparkSession", lake: str, day: dt.date, keys: KeyRing, *
         users, withheld = data_keys.user_keys(keys, register.data_keys, [
             r[0] for r in collected.where(data_keys.has_user(F.col("user_id"))).select("user_id").distinct().collect()
         ] if per_user_keys else [])
-        if withheld:
-            late = F.coalesce(F.col("user_id").isin(withheld), F.lit(False))
-            collected = collected.withColumn(ERASED, (F.col(ERASED) | late) if erasures else late)
+        if withheld:  # as data of a join, never literals of the plan
+            gone = spark.createDataFrame([(u,) for u in withheld], "_withheld string")
+            collected = collected.join(F.broadcast(gone), F.col("user_id") == F.col("_withheld"), "left")
+            late = F.col("_withheld").isNotNull()
+            collected = collected.withColumn(ERASED, (F.col(ERASED) | late) if erasures else late).drop("_withheld")
         erased = 0
         if erasures or withheld:
             erased = collected.where(F.col(ERASED)).count()

@@ -138,7 +138,8 @@ def test_a_row_without_its_data_key_fails_the_job(spark, keyring):
     from privrec_pipeline.crypto import reference_decrypt
     from privrec_pipeline.erasure import data_keys
 
-    rows = spark.createDataFrame([("usr_a", b"x", "e1"), ("usr_b", b"y", "e2"), (None, b"z", "e3"), ("", b"w", "e4")],
+    rows = spark.createDataFrame([("usr_a", b"x", "e1"), ("usr_b", b"y", "e2"), (None, b"z", "e3"), ("", b"w", "e4"),
+                                  ('{"id": 1} ', b"v", "e5"), ("u" * 300, b"u", "e6")],
                                  "user_id string, identifiers_enc binary, event_id string")
     frame = data_keys.key_frame(spark, {"usr_a": ("a" * 64, bytes(32))})
     sealed = data_keys.seal(rows, frame, {"identifiers_enc": ("identifiers", F.col("event_id"))})
@@ -148,15 +149,26 @@ def test_a_row_without_its_data_key_fails_the_job(spark, keyring):
                         {"identifiers_enc": ("identifiers", F.col("event_id"))}).collect()
     by_event = {r.event_id: (bytes(r.identifiers_enc), r.data_key) for r in ok}
     assert by_event["e3"] == (b"z", None) and by_event["e4"] == (b"w", None)  # no user: left as it was
+    assert by_event["e5"] == (b"v", None) and by_event["e6"] == (b"u", None)  # no id anyone could erase: no key
     blob, data_key = by_event["e1"]
     assert data_key == "a" * 64 and reference_decrypt(bytes(32), blob, b"identifiers|e1") == b"x"
     shredded = data_keys.RowKeys(keyring, _EmptyStore())
     with pytest.raises(ShreddedError):
         shredded.open("v1", data_key, blob, b"identifiers|e1")
+    # A key missing for a user who never asked to be erased is a lost database, not a shredding.
+    with pytest.raises(data_keys.DataKeyMissingError, match="the database was lost, reset or restored"):
+        data_keys.RowKeys(keyring, _EmptyStore(asked=False)).open("v1", data_key, blob, b"identifiers|e1")
 
 
 class _EmptyStore:
-    """A key table from which every data key was deleted."""
+    """A key table from which every data key was deleted; ``asked`` says whether the users
+    asked to be erased."""
+
+    def __init__(self, asked: bool = True) -> None:
+        self.asked = asked
 
     def lookup(self, keys, version, fingerprints):
         return {}
+
+    def erased(self, version, fingerprint):
+        return self.asked

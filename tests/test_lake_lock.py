@@ -170,3 +170,14 @@ def test_the_erasure_task_takes_no_lock_without_pending_requests(lake, keyring, 
     assert step.held.wait(WAIT)
     assert process_pending(lake, keyring) == [] and not waits.messages  # did not wait for the step
     step.release.set()
+
+
+def test_asking_again_in_the_same_thread_is_refused_not_a_deadlock(ledger_url):
+    from privrec_pipeline.errors import ConfigurationError
+
+    with lake_lock(None, SHARED, what="collect 2026-01-15", url=ledger_url):
+        with pytest.raises(ConfigurationError, match="while collect 2026-01-15 holds it in this thread"), \
+                lake_lock(None, EXCLUSIVE, what="the erasure task", url=ledger_url):
+            pass
+    with lake_lock(None, EXCLUSIVE, what="the erasure task", url=ledger_url):  # released: free again
+        pass

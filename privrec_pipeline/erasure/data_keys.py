@@ -43,7 +43,12 @@ from sqlalchemy import delete, select, tuple_
 from sqlalchemy.engine import Connection, Engine
 
 from privrec_pipeline import crypto
-from privrec_pipeline.erasure.requests import data_keys_table, fingerprint, requests_table
+from privrec_pipeline.erasure.requests import (
+    MAX_ID_CHARS,
+    data_keys_table,
+    fingerprint,
+    requests_table,
+)
 from privrec_pipeline.errors import ConfigurationError, PrivrecError
 from privrec_pipeline.secrets import KeyRing
 
@@ -60,6 +65,11 @@ BROADCAST_MAX_KEYS = 500_000  # data keys up to this many are broadcast to the r
 
 class ShreddedError(PrivrecError):
     """A row's data key no longer exists: its user was erased."""
+
+
+class DataKeyMissingError(PrivrecError):
+    """A row names a data key that is not stored, for a user who never asked to be erased: the
+    ledger database was lost, reset, restored from an older backup, or is not this lake's."""
 
 
 def wrap_key(encryption_key: bytes) -> bytes:
@@ -142,6 +152,12 @@ class DataKeys:
                                                         .in_(pairs[i:i + CHUNK]))).rowcount
                        for i in range(0, len(pairs), CHUNK))
 
+    def erased(self, version: str, fingerprint: str) -> bool:
+        """Whether this user (fingerprint under ``version``) asked to be erased."""
+        with self.engine.connect() as conn:
+            return conn.execute(select(requests_table.c.id).where(
+                requests_table.c.key_version == version, requests_table.c.fingerprint == fingerprint)).first() is not None
+
     def count(self) -> int:
         from sqlalchemy import func
 
@@ -190,10 +206,15 @@ def key_frame(spark: "SparkSession", users: dict[str, tuple[str, bytes]]) -> "Da
 
 
 def has_user(column: "Column") -> "Column":
-    """A record that has a user id to key by (what ``user_keys`` is given)."""
+    """A record with a user id to key by: one that ``privrec erase`` accepts
+    (``requests.check_user_id``: 1-256 characters, no control character, no space at either
+    end). Anything else in a rejected line's user id field (an object's text, a huge string
+    from a hostile source) gets no key of its own: the line stays under the encryption key
+    alone, and no one can grow the key table with junk ids."""
     from pyspark.sql import functions as F
 
-    return column.isNotNull() & (F.length(column) > 0)
+    return (column.isNotNull() & F.length(column).between(1, MAX_ID_CHARS)
+            & ~column.rlike(r"[\x00-\x1f\x7f]") & (F.trim(column) == column))
 
 
 def seal(rows: "DataFrame", keys: "DataFrame", sealed: dict[str, tuple[str, "Column"]], *,
@@ -206,10 +227,11 @@ def seal(rows: "DataFrame", keys: "DataFrame", sealed: dict[str, tuple[str, "Col
     from pyspark.sql import functions as F
 
     right = keys.withColumnRenamed(USER_ID, "_dek_user")
+    user = rows[USER_ID].cast("string")
     joined = rows.join(F.broadcast(right) if broadcast else right,
-                       rows[USER_ID].cast("string") == F.col("_dek_user"), "left")
+                       F.when(has_user(user), user) == F.col("_dek_user"), "left")
     dek = [F.col(c) for c in DEK_COLUMNS]
-    missing = has_user(rows[USER_ID].cast("string")) & F.col("dek").isNull()
+    missing = has_user(user) & F.col("dek").isNull()
     out = []
     for name in rows.columns:
         if name == DATA_KEY:
@@ -255,6 +277,11 @@ class RowKeys:
             self.prefetch([(version, data_key)])
             dek = self._cache[(version, data_key)]
             if dek is None:
-                raise ShreddedError("the row's data key was deleted (its user was erased)")
+                if self.store.erased(version, data_key):
+                    raise ShreddedError("the row's data key was deleted (its user was erased)")
+                raise DataKeyMissingError(
+                    f"a row names data key {data_key[:12]}... of encryption key {version}, which the ledger database "
+                    "does not hold although that user never asked to be erased: the database was lost, reset or "
+                    "restored from an older backup, or is not this lake's (PRIVREC_LEDGER_URL)")
             blob = crypto.reference_decrypt(dek, blob, aad)
         return crypto.reference_decrypt(master.material, blob, aad)

@@ -16,9 +16,16 @@ ended (it reads erased inputs, and collect reads the request).
   connection of their own; the server releases them when that connection ends, so a task
   killed on any host never leaves the lake locked. A request waits behind a waiting request
   it conflicts with, so steps that keep starting do not starve a waiting erasure
-  (PostgreSQL documentation, "Advisory Locks" and "Explicit Locking").
+  (PostgreSQL documentation, "Advisory Locks" and "Explicit Locking"). The connection sends
+  TCP keepalives; a connection pooler in transaction mode (PgBouncer) would break session
+  locks: point the ledger URL at PostgreSQL itself.
 - SQLite (the embedded default, a local lake): ``flock(2)`` on ``lake.lock`` beside the
-  ledger's database file, released by the kernel when the holding process ends.
+  ledger's database file, released by the kernel when the holding process ends. flock has no
+  queue: a waiting erasure takes the lock in a moment when no step holds it (on one machine
+  with at most two runs, between two steps).
+
+The lock is not re-entrant: a thread that holds it and asks again is refused at once
+(``ConfigurationError``) rather than left to deadlock behind a waiting erasure.
 
 A step that has to wait says so in its log, naming who holds the lake.
 """
@@ -31,6 +38,7 @@ import functools
 import inspect
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -44,6 +52,7 @@ log = logging.getLogger(__name__)
 LAKE_LOCK_ID = 7_201_427  # first key of the advisory lock; the second is the ledger's schema
 SHARED, EXCLUSIVE = "shared", "exclusive"
 F = TypeVar("F", bound=Callable[..., Any])
+_held = threading.local()  # what this thread holds the lock for
 # What a waiter of each mode waits for.
 HOLDERS = {SHARED: "an erasure is removing users", EXCLUSIVE: "steps are writing users' rows, or another erasure runs"}
 
@@ -57,16 +66,22 @@ def lake_lock(lake: str | None, mode: str, *, what: str, url: str | None = None)
 
     if mode not in HOLDERS:
         raise ValueError(f"lock mode must be {SHARED!r} or {EXCLUSIVE!r}, not {mode!r}")
+    if getattr(_held, "what", None):
+        raise ConfigurationError(f"{what} asked for the lake lock while {_held.what} holds it in this thread")
     url = url or ledger_url(lake)
     backend = make_url(url).get_backend_name()
     if backend == "postgresql":
-        with _advisory(url, mode, what):
-            yield
+        lock = _advisory(url, mode, what)
     elif backend == "sqlite":
-        with _flock(url, mode, what):
-            yield
+        lock = _flock(url, mode, what)
     else:
         raise ConfigurationError(f"the lake lock needs the ledger on PostgreSQL or SQLite, not {backend}")
+    with lock:
+        _held.what = what
+        try:
+            yield
+        finally:
+            _held.what = None
 
 
 def _waiting(mode: str, what: str) -> None:
@@ -75,11 +90,14 @@ def _waiting(mode: str, what: str) -> None:
 
 @contextlib.contextmanager
 def _advisory(url: str, mode: str, what: str) -> Iterator[None]:
-    from privrec_pipeline.privacy.ledger import database_engine
+
+    from sqlalchemy import create_engine
 
     suffix = "_shared" if mode == SHARED else ""
     args = f"{LAKE_LOCK_ID}, hashtext(current_schema())"
-    engine = database_engine(url)
+    # Keepalives: a connection dropped by a firewall would release the lock unnoticed.
+    engine = create_engine(url, hide_parameters=True, connect_args={
+        "keepalives": 1, "keepalives_idle": 60, "keepalives_interval": 10, "keepalives_count": 5})
     try:
         with engine.connect() as conn:
             conn = conn.execution_options(isolation_level="AUTOCOMMIT")
@@ -89,7 +107,13 @@ def _advisory(url: str, mode: str, what: str) -> Iterator[None]:
             try:
                 yield
             finally:
-                conn.execute(text(f"SELECT pg_advisory_unlock{suffix}({args})"))
+                try:  # never hides the step's own error, never fails a step that finished
+                    if not conn.execute(text(f"SELECT pg_advisory_unlock{suffix}({args})")).scalar():
+                        log.error("%s: the lake lock was no longer held at its end (the connection was reset?)",
+                                  what)
+                except Exception as exc:  # the connection is gone: so is the lock
+                    log.error("%s: releasing the lake lock failed (%s); the server released it with the connection",
+                              what, type(exc).__name__)
     finally:
         engine.dispose()
 

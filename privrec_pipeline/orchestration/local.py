@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 from privrec_pipeline.config import DAGS_DIR, lake_root, privrec_home
-from privrec_pipeline.spark.engine import ENV_REMOTE, embedded_environment
 
 DEFAULT_SPARK_CONN = json.dumps({"conn_type": "spark", "host": "local[*]"})
 
@@ -35,8 +34,6 @@ def airflow_env(base: dict[str, str] | None = None) -> dict[str, str]:
     env.setdefault("PRIVREC_LAKE", lake_root())
     env.setdefault("PYSPARK_PYTHON", sys.executable)
     env.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
-    if not env.get(ENV_REMOTE):  # `privrec engine start`: the steps run on the warm engine
-        env.update(embedded_environment())
     return env
 
 

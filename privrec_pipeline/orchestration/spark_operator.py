@@ -67,11 +67,11 @@ class PrivrecSparkSubmitOperator(SparkSubmitOperator):
         from privrec_pipeline.spark import engine
 
         try:
-            remote = engine.remote_settings()
+            remote = engine.task_settings()
         except ConfigurationError as error:
             raise AirflowException(str(error)) from None
         if remote is not None:
-            return self._run_on_engine(remote[0])
+            return self._run_on_engine(*remote)
         master, deploy_mode, extra = self._connection()
         if deploy_mode == "cluster":
             # Spark's standalone master refuses Python applications in cluster mode, and on
@@ -102,7 +102,7 @@ class PrivrecSparkSubmitOperator(SparkSubmitOperator):
             args += ["--lake", lake if "://" in lake else str(Path(lake).resolve())]
         return args
 
-    def _run_on_engine(self, remote: str) -> None:
+    def _run_on_engine(self, remote: str, token: str) -> None:
         """The job as a thin client of the warm engine (``spark.engine``): a Python process that
         sends its plans to the Spark Connect server, no JVM of its own. Keys as on the
         spark-submit route (the ``privrec_keys`` connection, else the worker's environment);
@@ -117,10 +117,15 @@ class PrivrecSparkSubmitOperator(SparkSubmitOperator):
         self.env_vars = dict(self.env_vars or {})
         if self.needs_keys:
             self._inject_keys("local")
+        from privrec_pipeline.spark.engine import ENV_REMOTE, ENV_TOKEN
+
         command = [sys.executable, str(self.application), *self._job_args(lake_root())]
         self.log.info("running %s on the Spark Connect server %s", Path(self.application).name, remote)
-        process = subprocess.Popen(command, env={**os.environ, **self.env_vars}, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, text=True, errors="replace")
+        # Its own process group: on_kill (a timeout, "mark failed") ends the job, not only this task.
+        process = subprocess.Popen(command, env={**os.environ, **self.env_vars, ENV_REMOTE: remote, ENV_TOKEN: token},
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
+                                   start_new_session=True)
+        self._client = process
         tail: list[str] = []
         assert process.stdout is not None
         for line in process.stdout:
@@ -129,6 +134,22 @@ class PrivrecSparkSubmitOperator(SparkSubmitOperator):
         if process.wait() != 0:
             raise AirflowException(f"{Path(self.application).name} failed on the Spark Connect server {remote} "
                                    f"(exit {process.returncode}): " + " | ".join(tail[-5:]))
+
+    def on_kill(self) -> None:
+        """End an engine-route job with the task (SIGTERM: the job's cleanup runs; then SIGKILL)."""
+        import signal
+        import subprocess
+
+        client = getattr(self, "_client", None)
+        if client is None:
+            return super().on_kill()
+        if client.poll() is None:
+            os.killpg(client.pid, signal.SIGTERM)
+            try:
+                client.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(client.pid, signal.SIGKILL)
+        return None
 
     def _connection(self) -> tuple[str, str | None, dict[str, Any]]:
         """The master URL, deploy mode and extras of the spark connection, as the provider's

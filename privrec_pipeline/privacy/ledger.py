@@ -300,8 +300,10 @@ def _entry_hash(prev_hash: str, seq: int, release_id: int, event: str, body: str
 
 
 def database_engine(url: str) -> Engine:
-    """An engine on the ledger's database (SQLite: wait for the write lock, don't fail)."""
-    kwargs: dict[str, Any] = {"future": True}
+    """An engine on the ledger's database (SQLite: wait for the write lock, don't fail). Its
+    error messages never show bound parameters: they can be wrapped data keys or encrypted ids,
+    and a task's traceback goes to its log."""
+    kwargs: dict[str, Any] = {"future": True, "hide_parameters": True}
     if url.startswith("sqlite"):
         kwargs["connect_args"] = {"timeout": 60}
     return create_engine(url, **kwargs)

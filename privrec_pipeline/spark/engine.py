@@ -23,6 +23,7 @@ session ids), so two runs at once share one server safely.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -30,6 +31,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -72,17 +74,43 @@ def _token_path() -> Path:
     return engine_folder() / "token"
 
 
+def _is_server(pid: int, port: int) -> bool:
+    """Whether ``pid`` is this user's Spark Connect server listening on ``port``: a recorded
+    pid may have been reused after a crash, and a port may have been taken by someone else."""
+    import psutil
+
+    try:
+        process = psutil.Process(pid)
+        if process.uids().real != os.getuid() or SERVER_CLASS not in " ".join(process.cmdline()):
+            return False
+        return any(c.status == psutil.CONN_LISTEN and c.laddr.port == port
+                   for c in process.net_connections(kind="tcp"))
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
+
+
 def read_state() -> EngineState | None:
-    """The embedded engine's state, if one was started and its process still runs."""
+    """The embedded engine's state, if one was started and it is still that server."""
     path = _state_path()
     if not path.exists():
         return None
     state = EngineState(**json.loads(path.read_text(encoding="utf-8")))
+    return state if _is_server(state.pid, state.port) else None
+
+
+@contextlib.contextmanager
+def _engine_lock() -> Iterator[None]:
+    """One ``start`` or ``stop`` at a time (flock on ``engine/lock``)."""
+    import fcntl
+
+    folder = engine_folder()
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(folder / "lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        os.kill(state.pid, 0)
-    except ProcessLookupError:
-        return None
-    return state
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def check_remote(remote: str, token: str | None) -> None:
@@ -91,7 +119,9 @@ def check_remote(remote: str, token: str | None) -> None:
     if url.scheme != "sc" or not url.hostname:
         raise ConfigurationError(f"{ENV_REMOTE} must be a Spark Connect address sc://host:port, not {remote!r}")
     params = dict(p.split("=", 1) for p in url.path.lstrip("/").split(";") if "=" in p)
-    if not (token or params.get("token")):
+    if "token" in params:  # an address is logged and shown; a token in it would be too
+        raise ConfigurationError(f"{ENV_REMOTE} must not hold the token: give it in {ENV_TOKEN}")
+    if not token:
         raise ConfigurationError(f"the Spark Connect server {url.hostname}:{url.port} needs a token: set {ENV_TOKEN} "
                                  "(keys are sent to it as session data)")
     if url.hostname not in LOOPBACK and params.get("use_ssl", "").lower() != "true":
@@ -111,12 +141,17 @@ def remote_settings(environ: dict[str, str] | None = None) -> tuple[str, str] | 
     return env[ENV_REMOTE], token
 
 
-def embedded_environment() -> dict[str, str]:
-    """The variables that point jobs at the embedded engine, if it runs (else none)."""
+def task_settings() -> tuple[str, str] | None:
+    """Where an Airflow task runs its Spark step, decided when it runs: ``PRIVREC_SPARK_REMOTE``,
+    else the embedded engine if one runs now (so an engine started, stopped or restarted
+    after Airflow is seen), else None (a spark-submit of its own)."""
+    settings = remote_settings()
+    if settings is not None:
+        return settings
     state = read_state()
     if state is None:
-        return {}
-    return {ENV_REMOTE: state.remote, ENV_TOKEN: _token_path().read_text(encoding="utf-8").strip()}
+        return None
+    return state.remote, _token_path().read_text(encoding="utf-8").strip()
 
 
 def connect(app_name: str, remote: str, token: str) -> Any:
@@ -145,14 +180,13 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _answers(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(1.0)
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
 def start(*, master: str = "local[2]", driver_memory: str = "4g", port: int | None = None) -> tuple[EngineState, bool]:
     """Start the embedded engine unless it runs; (its state, whether it was started now)."""
+    with _engine_lock():
+        return _start(master, driver_memory, port)
+
+
+def _start(master: str, driver_memory: str, port: int | None) -> tuple[EngineState, bool]:
     from privrec_pipeline.spark.session import LAUNCH_CONF
     from privrec_pipeline.spark.standalone import spark_class
 
@@ -172,12 +206,14 @@ def start(*, master: str = "local[2]", driver_memory: str = "4g", port: int | No
     command = [str(submit), "--master", master, "--class", SERVER_CLASS, "--name", "privrec-engine",
                *[arg for key, value in conf.items() for arg in ("--conf", f"{key}={value}")]]
     log = folder / "server.log"
-    env = {**os.environ, ENV_TOKEN: token}
+    # The server never needs the key document: it receives key frames as session data.
+    env = {k: v for k, v in os.environ.items() if k not in ("PRIVREC_KEYS_JSON", "PRIVREC_KEY_FILE")}
+    env[ENV_TOKEN] = token
     with log.open("ab") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    env=env, start_new_session=True)
     deadline = time.monotonic() + START_TIMEOUT_S
-    while not _answers(port):
+    while not _is_server(process.pid, port):
         if process.poll() is not None:
             tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
             raise EngineUnavailableError(f"the Spark Connect server exited with code {process.returncode} while "
@@ -185,30 +221,38 @@ def start(*, master: str = "local[2]", driver_memory: str = "4g", port: int | No
         if time.monotonic() > deadline:
             process.terminate()
             raise EngineUnavailableError(f"the Spark Connect server did not listen on port {port} within "
-                                         f"{START_TIMEOUT_S:.0f} s (log {log})")
+                                         f"{START_TIMEOUT_S:.0f} s (log {log}; is the port taken?)")
         time.sleep(0.2)
     state = EngineState(process.pid, port, f"sc://localhost:{port}", master, str(log), time.time())
-    _state_path().write_text(json.dumps(asdict(state), indent=2), encoding="utf-8")
+    staged = _state_path().with_suffix(".tmp")
+    staged.write_text(json.dumps(asdict(state), indent=2), encoding="utf-8")
+    staged.replace(_state_path())  # readers see no state or the whole of it
     return state, True
 
 
 def stop() -> EngineState | None:
     """Stop the embedded engine; its state, or None if none ran."""
-    state = read_state()
-    if state is not None:
-        try:
-            os.killpg(state.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                os.kill(state.pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.2)
-        else:
-            os.killpg(state.pid, signal.SIGKILL)
-    for path in (_state_path(), _token_path()):
-        path.unlink(missing_ok=True)
-    return state
+    with _engine_lock():
+        state = read_state()  # only a process that is still our server is signalled
+        if state is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(state.pid, signal.SIGTERM)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and _alive(state.pid):
+                time.sleep(0.2)
+            if _alive(state.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(state.pid, signal.SIGKILL)
+        for path in (_state_path(), _token_path()):
+            path.unlink(missing_ok=True)
+        return state
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
