@@ -39,6 +39,19 @@ def privrec_home() -> Path:
 
 
 ENV_LEDGER_URL = "PRIVREC_LEDGER_URL"
+ENV_DATA_KEYS_URL = "PRIVREC_DATA_KEYS_URL"
+
+
+def data_keys_url(lake: str | None = None) -> str:
+    """Where the users' data keys live (``erasure.data_keys``): ``$PRIVREC_DATA_KEYS_URL``;
+    else the ledger's database when ``$PRIVREC_LEDGER_URL`` is set (give the keys a database
+    of their own in production: its backups must not outlive an erasure, the ledger's must);
+    else a SQLite file ``_ledger/data_keys.db`` beside the local lake's ledger."""
+    value = os.environ.get(ENV_DATA_KEYS_URL) or os.environ.get(ENV_LEDGER_URL)
+    if value:
+        return value
+    ledger = ledger_url(lake)
+    return ledger.rsplit("/", 1)[0] + "/data_keys.db"
 
 
 def ledger_url(lake: str | None = None) -> str:

@@ -39,12 +39,30 @@ def test_a_user_gets_one_key_stored_only_wrapped(tmp_path, keyring):
     again = register.data_keys.ensure(keyring, [*fps[:2], "f" * 64])
     assert {fp: again[fp] for fp in fps[:2]} == {fp: first[fp] for fp in fps[:2]}  # the same keys
     assert again["f" * 64] not in first.values() and register.data_keys.count() == 4
-    with register.engine.connect() as conn:
+    with register.data_keys.engine.connect() as conn:
         wrapped = dict(conn.exec_driver_sql("SELECT fingerprint, wrapped_key FROM user_data_keys").all())
     assert all(len(bytes(w)) == 40 for w in wrapped.values())  # RFC 3394: the key plus an 8-byte check
     assert aes_key_unwrap(wrap_key(keyring.encryption.material), bytes(wrapped[fps[0]])) == first[fps[0]]
     raw = (tmp_path / "ledger.db").read_bytes()
     assert not any(k in raw for k in first.values())  # never in clear in the database file
+
+
+def test_a_lakes_data_keys_live_in_their_own_database(tmp_path, keyring, monkeypatch):
+    """Beside the ledger, not in it: the keys' database can have backups shorter than an
+    erasure may take, the ledger's long ones (PRIVREC_DATA_KEYS_URL chooses it)."""
+    lake = str(tmp_path / "lake")
+    register = open_register(lake)
+    register.data_keys.ensure(keyring, [fingerprint(keyring.encryption.material, "usr_a")])
+    folder = tmp_path / "lake" / "_ledger"
+    with register.data_keys.engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM user_data_keys").scalar() == 1
+    with register.engine.connect() as conn:
+        assert "user_data_keys" not in {r[0] for r in conn.exec_driver_sql(
+            "SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert (folder / "data_keys.db").exists() and (folder / "ledger.db").exists()
+    monkeypatch.setenv("PRIVREC_DATA_KEYS_URL", f"sqlite:///{tmp_path}/elsewhere.db")
+    open_register(lake).data_keys.ensure(keyring, [fingerprint(keyring.encryption.material, "usr_b")])
+    assert (tmp_path / "elsewhere.db").exists()
 
 
 def test_no_key_for_a_user_who_asked_to_be_erased(tmp_path, keyring):
@@ -97,7 +115,7 @@ def test_runs_creating_the_same_users_keys_at_once_agree(ledger_url, keyring):
 
 def _ensure(url, keyring, ids, start, results) -> None:
     try:
-        store = DataKeys(ErasureRegister(url).engine)
+        store = ErasureRegister(url).data_keys
         start.wait()
         results.put(store.ensure(keyring, [fingerprint(keyring.encryption.material, u) for u in ids]))
     except Exception as exc:  # reported to the test, not lost in a child

@@ -225,7 +225,7 @@ def test_a_shredded_key_makes_an_old_copy_of_bronze_and_quarantine_undecryptable
     (request,) = register.requests()
     assert request.erased["data_keys"] == 1  # one encryption key version
     theirs = fingerprint(keyring.encryption.material, victim)
-    with register.engine.connect() as conn:
+    with register.data_keys.engine.connect() as conn:
         stored = dict(conn.exec_driver_sql("SELECT fingerprint, wrapped_key FROM user_data_keys").all())
     assert theirs not in stored and len(stored) >= 20  # the other users' keys are kept
     keys = row_keys(root, keyring)

@@ -8,8 +8,8 @@ keys):
 - DEK_u is stored only wrapped, with the AES key wrap of RFC 3394 (``cryptography``'s
   ``aes_key_wrap``) under K_wrap,v = HMAC-SHA256(K_enc,v, "privrec/user-data-key-wrap/v1")
   (HMAC as a PRF to derive a separate key, RFC 2104; the label keeps K_wrap apart from every
-  other key derived from K_enc), in the ledger database's table ``user_data_keys``, keyed by
-  (v, the user's keyed fingerprint of ``erasure.requests``);
+  other key derived from K_enc), in the table ``user_data_keys`` of a database of its own
+  (``config.data_keys_url``), keyed by (v, the user's keyed fingerprint of ``erasure.requests``);
 - collect **seals** a row of user u: the ciphertext it computes under K_enc
   (``crypto.encrypt``) is encrypted once more under DEK_u, again with ``crypto.encrypt`` and
   the row's associated data, its synthetic IV keyed by HMAC(DEK_u, label), so nothing in the
@@ -26,8 +26,10 @@ outer layer is added while bronze and quarantine are written from the staged pas
 AES-GCM per row, where re-encrypting would cost a decryption and an encryption.
 
 What shredding does not reach: bronze's user id and event fields (in clear there, removed by
-the erasure task, kept by an old copy of bronze), and backups of the ledger database, which
-hold the wrapped data keys: keep them no longer than the time allowed to complete an erasure.
+the erasure task, kept by an old copy of bronze); backups of the data keys' database (and, on
+PostgreSQL, its WAL archives), which hold the wrapped keys: keep them no longer than the time
+allowed to complete an erasure (K_enc is never destroyed, so an old backup would unwrap them);
+and a collect killed before its cleanup, whose staging folder holds the day under K_enc alone.
 """
 
 from __future__ import annotations
@@ -39,16 +41,22 @@ import os
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import delete, select, tuple_
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy import (
+    Column,
+    DateTime,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    delete,
+    select,
+    text,
+    tuple_,
+)
+from sqlalchemy.engine import Connection
 
 from privrec_pipeline import crypto
-from privrec_pipeline.erasure.requests import (
-    MAX_ID_CHARS,
-    data_keys_table,
-    fingerprint,
-    requests_table,
-)
+from privrec_pipeline.erasure.requests import MAX_ID_CHARS, fingerprint
 from privrec_pipeline.errors import ConfigurationError, PrivrecError
 from privrec_pipeline.secrets import KeyRing
 
@@ -81,11 +89,39 @@ def _chunks(items: list[str]) -> Iterable[list[str]]:
         yield items[start:start + CHUNK]
 
 
-class DataKeys:
-    """The ``user_data_keys`` table (created with the erasure register's tables)."""
+metadata = MetaData()
+# Each user's data key, wrapped under the encryption key version it belongs to: erasing the
+# user deletes the row. In a database of its own (``config.data_keys_url``), so that its
+# backups can be kept shorter than an erasure may take while the ledger's are kept long.
+data_keys_table = Table(
+    "user_data_keys", metadata,
+    Column("key_version", String(32), primary_key=True),
+    Column("fingerprint", String(64), primary_key=True),  # the user's fingerprint under that version
+    Column("wrapped_key", LargeBinary, nullable=False),  # RFC 3394 AES key wrap of the 256-bit key
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+
+class DataKeys:
+    """The ``user_data_keys`` table at ``url``; ``register`` (the erasure register) says who
+    asked to be erased."""
+
+    def __init__(self, url: str, register: Any) -> None:
+        from privrec_pipeline.privacy.ledger import database_engine, with_ddl_retries
+
+        self.engine = database_engine(url)
+        self.register = register
+        with_ddl_retries(self._prepare)
+
+    def _prepare(self) -> None:
+        from privrec_pipeline.privacy.ledger import schema_lock
+
+        with self.engine.begin() as conn:
+            schema_lock(conn)
+            metadata.create_all(conn)
+
+    def _erased(self, version: str) -> set[str]:
+        return self.register.fingerprints().get(version, set())
 
     def ensure(self, keys: KeyRing, fingerprints: Iterable[str], now: dt.datetime | None = None) -> dict[str, bytes]:
         """The data keys of these users under the current encryption key, created where missing.
@@ -100,10 +136,9 @@ class DataKeys:
         when = now or dt.datetime.now(dt.UTC)
         out: dict[str, bytes] = {}
         table = data_keys_table
+        erased = self._erased(enc.version)  # read now: a request made since collect started counts
         for chunk in _chunks(sorted(set(fingerprints))):
             with self.engine.begin() as conn:
-                erased = set(conn.execute(select(requests_table.c.fingerprint).where(
-                    requests_table.c.key_version == enc.version, requests_table.c.fingerprint.in_(chunk))).scalars())
                 stored = dict(conn.execute(select(table.c.fingerprint, table.c.wrapped_key).where(
                     table.c.key_version == enc.version, table.c.fingerprint.in_(chunk))).all())
                 fresh = {fp: os.urandom(32) for fp in chunk if fp not in stored and fp not in erased}
@@ -148,15 +183,19 @@ class DataKeys:
         pairs = [(v, fingerprint(k.material, u)) for u in set(user_ids) for v, k in versions.items()]
         table = data_keys_table
         with self.engine.begin() as conn:
-            return sum(conn.execute(delete(table).where(tuple_(table.c.key_version, table.c.fingerprint)
-                                                        .in_(pairs[i:i + CHUNK]))).rowcount
-                       for i in range(0, len(pairs), CHUNK))
+            deleted = sum(conn.execute(delete(table).where(tuple_(table.c.key_version, table.c.fingerprint)
+                                                           .in_(pairs[i:i + CHUNK]))).rowcount
+                          for i in range(0, len(pairs), CHUNK))
+        if deleted and self.engine.dialect.name == "postgresql":
+            # A deleted row stays on disk until vacuumed (the WAL and its archives keep it too:
+            # keep them no longer than the data keys' backups).
+            with self.engine.connect() as conn:
+                conn.execution_options(isolation_level="AUTOCOMMIT").execute(text(f"VACUUM {table.name}"))
+        return deleted
 
     def erased(self, version: str, fingerprint: str) -> bool:
         """Whether this user (fingerprint under ``version``) asked to be erased."""
-        with self.engine.connect() as conn:
-            return conn.execute(select(requests_table.c.id).where(
-                requests_table.c.key_version == version, requests_table.c.fingerprint == fingerprint)).first() is not None
+        return fingerprint in self._erased(version)
 
     def count(self) -> int:
         from sqlalchemy import func

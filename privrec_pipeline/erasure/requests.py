@@ -78,15 +78,6 @@ linked_table = Table(
     Column("fingerprint", String(64), nullable=False),
     UniqueConstraint("key_version", "fingerprint", name="uq_erasure_linked"),
 )
-# Each user's data key, wrapped under the encryption key version it belongs to
-# (``privrec_pipeline.erasure.data_keys``): erasing the user deletes the row.
-data_keys_table = Table(
-    "user_data_keys", metadata,
-    Column("key_version", String(32), primary_key=True),
-    Column("fingerprint", String(64), primary_key=True),  # the user's fingerprint under that version
-    Column("wrapped_key", LargeBinary, nullable=False),  # RFC 3394 AES key wrap of the 256-bit key
-    Column("created_at", DateTime(timezone=True), nullable=False),
-)
 
 
 def fingerprint(encryption_key: bytes, value: str, kind: str = "user") -> str:
@@ -156,14 +147,15 @@ class ErasureRegister:
     """The erasure requests table in the ledger's database (``config.ledger_url``), and the
     users' data keys beside it (``data_keys``)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, data_keys_url: str | None = None) -> None:
         from privrec_pipeline.erasure.data_keys import DataKeys
         from privrec_pipeline.privacy.ledger import database_engine, with_ddl_retries
 
         self.url = url
         self.engine: Engine = database_engine(url)
         with_ddl_retries(self._prepare)  # tasks of two runs open it together
-        self.data_keys = DataKeys(self.engine)  # each user's data key (crypto-shredding)
+        # Each user's data key (crypto-shredding), in a database of its own when one is given.
+        self.data_keys = DataKeys(data_keys_url or url, self)
 
     def _prepare(self) -> None:
         """Create the tables in one transaction, under the ledger's schema lock."""
@@ -279,7 +271,8 @@ def _utc(value: dt.datetime | None) -> dt.datetime | None:
 
 
 def open_register(lake: str | None = None) -> ErasureRegister:
-    """The deployment's register: the ledger's database (``$PRIVREC_LEDGER_URL`` or the lake's)."""
-    from privrec_pipeline.config import ledger_url
+    """The deployment's register: the ledger's database (``$PRIVREC_LEDGER_URL`` or the lake's),
+    and its data keys in theirs (``config.data_keys_url``)."""
+    from privrec_pipeline.config import data_keys_url, ledger_url
 
-    return ErasureRegister(ledger_url(lake))
+    return ErasureRegister(ledger_url(lake), data_keys_url(lake))
