@@ -59,7 +59,7 @@ def test_a_lakes_data_keys_live_in_their_own_database(tmp_path, keyring, monkeyp
     with register.engine.connect() as conn:
         assert "user_data_keys" not in {r[0] for r in conn.exec_driver_sql(
             "SELECT name FROM sqlite_master WHERE type = 'table'")}
-    assert (folder / "data_keys.db").exists() and (folder / "ledger.db").exists()
+    assert (folder / "data_keys.db").stat().st_mode & 0o077 == 0 and (folder / "ledger.db").exists()
     monkeypatch.setenv("PRIVREC_DATA_KEYS_URL", f"sqlite:///{tmp_path}/elsewhere.db")
     open_register(lake).data_keys.ensure(keyring, [fingerprint(keyring.encryption.material, "usr_b")])
     assert (tmp_path / "elsewhere.db").exists()

@@ -39,6 +39,7 @@ import hashlib
 import hmac
 import os
 from collections.abc import Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
@@ -107,8 +108,14 @@ class DataKeys:
     asked to be erased."""
 
     def __init__(self, url: str, register: Any) -> None:
+        from sqlalchemy.engine import make_url
+
         from privrec_pipeline.privacy.ledger import database_engine, with_ddl_retries
 
+        database = make_url(url).database
+        if make_url(url).get_backend_name() == "sqlite" and database and database != ":memory:":
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+            os.close(os.open(database, os.O_WRONLY | os.O_CREAT, 0o600))  # the user's only, before SQLite creates it
         self.engine = database_engine(url)
         self.register = register
         with_ddl_retries(self._prepare)
