@@ -249,10 +249,10 @@ def stop() -> EngineState | None:
 
 
 def _alive(pid: int) -> bool:
+    """Still running (an ended child not yet reaped by its parent, a zombie, is not)."""
+    import psutil
+
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
-        return True
-    return True
