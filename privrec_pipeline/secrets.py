@@ -97,6 +97,11 @@ class KeyRing:
     encryption_versions: Mapping[str, VersionedKey] = field(default_factory=dict, repr=False)
     pseudonym_versions: Mapping[str, VersionedKey] = field(default_factory=dict, repr=False)
 
+    @property
+    def encryption_keys(self) -> dict[str, VersionedKey]:
+        """Every encryption key version the ring holds, the current one included."""
+        return {**self.encryption_versions, self.encryption.version: self.encryption}
+
     def secret_strings(self) -> list[str]:
         """Every textual form of every key (hex), for leak checks in tests and logs masking."""
         keys = [self.pseudonym, self.encryption, *self.encryption_versions.values(),

@@ -294,8 +294,7 @@ def _quarantined_of(keys: KeyRing, targets: Targets, row_keys: RowKeys) -> Match
     from privrec_pipeline.erasure.requests import fingerprint
     from privrec_pipeline.transforms.collect import raw_record_aad
 
-    versions = {**keys.encryption_versions, keys.encryption.version: keys.encryption}
-    theirs = {(v, fingerprint(k.material, u)) for u in targets.ids for v, k in versions.items()}
+    theirs = {(v, fingerprint(k.material, u)) for u in targets.ids for v, k in keys.encryption_keys.items()}
 
     def drop(table: Any) -> Any:
         rows = table.to_pylist()

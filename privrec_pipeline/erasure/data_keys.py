@@ -169,7 +169,7 @@ class DataKeys:
         """The data keys that still exist among these (of encryption key ``version``)."""
         from cryptography.hazmat.primitives.keywrap import aes_key_unwrap
 
-        key = keys.encryption_versions.get(version) or (keys.encryption if version == keys.encryption.version else None)
+        key = keys.encryption_keys.get(version)
         if key is None:
             raise ConfigurationError(f"data keys of encryption key version {version} are wrapped under a key the "
                                      "key document does not hold: restore that key version")
@@ -186,8 +186,7 @@ class DataKeys:
     def shred(self, keys: KeyRing, user_ids: Iterable[str]) -> int:
         """Delete the users' data keys under every encryption key version of the key document;
         the number deleted."""
-        versions = {**keys.encryption_versions, keys.encryption.version: keys.encryption}
-        pairs = [(v, fingerprint(k.material, u)) for u in set(user_ids) for v, k in versions.items()]
+        pairs = [(v, fingerprint(k.material, u)) for u in set(user_ids) for v, k in keys.encryption_keys.items()]
         table = data_keys_table
         with self.engine.begin() as conn:
             deleted = sum(conn.execute(delete(table).where(tuple_(table.c.key_version, table.c.fingerprint)
@@ -315,8 +314,7 @@ class RowKeys:
     def open(self, version: str, data_key: str | None, blob: bytes, aad: bytes) -> bytes:
         """The plaintext; ``ShreddedError`` when the row's data key was deleted, the
         ``cryptography`` library's ``InvalidTag`` when a key or the AAD is not the row's."""
-        master = self.keys.encryption_versions.get(version) or (
-            self.keys.encryption if version == self.keys.encryption.version else None)
+        master = self.keys.encryption_keys.get(version)
         if master is None:
             raise ConfigurationError(f"a row was encrypted with key {version}, which the key document does not hold")
         if data_key is not None:
