@@ -17,16 +17,18 @@ from types import ModuleType
 
 from benchmarks import (
     audit,
+    backfill,
     content_prior,
     dp_stats,
     ingest,
     movielens_pipeline,
+    scaling,
     training,
     warm_engine,
 )
 
 BENCHMARKS: dict[str, ModuleType] = {m.NAME: m for m in (ingest, dp_stats, training, movielens_pipeline, content_prior,
-                                                        audit, warm_engine)}
+                                                        audit, warm_engine, scaling, backfill)}
 
 
 def invocation(argv: list[str]) -> str:

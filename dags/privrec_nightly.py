@@ -40,15 +40,16 @@ processes `landing/interactions/dt=D`:
    (outlet Asset `privrec://models/privrec-recommender`) or skips, saying why.
 
 Every task writes only its day's partition, atomically; reruns give the same output.
-Spark's master comes from the `spark_default` connection; keys from the `privrec_keys`
-connection or the workers' environment. See README.md for configuration.
+Every Spark step is a thin client of one warm Spark Connect server (`privrec engine`, started by
+the first step that needs it; `PRIVREC_SPARK_REMOTE` for a server run elsewhere); its master
+comes from the `spark_default` connection; keys from the `privrec_keys` connection or the
+workers' environment. See README.md for configuration.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import os
-import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -63,19 +64,12 @@ from privrec_pipeline.deployment import partition_queue
 from privrec_pipeline.orchestration.local import SPARK_POOL  # bounds the concurrent Spark drivers
 from privrec_pipeline.orchestration.notify import FailureNotifier
 from privrec_pipeline.orchestration.report_operators import DPStatsOperator, QualityValidateOperator
-from privrec_pipeline.orchestration.spark_operator import PrivrecSparkSubmitOperator
-from privrec_pipeline.spark.session import launch_conf
+from privrec_pipeline.orchestration.spark_operator import PrivrecSparkOperator
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
-# Deployment settings (environment, read without I/O at parse time).
-SPARK_CONF = {  # and each job's launch_conf (JVM options)
-    "spark.driver.memory": os.environ.get("PRIVREC_SPARK_DRIVER_MEMORY", "4g"),
-    "spark.pyspark.python": os.environ.get("PYSPARK_PYTHON", sys.executable),
-    "spark.pyspark.driver.python": os.environ.get("PYSPARK_DRIVER_PYTHON", sys.executable),
-    "spark.ui.enabled": os.environ.get("PRIVREC_SPARK_UI", "false"),
-}
 COMMON_ARGS = ["--date", "{{ ds }}", "--run-id", "{{ run_id }}"]
-# Federated training topology (deployment configuration: the DAG's shape depends on it).
+# Deployment settings (environment, read without I/O at parse time). Federated training topology
+# (the DAG's shape depends on it).
 PARTITIONS = int(os.environ.get("PRIVREC_TRAIN_PARTITIONS", "2"))
 ROUNDS = int(os.environ.get("PRIVREC_TRAIN_ROUNDS", "3"))
 MODEL_ASSET = Asset("privrec-recommender", uri="privrec://models/privrec-recommender")
@@ -197,9 +191,9 @@ TASK_TIMEOUT = timedelta(minutes=int(os.environ.get("PRIVREC_TASK_TIMEOUT_MINUTE
     },
 )
 def privrec_nightly() -> None:
-    collect = _spark_task(PrivrecSparkSubmitOperator, "collect", "--allow-empty", "{{ params.allow_empty }}",
+    collect = _spark_task(PrivrecSparkOperator, "collect", "--allow-empty", "{{ params.allow_empty }}",
                           "--unknown-items", "{{ params.unknown_items }}")
-    pseudonymize = _spark_task(PrivrecSparkSubmitOperator, "pseudonymize")
+    pseudonymize = _spark_task(PrivrecSparkOperator, "pseudonymize")
     validate = _spark_task(
         QualityValidateOperator, "validate", "--allow-empty", "{{ params.allow_empty }}",
         "--config-json", "{{ params.quality_settings | tojson }}",
@@ -332,7 +326,7 @@ def _training():
     (PARTITIONS partition tasks -> one aggregation), each given the sealed roster's digest
     through XCom (which writers of the lake cannot change). Partition K's tasks run in its own
     queue (``partition_queue``); the orchestrator's tasks in the default one."""
-    build = _spark_task(PrivrecSparkSubmitOperator, "build_partitions", "--set",
+    build = _spark_task(PrivrecSparkOperator, "build_partitions", "--set",
                         "window_days={{ params.train_window_days }}", "--set", f"partitions={PARTITIONS}",
                         "--set", "max_vocabulary={{ params.train_vocabulary_size }}", needs_keys=False)
     partitions = list(range(PARTITIONS))
@@ -373,16 +367,15 @@ def evaluate_and_publish() -> dict:
     return {"version": outcome["version"], "path": outcome["path"], "reason": outcome["reason"]}
 
 
-def _spark_task(operator: type[PrivrecSparkSubmitOperator], step: str, *args: str,
-                **kwargs: object) -> PrivrecSparkSubmitOperator:
-    """The task running ``jobs/<step>.py`` for the run's day through ``spark_default``."""
+def _spark_task(operator: type[PrivrecSparkOperator], step: str, *args: str,
+                **kwargs: object) -> PrivrecSparkOperator:
+    """The task running ``jobs/<step>.py`` for the run's day on the Spark engine (the
+    ``spark_default`` connection names its master)."""
     return operator(
         task_id=step,
         application=str(JOBS / f"{step}.py"),
         conn_id="spark_default",
-        name=f"privrec-{step}-{{{{ ds }}}}",
         application_args=[*COMMON_ARGS, *args],
-        conf={**SPARK_CONF, **launch_conf(step)},
         pool=SPARK_POOL,
         **kwargs,
     )

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NoReturn
 
@@ -228,10 +230,13 @@ def run(
     date: str = typer.Option(..., "--date", help="Data interval (UTC day) to run, YYYY-MM-DD."),
     allow_empty: bool = typer.Option(False, "--allow-empty", help="Accept a day without landing data."),
     param: list[str] = ParamOption,
+    keep_engine: bool = typer.Option(False, "--keep-engine", help="Leave the Spark engine running after the run "
+                                     "(the next run finds it warm); by default an engine this command started "
+                                     "is stopped at the end."),
 ) -> None:
     """Run the nightly DAG for one day on the embedded default and print a summary."""
     day = _day(date)
-    _run_days([day], _run_conf(allow_empty, param))
+    _run_days([day], _run_conf(allow_empty, param), keep_engine)
 
 
 @app.command()
@@ -240,6 +245,9 @@ def backfill(
     end: str = typer.Option(..., "--end", help="Last UTC day to run (included), YYYY-MM-DD."),
     allow_empty: bool = typer.Option(False, "--allow-empty", help="Accept days without landing data."),
     param: list[str] = ParamOption,
+    keep_engine: bool = typer.Option(False, "--keep-engine", help="Leave the Spark engine running after the run "
+                                     "(the next run finds it warm); by default an engine this command started "
+                                     "is stopped at the end."),
 ) -> None:
     """Run the nightly DAG for every day from --start to --end, in order, on the embedded default.
 
@@ -248,7 +256,8 @@ def backfill(
     first, last = _day(start), _day(end)
     if last < first:
         _fail(f"--end {last} is before --start {first}")
-    _run_days([first + dt.timedelta(days=i) for i in range((last - first).days + 1)], _run_conf(allow_empty, param))
+    _run_days([first + dt.timedelta(days=i) for i in range((last - first).days + 1)], _run_conf(allow_empty, param),
+              keep_engine)
 
 
 def _run_conf(allow_empty: bool, param: list[str]) -> dict:
@@ -260,17 +269,10 @@ def _run_conf(allow_empty: bool, param: list[str]) -> dict:
         _fail(str(exc))
 
 
-def _run_days(days: list[dt.date], conf: dict) -> None:
+def _run_days(days: list[dt.date], conf: dict, keep_engine: bool) -> None:
     """Run privrec_nightly for each day with ``airflow dags test``; print each day's summary."""
     from privrec_pipeline.config import EARLIEST_DAY
-    from privrec_pipeline.orchestration.local import (
-        airflow_env,
-        dags_test,
-        ensure_metadata_db,
-        failure_reasons,
-        ran_collect,
-    )
-    from privrec_pipeline.reporting import print_run_summary
+    from privrec_pipeline.orchestration.local import airflow_env
 
     if days[0] < EARLIEST_DAY:
         _fail(f"{days[0]} is before {EARLIEST_DAY}, the DAGs' start date: Airflow would mark the run successful "
@@ -290,6 +292,19 @@ def _run_days(days: list[dt.date], conf: dict) -> None:
             _fail("; ".join(problems) + ("" if len(days) == 1 else "; nothing was run"))
     log_dir = privrec_home() / "runs"
     log_dir.mkdir(parents=True, exist_ok=True)
+    with _embedded_engine(env, keep_engine):
+        _run_each(days, conf, env, log_dir)
+
+
+def _run_each(days: list[dt.date], conf: dict, env: dict[str, str], log_dir: Path) -> None:
+    from privrec_pipeline.orchestration.local import (
+        dags_test,
+        ensure_metadata_db,
+        failure_reasons,
+        ran_collect,
+    )
+    from privrec_pipeline.reporting import print_run_summary
+
     for n, day in enumerate(days, 1):
         log = log_dir / f"privrec_nightly-{day}.log"
         log.write_bytes(b"")
@@ -309,6 +324,42 @@ def _run_days(days: list[dt.date], conf: dict) -> None:
             _fail(f"privrec_nightly ran no task for {day} although Airflow reported success (is the day before "
                   f"the DAG's start date, or the DAG paused or missing?); full log: {log}{rest}")
         print_run_summary(console, env["PRIVREC_LAKE"], day, log)
+
+
+@contextlib.contextmanager
+def _embedded_engine(env: dict[str, str], keep: bool) -> Iterator[None]:
+    """The Spark engine of a command that runs the DAG on the embedded default: started at once
+    (in the background, while Airflow starts) when the DAG's steps would start it anyway, and
+    stopped at the end if this command's run started it, unless ``keep``."""
+    import threading
+
+    from privrec_pipeline.orchestration.local import embedded_master
+    from privrec_pipeline.spark import engine
+
+    if engine.remote_settings() is not None:  # a server run elsewhere: nothing to start or stop
+        yield
+        return
+    before = engine.read_state()
+    master = embedded_master(env)
+    starting = None
+    if before is None and master is not None:
+        def start() -> None:
+            with contextlib.suppress(PrivrecError):  # the first step then starts it and says why it fails
+                engine.start(master=master)
+
+        starting = threading.Thread(target=start, daemon=True)
+        starting.start()
+    try:
+        yield
+    finally:
+        if starting is not None:
+            starting.join()
+        after = engine.read_state()
+        if before is None and after is not None:
+            if keep:
+                _say(f"Spark engine left running: {after.remote} (pid {after.pid}); `privrec engine stop` ends it")
+            else:
+                engine.stop()
 
 
 @app.command()
@@ -403,7 +454,20 @@ def airflow() -> None:
     port = env.get("AIRFLOW__API__PORT") or "8080"  # Airflow's default; the tests choose free ports
     console.print(f"UI: http://localhost:{port}  login: user '{users.split(':')[0]}', password in "
                   f"{home / 'simple_auth_manager_passwords.json.generated'} (printed by Airflow below)")
-    os.execvpe("airflow", ["airflow", "standalone"], env)
+    import signal
+    import subprocess
+    import sys
+
+    # The Spark engine is started now (the DAGs' steps would start it) and stopped with Airflow,
+    # also when this command is ended by SIGTERM (its cleanup runs through SystemExit).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    with _embedded_engine(env, keep=False):
+        standalone = subprocess.Popen(["airflow", "standalone"], env=env)
+        try:
+            code = standalone.wait()
+        except KeyboardInterrupt:  # Ctrl-C reached Airflow too: wait for it to stop
+            code = standalone.wait()
+    raise typer.Exit(code)
 
 
 @engine_app.command("start")

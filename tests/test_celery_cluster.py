@@ -4,13 +4,14 @@ server, scheduler and DAG processor with the CeleryExecutor, three Celery worker
 default queue, which holds the encryption/pseudonym keys but no partition secret, and one
 worker per training partition, each holding only its own partition's secret as the
 connection ``privrec_partition_K``), and a Spark standalone master and worker
-(``spark-class``) that the ``spark_default`` connection points at.
+(``spark-class``) that the ``spark_default`` connection points at: the default worker's first
+Spark step starts the warm engine (a Spark Connect server) on that master.
 
 One generated day runs through the REST API. Partition 1's worker is killed (SIGKILL, with
 its task processes) while it trains the last round: the round fails closed (the task fails
 once its heartbeat stops, the aggregation and everything after it do not run, the training
 release stays reserved, no model appears); the worker comes back, the failed tasks are
-cleared (a retry) and the day finishes with every release spent once. Then: every Spark step is an application of the standalone master; every partition task ran in
+cleared (a retry) and the day finishes with every release spent once. Then: every Spark step ran on the one engine, the only application of the standalone master; every partition task ran in
 its partition's queue, on the worker of that partition (its notes are in that worker's home
 only), and no secret file was written anywhere; the day's rows equal those of the same day
 run by the embedded code path; the ledger (on PostgreSQL) holds the day's committed releases.
@@ -204,6 +205,9 @@ def deployment(tmp_path_factory, key_document):
         yield deployment
     finally:
         deployment.stop()
+        for worker in topology.celery_workers(PARTITIONS):  # the engine a worker's task started
+            subprocess.run([str(Path(sys.executable).parent / "privrec"), "engine", "stop"], capture_output=True,
+                           env={**env, "PRIVREC_HOME": str(root / f"home-{worker.name}")}, timeout=120)
         spark.stop()
         _postgres_database(database, drop_only=True)
 
@@ -284,12 +288,19 @@ def test_the_day_runs_end_to_end_on_the_cluster(finished, deployment):
     from privrec_pipeline.models.recommend import LATEST, models_root
 
     assert (models_root(deployment.env["PRIVREC_LAKE"]) / "privrec-recommender" / LATEST).exists()
+    # One Spark application on the standalone master: the warm engine, which the default
+    # queue's worker started for the first Spark step and which every step then used.
     apps = deployment.spark.applications()
-    expected = sorted(f"privrec-{step.replace('_', '-')}-{DAY}" for step in STEPS)
-    assert sorted(a["name"] for a in apps if a["name"].endswith(str(DAY))) == expected, apps
-    assert all(a["state"] == "FINISHED" for a in apps if a["name"].endswith(str(DAY)))
-    # PRIVREC_SPARK_CONF reached the drivers: executors of 900 MiB (Spark's default is 1 GiB).
+    assert [(a["name"], a["state"]) for a in apps] == [("privrec-engine", "RUNNING")], apps
+    # PRIVREC_SPARK_CONF reached the engine: executors of 900 MiB (Spark's default is 1 GiB).
     assert {a.get("memoryperexecutor", a.get("memoryperslave")) for a in apps} == {900}, apps
+    engine_home = deployment.root / "home-airflow-worker-default" / "engine"
+    state = json.loads((engine_home / "server.json").read_text())
+    assert state["master"] == deployment.spark.master_url
+    task_logs = "\n".join(p.read_text(errors="replace") for p in
+                          Path(deployment.env["AIRFLOW__LOGGING__BASE_LOG_FOLDER"]).rglob("attempt=*.log"))
+    ran = {step for step in STEPS if f"running {step}.py on the Spark Connect server {state['remote']}" in task_logs}
+    assert ran == set(STEPS), ran
 
 
 def test_partition_tasks_ran_on_their_own_workers_and_secrets_stayed_there(finished, deployment):

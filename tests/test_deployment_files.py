@@ -4,6 +4,7 @@ image of the pinned version. No Docker engine here: the files are parsed, not ru
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -53,6 +54,9 @@ def test_the_shared_settings_match_the_tested_deployment():
                 for s in ("spark-master", "spark-worker")}
     assert "8080" not in ui_ports  # Airflow's API server has 8080
     assert "lake:/data/lake" in SERVICES["spark-worker"]["volumes"]  # executors write the lake
+    # The engine runs in the default worker's container: executors reach its driver by that name.
+    engine_conf = json.loads(SERVICES["airflow-worker-default"]["environment"]["PRIVREC_SPARK_CONF"])
+    assert engine_conf["spark.driver.host"] == "airflow-worker-default"
     assert all(SERVICES[w.name]["environment"]["PRIVREC_TRAIN_PARTITIONS"] == str(_partitions())
                for w in deployment.celery_workers(_partitions()))
 

@@ -1,6 +1,7 @@
 """End to end: ``privrec run`` = ``airflow dags test privrec_nightly D`` on the embedded
-default (SQLite metadata, spark-submit local), keys from the Airflow connection
-``privrec_keys``. A second run of the same day changes no output."""
+default (SQLite metadata, the Spark steps on the engine ``privrec run`` starts and stops),
+keys from the Airflow connection ``privrec_keys``. A second run of the same day, with
+``--keep-engine``, changes no output."""
 
 from __future__ import annotations
 
@@ -56,6 +57,32 @@ def test_run_succeeds_and_prints_summary(embedded):
                      "passed (", "quality:", "DP release", "privacy budget", "dp stats:", "candidate model",
                      "2 x 2", "candidate:", "published model", "training audit", "(fingerprint "):
         assert expected in first.stdout
+
+
+def test_every_spark_step_ran_on_the_engine_the_run_started_and_stopped(embedded):
+    """No engine ran before: `privrec run` started one (local[*]), every Spark step was a thin
+    client of it, and it was stopped at the end (no server left, its token file gone)."""
+    root, _, _ = embedded
+    log = (root / "airflow" / "runs" / f"privrec_nightly-{DAY}.log").read_text(errors="replace")
+    on_engine = {line.split("running ")[1].split(".py")[0] for line in log.splitlines()
+                 if "on the Spark Connect server sc://localhost:" in line and "running " in line}
+    assert on_engine == {"collect", "pseudonymize", "validate", "dp_stats", "build_partitions"}
+    assert "spark-submit" not in log
+    engine_home = root / "airflow" / "engine"
+    assert not (engine_home / "server.json").exists() and not (engine_home / "token").exists()
+    assert "SparkConnectServer" not in _processes_of(engine_home)
+
+
+def _processes_of(engine_home: Path) -> str:
+    """Command lines of the processes whose log is in ``engine_home`` (the engine's server)."""
+    import psutil
+
+    found = []
+    for process in psutil.process_iter(["cmdline", "open_files"]):
+        files = process.info.get("open_files") or []
+        if any(str(engine_home) in f.path for f in files):
+            found.append(" ".join(process.info.get("cmdline") or []))
+    return "\n".join(found)
 
 
 def test_validate_report_is_reachable_from_the_task(embedded):
@@ -196,8 +223,11 @@ def test_rerun_changes_no_output(embedded):
     model_before = weights.read_bytes()
     before = [partition_snapshot(z) for z in zones]
     ledger_before = _ledger_rows(root)
-    again = subprocess.run(RUN, env=env, capture_output=True, text=True, timeout=900)
+    again = subprocess.run([*RUN, "--keep-engine"], env=env, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stdout[-3000:]
+    assert "Spark engine left running: sc://localhost:" in again.stdout
+    stopped = subprocess.run([PRIVREC, "engine", "stop"], env=env, capture_output=True, text=True, timeout=120)
+    assert "stopped sc://localhost:" in stopped.stdout
     assert [partition_snapshot(z) for z in zones] == before
     assert _ledger_rows(root) == ledger_before  # the rerun reused the DP releases: nothing spent
     assert weights.read_bytes() == model_before  # and the trained model

@@ -135,9 +135,9 @@ def test_a_client_without_the_token_is_refused(warm):
     assert result.returncode != 0 and "UNAUTHENTICATED" in result.stderr
 
 
-def test_privrec_run_runs_every_spark_step_on_the_engine(warm, tmp_path):
+def test_privrec_run_runs_every_spark_step_on_a_running_engine_and_leaves_it_running(warm, tmp_path):
     """`privrec run` on the embedded default with the engine started: the five Spark steps run
-    as thin clients of the server (no spark-submit), and the day completes."""
+    as thin clients of that server, the day completes, and the engine stays up."""
     env = {**os.environ, "PRIVREC_HOME": str(warm["home"]), "PRIVREC_LAKE": str(tmp_path / "lake"),
            "PRIVREC_KEY_FILE": str(tmp_path / "keys.json"), "PYTHONPATH": str(ROOT)}
     env.pop(engine.ENV_REMOTE, None)
@@ -153,3 +153,4 @@ def test_privrec_run_runs_every_spark_step_on_the_engine(warm, tmp_path):
                  if f"on the Spark Connect server {warm['state'].remote}" in line and "running " in line}
     assert on_engine == {"collect", "pseudonymize", "validate", "dp_stats", "build_partitions"}
     assert "spark-submit" not in log
+    assert engine.read_state() == warm["state"]  # an engine the run did not start is left running

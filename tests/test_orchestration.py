@@ -34,22 +34,45 @@ def test_embedded_env_keeps_user_settings(monkeypatch, tmp_path):
     env = airflow_env()
     assert env["AIRFLOW_CONN_SPARK_DEFAULT"].endswith('"spark://m:7077"}')
     assert env["PRIVREC_LAKE"] == str(tmp_path)
-    assert env["PATH"].split(os.pathsep)[0].endswith("bin")  # spark-submit of the venv first
+    assert env["PATH"].split(os.pathsep)[0].endswith("bin")  # airflow and spark-submit of the venv first
+    # A base environment's PRIVREC_HOME (a deployment's) decides the Airflow home and its logs.
+    given = airflow_env({"PRIVREC_HOME": str(tmp_path / "home")})
+    assert given["AIRFLOW_HOME"] == str(tmp_path / "home")
+    assert given["AIRFLOW__LOGGING__BASE_LOG_FOLDER"] == str(tmp_path / "home" / "logs")
+
+
+JOB = """import json, os, sys
+seen = {"args": sys.argv[1:], "env": {k: v for k, v in os.environ.items()
+        if k.startswith(("PRIVREC_KEY", "PRIVREC_SPARK_REMOTE", "SPARK_CONNECT", "AIRFLOW_CONN_"))}}
+open(os.environ["SEEN_FILE"], "w").write(json.dumps(seen))
+print("a line of the job")
+sys.exit(int(os.environ.get("JOB_EXIT", "0")))
+"""
 
 
 @pytest.fixture()
-def operator(monkeypatch):
-    from privrec_pipeline.orchestration.spark_operator import PrivrecSparkSubmitOperator
+def operator(monkeypatch, tmp_path):
+    """The operator running a job script that records its arguments and environment; the
+    engine's start is recorded, not run (the engine itself: tests/test_engine.py)."""
+    from privrec_pipeline.orchestration.spark_operator import PrivrecSparkOperator
+    from privrec_pipeline.spark import engine
 
-    captured = {}
+    started: dict = {}
 
-    def fake_execute(self, context):
-        captured.update(env_vars=self.env_vars, conf=self.conf, args=self.application_args, py_files=self.py_files)
+    def fake_start(*, master, conf=None, **_):
+        started.update(master=master, conf=conf)
+        return engine.EngineState(1, 15002, "sc://localhost:15002", master, "log", 0.0), True
 
-    monkeypatch.setattr("airflow.providers.apache.spark.operators.spark_submit.SparkSubmitOperator.execute",
-                        fake_execute)
-    op = PrivrecSparkSubmitOperator(task_id="t", application="x.py", conn_id="spark_default")
-    return op, captured
+    monkeypatch.setattr(engine, "start", fake_start)
+    monkeypatch.setattr(engine, "token", lambda: "t" * 64)
+    for name in ("PRIVREC_SPARK_REMOTE", "PRIVREC_SPARK_CONF", "PRIVREC_KEYS_JSON", "PRIVREC_KEY_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("PRIVREC_LAKE", str(tmp_path / "lake"))
+    monkeypatch.setenv("SEEN_FILE", str(tmp_path / "seen.json"))
+    job = tmp_path / "collect.py"
+    job.write_text(JOB)
+    op = PrivrecSparkOperator(task_id="t", application=str(job), application_args=["--date", "2026-01-15"])
+    return op, started, lambda: json.loads((tmp_path / "seen.json").read_text())
 
 
 def _connections(monkeypatch, master: str, keys: str | None) -> None:
@@ -60,28 +83,42 @@ def _connections(monkeypatch, master: str, keys: str | None) -> None:
         monkeypatch.setenv("AIRFLOW_CONN_PRIVREC_KEYS", json.dumps({"conn_type": "generic", "password": keys}))
 
 
-def test_keys_injected_only_as_their_own_variable_for_local_masters(monkeypatch, operator, key_document):
-    op, captured = operator
+def test_a_job_runs_on_the_engine_it_starts_with_the_keys_as_their_own_variable(monkeypatch, operator, key_document,
+                                                                              tmp_path, capsys):
+    """The embedded default: the engine is started with the connection's master; the job gets
+    the lake, the engine's address and token, and the key document of privrec_keys as
+    PRIVREC_KEYS_JSON, but no Airflow connection variable (they hold keys and partition secrets)."""
+    op, started, seen = operator
     _connections(monkeypatch, "local[*]", key_document)
+    monkeypatch.setenv("AIRFLOW_CONN_PRIVREC_PARTITION_0", json.dumps({"conn_type": "generic", "password": "p0"}))
     op.execute({})
-    assert captured["env_vars"] == {"PRIVREC_KEYS_JSON": key_document}  # not the whole environment
+    assert started == {"master": "local[*]", "conf": {}}
+    assert seen() == {"args": ["--date", "2026-01-15", "--lake", str(tmp_path / "lake")],
+                      "env": {"PRIVREC_KEYS_JSON": key_document, "PRIVREC_SPARK_REMOTE": "sc://localhost:15002",
+                              "SPARK_CONNECT_AUTHENTICATE_TOKEN": "t" * 64}}
+    logged = capsys.readouterr().out
+    assert "running collect.py on the Spark Connect server sc://localhost:15002" in logged
+    assert "started the Spark engine sc://localhost:15002 (master local[*]" in logged
+    assert "a line of the job" in logged and key_document not in logged
 
 
-def test_cluster_master_with_key_connection_is_refused(monkeypatch, operator, key_document):
-    from airflow.exceptions import AirflowException
-
-    op, captured = operator
-    _connections(monkeypatch, "yarn", key_document)
-    with pytest.raises(AirflowException, match="mounted"):
-        op.execute({})
-    assert "env_vars" not in captured
-
-
-def test_without_key_connection_nothing_is_injected(monkeypatch, operator):
-    op, captured = operator
-    _connections(monkeypatch, "yarn", None)
+def test_a_job_without_keys_gets_no_key_material_at_all(monkeypatch, operator, key_document, tmp_path):
+    op, _, seen = operator
+    _connections(monkeypatch, "local[*]", key_document)
+    monkeypatch.setenv("PRIVREC_KEYS_JSON", key_document)
+    monkeypatch.setenv("PRIVREC_KEY_FILE", str(tmp_path / "keys.json"))
+    op.needs_keys = False
     op.execute({})
-    assert not captured["env_vars"]
+    assert set(seen()["env"]) == {"PRIVREC_SPARK_REMOTE", "SPARK_CONNECT_AUTHENTICATE_TOKEN"}
+
+
+def test_without_key_connection_the_job_uses_the_workers_own_keys(monkeypatch, operator, tmp_path):
+    op, _, seen = operator
+    _connections(monkeypatch, "local[*]", None)
+    monkeypatch.setenv("PRIVREC_KEY_FILE", str(tmp_path / "keys.json"))
+    op.execute({})
+    assert seen()["env"]["PRIVREC_KEY_FILE"] == str(tmp_path / "keys.json")
+    assert "PRIVREC_KEYS_JSON" not in seen()["env"]
 
 
 def test_a_dags_test_log_without_the_collect_task_is_not_a_run():
@@ -150,24 +187,16 @@ def test_a_backfill_runs_its_days_in_order_and_stops_at_the_first_failure(monkey
     assert result.exit_code == 1 and "is before --start" in result.output
 
 
-def test_a_standalone_master_given_as_a_uri_gets_keys_the_lake_and_the_settings(monkeypatch, operator, key_document,
-                                                                                  tmp_path):
-    """spark://host:port (a URI connection: conn_type spark, host without scheme) is a client-mode
-    driver on this worker: keys are injected; --lake and PRIVREC_SPARK_CONF / the connection's
-    extra conf reach spark-submit; the job's helper module is shipped."""
-    op, captured = operator
+def test_a_standalone_master_given_as_a_uri_starts_the_engine_with_the_settings(monkeypatch, operator):
+    """spark://host:port (a URI connection: conn_type spark, host without scheme): the engine's
+    master; the connection's extra conf and PRIVREC_SPARK_CONF (which wins) are its settings."""
+    op, started, _ = operator
     monkeypatch.setenv("AIRFLOW_CONN_SPARK_DEFAULT",
                        "spark://127.0.0.1:7077?conf=%7B%22spark.executor.cores%22%3A+%221%22%7D")
-    monkeypatch.setenv("AIRFLOW_CONN_PRIVREC_KEYS", json.dumps({"conn_type": "generic", "password": key_document}))
     monkeypatch.setenv("PRIVREC_SPARK_CONF", '{"spark.executor.memory": "1g", "spark.executor.cores": "2"}')
-    monkeypatch.setenv("PRIVREC_LAKE", str(tmp_path / "lake"))
-    (tmp_path / "_common.py").write_text("")
-    op.application = str(tmp_path / "collect.py")
     op.execute({})
-    assert captured["env_vars"] == {"PRIVREC_KEYS_JSON": key_document}
-    assert captured["conf"]["spark.executor.memory"] == "1g" and captured["conf"]["spark.executor.cores"] == "2"
-    assert captured["args"][-2:] == ["--lake", str(tmp_path / "lake")]
-    assert captured["py_files"] == str(tmp_path / "_common.py")
+    assert started == {"master": "spark://127.0.0.1:7077",
+                       "conf": {"spark.executor.memory": "1g", "spark.executor.cores": "2"}}
 
 
 @pytest.mark.parametrize("setting, message", [
@@ -175,26 +204,26 @@ def test_a_standalone_master_given_as_a_uri_gets_keys_the_lake_and_the_settings(
     ('{"executor.memory": "1g"}', "keys are Spark settings"),
     ('["spark.x"]', "one JSON object"),
 ])
-def test_bad_spark_settings_are_refused_naming_the_variable(monkeypatch, operator, setting, message):
+def test_bad_spark_settings_are_refused_naming_the_variable(monkeypatch, operator, setting, message, tmp_path):
     from airflow.exceptions import AirflowException
 
-    op, captured = operator
+    op, started, _ = operator
     _connections(monkeypatch, "local[2]", None)
     monkeypatch.setenv("PRIVREC_SPARK_CONF", setting)
     with pytest.raises(AirflowException, match=message):
         op.execute({})
-    assert not captured
+    assert not started and not (tmp_path / "seen.json").exists()
 
 
-def test_cluster_deploy_mode_is_refused_with_the_reason(monkeypatch, operator):
+def test_cluster_deploy_mode_is_refused_with_the_reason(monkeypatch, operator, tmp_path):
     from airflow.exceptions import AirflowException
 
-    op, captured = operator
+    op, started, _ = operator
     monkeypatch.setenv("AIRFLOW_CONN_SPARK_DEFAULT", "spark://127.0.0.1:7077?deploy-mode=cluster")
     monkeypatch.delenv("AIRFLOW_CONN_PRIVREC_KEYS", raising=False)
-    with pytest.raises(AirflowException, match="client mode on the Airflow worker"):
+    with pytest.raises(AirflowException, match="runs its driver on the Airflow worker"):
         op.execute({})
-    assert not captured
+    assert not started and not (tmp_path / "seen.json").exists()
 
 
 def _failure_context():
@@ -277,37 +306,24 @@ def test_a_job_leaves_with_its_own_exit_code_whatever_the_teardown_does(body, co
     assert "step done" in done.stdout and said in done.stderr
 
 
-def test_on_the_warm_engine_the_job_runs_as_a_client_with_keys_and_lake(monkeypatch, tmp_path, key_document, capsys):
-    """With PRIVREC_SPARK_REMOTE set, the operator runs the job script as a Python process
-    (no spark-submit): its arguments get the lake, its environment the keys of the
-    privrec_keys connection and the engine's address; its output goes to the task log, and a
-    failing job fails the task with its last lines."""
+def test_a_server_run_elsewhere_is_used_as_given_and_a_failing_job_fails_the_task(monkeypatch, operator,
+                                                                                key_document):
+    """With PRIVREC_SPARK_REMOTE set, no engine is started: the job runs on that server; a
+    failing job fails the task with its exit code and last lines; an address that would carry
+    keys in clear is refused before the job runs."""
     from airflow.exceptions import AirflowException
 
-    from privrec_pipeline.orchestration.spark_operator import PrivrecSparkSubmitOperator
-
-    job = tmp_path / "job.py"
-    seen = tmp_path / "seen.json"
-    job.write_text("import json, os, sys\n"
-                   f"open({str(seen)!r}, 'w').write(json.dumps({{'args': sys.argv[1:], "
-                   "'keys': os.environ.get('PRIVREC_KEYS_JSON'), 'remote': os.environ.get('PRIVREC_SPARK_REMOTE')}))\n"
-                   "print('a line of the job')\n"
-                   "sys.exit(int(os.environ.get('JOB_EXIT', '0')))\n")
+    op, started, seen = operator
     _connections(monkeypatch, "local[2]", key_document)
-    monkeypatch.setenv("PRIVREC_SPARK_REMOTE", "sc://localhost:15002")
-    monkeypatch.setenv("SPARK_CONNECT_AUTHENTICATE_TOKEN", "t" * 64)
-    monkeypatch.setenv("PRIVREC_LAKE", str(tmp_path / "lake"))
-    op = PrivrecSparkSubmitOperator(task_id="t", application=str(job), conn_id="spark_default",
-                                    application_args=["--date", "2026-01-15"])
+    monkeypatch.setenv("PRIVREC_SPARK_REMOTE", "sc://localhost:15003")
+    monkeypatch.setenv("SPARK_CONNECT_AUTHENTICATE_TOKEN", "u" * 64)
     op.execute({})
-    logged = capsys.readouterr().out
-    assert "running job.py on the Spark Connect server sc://localhost:15002" in logged
-    assert "a line of the job" in logged and "spark-submit" not in logged
-    assert json.loads(seen.read_text()) == {"args": ["--date", "2026-01-15", "--lake", str(tmp_path / "lake")], "keys": key_document,
-                       "remote": "sc://localhost:15002"}
+    assert not started
+    assert seen()["env"]["PRIVREC_SPARK_REMOTE"] == "sc://localhost:15003"
+    assert seen()["env"]["SPARK_CONNECT_AUTHENTICATE_TOKEN"] == "u" * 64
     monkeypatch.setenv("JOB_EXIT", "3")
-    with pytest.raises(AirflowException, match="job.py failed on the Spark Connect server sc://localhost:15002 "
-                                               r"\(exit 3\)"):
+    with pytest.raises(AirflowException, match=r"collect.py failed on the Spark Connect server sc://localhost:15003 "
+                                               r"\(exit 3\): a line of the job"):
         op.execute({})
     monkeypatch.setenv("PRIVREC_SPARK_REMOTE", "sc://10.0.0.9:15002")
     with pytest.raises(AirflowException, match="needs use_ssl=true"):

@@ -16,15 +16,16 @@ from pathlib import Path
 
 from privrec_pipeline.config import DAGS_DIR, lake_root, privrec_home
 
-DEFAULT_SPARK_CONN = json.dumps({"conn_type": "spark", "host": "local[*]"})
+EMBEDDED_MASTER = "local[*]"
+DEFAULT_SPARK_CONN = json.dumps({"conn_type": "spark", "host": EMBEDDED_MASTER})
 
 
 def airflow_env(base: dict[str, str] | None = None) -> dict[str, str]:
     """Environment for Airflow commands of the embedded default (user settings win)."""
     env = dict(os.environ if base is None else base)
-    home = privrec_home()
+    home = Path(env["PRIVREC_HOME"]).expanduser().resolve() if env.get("PRIVREC_HOME") else privrec_home()
     venv_bin = str(Path(sys.executable).parent)
-    env["PATH"] = venv_bin + os.pathsep + env.get("PATH", "")  # spark-submit, airflow
+    env["PATH"] = venv_bin + os.pathsep + env.get("PATH", "")  # airflow, and spark-submit for the engine
     env.setdefault("AIRFLOW_HOME", str(home))
     env.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(DAGS_DIR))
     env.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
@@ -35,6 +36,12 @@ def airflow_env(base: dict[str, str] | None = None) -> dict[str, str]:
     env.setdefault("PYSPARK_PYTHON", sys.executable)
     env.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     return env
+
+
+def embedded_master(env: dict[str, str]) -> str | None:
+    """The Spark engine's master when the ``spark_default`` connection is the embedded default's
+    (``local[*]``), else None (the first Spark step resolves the connection and starts it)."""
+    return EMBEDDED_MASTER if env.get("AIRFLOW_CONN_SPARK_DEFAULT") == DEFAULT_SPARK_CONN else None
 
 
 SPARK_POOL, SPARK_POOL_SLOTS_ENV = "privrec_spark", "PRIVREC_SPARK_POOL_SLOTS"

@@ -14,7 +14,7 @@ from typing import Any
 
 from airflow.sdk import BaseOperatorLink
 
-from privrec_pipeline.orchestration.spark_operator import PrivrecSparkSubmitOperator
+from privrec_pipeline.orchestration.spark_operator import PrivrecSparkOperator
 
 
 def _api_base() -> str:
@@ -39,7 +39,7 @@ class DPStatsReportLink(_ReportLink):
     name = "DP statistics report"
 
 
-class _ReportOperator(PrivrecSparkSubmitOperator):
+class _ReportOperator(PrivrecSparkOperator):
     xcom_key = ""
 
     def __init__(self, **kwargs: Any) -> None:

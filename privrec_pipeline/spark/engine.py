@@ -30,6 +30,7 @@ import secrets
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -44,6 +45,8 @@ ENV_TOKEN = "SPARK_CONNECT_AUTHENTICATE_TOKEN"  # Spark's own: the server and th
 SERVER_CLASS = "org.apache.spark.sql.connect.service.SparkConnectServer"
 LOOPBACK = ("localhost",)  # gRPC local credentials are used for this host name only
 START_TIMEOUT_S = 180.0
+SPARK_CONF_ENV = "PRIVREC_SPARK_CONF"  # extra settings of the server, one JSON object
+DRIVER_MEMORY_ENV = "PRIVREC_SPARK_DRIVER_MEMORY"  # the server's JVM (default 4g)
 
 
 class EngineUnavailableError(PrivrecError):
@@ -141,17 +144,30 @@ def remote_settings(environ: dict[str, str] | None = None) -> tuple[str, str] | 
     return env[ENV_REMOTE], token
 
 
-def task_settings() -> tuple[str, str] | None:
-    """Where an Airflow task runs its Spark step, decided when it runs: ``PRIVREC_SPARK_REMOTE``,
-    else the embedded engine if one runs now (so an engine started, stopped or restarted
-    after Airflow is seen), else None (a spark-submit of its own)."""
-    settings = remote_settings()
-    if settings is not None:
-        return settings
-    state = read_state()
-    if state is None:
-        return None
-    return state.remote, _token_path().read_text(encoding="utf-8").strip()
+def token() -> str:
+    """The embedded engine's token (``engine/token``, 0600)."""
+    return _token_path().read_text(encoding="utf-8").strip()
+
+
+def extra_conf(connection_extra: dict[str, Any], environ: dict[str, str]) -> dict[str, str]:
+    """The server's extra Spark settings: the spark connection's extra ``conf`` and
+    ``PRIVREC_SPARK_CONF`` (one JSON object, e.g. ``{"spark.executor.memory": "4g"}``; it wins)."""
+    merged: dict[str, str] = {}
+    for source, value in (("the spark connection's extra 'conf'", connection_extra.get("conf")),
+                          (SPARK_CONF_ENV, environ.get(SPARK_CONF_ENV))):
+        if value in (None, ""):
+            continue
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as error:
+                raise ConfigurationError(f"{source} is not JSON ({error.msg}): give one object of Spark settings, "
+                                         'e.g. {"spark.executor.memory": "4g"}') from None
+        if not isinstance(value, dict) or not all(isinstance(k, str) and k.startswith("spark.") for k in value):
+            raise ConfigurationError(f"{source} must be one JSON object whose keys are Spark settings (spark.*), "
+                                     f"not {value!r}")
+        merged.update({k: str(v) for k, v in value.items()})
+    return merged
 
 
 def connect(app_name: str, remote: str, token: str) -> Any:
@@ -174,19 +190,34 @@ def connect(app_name: str, remote: str, token: str) -> Any:
     return SparkSession.builder.remote(remote).appName(app_name).getOrCreate()
 
 
+SECRET_VARIABLES = ("PRIVREC_KEYS_JSON", "PRIVREC_KEY_FILE")
+SECRET_PREFIXES = ("AIRFLOW_CONN_",)  # Airflow connections given as variables: keys, partition secrets
+
+
+def without_secrets(environ: Any) -> dict[str, str]:
+    """``environ`` without the key document and Airflow's connections (the server and a job
+    that needs no keys get none of them)."""
+    return {k: v for k, v in environ.items() if k not in SECRET_VARIABLES and not k.startswith(SECRET_PREFIXES)}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
-def start(*, master: str = "local[2]", driver_memory: str = "4g", port: int | None = None) -> tuple[EngineState, bool]:
-    """Start the embedded engine unless it runs; (its state, whether it was started now)."""
+def start(*, master: str = "local[2]", driver_memory: str | None = None, conf: dict[str, str] | None = None,
+          port: int | None = None) -> tuple[EngineState, bool]:
+    """Start the embedded engine unless it runs; (its state, whether it was started now).
+    ``driver_memory`` defaults to ``PRIVREC_SPARK_DRIVER_MEMORY`` (else 4g), ``conf`` (extra
+    Spark settings) to ``PRIVREC_SPARK_CONF``."""
+    memory = driver_memory or os.environ.get(DRIVER_MEMORY_ENV) or "4g"
+    settings = extra_conf({}, dict(os.environ)) if conf is None else conf
     with _engine_lock():
-        return _start(master, driver_memory, port)
+        return _start(master, memory, settings, port)
 
 
-def _start(master: str, driver_memory: str, port: int | None) -> tuple[EngineState, bool]:
+def _start(master: str, driver_memory: str, extra: dict[str, str], port: int | None) -> tuple[EngineState, bool]:
     from privrec_pipeline.spark.session import LAUNCH_CONF
     from privrec_pipeline.spark.standalone import spark_class
 
@@ -201,14 +232,16 @@ def _start(master: str, driver_memory: str, port: int | None) -> tuple[EngineSta
         handle.write(token + "\n")
     port = port or _free_port()
     submit = spark_class().parent / "spark-submit"
-    conf = {"spark.connect.grpc.binding.address": "127.0.0.1", "spark.connect.grpc.binding.port": str(port),
-            "spark.ui.enabled": "false", "spark.driver.memory": driver_memory, **LAUNCH_CONF}
+    conf = {"spark.ui.enabled": os.environ.get("PRIVREC_SPARK_UI", "false"), **LAUNCH_CONF, **extra,  # extra wins, but not over:
+            "spark.connect.grpc.binding.address": "127.0.0.1", "spark.connect.grpc.binding.port": str(port),
+            "spark.driver.memory": driver_memory}
     command = [str(submit), "--master", master, "--class", SERVER_CLASS, "--name", "privrec-engine",
                *[arg for key, value in conf.items() for arg in ("--conf", f"{key}={value}")]]
     log = folder / "server.log"
     # The server never needs the key document: it receives key frames as session data.
-    env = {k: v for k, v in os.environ.items() if k not in ("PRIVREC_KEYS_JSON", "PRIVREC_KEY_FILE")}
+    env = without_secrets(os.environ)
     env[ENV_TOKEN] = token
+    env.setdefault("PYSPARK_PYTHON", sys.executable)  # Python UDFs run in this project's interpreter
     with log.open("ab") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    env=env, start_new_session=True)
