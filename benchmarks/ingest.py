@@ -54,7 +54,8 @@ NAME = "ingest"
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
 DEFAULT_DATE = dt.date(2026, 1, 15)
-TARGET_RATIO = 2.0
+TARGET_RATIO = 3.0  # cold: each step its own spark-submit (issue 20's decision; 2.0 was retired)
+TARGET_WARM_RATIO = 2.5  # both sides clients of one warm engine
 TARGET_VALIDATE_SHARE = 0.30  # validate adds at most 30% to ingest time (issue 3)
 TARGET_DATA_KEYS = 1.15  # per-user data keys make collect at most 15% slower than one key
 # The DAG's settings (dags/privrec_nightly.py) on a 2-core local master.
@@ -200,16 +201,18 @@ def _event_log_queries(folder: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def run_step(name: str, app: list[str], env: dict[str, str], out: Path, event_log: bool) -> Step:
-    """spark-submit ``app`` once; wall time, peak RSS of the process tree, log summary."""
+def run_step(name: str, app: list[str], env: dict[str, str], out: Path, event_log: bool,
+             client: bool = False) -> Step:
+    """spark-submit ``app`` once (``client``: run it as a Python client of the warm engine that
+    ``env`` names); wall time, peak RSS of the process tree, log summary."""
     import psutil
 
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     submit = shutil.which("spark-submit", path=env["PATH"]) or "spark-submit"
-    command = [submit, *submit_args(name)]
+    command = [sys.executable] if client else [submit, *submit_args(name)]
     events_dir = out / "spark-events" / name
-    if event_log:
+    if event_log and not client:
         shutil.rmtree(events_dir, ignore_errors=True)
         events_dir.mkdir(parents=True)
         command += ["--conf", "spark.eventLog.enabled=true", "--conf", "spark.eventLog.compress=false",
@@ -341,7 +344,17 @@ def summarize(events: int, steps: dict[str, Step]) -> dict[str, Any]:
         "meets_data_keys_target": max(collect, steps["collect_keys_exist"].wall_s) / single <= TARGET_DATA_KEYS,
         **({"floor_ratio": round((steps["floor_collect"].wall_s + steps["floor_pseudonymize"].wall_s) / copy, 2)}
            if "floor_pseudonymize" in steps else {}),
+        **(_warm_summary(steps) if "warm_bare_copy_2" in steps else {}),
     }
+
+
+def _warm_summary(steps: dict[str, Step]) -> dict[str, Any]:
+    """(collect + pseudonymize) / bare copy with both on the warm engine, means of the A B B A runs."""
+    copy = (steps["warm_bare_copy"].wall_s + steps["warm_bare_copy_2"].wall_s) / 2
+    ingest = (steps["warm_collect"].wall_s + steps["warm_pseudonymize"].wall_s + steps["warm_collect_2"].wall_s
+              + steps["warm_pseudonymize_2"].wall_s) / 2
+    return {"warm_ingest_s": round(ingest, 2), "warm_copy_s": round(copy, 2), "warm_ratio": round(ingest / copy, 2),
+            "target_warm_ratio": TARGET_WARM_RATIO, "meets_warm_target": ingest / copy <= TARGET_WARM_RATIO}
 
 
 def _rows(result: dict[str, Any]) -> list[tuple[str, ...]]:
@@ -352,7 +365,7 @@ def _rows(result: dict[str, Any]) -> list[tuple[str, ...]]:
     rows = [("generate (in-process, info)", f"{gen['seconds']:.1f}", "", f"{events / gen['seconds']:,.0f}",
              f"{gen['peak_rss_mib']:,}")]
     for name, step in steps.items():
-        warm = "" if name == "cold_start" else f"{step['wall_s'] - cold:.1f}"
+        warm = "" if name == "cold_start" or name.startswith("warm_") else f"{step['wall_s'] - cold:.1f}"
         rate = f"{events / step['wall_s']:,.0f}" if name != "cold_start" else ""
         rows.append((name, f"{step['wall_s']:.1f}", warm, rate,
                      f"{step['peak_rss_mib']:,} / {step['peak_process_mib']:,}"))
@@ -366,9 +379,13 @@ HEADERS = ("step", "wall s", "minus cold start s", "events/s", "peak RSS MiB (tr
 
 
 def _ratio_line(s: dict[str, Any]) -> str:
-    verdict = "met" if s["meets_target"] else "NOT met"
-    return (f"(collect + pseudonymize) / bare copy = {s['ratio']:.2f}x (target <= {TARGET_RATIO}: {verdict}); "
-            f"without the cold-start cost in each step: {s['ratio_without_cold_start']}x")
+    verdict = {True: "met", False: "NOT met"}
+    line = (f"cold: (collect + pseudonymize) / bare copy = {s['ratio']:.2f}x (target <= {TARGET_RATIO}: "
+            f"{verdict[s['meets_target']]}); without the cold-start cost in each step: {s['ratio_without_cold_start']}x")
+    if "warm_ratio" in s:
+        line += (f". Warm engine: {s['warm_ingest_s']:.1f} s / {s['warm_copy_s']:.1f} s = {s['warm_ratio']:.2f}x "
+                 f"(target <= {TARGET_WARM_RATIO}: {verdict[s['meets_warm_target']]})")
+    return line
 
 
 def _validate_line(s: dict[str, Any]) -> str:
@@ -410,8 +427,11 @@ def markdown(result: dict[str, Any]) -> str:
         (f"- Input: {gen['records']:,} landing records of {gen['users']:,} users ({gen['bad_records']:,} malformed, "
          f"{gen['duplicates']:,} duplicates) in {gen['files']} gzip JSONL files, "
          f"{gen['bytes'] / MIB:,.1f} MiB"),
-        (f"- Each Spark step: `spark-submit {' '.join(submit_args(''))} ...`, a separate cold JVM"
-         + "".join(f"; {job}: `{options}`" for job, options in JOB_JVM_OPTIONS.items())),
+        (f"- Each cold Spark step: `spark-submit {' '.join(submit_args(''))} ...`, a separate cold JVM"
+         + "".join(f"; {job}: `{options}`" for job, options in JOB_JVM_OPTIONS.items())
+         + "; each `warm_` step: the same script as a Python client of one Spark Connect server "
+           "(`privrec engine start`, local[2], 4g), after a warm-up copy, in the order copy, collect + "
+           "pseudonymize, collect + pseudonymize, copy (the client's RSS only)"),
         "",
         "| " + " | ".join(HEADERS) + " |",
         "|" + "|".join(["---"] + ["---:"] * (len(HEADERS) - 1)) + "|",
@@ -539,6 +559,8 @@ def run(args: argparse.Namespace, console: Console, command: str) -> int:
         console.print(f"  {step.wall_s:.1f} s, peak {step.peak_rss_mib:,} MiB, exit {step.returncode}")
         if step.returncode != 0:
             break
+    if all(step.returncode == 0 for step in steps.values()):
+        steps.update(_warm_steps(apps, env, out, console))
     result["steps"] = {name: asdict(step) for name, step in steps.items()}
     result["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
     json_path = out / "bench-ingest.json"
@@ -558,6 +580,37 @@ def run(args: argparse.Namespace, console: Console, command: str) -> int:
         update_markdown(markdown(result))
     console.print(f"results: {json_path}" + ("" if args.no_markdown else f" and {BENCHMARKS_MD}"))
     return 0
+
+
+WARM_ORDER = ("warm_up", "warm_bare_copy", "warm_collect", "warm_pseudonymize", "warm_collect_2",
+              "warm_pseudonymize_2", "warm_bare_copy_2")
+"""A B B A after a warm-up copy: the two sides alternate, so drift cancels in the ratio."""
+
+
+def _warm_steps(apps: dict[str, list[str]], env: dict[str, str], out: Path, console: Console) -> dict[str, Step]:
+    """The bare copy, collect and pseudonymize as clients of one warm engine (``privrec engine
+    start``, local[2], 4g, as the DAG's steps run), in ``WARM_ORDER``."""
+    privrec = str(Path(sys.executable).parent / "privrec")
+    engine_env = {**env, "PRIVREC_HOME": str(out / "engine-home")}
+    subprocess.run([privrec, "engine", "start", "--driver-memory", "4g"], env=engine_env, check=True,
+                   capture_output=True)
+    steps: dict[str, Step] = {}
+    try:
+        state = json.loads((out / "engine-home" / "engine" / "server.json").read_text())
+        token = (out / "engine-home" / "engine" / "token").read_text().strip()
+        client_env = {**env, "PRIVREC_SPARK_REMOTE": state["remote"], "SPARK_CONNECT_AUTHENTICATE_TOKEN": token}
+        for name in WARM_ORDER:
+            app = apps[{"warm_up": "bare_copy"}.get(name, name.removeprefix("warm_").removesuffix("_2"))]
+            console.print(f"{name}: on the warm engine ...")
+            before = source_hashes()
+            steps[name] = step = run_step(name, app, client_env, out, False, client=True)
+            step.source_sha256, step.source_changed = source_digest(before), _changed(before, source_hashes())
+            console.print(f"  {step.wall_s:.1f} s, exit {step.returncode}")
+            if step.returncode != 0:
+                break
+    finally:
+        subprocess.run([privrec, "engine", "stop"], env=engine_env, capture_output=True)
+    return steps
 
 
 def _floor(spark: Any, mode: str, src: str, dst: str) -> None:
