@@ -65,7 +65,8 @@ def operator(monkeypatch, tmp_path):
 
     monkeypatch.setattr(engine, "start", fake_start)
     monkeypatch.setattr(engine, "token", lambda: "t" * 64)
-    for name in ("PRIVREC_SPARK_REMOTE", "PRIVREC_SPARK_CONF", "PRIVREC_KEYS_JSON", "PRIVREC_KEY_FILE"):
+    for name in ("PRIVREC_SPARK_REMOTE", "PRIVREC_SPARK_CONF", "PRIVREC_KEYS_JSON", "PRIVREC_KEY_FILE",
+                 "AIRFLOW_CONN_SPARK_CONNECT_DEFAULT"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("PRIVREC_LAKE", str(tmp_path / "lake"))
     monkeypatch.setenv("SEEN_FILE", str(tmp_path / "seen.json"))
@@ -327,4 +328,30 @@ def test_a_server_run_elsewhere_is_used_as_given_and_a_failing_job_fails_the_tas
         op.execute({})
     monkeypatch.setenv("PRIVREC_SPARK_REMOTE", "sc://10.0.0.9:15002")
     with pytest.raises(AirflowException, match="needs use_ssl=true"):
+        op.execute({})
+
+
+def test_the_providers_spark_connect_connection_names_a_server_run_elsewhere(monkeypatch, operator):
+    """Without PRIVREC_SPARK_REMOTE, the Spark provider's spark_connect_default connection (host,
+    port, extra use_ssl; its password the token, so a secrets backend can hold it) is the
+    server: nothing is started, the token reaches the job in its own variable, never in the
+    address; without TLS a host other than localhost is refused."""
+    from airflow.exceptions import AirflowException
+
+    op, started, seen = operator
+    _connections(monkeypatch, "local[*]", None)
+    monkeypatch.setenv("AIRFLOW_CONN_SPARK_CONNECT_DEFAULT", json.dumps({
+        "conn_type": "spark_connect", "host": "engine.internal", "port": 15010, "password": "v" * 64,
+        "extra": {"use_ssl": True}}))
+    op.execute({})
+    assert not started
+    assert seen()["env"] == {"PRIVREC_SPARK_REMOTE": "sc://engine.internal:15010/;use_ssl=true",
+                             "SPARK_CONNECT_AUTHENTICATE_TOKEN": "v" * 64}
+    monkeypatch.setenv("AIRFLOW_CONN_SPARK_CONNECT_DEFAULT", json.dumps({
+        "conn_type": "spark_connect", "host": "engine.internal", "port": 15010, "password": "v" * 64}))
+    with pytest.raises(AirflowException, match="needs use_ssl=true"):
+        op.execute({})
+    monkeypatch.setenv("AIRFLOW_CONN_SPARK_CONNECT_DEFAULT", json.dumps({
+        "conn_type": "spark_connect", "host": "localhost", "port": 15010}))
+    with pytest.raises(AirflowException, match="needs a token"):
         op.execute({})

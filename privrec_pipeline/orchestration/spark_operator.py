@@ -5,9 +5,11 @@ as a plain Python process on the Airflow worker, a Spark Connect client that sen
 to one long-lived Spark Connect server (``privrec_pipeline.spark.engine``) and starts no JVM of
 its own. Which server, decided when the task runs:
 
-- ``PRIVREC_SPARK_REMOTE`` (and ``SPARK_CONNECT_AUTHENTICATE_TOKEN``): a server the deployment
-  runs elsewhere; it must be reached over loopback or TLS, with a token. One that does not
-  answer fails the task naming how to start it.
+- ``PRIVREC_SPARK_REMOTE`` (and ``SPARK_CONNECT_AUTHENTICATE_TOKEN``), else the Spark
+  provider's ``spark_connect_default`` connection (host, port, extra ``use_ssl``, the token as
+  its password, so a secrets backend can hold it): a server the deployment runs elsewhere; it
+  must be reached over loopback or TLS, with a token. One that does not answer fails the task
+  naming how to start it.
 - otherwise the engine of this worker (``privrec engine``), started now if none runs. Its master
   and settings come from the ``spark_default`` connection (``local[*]`` on the embedded default,
   ``spark://host:port`` for a standalone cluster; the connection's extra ``conf`` and
@@ -38,6 +40,7 @@ from privrec_pipeline.errors import ConfigurationError, PrivrecError
 from privrec_pipeline.secrets import ENV_KEYS_JSON
 
 KEYS_CONN_ID = "privrec_keys"
+SPARK_CONNECT_CONN_ID = "spark_connect_default"  # the Spark provider's default Spark Connect connection
 TAIL_LINES = 5
 
 
@@ -99,6 +102,11 @@ class PrivrecSparkOperator(BaseOperator):
         settings = engine.remote_settings()
         if settings is not None:
             return settings
+        server = self._connection_or_none(SPARK_CONNECT_CONN_ID)
+        if server is not None:
+            remote = engine.connection_remote(server.host or "", server.port, server.extra_dejson.get("use_ssl"))
+            engine.check_remote(remote, server.password)
+            return remote, str(server.password)
         master, deploy_mode, extra = self._connection()
         if deploy_mode == "cluster":
             raise ConfigurationError(
@@ -134,14 +142,19 @@ class PrivrecSparkOperator(BaseOperator):
     def _keys(self) -> dict[str, str]:
         """``PRIVREC_KEYS_JSON`` from the ``privrec_keys`` connection; empty without it (the
         client then resolves keys from the worker's environment)."""
+        conn = self._connection_or_none(KEYS_CONN_ID)
+        return {ENV_KEYS_JSON: conn.password} if conn is not None and conn.password else {}
+
+    @staticmethod
+    def _connection_or_none(conn_id: str) -> Any:
+        """An Airflow connection, or None if it is not defined."""
         from airflow.exceptions import AirflowNotFoundException
         from airflow.sdk import BaseHook
 
         try:
-            conn = BaseHook.get_connection(KEYS_CONN_ID)
+            return BaseHook.get_connection(conn_id)
         except AirflowNotFoundException:
-            return {}
-        return {ENV_KEYS_JSON: conn.password} if conn.password else {}
+            return None
 
     def on_kill(self) -> None:
         """End the job with the task (SIGTERM: the job's cleanup runs; then SIGKILL)."""

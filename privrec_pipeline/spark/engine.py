@@ -144,6 +144,16 @@ def remote_settings(environ: dict[str, str] | None = None) -> tuple[str, str] | 
     return env[ENV_REMOTE], token
 
 
+def connection_remote(host: str, port: int | None, use_ssl: Any) -> str:
+    """The address of a ``spark_connect`` Airflow connection (the Spark provider's type: host,
+    port, extra ``use_ssl``), without its token (which travels in ``ENV_TOKEN``)."""
+    url = urlparse(host if "://" in host else f"sc://{host}")
+    if url.scheme != "sc" or not url.hostname or url.path not in ("", "/"):
+        raise ConfigurationError(f"the spark_connect connection's host must be a host name or sc://host, not {host!r}")
+    ssl = str(use_ssl).lower() == "true" if use_ssl is not None else False
+    return f"sc://{url.hostname}:{port or url.port or 15002}/" + (";use_ssl=true" if ssl else "")
+
+
 def token() -> str:
     """The embedded engine's token (``engine/token``, 0600)."""
     return _token_path().read_text(encoding="utf-8").strip()
