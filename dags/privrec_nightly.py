@@ -61,7 +61,7 @@ from privrec_pipeline.config import EARLIEST_DAY
 # The Celery queue of partition K's tasks: only the worker holding K's secret listens to it
 # (mapped tasks cannot each get a queue, so every partition task is its own unmapped task).
 from privrec_pipeline.deployment import partition_queue
-from privrec_pipeline.orchestration.local import SPARK_POOL  # bounds the concurrent Spark drivers
+from privrec_pipeline.orchestration.local import SPARK_POOL  # bounds the concurrent Spark steps
 from privrec_pipeline.orchestration.notify import FailureNotifier
 from privrec_pipeline.orchestration.report_operators import DPStatsOperator, QualityValidateOperator
 from privrec_pipeline.orchestration.spark_operator import PrivrecSparkOperator

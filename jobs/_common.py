@@ -16,7 +16,7 @@ def base_parser(description: str) -> argparse.ArgumentParser:
                         help="data interval (UTC day) to process, YYYY-MM-DD")
     parser.add_argument("--lake", default=None, help="lake URI (default: $PRIVREC_LAKE or ./lake)")
     parser.add_argument("--run-id", default="manual", help="Airflow run id, recorded in the manifest")
-    parser.add_argument("--master", default=None, help="Spark master when not started by spark-submit")
+    parser.add_argument("--master", default=None, help="run in a Spark application of its own on this master (default: a client of the engine, PRIVREC_SPARK_REMOTE)")
     return parser
 
 

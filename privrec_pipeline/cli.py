@@ -328,38 +328,44 @@ def _run_each(days: list[dt.date], conf: dict, env: dict[str, str], log_dir: Pat
 
 @contextlib.contextmanager
 def _embedded_engine(env: dict[str, str], keep: bool) -> Iterator[None]:
-    """The Spark engine of a command that runs the DAG on the embedded default: started at once
-    (in the background, while Airflow starts) when the DAG's steps would start it anyway, and
-    stopped at the end if this command's run started it, unless ``keep``."""
+    """The Spark engine of a command that runs the DAG on the embedded default. It is started at
+    once (in the background, while Airflow starts) when the DAG's steps would start it anyway.
+    At the end it is stopped if no other command uses it (each holds ``engine.run_lease``) and
+    it was not started by hand (``privrec engine start``), unless ``keep``."""
     import threading
 
     from privrec_pipeline.orchestration.local import embedded_master
     from privrec_pipeline.spark import engine
 
-    if engine.remote_settings() is not None:  # a server run elsewhere: nothing to start or stop
+    try:
+        remote = engine.remote_settings()
+    except PrivrecError as exc:
+        _fail(str(exc))
+    if remote is not None:  # a server run elsewhere: nothing to start or stop
         yield
         return
-    before = engine.read_state()
-    master = embedded_master(env)
-    starting = None
-    if before is None and master is not None:
-        def start() -> None:
-            with contextlib.suppress(PrivrecError):  # the first step then starts it and says why it fails
-                engine.start(master=master)
+    with engine.run_lease() as alone:
+        master = embedded_master(env)
+        starting = None
+        if master is not None and engine.read_state() is None:
+            def start() -> None:
+                with contextlib.suppress(PrivrecError):  # the first step then starts it and says why it fails
+                    engine.start(master=master, owner="run")
 
-        starting = threading.Thread(target=start, daemon=True)
-        starting.start()
-    try:
-        yield
-    finally:
-        if starting is not None:
-            starting.join()
-        after = engine.read_state()
-        if before is None and after is not None:
-            if keep:
-                _say(f"Spark engine left running: {after.remote} (pid {after.pid}); `privrec engine stop` ends it")
-            else:
-                engine.stop()
+            starting = threading.Thread(target=start, daemon=True)
+            starting.start()
+        try:
+            yield
+        finally:
+            if starting is not None:
+                starting.join()
+            state = engine.read_state()
+            if state is not None and state.owner != "manual":
+                if keep:
+                    _say(f"Spark engine left running: {state.remote} (pid {state.pid}); `privrec engine stop` "
+                         "ends it")
+                elif alone():
+                    engine.stop()
 
 
 @app.command()
@@ -459,7 +465,8 @@ def airflow() -> None:
     import sys
 
     # The Spark engine is started now (the DAGs' steps would start it) and stopped with Airflow,
-    # also when this command is ended by SIGTERM (its cleanup runs through SystemExit).
+    # also when this command is ended by SIGTERM (its cleanup runs through SystemExit): Airflow
+    # is stopped first, so no task starts the engine again.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with _embedded_engine(env, keep=False):
         standalone = subprocess.Popen(["airflow", "standalone"], env=env)
@@ -467,13 +474,23 @@ def airflow() -> None:
             code = standalone.wait()
         except KeyboardInterrupt:  # Ctrl-C reached Airflow too: wait for it to stop
             code = standalone.wait()
-    raise typer.Exit(code)
+        finally:
+            if standalone.poll() is None:
+                standalone.terminate()
+                try:
+                    standalone.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    standalone.kill()
+                    standalone.wait()
+    raise typer.Exit(128 - code if code < 0 else code)  # a signal -N is exit 128+N, as a shell says
 
 
 @engine_app.command("start")
 def engine_start(
-    master: str = typer.Option("local[2]", "--master", help="Spark master of the server."),
-    driver_memory: str = typer.Option("4g", "--driver-memory", help="Memory of the server's JVM."),
+    master: str = typer.Option("local[*]", "--master", help="Spark master of the server (the embedded default's "
+                               "spark_default connection is local[*])."),
+    driver_memory: str | None = typer.Option(None, "--driver-memory", help="Memory of the server's JVM "
+                                             "(default: PRIVREC_SPARK_DRIVER_MEMORY, else 4g)."),
 ) -> None:
     """Start the embedded Spark Connect server (127.0.0.1, a fresh token); `privrec run` and
     `privrec backfill` then run every Spark step on it."""
@@ -481,7 +498,7 @@ def engine_start(
 
     try:
         with console.status("starting the Spark Connect server"):
-            state, started = engine.start(master=master, driver_memory=driver_memory)
+            state, started, _ = engine.start(master=master, driver_memory=driver_memory)
     except PrivrecError as exc:
         _fail(str(exc))
     _say(f"{'started' if started else 'already running'}: {state.remote} (pid {state.pid}, master {state.master}, "
@@ -507,9 +524,9 @@ def engine_status() -> None:
         _say(f"{engine.ENV_REMOTE}={os.environ[engine.ENV_REMOTE]}: every step runs on that server")
         return
     state = engine.read_state()
-    _say(f"running: {state.remote} (pid {state.pid}, master {state.master}, log {state.log})" if state
-         else "not running: each Spark step starts an application of its own (`privrec engine start` for a "
-              "warm engine)")
+    _say(f"running: {state.remote} (pid {state.pid}, master {state.master}, started by {state.owner}, log "
+         f"{state.log})" if state else "not running: the first Spark step of a run starts it (`privrec engine "
+         "start` starts one now and keeps it until `privrec engine stop`)")
 
 
 @app.command()

@@ -6,8 +6,8 @@ processes on loopback (``tests/test_celery_cluster.py``).
 
 - Services: PostgreSQL (Airflow metadata, Celery results, the privacy ledger), Redis (the
   Celery broker), Airflow's API server, scheduler and DAG processor, a Spark master and worker.
-- Celery workers: one for the default queue (Spark drivers with the pseudonym/encryption
-  keys, and the orchestrator's tasks: seal_keys, the aggregation, publishing; no partition
+- Celery workers: one for the default queue (the Spark engine's driver and the Spark steps'
+  clients, with the pseudonym/encryption keys, and the orchestrator's tasks: seal_keys, the aggregation, publishing; no partition
   secret), and one per training partition K serving only the queue ``privrec_partition_K``
   and holding only the connection ``privrec_partition_K`` (its secret). The aggregator's
   worker never holds a partition secret, so the default queue has its own worker.

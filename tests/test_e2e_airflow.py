@@ -223,10 +223,12 @@ def test_rerun_changes_no_output(embedded):
     model_before = weights.read_bytes()
     before = [partition_snapshot(z) for z in zones]
     ledger_before = _ledger_rows(root)
-    again = subprocess.run([*RUN, "--keep-engine"], env=env, capture_output=True, text=True, timeout=900)
+    try:
+        again = subprocess.run([*RUN, "--keep-engine"], env=env, capture_output=True, text=True, timeout=900)
+    finally:
+        stopped = subprocess.run([PRIVREC, "engine", "stop"], env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0, again.stdout[-3000:]
     assert "Spark engine left running: sc://localhost:" in again.stdout
-    stopped = subprocess.run([PRIVREC, "engine", "stop"], env=env, capture_output=True, text=True, timeout=120)
     assert "stopped sc://localhost:" in stopped.stdout
     assert [partition_snapshot(z) for z in zones] == before
     assert _ledger_rows(root) == ledger_before  # the rerun reused the DP releases: nothing spent

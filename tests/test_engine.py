@@ -6,6 +6,7 @@ clear error."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -33,7 +34,9 @@ def warm(tmp_path_factory):
     home = tmp_path_factory.mktemp("engine-home")
     env = {"PRIVREC_HOME": str(home), engine.ENV_REMOTE: None}
     runner = CliRunner()
-    started = runner.invoke(app, ["engine", "start", "--driver-memory", "2g"], env=env)
+    # Secrets in the starter's environment: the server must get none of them.
+    started = runner.invoke(app, ["engine", "start", "--driver-memory", "2g"],
+                            env={**env, **SECRETS_OF_THE_STARTER, "PRIVREC_SPARK_CONF": DEPLOYMENT_CONF})
     assert started.exit_code == 0 and "started: sc://localhost:" in started.output, started.output
     again = runner.invoke(app, ["engine", "start"], env=env)
     assert "already running" in again.output
@@ -51,6 +54,53 @@ def warm(tmp_path_factory):
         else:
             os.environ["PRIVREC_HOME"] = old
     assert f"stopped {state.remote}" in stopped.output and not (home / "engine" / "server.json").exists()
+
+
+DEPLOYMENT_CONF = '{"spark.sql.shuffle.partitions": "6", "spark.sql.session.timeZone": "Europe/Paris"}'
+SECRETS_OF_THE_STARTER = {
+    "PRIVREC_KEYS_JSON": "key-document-" + "a" * 64, "PRIVREC_LEDGER_URL": "postgresql://u:ledger-pw@db/ledger",
+    "AIRFLOW_CONN_PRIVREC_KEYS": '{"conn_type": "generic", "password": "conn-secret"}',
+    "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": "postgresql://u:airflow-pw@db/airflow",
+}
+
+
+def test_the_server_gets_no_secret_of_its_starter_and_its_settings_are_private(warm):
+    """Its environment holds none of the starter's keys, database credentials or Airflow
+    settings (only its own token); its settings are in a 0600 file, not on its command line."""
+    import psutil
+
+    process = psutil.Process(warm["state"].pid)
+    environ = process.environ()
+    assert not set(SECRETS_OF_THE_STARTER) & set(environ)
+    assert not [k for k in environ if k.startswith(("AIRFLOW_", "PRIVREC_"))]
+    assert environ[engine.ENV_TOKEN] == warm["token"]
+    cmdline = " ".join(process.cmdline())
+    assert "--conf" not in cmdline and "spark.io.encryption" not in cmdline
+    properties = warm["home"] / "engine" / "server.properties"
+    assert properties.stat().st_mode & 0o077 == 0 and "spark.io.encryption.enabled true" in properties.read_text()
+    assert (warm["home"] / "engine" / "server.json").stat().st_mode & 0o077 == 0
+
+
+def test_a_server_left_by_a_starter_killed_while_it_started_is_ended(tmp_path, monkeypatch):
+    """A recorded server that never listened (its starter died before it did) is ended by the
+    next start or stop, never mistaken for a running engine."""
+    import psutil
+
+    monkeypatch.setenv("PRIVREC_HOME", str(tmp_path))
+    orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", engine.SERVER_CLASS],
+                              start_new_session=True)
+    try:
+        (tmp_path / "engine").mkdir()
+        (tmp_path / "engine" / "server.json").write_text(json.dumps(
+            {"pid": orphan.pid, "port": 1, "remote": "sc://localhost:1", "master": "local[*]", "log": "x",
+             "started": 0.0, "owner": "task"}))
+        assert engine.read_state() is None  # not listening: not a running engine
+        assert engine.stop() is None
+        orphan.wait(timeout=30)
+        assert orphan.returncode == -9 and not (tmp_path / "engine" / "server.json").exists()
+    finally:
+        with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
+            orphan.kill()
 
 
 def _client(warm: dict, code: str, *args: str) -> subprocess.CompletedProcess:
@@ -79,7 +129,9 @@ silver = run_pseudonymize(spark, lake, day, keys)
 gate = run_validate(spark, lake, day, QualityConfig()).gate
 print(json.dumps({"landing": collected.landing_records, "bronze": collected.bronze_records,
                   "silver": silver.silver_records, "gate": gate, "mine": spark.conf.get("privrec.test.client"),
-                  "timezone": spark.conf.get("spark.sql.session.timeZone")}))
+                  "timezone": spark.conf.get("spark.sql.session.timeZone"),
+                  "io_encryption": spark.conf.get("spark.io.encryption.enabled"),
+                  "shuffle_partitions": spark.conf.get("spark.sql.shuffle.partitions")}))
 """
 
 
@@ -99,6 +151,9 @@ def test_two_runs_at_once_share_the_engine_in_separate_sessions(warm, tmp_path, 
     results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
     for day, result in zip(days, results, strict=True):
         assert result["mine"] == day.isoformat() and result["timezone"] == "UTC"
+        assert result["io_encryption"] == "true"  # key frames never reach local disk in clear
+        # The deployment's settings win over privrec's session defaults, except UTC days.
+        assert result["shuffle_partitions"] == "6"
         assert result["landing"] >= 600 and result["silver"] == result["bronze"] > 500 and result["gate"] == "passed"
 
 

@@ -59,12 +59,13 @@ def operator(monkeypatch, tmp_path):
 
     started: dict = {}
 
-    def fake_start(*, master, conf=None, **_):
+    def fake_start(*, master, driver_memory=None, conf=None, owner="manual", **_):
         started.update(master=master, conf=conf)
-        return engine.EngineState(1, 15002, "sc://localhost:15002", master, "log", 0.0), True
+        assert owner == "task" and driver_memory == "4g"
+        return engine.EngineState(1, 15002, "sc://localhost:15002", master, "log", 0.0), True, "t" * 64
 
     monkeypatch.setattr(engine, "start", fake_start)
-    monkeypatch.setattr(engine, "token", lambda: "t" * 64)
+    monkeypatch.delenv("PRIVREC_SPARK_DRIVER_MEMORY", raising=False)
     for name in ("PRIVREC_SPARK_REMOTE", "PRIVREC_SPARK_CONF", "PRIVREC_KEYS_JSON", "PRIVREC_KEY_FILE",
                  "AIRFLOW_CONN_SPARK_CONNECT_DEFAULT"):
         monkeypatch.delenv(name, raising=False)
@@ -100,7 +101,7 @@ def test_a_job_runs_on_the_engine_it_starts_with_the_keys_as_their_own_variable(
     logged = capsys.readouterr().out
     assert "running collect.py on the Spark Connect server sc://localhost:15002" in logged
     assert "started the Spark engine sc://localhost:15002 (master local[*]" in logged
-    assert "a line of the job" in logged and key_document not in logged
+    assert "a line of the job" in logged
 
 
 def test_a_job_without_keys_gets_no_key_material_at_all(monkeypatch, operator, key_document, tmp_path):
@@ -204,6 +205,9 @@ def test_a_standalone_master_given_as_a_uri_starts_the_engine_with_the_settings(
     ("not json", "PRIVREC_SPARK_CONF is not JSON"),
     ('{"executor.memory": "1g"}', "keys are Spark settings"),
     ('["spark.x"]', "one JSON object"),
+    ('{"spark.executor.memory": null, "spark.x": {"a": 1}}', "spark.executor.memory, spark.x must be one-line"),
+    ('{"spark.x\\nspark.y": "1"}', "keys are Spark settings"),
+    ('{"spark.x": "a\\nspark.connect.grpc.binding.address 0.0.0.0"}', "spark.x must be one-line"),
 ])
 def test_bad_spark_settings_are_refused_naming_the_variable(monkeypatch, operator, setting, message, tmp_path):
     from airflow.exceptions import AirflowException
@@ -355,3 +359,40 @@ def test_the_providers_spark_connect_connection_names_a_server_run_elsewhere(mon
         "conn_type": "spark_connect", "host": "localhost", "port": 15010}))
     with pytest.raises(AirflowException, match="needs a token"):
         op.execute({})
+
+
+def test_a_run_stops_the_engine_only_when_no_other_run_uses_it_and_never_one_started_by_hand(monkeypatch, tmp_path):
+    """`privrec run` / `backfill` / `airflow` hold a lease on the embedded engine: at the end an
+    engine a run or a task started is stopped only if no other command holds one; an engine
+    started by hand is left running."""
+    from privrec_pipeline import cli
+    from privrec_pipeline.spark import engine
+
+    monkeypatch.setenv("PRIVREC_HOME", str(tmp_path))
+    monkeypatch.delenv("PRIVREC_SPARK_REMOTE", raising=False)
+    stopped, owner = [], {"value": "task"}
+    monkeypatch.setattr(engine, "read_state", lambda: engine.EngineState(
+        1, 15002, "sc://localhost:15002", "local[*]", "log", 0.0, owner["value"]))
+    monkeypatch.setattr(engine, "stop", lambda: stopped.append(1))
+    env = {"AIRFLOW_CONN_SPARK_DEFAULT": "spark://elsewhere:7077"}  # no start in the background
+    with engine.run_lease():  # another run uses the engine
+        with cli._embedded_engine(env, keep=False):
+            pass
+    assert not stopped
+    with cli._embedded_engine(env, keep=False):
+        pass
+    assert stopped == [1]
+    owner["value"] = "manual"
+    with cli._embedded_engine(env, keep=False):
+        pass
+    assert stopped == [1]
+
+
+def test_the_lease_tells_the_last_holder(monkeypatch, tmp_path):
+    from privrec_pipeline.spark import engine
+
+    monkeypatch.setenv("PRIVREC_HOME", str(tmp_path))
+    with engine.run_lease() as first:
+        with engine.run_lease() as second:
+            assert not second()
+        assert first()

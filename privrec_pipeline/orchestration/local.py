@@ -50,7 +50,7 @@ SETUP_VERSION = "2\n"  # what the stamp records: migrated, and the Spark pool cr
 
 def ensure_metadata_db(env: dict[str, str], log: Path) -> None:
     """Create or upgrade the SQLite metadata database once (``airflow db migrate``) and the
-    pool of Spark drivers (``PRIVREC_SPARK_POOL_SLOTS``, default 2, concurrent Spark steps)."""
+    pool of Spark steps (``PRIVREC_SPARK_POOL_SLOTS``, default 2, concurrent sessions on the engine)."""
     home = Path(env["AIRFLOW_HOME"])
     stamp = home / ".privrec-db-migrated"
     if stamp.exists() and stamp.read_text(encoding="utf-8") == SETUP_VERSION:
@@ -58,7 +58,7 @@ def ensure_metadata_db(env: dict[str, str], log: Path) -> None:
     home.mkdir(parents=True, exist_ok=True)
     slots = env.get(SPARK_POOL_SLOTS_ENV, "2")
     for cmd in (["airflow", "db", "migrate"],
-                ["airflow", "pools", "set", SPARK_POOL, slots, "privrec: concurrent Spark drivers"]):
+                ["airflow", "pools", "set", SPARK_POOL, slots, "privrec: concurrent Spark steps"]):
         with log.open("ab") as fh:
             proc = subprocess.run(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT)
         if proc.returncode != 0:

@@ -22,7 +22,8 @@ only, from the Airflow connection ``privrec_keys`` (its password holds the key d
 connection the client inherits the worker's own (``PRIVREC_KEYS_JSON`` / ``PRIVREC_KEY_FILE``).
 The client sends key frames to the server as session data, which is why the server must be on
 loopback or behind TLS. ``needs_keys=False`` jobs (validate and later steps, which read only
-pseudonymized data) never receive key material.
+pseudonymized data) never receive key material; no job gets Airflow's variables (connections,
+database credentials).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from privrec_pipeline.secrets import ENV_KEYS_JSON
 KEYS_CONN_ID = "privrec_keys"
 SPARK_CONNECT_CONN_ID = "spark_connect_default"  # the Spark provider's default Spark Connect connection
 TAIL_LINES = 5
+KILL_AFTER_S = 3.0
 
 
 class PrivrecSparkOperator(BaseOperator):
@@ -63,28 +65,22 @@ class PrivrecSparkOperator(BaseOperator):
         from airflow.exceptions import AirflowException
 
         from privrec_pipeline.config import lake_root
-        from privrec_pipeline.spark.engine import (
-            ENV_REMOTE,
-            ENV_TOKEN,
-            SECRET_PREFIXES,
-            without_secrets,
-        )
+        from privrec_pipeline.spark.engine import ENV_REMOTE, ENV_TOKEN, client_environment
 
         try:
             remote, token = self._engine()
         except (ConfigurationError, PrivrecError) as error:
             raise AirflowException(str(error)) from None
-        # The job gets the key document only if it needs keys, and never Airflow's connections.
-        env = {**(dict(os.environ) if self.needs_keys else without_secrets(os.environ)), ENV_REMOTE: remote,
-               ENV_TOKEN: token}
+        # The job gets the key document only if it needs keys, and nothing of Airflow's.
+        env = {**client_environment(os.environ, keys=self.needs_keys), ENV_REMOTE: remote, ENV_TOKEN: token}
         if self.needs_keys:
-            env = {k: v for k, v in env.items() if not k.startswith(SECRET_PREFIXES)} | self._keys()
+            env.update(self._keys())
         name = Path(self.application).name
         command = [sys.executable, str(self.application), *self._job_args(lake_root())]
         self.log.info("running %s on the Spark Connect server %s", name, remote)
-        # Its own process group: on_kill (a timeout, "mark failed") ends the job, not only this task.
+        # In the task's process group: a signal Airflow sends the group reaches the job too.
         process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                   errors="replace", start_new_session=True)
+                                   errors="replace")
         self._client = process
         tail: list[str] = []
         assert process.stdout is not None
@@ -113,14 +109,16 @@ class PrivrecSparkOperator(BaseOperator):
                 f"the spark connection {self.conn_id!r} asks for deploy mode 'cluster' (master {master!r}): "
                 "privrec's Spark engine runs its driver on the Airflow worker that holds the lake's manifests "
                 "and the keys; remove the deploy-mode extra or set it to 'client'")
-        state, started = engine.start(master=master, conf=engine.extra_conf(extra, dict(os.environ)))
+        memory, conf = engine.server_settings(conf=engine.extra_conf(extra, dict(os.environ)))
+        state, started, token = engine.start(master=master, driver_memory=memory, conf=conf, owner="task")
         if started:
             self.log.info("started the Spark engine %s (master %s, pid %d): it stays up for the next steps; "
                           "`privrec engine stop` ends it", state.remote, state.master, state.pid)
-        elif state.master != master:
-            self.log.warning("the running Spark engine uses master %s, the %r connection names %s: restart the "
-                             "engine (`privrec engine stop`) to use it", state.master, self.conn_id, master)
-        return state.remote, engine.token()
+        elif state.settings != engine.settings_digest(master, memory, conf):
+            self.log.warning("the running Spark engine (master %s) was started with other settings than the %r "
+                             "connection, PRIVREC_SPARK_CONF and PRIVREC_SPARK_DRIVER_MEMORY give now (master %s): "
+                             "restart it (`privrec engine stop`) to apply them", state.master, self.conn_id, master)
+        return state.remote, token
 
     def _job_args(self, lake: str) -> list[str]:
         """The job's arguments with the worker's lake, explicit: the job does not depend on
@@ -157,12 +155,13 @@ class PrivrecSparkOperator(BaseOperator):
             return None
 
     def on_kill(self) -> None:
-        """End the job with the task (SIGTERM: the job's cleanup runs; then SIGKILL)."""
+        """End the job with the task: SIGTERM (the job's cleanup runs), SIGKILL after
+        ``KILL_AFTER_S``, before Airflow's own SIGKILL of the task (5 s after its SIGTERM)."""
         client = self._client
         if client is None or client.poll() is not None:
             return
-        os.killpg(client.pid, signal.SIGTERM)
+        client.send_signal(signal.SIGTERM)
         try:
-            client.wait(timeout=30)
+            client.wait(timeout=KILL_AFTER_S)
         except subprocess.TimeoutExpired:
-            os.killpg(client.pid, signal.SIGKILL)
+            client.kill()

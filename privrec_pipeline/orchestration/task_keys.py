@@ -1,6 +1,6 @@
 """Key material for a Python task that needs it (the erasure task): the Airflow connection
-``privrec_keys`` (its password is the key document, as the Spark operator injects it into
-spark-submit), else the process's own (``PRIVREC_KEYS_JSON``, ``PRIVREC_KEY_FILE``, the default
+``privrec_keys`` (its password is the key document, as the Spark operator gives it to
+collect and pseudonymize), else the process's own (``PRIVREC_KEYS_JSON``, ``PRIVREC_KEY_FILE``, the default
 file). The document is parsed in the task's process and never returned, logged or pushed."""
 
 from __future__ import annotations

@@ -26,13 +26,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,8 @@ LOOPBACK = ("localhost",)  # gRPC local credentials are used for this host name 
 START_TIMEOUT_S = 180.0
 SPARK_CONF_ENV = "PRIVREC_SPARK_CONF"  # extra settings of the server, one JSON object
 DRIVER_MEMORY_ENV = "PRIVREC_SPARK_DRIVER_MEMORY"  # the server's JVM (default 4g)
+SETTING_NAME = re.compile(r"spark\.[A-Za-z0-9_.\-]+")
+DEFAULTS_MARKER = "spark.privrec.defaults"  # set on privrec's server: SPARK_DEFAULTS are its settings
 
 
 class EngineUnavailableError(PrivrecError):
@@ -61,6 +64,8 @@ class EngineState:
     master: str
     log: str
     started: float
+    owner: str = "manual"  # who started it: "manual" (privrec engine start), "run" (a command), "task"
+    settings: str = ""  # digest of its master, memory and Spark settings (``settings_digest``)
 
 
 def engine_folder() -> Path:
@@ -112,6 +117,31 @@ def _engine_lock() -> Iterator[None]:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def run_lease() -> Iterator[Callable[[], bool]]:
+    """Held by each command that runs the DAG on the embedded engine (a shared flock on
+    ``engine/users``); yields ``alone()``: whether no other command holds it now (it then holds
+    it exclusively until the end of the block, so none starts using the engine meanwhile)."""
+    import fcntl
+
+    folder = engine_folder()
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(folder / "users", os.O_RDWR | os.O_CREAT, 0o600)
+
+    def alone() -> bool:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        yield alone
     finally:
         os.close(fd)
 
@@ -173,10 +203,14 @@ def extra_conf(connection_extra: dict[str, Any], environ: dict[str, str]) -> dic
             except json.JSONDecodeError as error:
                 raise ConfigurationError(f"{source} is not JSON ({error.msg}): give one object of Spark settings, "
                                          'e.g. {"spark.executor.memory": "4g"}') from None
-        if not isinstance(value, dict) or not all(isinstance(k, str) and k.startswith("spark.") for k in value):
+        if not isinstance(value, dict) or not all(isinstance(k, str) and SETTING_NAME.fullmatch(k) for k in value):
             raise ConfigurationError(f"{source} must be one JSON object whose keys are Spark settings (spark.*), "
                                      f"not {value!r}")
-        merged.update({k: str(v) for k, v in value.items()})
+        bad = sorted(k for k, v in value.items() if isinstance(v, dict | list) or v is None or "\n" in str(v))
+        if bad:  # the settings go to a properties file, one per line
+            raise ConfigurationError(f"{source}: the values of {', '.join(bad)} must be one-line strings, numbers or "
+                                     "booleans")
+        merged.update({k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in value.items()})
     return merged
 
 
@@ -200,14 +234,21 @@ def connect(app_name: str, remote: str, token: str) -> Any:
     return SparkSession.builder.remote(remote).appName(app_name).getOrCreate()
 
 
-SECRET_VARIABLES = ("PRIVREC_KEYS_JSON", "PRIVREC_KEY_FILE")
-SECRET_PREFIXES = ("AIRFLOW_CONN_",)  # Airflow connections given as variables: keys, partition secrets
+KEY_VARIABLES = ("PRIVREC_KEYS_JSON", "PRIVREC_KEY_FILE")
 
 
-def without_secrets(environ: Any) -> dict[str, str]:
-    """``environ`` without the key document and Airflow's connections (the server and a job
-    that needs no keys get none of them)."""
-    return {k: v for k, v in environ.items() if k not in SECRET_VARIABLES and not k.startswith(SECRET_PREFIXES)}
+def client_environment(environ: Any, *, keys: bool) -> dict[str, str]:
+    """A job client's environment: nothing of Airflow's (its connections hold keys and partition
+    secrets, its settings database credentials), and without ``keys`` no key variable."""
+    return {k: v for k, v in environ.items()
+            if not k.startswith("AIRFLOW_") and (keys or k not in KEY_VARIABLES)}
+
+
+def server_environment(environ: Any) -> dict[str, str]:
+    """The server's environment: nothing of privrec's or Airflow's settings (keys, the ledger's
+    and Airflow's database credentials, connections, secrets backends) and no inherited token."""
+    return {k: v for k, v in environ.items()
+            if not k.startswith(("AIRFLOW_", "PRIVREC_")) and k != ENV_TOKEN}
 
 
 def _free_port() -> int:
@@ -216,45 +257,113 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start(*, master: str = "local[2]", driver_memory: str | None = None, conf: dict[str, str] | None = None,
-          port: int | None = None) -> tuple[EngineState, bool]:
-    """Start the embedded engine unless it runs; (its state, whether it was started now).
-    ``driver_memory`` defaults to ``PRIVREC_SPARK_DRIVER_MEMORY`` (else 4g), ``conf`` (extra
-    Spark settings) to ``PRIVREC_SPARK_CONF``."""
-    memory = driver_memory or os.environ.get(DRIVER_MEMORY_ENV) or "4g"
-    settings = extra_conf({}, dict(os.environ)) if conf is None else conf
+def settings_digest(master: str, driver_memory: str, conf: dict[str, str]) -> str:
+    """What a server was started with, to tell whether a running one matches (no values shown)."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps([master, driver_memory, sorted(conf.items())]).encode()).hexdigest()[:16]
+
+
+def start(*, master: str = "local[*]", driver_memory: str | None = None, conf: dict[str, str] | None = None,
+          port: int | None = None, owner: str = "manual") -> tuple[EngineState, bool, str]:
+    """Start the embedded engine unless it runs; (its state, whether it was started now, its
+    token), read under the engine's lock. ``driver_memory`` defaults to
+    ``PRIVREC_SPARK_DRIVER_MEMORY`` (else 4g), ``conf`` (extra Spark settings) to ``PRIVREC_SPARK_CONF``."""
+    memory, settings = server_settings(driver_memory, conf)
     with _engine_lock():
-        return _start(master, memory, settings, port)
+        state, started = _start(master, memory, settings, port, owner)
+        return state, started, token()
 
 
-def _start(master: str, driver_memory: str, extra: dict[str, str], port: int | None) -> tuple[EngineState, bool]:
-    from privrec_pipeline.spark.session import LAUNCH_CONF
+def server_settings(driver_memory: str | None = None, conf: dict[str, str] | None = None) -> tuple[str, dict[str, str]]:
+    """(driver memory, extra Spark settings) of a server started now, defaults from the environment."""
+    return driver_memory or os.environ.get(DRIVER_MEMORY_ENV) or "4g", (
+        extra_conf({}, dict(os.environ)) if conf is None else conf)
+
+
+def _reap_orphan() -> None:
+    """Under the lock: a recorded server that does not listen was left by a starter that was
+    killed while it started (no other start can be in progress): end it."""
+    import psutil
+
+    path = _state_path()
+    if not path.exists():
+        return
+    state = EngineState(**json.loads(path.read_text(encoding="utf-8")))
+    try:
+        process = psutil.Process(state.pid)
+        ours = process.uids().real == os.getuid() and SERVER_CLASS in " ".join(process.cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        ours = False
+    if ours:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(state.pid, signal.SIGKILL)
+    path.unlink(missing_ok=True)
+
+
+def _write_private(path: Path, text: str) -> None:
+    """``text`` into ``path``, readable by this user only (created 0600, replaced atomically)."""
+    staged = path.with_suffix(".tmp")
+    staged.unlink(missing_ok=True)
+    fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    staged.replace(path)  # readers see the old file or the whole new one
+
+
+def _start(master: str, driver_memory: str, extra: dict[str, str], port: int | None,
+           owner: str) -> tuple[EngineState, bool]:
+    from privrec_pipeline.spark.session import LAUNCH_CONF, SPARK_DEFAULTS
     from privrec_pipeline.spark.standalone import spark_class
 
     running = read_state()
     if running is not None:
         return running, False
+    _reap_orphan()
     folder = engine_folder()
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     token = secrets.token_hex(32)
-    fd = os.open(_token_path(), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(token + "\n")
+    _write_private(_token_path(), token + "\n")
     port = port or _free_port()
-    submit = spark_class().parent / "spark-submit"
-    conf = {"spark.ui.enabled": os.environ.get("PRIVREC_SPARK_UI", "false"), **LAUNCH_CONF, **extra,  # extra wins, but not over:
+    # Session defaults on the server, so the deployment's settings override them (get_spark then
+    # leaves them alone); extra settings win over those, but not over what follows.
+    conf = {"spark.ui.enabled": os.environ.get("PRIVREC_SPARK_UI", "false"), **LAUNCH_CONF, **SPARK_DEFAULTS,
+            **extra, DEFAULTS_MARKER: "true",
             "spark.connect.grpc.binding.address": "127.0.0.1", "spark.connect.grpc.binding.port": str(port),
-            "spark.driver.memory": driver_memory}
-    command = [str(submit), "--master", master, "--class", SERVER_CLASS, "--name", "privrec-engine",
-               *[arg for key, value in conf.items() for arg in ("--conf", f"{key}={value}")]]
+            "spark.driver.memory": driver_memory,
+            # Shuffle, spill and broadcast blocks on local disk are encrypted: rows joined with a
+            # key frame (crypto.key_frame, data_keys.key_frame) may be written there, and a
+            # long-lived server keeps its local files until their shuffles are cleaned up.
+            "spark.io.encryption.enabled": "true"}
+    # A properties file (0600), not --conf arguments: any local user can read a command line.
+    properties = folder / "server.properties"
+    _write_private(properties, "".join(f"{key} {value}\n" for key, value in conf.items()))
+    command = [str(spark_class().parent / "spark-submit"), "--master", master, "--class", SERVER_CLASS,
+               "--name", "privrec-engine", "--properties-file", str(properties)]
     log = folder / "server.log"
-    # The server never needs the key document: it receives key frames as session data.
-    env = without_secrets(os.environ)
+    # The server gets no key material, no database credentials and nothing of Airflow's: it
+    # receives key frames as session data.
+    env = server_environment(os.environ)
     env[ENV_TOKEN] = token
     env.setdefault("PYSPARK_PYTHON", sys.executable)  # Python UDFs run in this project's interpreter
     with log.open("ab") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    env=env, start_new_session=True)
+    state = EngineState(process.pid, port, f"sc://localhost:{port}", master, str(log), time.time(), owner,
+                        settings_digest(master, driver_memory, extra))
+    # Recorded before it listens: a starter killed while waiting leaves a server the next start ends.
+    _write_private(_state_path(), json.dumps(asdict(state), indent=2))
+    try:
+        _wait_listening(process, port, log)
+    except BaseException:  # a failure, or the starter ended (SIGTERM, timeout): no orphan server
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        _state_path().unlink(missing_ok=True)
+        raise
+    return state, True
+
+
+def _wait_listening(process: subprocess.Popen, port: int, log: Path) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
     while not _is_server(process.pid, port):
         if process.poll() is not None:
@@ -262,22 +371,18 @@ def _start(master: str, driver_memory: str, extra: dict[str, str], port: int | N
             raise EngineUnavailableError(f"the Spark Connect server exited with code {process.returncode} while "
                                          f"starting (log {log}):\n{tail}")
         if time.monotonic() > deadline:
-            process.terminate()
             raise EngineUnavailableError(f"the Spark Connect server did not listen on port {port} within "
                                          f"{START_TIMEOUT_S:.0f} s (log {log}; is the port taken?)")
         time.sleep(0.2)
-    state = EngineState(process.pid, port, f"sc://localhost:{port}", master, str(log), time.time())
-    staged = _state_path().with_suffix(".tmp")
-    staged.write_text(json.dumps(asdict(state), indent=2), encoding="utf-8")
-    staged.replace(_state_path())  # readers see no state or the whole of it
-    return state, True
 
 
 def stop() -> EngineState | None:
     """Stop the embedded engine; its state, or None if none ran."""
     with _engine_lock():
         state = read_state()  # only a process that is still our server is signalled
-        if state is not None:
+        if state is None:
+            _reap_orphan()  # one recorded while it started, whose starter was killed
+        else:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(state.pid, signal.SIGTERM)
             deadline = time.monotonic() + 60

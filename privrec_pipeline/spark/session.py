@@ -1,7 +1,8 @@
 """SparkSession construction shared by the jobs and the tests.
 
-The master is not decided here: spark-submit (through Airflow's ``spark_default``
-connection) sets it; tests pass ``local[2]``.
+A job's session is a Spark Connect session on the engine (``spark.engine``) when one is
+configured; tests and the cold benchmarks pass a master (``local[2]``) for an application of
+their own.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ SPARK_DEFAULTS: dict[str, str] = {
     # passed as data, never as literals, see privrec_pipeline.crypto.key_frame).
     "spark.sql.redaction.string.regex": "(?i)[0-9a-f]{64,}",
 }
-"""Session settings privrec relies on; a value given to spark-submit (--conf) wins."""
+"""Session settings privrec relies on; a value given at launch (the engine's settings, or
+spark-submit --conf) wins, except for ``REQUIRED``."""
+REQUIRED = ("spark.sql.session.timeZone",)  # set on every session: days are UTC days
 
 # JVM options of the driver and executors. Whole-stage code generation turns the collect
 # classification into one large method per stage; HotSpot by default never JIT-compiles
@@ -56,8 +59,12 @@ def get_spark(app_name: str, master: str | None = None) -> "SparkSession":
     remote = None if master else engine.remote_settings()
     if remote is not None:
         spark = engine.connect(app_name, *remote)
+        # privrec's own server was started with SPARK_DEFAULTS under the deployment's settings;
+        # another server gets them per session. Data decisions are in UTC whatever is set.
+        own = spark.conf.get(engine.DEFAULTS_MARKER, "false") == "true"
         for key, value in SPARK_DEFAULTS.items():
-            if key != "spark.sql.redaction.string.regex" or spark.conf.get(key, None) is None:
+            if key in REQUIRED or (not own and (key != "spark.sql.redaction.string.regex"
+                                                or spark.conf.get(key, None) is None)):
                 spark.conf.set(key, value)
         return spark
     builder = SparkSession.builder.appName(app_name).config("spark.ui.showConsoleProgress", "false")
