@@ -6,6 +6,7 @@ import contextlib
 import datetime as dt
 import json
 import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NoReturn
@@ -461,7 +462,6 @@ def airflow() -> None:
     console.print(f"UI: http://localhost:{port}  login: user '{users.split(':')[0]}', password in "
                   f"{home / 'simple_auth_manager_passwords.json.generated'} (printed by Airflow below)")
     import signal
-    import subprocess
     import sys
 
     # The Spark engine is started now (the DAGs' steps would start it) and stopped with Airflow,
@@ -475,14 +475,34 @@ def airflow() -> None:
         except KeyboardInterrupt:  # Ctrl-C reached Airflow too: wait for it to stop
             code = standalone.wait()
         finally:
-            if standalone.poll() is None:
-                standalone.terminate()
-                try:
-                    standalone.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    standalone.kill()
-                    standalone.wait()
+            _stop_standalone(standalone)
     raise typer.Exit(128 - code if code < 0 else code)  # a signal -N is exit 128+N, as a shell says
+
+
+def _stop_standalone(standalone: subprocess.Popen) -> None:
+    """Stop ``airflow standalone`` and its components: SIGINT runs its own shutdown (it stops
+    each component on KeyboardInterrupt; SIGTERM would end it alone, orphaning them); after 60 s
+    every process it started is killed."""
+    import signal
+
+    import psutil
+
+    if standalone.poll() is not None:
+        return
+    try:
+        children = psutil.Process(standalone.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        children = []
+    standalone.send_signal(signal.SIGINT)
+    try:
+        standalone.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        standalone.kill()
+        standalone.wait()
+    for child in children:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if child.is_running():
+                child.kill()
 
 
 @engine_app.command("start")

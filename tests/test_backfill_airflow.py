@@ -239,6 +239,7 @@ def server(tmp_path_factory, key_document):
     proc = None
     try:
         proc, srv = start_airflow(env, root, password)
+        srv.process = proc
         yield srv
     finally:
         if proc is not None:
@@ -516,3 +517,29 @@ def test_reports_and_model_cards_are_served_by_the_api_server_behind_its_login(b
                   "/privrec/reports/quality/2026-02-30/index.html"):
         response = requests.get(server.base + probe, headers=server.headers, timeout=30)
         assert response.status_code == 404 and server.password not in response.text, probe
+
+
+def test_sigterm_to_privrec_airflow_stops_airflow_and_the_engine(backfilled, server):
+    """Last in this module: SIGTERM to the `privrec airflow` process alone (as `docker stop` or
+    `kill PID` sends it) stops Airflow's components and the Spark engine its tasks used."""
+    import psutil
+
+    proc = server.process
+    group = [p for p in psutil.process_iter() if _in_group(p, proc.pid)]
+    assert len(group) > 2  # privrec, airflow standalone and its components
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    deadline = time.monotonic() + 60
+    while (left := [p for p in group if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]) \
+            and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, [" ".join(p.cmdline()[:4]) for p in left]
+    engine_home = Path(server.env["PRIVREC_HOME"]) / "engine"
+    assert not (engine_home / "server.json").exists() and not (engine_home / "token").exists()
+
+
+def _in_group(process, pgid: int) -> bool:
+    try:
+        return os.getpgid(process.pid) == pgid
+    except (ProcessLookupError, PermissionError):
+        return False

@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -56,7 +57,10 @@ def warm(tmp_path_factory):
     assert f"stopped {state.remote}" in stopped.output and not (home / "engine" / "server.json").exists()
 
 
-DEPLOYMENT_CONF = '{"spark.sql.shuffle.partitions": "6", "spark.sql.session.timeZone": "Europe/Paris"}'
+# A value with backslashes, '=' and ':' reaches the server unchanged through its properties file.
+ODD_VALUE = "=C:\\new\\table=x #1"
+DEPLOYMENT_CONF = json.dumps({"spark.sql.shuffle.partitions": "6", "spark.sql.session.timeZone": "Europe/Paris",
+                              "spark.privrec.test.value": ODD_VALUE})
 SECRETS_OF_THE_STARTER = {
     "PRIVREC_KEYS_JSON": "key-document-" + "a" * 64, "PRIVREC_LEDGER_URL": "postgresql://u:ledger-pw@db/ledger",
     "AIRFLOW_CONN_PRIVREC_KEYS": '{"conn_type": "generic", "password": "conn-secret"}',
@@ -87,20 +91,30 @@ def test_a_server_left_by_a_starter_killed_while_it_started_is_ended(tmp_path, m
     import psutil
 
     monkeypatch.setenv("PRIVREC_HOME", str(tmp_path))
-    orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", engine.SERVER_CLASS],
-                              start_new_session=True)
+    properties = tmp_path / "engine" / "server.properties"  # a server of this home names its settings file
+    orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", engine.SERVER_CLASS,
+                               "--properties-file", str(properties)], start_new_session=True)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", engine.SERVER_CLASS,
+                              "--properties-file", "/elsewhere/engine/server.properties"], start_new_session=True)
     try:
         (tmp_path / "engine").mkdir()
-        (tmp_path / "engine" / "server.json").write_text(json.dumps(
-            {"pid": orphan.pid, "port": 1, "remote": "sc://localhost:1", "master": "local[*]", "log": "x",
-             "started": 0.0, "owner": "task"}))
+
+        def record(pid: int) -> None:
+            (tmp_path / "engine" / "server.json").write_text(json.dumps(
+                {"pid": pid, "port": 1, "remote": "sc://localhost:1", "master": "local[*]", "log": "x",
+                 "started": time.time(), "owner": "task"}))
+
+        record(other.pid)  # a reused pid: another home's server is never signalled
+        assert engine.stop() is None and other.poll() is None
+        record(orphan.pid)
         assert engine.read_state() is None  # not listening: not a running engine
         assert engine.stop() is None
         orphan.wait(timeout=30)
         assert orphan.returncode == -9 and not (tmp_path / "engine" / "server.json").exists()
     finally:
-        with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
-            orphan.kill()
+        for process in (orphan, other):
+            with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
+                process.kill()
 
 
 def _client(warm: dict, code: str, *args: str) -> subprocess.CompletedProcess:
@@ -131,7 +145,8 @@ print(json.dumps({"landing": collected.landing_records, "bronze": collected.bron
                   "silver": silver.silver_records, "gate": gate, "mine": spark.conf.get("privrec.test.client"),
                   "timezone": spark.conf.get("spark.sql.session.timeZone"),
                   "io_encryption": spark.conf.get("spark.io.encryption.enabled"),
-                  "shuffle_partitions": spark.conf.get("spark.sql.shuffle.partitions")}))
+                  "shuffle_partitions": spark.conf.get("spark.sql.shuffle.partitions"),
+                  "odd_value": spark.conf.get("spark.privrec.test.value")}))
 """
 
 
@@ -153,7 +168,7 @@ def test_two_runs_at_once_share_the_engine_in_separate_sessions(warm, tmp_path, 
         assert result["mine"] == day.isoformat() and result["timezone"] == "UTC"
         assert result["io_encryption"] == "true"  # key frames never reach local disk in clear
         # The deployment's settings win over privrec's session defaults, except UTC days.
-        assert result["shuffle_partitions"] == "6"
+        assert result["shuffle_partitions"] == "6" and result["odd_value"] == ODD_VALUE
         assert result["landing"] >= 600 and result["silver"] == result["bronze"] > 500 and result["gate"] == "passed"
 
 

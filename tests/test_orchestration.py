@@ -41,9 +41,17 @@ def test_embedded_env_keeps_user_settings(monkeypatch, tmp_path):
     assert given["AIRFLOW__LOGGING__BASE_LOG_FOLDER"] == str(tmp_path / "home" / "logs")
 
 
-JOB = """import json, os, sys
+JOB = """import fcntl, json, os, sys
 seen = {"args": sys.argv[1:], "env": {k: v for k, v in os.environ.items()
         if k.startswith(("PRIVREC_KEY", "PRIVREC_SPARK_REMOTE", "SPARK_CONNECT", "AIRFLOW_CONN_"))}}
+users = os.path.join(os.environ["PRIVREC_HOME"], "engine", "users")
+if os.path.exists(users):  # the task's lease on the engine, held while the job runs
+    fd = os.open(users, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        seen["lease_held"] = False
+    except BlockingIOError:
+        seen["lease_held"] = True
 open(os.environ["SEEN_FILE"], "w").write(json.dumps(seen))
 print("a line of the job")
 sys.exit(int(os.environ.get("JOB_EXIT", "0")))
@@ -71,6 +79,7 @@ def operator(monkeypatch, tmp_path):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("PRIVREC_LAKE", str(tmp_path / "lake"))
     monkeypatch.setenv("SEEN_FILE", str(tmp_path / "seen.json"))
+    monkeypatch.setenv("PRIVREC_HOME", str(tmp_path / "home"))
     job = tmp_path / "collect.py"
     job.write_text(JOB)
     op = PrivrecSparkOperator(task_id="t", application=str(job), application_args=["--date", "2026-01-15"])
@@ -97,7 +106,8 @@ def test_a_job_runs_on_the_engine_it_starts_with_the_keys_as_their_own_variable(
     assert started == {"master": "local[*]", "conf": {}}
     assert seen() == {"args": ["--date", "2026-01-15", "--lake", str(tmp_path / "lake")],
                       "env": {"PRIVREC_KEYS_JSON": key_document, "PRIVREC_SPARK_REMOTE": "sc://localhost:15002",
-                              "SPARK_CONNECT_AUTHENTICATE_TOKEN": "t" * 64}}
+                              "SPARK_CONNECT_AUTHENTICATE_TOKEN": "t" * 64},
+                      "lease_held": True}  # a run ending meanwhile does not stop the engine under the job
     logged = capsys.readouterr().out
     assert "running collect.py on the Spark Connect server sc://localhost:15002" in logged
     assert "started the Spark engine sc://localhost:15002 (master local[*]" in logged
@@ -323,7 +333,7 @@ def test_a_server_run_elsewhere_is_used_as_given_and_a_failing_job_fails_the_tas
     monkeypatch.setenv("PRIVREC_SPARK_REMOTE", "sc://localhost:15003")
     monkeypatch.setenv("SPARK_CONNECT_AUTHENTICATE_TOKEN", "u" * 64)
     op.execute({})
-    assert not started
+    assert not started and "lease_held" not in seen()  # a server run elsewhere: no lease, nothing started
     assert seen()["env"]["PRIVREC_SPARK_REMOTE"] == "sc://localhost:15003"
     assert seen()["env"]["SPARK_CONNECT_AUTHENTICATE_TOKEN"] == "u" * 64
     monkeypatch.setenv("JOB_EXIT", "3")
@@ -396,3 +406,16 @@ def test_the_lease_tells_the_last_holder(monkeypatch, tmp_path):
         with engine.run_lease() as second:
             assert not second()
         assert first()
+
+
+def test_starting_a_running_engine_by_hand_keeps_it_until_stopped_by_hand(monkeypatch, tmp_path):
+    from privrec_pipeline.spark import engine
+
+    monkeypatch.setenv("PRIVREC_HOME", str(tmp_path))
+    running = engine.EngineState(1, 15002, "sc://localhost:15002", "local[*]", "log", 0.0, "run")
+    monkeypatch.setattr(engine, "read_state", lambda: running)
+    (tmp_path / "engine").mkdir()
+    (tmp_path / "engine" / "token").write_text("t" * 64 + "\n")
+    state, started, token = engine.start(owner="manual")
+    assert not started and state.owner == "manual" and token == "t" * 64
+    assert json.loads((tmp_path / "engine" / "server.json").read_text())["owner"] == "manual"

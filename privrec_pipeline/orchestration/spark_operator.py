@@ -28,6 +28,7 @@ database credentials).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -64,13 +65,23 @@ class PrivrecSparkOperator(BaseOperator):
     def execute(self, context: Any) -> None:
         from airflow.exceptions import AirflowException
 
+        from privrec_pipeline.spark import engine
+
+        try:
+            elsewhere = self._server_elsewhere()
+            # On the embedded engine the task holds a lease on it while its job runs, so a
+            # `privrec run` ending meanwhile does not stop it.
+            with contextlib.nullcontext() if elsewhere else engine.run_lease():
+                self._run_job(*(elsewhere or self._embedded_engine()))
+        except (ConfigurationError, PrivrecError) as error:
+            raise AirflowException(str(error)) from None
+
+    def _run_job(self, remote: str, token: str) -> None:
+        from airflow.exceptions import AirflowException
+
         from privrec_pipeline.config import lake_root
         from privrec_pipeline.spark.engine import ENV_REMOTE, ENV_TOKEN, client_environment
 
-        try:
-            remote, token = self._engine()
-        except (ConfigurationError, PrivrecError) as error:
-            raise AirflowException(str(error)) from None
         # The job gets the key document only if it needs keys, and nothing of Airflow's.
         env = {**client_environment(os.environ, keys=self.needs_keys), ENV_REMOTE: remote, ENV_TOKEN: token}
         if self.needs_keys:
@@ -91,18 +102,25 @@ class PrivrecSparkOperator(BaseOperator):
             raise AirflowException(f"{name} failed on the Spark Connect server {remote} "
                                    f"(exit {process.returncode}): " + " | ".join(tail))
 
-    def _engine(self) -> tuple[str, str]:
-        """(address, token) of the server this task's job runs on (see the module's docstring)."""
+    def _server_elsewhere(self) -> tuple[str, str] | None:
+        """(address, token) of a server the deployment runs elsewhere, if it names one (see the
+        module's docstring)."""
         from privrec_pipeline.spark import engine
 
         settings = engine.remote_settings()
         if settings is not None:
             return settings
         server = self._connection_or_none(SPARK_CONNECT_CONN_ID)
-        if server is not None:
-            remote = engine.connection_remote(server.host or "", server.port, server.extra_dejson.get("use_ssl"))
-            engine.check_remote(remote, server.password)
-            return remote, str(server.password)
+        if server is None:
+            return None
+        remote = engine.connection_remote(server.host or "", server.port, server.extra_dejson.get("use_ssl"))
+        engine.check_remote(remote, server.password)
+        return remote, str(server.password)
+
+    def _embedded_engine(self) -> tuple[str, str]:
+        """(address, token) of this worker's engine, started now unless it runs."""
+        from privrec_pipeline.spark import engine
+
         master, deploy_mode, extra = self._connection()
         if deploy_mode == "cluster":
             raise ConfigurationError(

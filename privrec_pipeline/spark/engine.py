@@ -206,7 +206,8 @@ def extra_conf(connection_extra: dict[str, Any], environ: dict[str, str]) -> dic
         if not isinstance(value, dict) or not all(isinstance(k, str) and SETTING_NAME.fullmatch(k) for k in value):
             raise ConfigurationError(f"{source} must be one JSON object whose keys are Spark settings (spark.*), "
                                      f"not {value!r}")
-        bad = sorted(k for k, v in value.items() if isinstance(v, dict | list) or v is None or "\n" in str(v))
+        bad = sorted(k for k, v in value.items() if isinstance(v, dict | list) or v is None
+                     or any(ord(c) < 32 or ord(c) == 127 for c in str(v)))
         if bad:  # the settings go to a properties file, one per line
             raise ConfigurationError(f"{source}: the values of {', '.join(bad)} must be one-line strings, numbers or "
                                      "booleans")
@@ -290,9 +291,11 @@ def _reap_orphan() -> None:
     if not path.exists():
         return
     state = EngineState(**json.loads(path.read_text(encoding="utf-8")))
-    try:
+    try:  # this home's server (its properties file), started no later than recorded: not a reused pid
         process = psutil.Process(state.pid)
-        ours = process.uids().real == os.getuid() and SERVER_CLASS in " ".join(process.cmdline())
+        command = " ".join(process.cmdline())
+        ours = (process.uids().real == os.getuid() and SERVER_CLASS in command
+                and str(_properties_path()) in command and process.create_time() <= state.started + 1)
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         ours = False
     if ours:
@@ -301,9 +304,21 @@ def _reap_orphan() -> None:
     path.unlink(missing_ok=True)
 
 
+def _properties_path() -> Path:
+    return engine_folder() / "server.properties"
+
+
+def _property_value(value: str) -> str:
+    """``value`` as java.util.Properties (Spark's --properties-file) reads it back unchanged:
+    backslashes escaped, and a leading space, '=' or ':' (a separator to the reader) too.
+    ``extra_conf`` refuses control characters, so a value is one line."""
+    escaped = value.replace("\\", "\\\\")
+    return "\\" + escaped if escaped[:1] in (" ", "=", ":") else escaped
+
+
 def _write_private(path: Path, text: str) -> None:
     """``text`` into ``path``, readable by this user only (created 0600, replaced atomically)."""
-    staged = path.with_suffix(".tmp")
+    staged = path.with_name(path.name + ".tmp")
     staged.unlink(missing_ok=True)
     fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
@@ -318,6 +333,9 @@ def _start(master: str, driver_memory: str, extra: dict[str, str], port: int | N
 
     running = read_state()
     if running is not None:
+        if owner == "manual" and running.owner != "manual":  # started by hand now: kept until stopped by hand
+            running = EngineState(**{**asdict(running), "owner": "manual"})
+            _write_private(_state_path(), json.dumps(asdict(running), indent=2))
         return running, False
     _reap_orphan()
     folder = engine_folder()
@@ -335,9 +353,10 @@ def _start(master: str, driver_memory: str, extra: dict[str, str], port: int | N
             # key frame (crypto.key_frame, data_keys.key_frame) may be written there, and a
             # long-lived server keeps its local files until their shuffles are cleaned up.
             "spark.io.encryption.enabled": "true"}
-    # A properties file (0600), not --conf arguments: any local user can read a command line.
-    properties = folder / "server.properties"
-    _write_private(properties, "".join(f"{key} {value}\n" for key, value in conf.items()))
+    # A properties file (0600), not --conf arguments: any local user can read a command line
+    # (the launcher still puts JVM options, extraJavaOptions, on the java command line).
+    properties = _properties_path()
+    _write_private(properties, "".join(f"{key} {_property_value(value)}\n" for key, value in conf.items()))
     command = [str(spark_class().parent / "spark-submit"), "--master", master, "--class", SERVER_CLASS,
                "--name", "privrec-engine", "--properties-file", str(properties)]
     log = folder / "server.log"
