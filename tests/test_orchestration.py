@@ -218,6 +218,7 @@ def test_a_standalone_master_given_as_a_uri_starts_the_engine_with_the_settings(
     ('{"spark.executor.memory": null, "spark.x": {"a": 1}}', "spark.executor.memory, spark.x must be one-line"),
     ('{"spark.x\\nspark.y": "1"}', "keys are Spark settings"),
     ('{"spark.x": "a\\nspark.connect.grpc.binding.address 0.0.0.0"}', "spark.x must be one-line"),
+    ('{"spark.io.encryption.enabled": true}', "spark.io.encryption.enabled cannot be set"),
 ])
 def test_bad_spark_settings_are_refused_naming_the_variable(monkeypatch, operator, setting, message, tmp_path):
     from airflow.exceptions import AirflowException

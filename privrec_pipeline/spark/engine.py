@@ -212,6 +212,10 @@ def extra_conf(connection_extra: dict[str, Any], environ: dict[str, str]) -> dic
             raise ConfigurationError(f"{source}: the values of {', '.join(bad)} must be one-line strings, numbers or "
                                      "booleans")
         merged.update({k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in value.items()})
+    if merged.get("spark.io.encryption.enabled", "false").lower() == "true":
+        raise ConfigurationError("spark.io.encryption.enabled cannot be set: Spark 4.2's Connect server then fails "
+                                 "to receive any local relation above its inline size, such as the users' data keys "
+                                 "(\"Not enough bytes in channel\")")
     return merged
 
 
@@ -348,11 +352,10 @@ def _start(master: str, driver_memory: str, extra: dict[str, str], port: int | N
     conf = {"spark.ui.enabled": os.environ.get("PRIVREC_SPARK_UI", "false"), **LAUNCH_CONF, **SPARK_DEFAULTS,
             **extra, DEFAULTS_MARKER: "true",
             "spark.connect.grpc.binding.address": "127.0.0.1", "spark.connect.grpc.binding.port": str(port),
-            "spark.driver.memory": driver_memory,
-            # Shuffle, spill and broadcast blocks on local disk are encrypted: rows joined with a
-            # key frame (crypto.key_frame, data_keys.key_frame) may be written there, and a
-            # long-lived server keeps its local files until their shuffles are cleaned up.
-            "spark.io.encryption.enabled": "true"}
+            "spark.driver.memory": driver_memory}
+    # Not spark.io.encryption.enabled: with it, Spark 4.2's Connect server fails to cache a local
+    # relation larger than its inline threshold ("Not enough bytes in channel"), and the users'
+    # data keys reach the server as one (data_keys.key_frame). Its local dirs are its own (0700).
     # A properties file (0600), not --conf arguments: any local user can read a command line
     # (the launcher still puts JVM options, extraJavaOptions, on the java command line).
     properties = _properties_path()
