@@ -195,6 +195,7 @@ def run(args: argparse.Namespace, console: Console, command: str) -> int:
         generate_day(GeneratorConfig(date=day, events=args.backfill_events, users=args.backfill_events // 4, items=1000,
                                      bad_rate=0.002, seed=100 + n), str(lake))
     worktree = out / "baseline-code"
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "prune"], check=True)  # a removed worktree's record
     subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(worktree), args.backfill_baseline_ref],
                    check=True, capture_output=True)
     baseline_commit = subprocess.run(["git", "-C", str(worktree), "rev-parse", "--short", "HEAD"], check=True,

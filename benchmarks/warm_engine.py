@@ -72,6 +72,7 @@ def run(args: argparse.Namespace, console: "Console", command: str) -> int:
     days = [FIRST_DAY + dt.timedelta(days=i) for i in range(4)]
     steps: dict[str, float] = {}
     worktree = out / "baseline-code"
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "prune"], check=True)  # a removed worktree's record
     subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(worktree), args.engine_baseline_ref],
                    check=True, capture_output=True)
     try:
