@@ -30,7 +30,15 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from benchmarks.ingest import ROOT, machine, shown_path, source_digest, source_hashes, write_result
+from benchmarks.ingest import (
+    ROOT,
+    machine,
+    run_lines,
+    shown_path,
+    source_digest,
+    source_hashes,
+    write_result,
+)
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -221,16 +229,12 @@ def run(args: argparse.Namespace, console: Console, command: str) -> int:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    m, sides = result["machine"], result["sides"]
+    sides = result["sides"]
     return "\n".join([
         SECTION[0],
         "## Backfill: days per hour through the Airflow REST API, spark-submit per step against the warm engine",
         "",
-        f"- Date: {result['date']}; code `{result['code']}`" + (
-            f" (edited during the run: {', '.join(result['source_changed'])})" if result["source_changed"] else ""),
-        (f"- Machine: {m['nproc']} CPUs ({m['cpu']}), {m['ram_gib']} GiB RAM; load average at start "
-         f"{m['load_avg_start']}; Spark {m['spark']}, Java {m['java']}"),
-        f"- Command: `{result['command']}`",
+        *run_lines(result),
         (f"- Each side: `privrec airflow` (airflow standalone, LocalExecutor, metadata and ledger on PostgreSQL), "
          f"`POST /api/v2/backfills` of {result['days']} days of {result['events_per_day']:,} events "
          f"(conf {json.dumps(CONF)}, one run at a time), timed to the backfill's completion; every run succeeded"),

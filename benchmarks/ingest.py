@@ -482,6 +482,18 @@ def update_markdown(section: str, path: Path = BENCHMARKS_MD,
     path.write_text(text, encoding="utf-8")
 
 
+def run_lines(result: dict[str, Any]) -> list[str]:
+    """The Date (and code digest), Machine and Command lines of a benchmark's section."""
+    m = result["machine"]
+    date = f"- Date: {result['date']}"
+    if "code" in result:
+        date += f"; code `{result['code']}`" + (
+            f" (edited during the run: {', '.join(result['source_changed'])})" if result.get("source_changed") else "")
+    return [date, (f"- Machine: {m['nproc']} CPUs ({m['cpu']}), {m['ram_gib']} GiB RAM; load average at start "
+                   f"{m['load_avg_start']}; Spark {m['spark']}, Java {m['java']}"),
+            f"- Command: `{result['command']}`"]
+
+
 def shown_path(path: Path) -> str:
     """A result file's path as BENCHMARKS.md shows it: relative to the checkout when inside it."""
     return str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)

@@ -30,7 +30,14 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from benchmarks.ingest import machine, shown_path, source_digest, source_hashes, write_result
+from benchmarks.ingest import (
+    machine,
+    run_lines,
+    shown_path,
+    source_digest,
+    source_hashes,
+    write_result,
+)
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -198,18 +205,14 @@ def run(args: argparse.Namespace, console: Console, command: str) -> int:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    m, rows = result["machine"], result["sizes"]
+    rows = result["sizes"]
     shown = ("collect", "pseudonymize", "validate", "dp_stats", "build_partitions", "training",
              "evaluate_and_publish")
     lines = [
         SECTION[0],
         "## Scaling: one day from landing to published model, by size",
         "",
-        f"- Date: {result['date']}; code `{result['code']}`" + (
-            f" (edited during the run: {', '.join(result['source_changed'])})" if result["source_changed"] else ""),
-        (f"- Machine: {m['nproc']} CPUs ({m['cpu']}), {m['ram_gib']} GiB RAM; load average at start "
-         f"{m['load_avg_start']}; Spark {m['spark']}, Java {m['java']}"),
-        f"- Command: `{result['command']}`",
+        *run_lines(result),
         "- Each size: a generated day (1,000 items, 0.2% bad lines) in a lake of its own, then "
         "`privrec run --date D -p train_window_days=1 -p train_epsilon=4` on the warm engine "
         "(`privrec engine start --driver-memory 4g`, local[2], started once before the first size)",

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from benchmarks.ingest import ROOT, machine, shown_path, submit_args, write_result
+from benchmarks.ingest import ROOT, machine, run_lines, shown_path, submit_args, write_result
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -122,7 +122,7 @@ def run(args: argparse.Namespace, console: "Console", command: str) -> int:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    s, steps, m = result["summary"], result["steps"], result["machine"]
+    s, steps = result["summary"], result["steps"]
     verdict = {True: "met", False: "NOT met"}
     rows = [("cold_start (spark-submit that only starts and stops)", steps["cold_start"], ""),
             (f"baseline_day (privrec run at {result['baseline_ref']}, {result['events']:,} events, spark-submit per "
@@ -139,10 +139,7 @@ def markdown(result: dict[str, Any]) -> str:
         SECTION[0],
         "## Warm engine: a small day through the whole DAG, its fixed cost",
         "",
-        f"- Date: {result['date']}",
-        (f"- Machine: {m['nproc']} CPUs ({m['cpu']}), {m['ram_gib']} GiB RAM; load average at start "
-         f"{m['load_avg_start']}; Spark {m['spark']}, Java {m['java']}"),
-        f"- Command: `{result['command']}`",
+        *run_lines(result),
         "- Each run: `privrec run --date D -p train_window_days=1` on the embedded default (SQLite Airflow, "
         "`airflow dags test`), a generated day; the engine: local[*], 4g",
         "",
